@@ -1,0 +1,120 @@
+"""The one interface every attention variant implements.
+
+A variant is an ``nn.Module`` taking the block input ``x`` (B, T, d) and an :class:`AttentionContext`
+(rotary tables, mask, optional cache) and returning (B, T, d). Each variant decides what it keeps in
+the KV cache (MHA: keys and values; MLA: the latent; TPA: the factors; SAS: simulated or compact
+K/V), which is why the cache stores named tensors rather than fixed keys/values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sasformer.ops.rope import RotaryTables
+
+
+class LayerCache:
+    """Growing per-layer store of named (B, S, ...) tensors, appended along the sequence axis."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+
+    @property
+    def seq_len(self) -> int:
+        return next(iter(self.tensors.values())).shape[1] if self.tensors else 0
+
+    def append(self, **new: Tensor) -> dict[str, Tensor]:
+        """Append this step's tensors and return the full cached sequence for each name."""
+        for name, value in new.items():
+            old = self.tensors.get(name)
+            self.tensors[name] = value if old is None else torch.cat((old, value), dim=1)
+        return {name: self.tensors[name] for name in new}
+
+    def nbytes_per_token(self) -> int:
+        """Bytes this layer caches per token per sequence (summed over the named tensors)."""
+        total = 0
+        for value in self.tensors.values():
+            total += value[0, 0].numel() * value.element_size()
+        return total
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search / batch pruning)."""
+        self.tensors = {k: v.index_select(0, index) for k, v in self.tensors.items()}
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer needs besides ``x``, built once per model forward.
+
+    ``mask`` is a boolean (B, 1, T, S) mask (True = may attend) or None for plain causal attention
+    (no padding; queries aligned with the last T keys). ``cache`` is this layer's store, or None.
+    ``key_positions`` (B or 1, S) are the positions of all S keys, for variants that rebuild keys
+    from a compact cache (SAS ``cache_mode="compact"``).
+    """
+
+    rotary: RotaryTables
+    mask: Tensor | None = None
+    cache: LayerCache | None = None
+    key_positions: Tensor | None = None
+
+    def for_layer(self, cache: LayerCache | None) -> "AttentionContext":
+        return dataclasses.replace(self, cache=cache)
+
+
+@dataclass
+class AttentionArgs:
+    """Base of each variant's argument dataclass; ``validate`` raises ValueError naming the field."""
+
+    def validate(self, d_model: int) -> None:  # pragma: no cover - overridden
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Attention(nn.Module, ABC):
+    """Base class: subclasses set ``Args`` and implement ``forward`` and the cost model."""
+
+    Args: ClassVar[type[AttentionArgs]]
+
+    def __init__(self, d_model: int, args: AttentionArgs) -> None:
+        super().__init__()
+        args.validate(d_model)
+        self.d_model = d_model
+        self.args = args
+
+    @abstractmethod
+    def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor: ...
+
+    @abstractmethod
+    def forward_flops_per_token(self, context_len: int) -> float:
+        """Matmul FLOPs per token of one forward pass, with ``context_len`` keys per query.
+
+        Counted as 2 FLOPs per multiply-add over dense (not causally halved) attention, the same
+        convention as ``torch.utils.flop_counter.FlopCounterMode``.
+        """
+
+    @abstractmethod
+    def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """KV-cache bytes one token occupies in this layer."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ValueError(message) when ``condition`` is false (config validation helper)."""
+    if not condition:
+        raise ValueError(message)
+
+
+def linear_flops(in_features: int, out_features: int) -> float:
+    return 2.0 * in_features * out_features
+
+
+def attention_core_flops(n_heads: int, qk_dim: int, v_dim: int, context_len: int) -> float:
+    """QK^T and PV for one query token against ``context_len`` keys."""
+    return 2.0 * n_heads * context_len * (qk_dim + v_dim)

@@ -1,0 +1,92 @@
+"""Parameter-holding modules for SAS head and feature simulation.
+
+Weights are stored in the shapes of ``nn.Conv1d`` / ``nn.Linear`` (so the reference module's state
+dict maps onto them one to one) and initialised as those modules initialise themselves; the math
+lives in :mod:`sasformer.ops.simulate`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from sasformer.ops import simulate
+
+
+def _uniform_fan_in_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
+    # nn.Conv1d / nn.Linear default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.uniform_(bias, -bound, bound)
+
+
+class HeadSimulation(nn.Module):
+    """H heads -> H' simulated heads: a conv over the head axis plus a residual conv block."""
+
+    def __init__(self, in_heads: int, out_heads: int, kernel_size: int) -> None:
+        super().__init__()
+        self.in_heads, self.out_heads, self.kernel_size = in_heads, out_heads, kernel_size
+        self.w1 = nn.Parameter(torch.empty(out_heads, in_heads, kernel_size))
+        self.b1 = nn.Parameter(torch.empty(out_heads))
+        self.w2 = nn.Parameter(torch.empty(out_heads, out_heads, kernel_size))
+        self.b2 = nn.Parameter(torch.empty(out_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _uniform_fan_in_(self.w1, self.b1, self.in_heads * self.kernel_size)
+        _uniform_fan_in_(self.w2, self.b2, self.out_heads * self.kernel_size)
+
+    @torch.no_grad()
+    def reset_identity(self) -> None:
+        """Make the block copy heads: simulated head g*H + h equals input head h, for every group g."""
+        self.w1.zero_(), self.b1.zero_(), self.w2.zero_(), self.b2.zero_()
+        center = self.kernel_size // 2
+        for o in range(self.out_heads):
+            self.w1[o, o % self.in_heads, center] = 1.0
+
+    def forward(self, x_BTHD: Tensor) -> Tensor:
+        return simulate.simulate_heads(x_BTHD, self.w1, self.b1, self.w2, self.b2)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_heads} -> {self.out_heads} heads, kernel_size={self.kernel_size}"
+
+
+class FeatureSimulation(nn.Module):
+    """D features -> D' simulated features: a linear map plus a residual MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.w3 = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.b3 = nn.Parameter(torch.empty(out_dim))
+        self.w4 = nn.Parameter(torch.empty(out_dim, out_dim))
+        self.b4 = nn.Parameter(torch.empty(out_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _uniform_fan_in_(self.w3, self.b3, self.in_dim)
+        _uniform_fan_in_(self.w4, self.b4, self.out_dim)
+
+    @torch.no_grad()
+    def reset_identity(self) -> None:
+        """Copy the D input features into the first D outputs (the rest zero)."""
+        self.w3.zero_(), self.b3.zero_(), self.w4.zero_(), self.b4.zero_()
+        n = min(self.in_dim, self.out_dim)
+        self.w3[:n, :n] = torch.eye(n)
+
+    def forward(self, y_BTHD: Tensor) -> Tensor:
+        return simulate.simulate_features(y_BTHD, self.w3, self.b3, self.w4, self.b4)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_dim} -> {self.out_dim} features"
+
+
+def head_simulation_flops(in_heads: int, out_heads: int, kernel_size: int, dim: int) -> float:
+    """Per token: both convolutions over ``dim`` positions (2 FLOPs per multiply-add)."""
+    return 2.0 * dim * kernel_size * out_heads * (in_heads + out_heads)
+
+
+def feature_simulation_flops(heads: int, in_dim: int, out_dim: int) -> float:
+    return 2.0 * heads * out_dim * (in_dim + out_dim)

@@ -1,0 +1,133 @@
+"""The decoder: pre-norm RMSNorm blocks, SwiGLU MLP, RoPE, tied embeddings, any attention variant."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sasformer.layers.base import AttentionContext, LayerCache
+from sasformer.layers.registry import build_attention
+from sasformer.models.config import ModelConfig
+from sasformer.ops.attention import padded_causal_mask
+from sasformer.ops.rope import RotaryTables
+
+
+class KVCache:
+    """One :class:`LayerCache` per layer; each attention variant decides what it stores."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layers)]
+
+    @property
+    def seq_len(self) -> int:
+        return self.layers[0].seq_len
+
+    def nbytes_per_token(self) -> int:
+        return sum(layer.nbytes_per_token() for layer in self.layers)
+
+    def reorder(self, index: Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(index)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = build_attention(config.attention, config.d_model, config.resolved_attention_args())
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLM(nn.Module):
+    """Causal language model. ``forward`` returns logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and linear maps, residual outputs scaled by 1/sqrt(2L).
+
+        Simulation blocks (SAS) are not ``nn.Linear`` and keep their own initialisation.
+        """
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layers)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Logits for ``input_ids`` (B, T).
+
+        ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over the cached tokens plus
+        this call's, S = cache length + T (Hugging Face convention; left padding for generation).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        S = past + T
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(
+                f"attention_mask must be (batch, cache length + seq) = {(B, S)}, got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take the plain causal path
+        if attention_mask is None:
+            key_positions = torch.arange(S, device=input_ids.device).unsqueeze(0)
+            mask = None
+        else:
+            key_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = padded_causal_mask(attention_mask, T)
+        if position_ids is None:
+            position_ids = key_positions[:, past:]
+        ctx = AttentionContext(RotaryTables(position_ids, self.config.rope_theta), mask, None, key_positions)
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx.for_layer(cache.layers[i] if cache is not None else None))
+        return self.lm_head(self.norm(x))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy; ``targets`` are already shifted, fp32 softmax."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
