@@ -1,0 +1,5 @@
+import sys
+
+from sasformer.cli import main
+
+sys.exit(main())
