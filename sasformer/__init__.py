@@ -1,0 +1,20 @@
+"""sasformer: SAS (Simulated Attention Score) and the attention variants it is compared with."""
+
+from sasformer.layers.registry import build_attention, variant_names
+from sasformer.models.config import ModelConfig
+from sasformer.models.decoder import DecoderLM, KVCache, lm_loss
+from sasformer.models.presets import SIZES, matched_attention_args, preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecoderLM",
+    "KVCache",
+    "ModelConfig",
+    "SIZES",
+    "build_attention",
+    "lm_loss",
+    "matched_attention_args",
+    "preset",
+    "variant_names",
+]
