@@ -4,6 +4,7 @@ from sasformer.layers.registry import build_attention, variant_names
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM, KVCache, lm_loss
 from sasformer.models.presets import SIZES, matched_attention_args, preset
+from sasformer.reference import load_reference_sas
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "SIZES",
     "build_attention",
     "lm_loss",
+    "load_reference_sas",
     "matched_attention_args",
     "preset",
     "variant_names",

@@ -18,7 +18,7 @@ from sasformer.layers.base import Attention, AttentionArgs
 class Variant:
     module: str  # module path of the implementation
     cls: str  # class name inside it
-    defaults: dict[str, Any] = field(default_factory=dict)  # argument defaults this name implies
+    fixed: dict[str, Any] = field(default_factory=dict)  # arguments this name implies (mqa: one kv head)
 
     def load(self) -> type[Attention]:
         return getattr(importlib.import_module(self.module), self.cls)
@@ -53,7 +53,10 @@ def make_attention_args(name: str, args: dict[str, Any]) -> AttentionArgs:
         raise ValueError(
             f"attention_args has unknown key(s) {unknown} for attention={name!r}; known: {sorted(known)}"
         )
-    merged = {**_VARIANTS[name].defaults, **args}
+    for key, value in _VARIANTS[name].fixed.items():
+        if key in args and args[key] != value:
+            raise ValueError(f"attention={name!r} needs {key}={value}, got {key}={args[key]}; use 'gqa' instead")
+    merged = {**args, **_VARIANTS[name].fixed}
     try:
         return cls(**merged)
     except TypeError as err:  # a required field is missing
@@ -64,7 +67,4 @@ def build_attention(name: str, d_model: int, args: dict[str, Any] | AttentionArg
     """Construct attention variant ``name`` for width ``d_model``."""
     if not isinstance(args, AttentionArgs):
         args = make_attention_args(name, args)
-    layer = attention_class(name)(d_model, args)
-    if name == "mqa" and layer.args.n_kv_heads != 1:
-        raise ValueError(f"attention='mqa' needs n_kv_heads=1, got {layer.args.n_kv_heads}; use 'gqa'")
-    return layer
+    return attention_class(name)(d_model, args)

@@ -1,8 +1,10 @@
 """FLOP accounting per variant: forward and training step, per token, as a function of T.
 
 Counts matrix multiplies (2 FLOPs per multiply-add) in projections, simulation, the attention core
-(dense: every query against all T keys, which is what ``FlopCounterMode`` counts for causal SDPA
-too) and the LM head. A training step is 3x the forward (backward = 2x forward).
+and the LM head. The attention core is counted dense by default (every query against all T keys,
+which is what ``FlopCounterMode`` counts for causal SDPA too, and the usual MFU convention);
+``causal=True`` counts only the keys each query can see (T+1)/2 on average, the work a causal kernel
+does. A training step is 3x the forward (backward = 2x forward).
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ def meta_model(config: ModelConfig) -> DecoderLM:
         return DecoderLM(config)
 
 
-def forward_flops_per_token(config: ModelConfig, seq_len: int, model: DecoderLM | None = None) -> float:
+def forward_flops_per_token(
+    config: ModelConfig, seq_len: int, model: DecoderLM | None = None, causal: bool = False
+) -> float:
     model = model if model is not None else meta_model(config)
     d, hidden = config.d_model, config.mlp_hidden
     per_layer_mlp = 3 * 2.0 * d * hidden
-    attn = sum(block.attn.forward_flops_per_token(seq_len) for block in model.blocks)
+    context = (seq_len + 1) / 2 if causal else seq_len
+    attn = sum(block.attn.forward_flops_per_token(context) for block in model.blocks)
     return attn + config.n_layers * per_layer_mlp + 2.0 * d * config.vocab_size
 
 
-def train_flops_per_token(config: ModelConfig, seq_len: int, model: DecoderLM | None = None) -> float:
-    return 3.0 * forward_flops_per_token(config, seq_len, model)
+def train_flops_per_token(
+    config: ModelConfig, seq_len: int, model: DecoderLM | None = None, causal: bool = False
+) -> float:
+    return 3.0 * forward_flops_per_token(config, seq_len, model, causal)
 
 
 def parameter_count(config: ModelConfig) -> int:

@@ -1,0 +1,42 @@
+"""Small configurations of every variant, shared by the layer tests."""
+
+from __future__ import annotations
+
+import torch
+
+from sasformer.layers.base import AttentionContext, LayerCache
+from sasformer.ops.attention import padded_causal_mask
+from sasformer.ops.rope import RotaryTables
+
+D_MODEL = 48
+
+# (registry name, args): odd head counts and non-default options on purpose
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "mha": ("mha", {"n_heads": 4}),
+    "gqa": ("gqa", {"n_heads": 6, "n_kv_heads": 3, "head_dim": 8}),
+    "mqa": ("mqa", {"n_heads": 3, "head_dim": 16}),
+    "mla": ("mla", {"n_heads": 3, "q_lora_rank": 20, "kv_lora_rank": 12, "qk_nope_head_dim": 6,
+                    "qk_rope_head_dim": 4, "v_head_dim": 10}),
+    "mla_full_q": ("mla", {"n_heads": 2, "q_lora_rank": 0, "kv_lora_rank": 8, "qk_nope_head_dim": 8,
+                           "qk_rope_head_dim": 6, "v_head_dim": 5}),
+    "tpa": ("tpa", {"n_heads": 5, "head_dim": 8, "q_rank": 3, "k_rank": 2, "v_rank": 1}),
+    "sas": ("sas", {"n_heads": 4}),
+    "sas_k1": ("sas", {"n_heads": 3, "n_sim_heads": 9, "sim_head_dim": 10, "kernel_size": 1}),
+    "sas_k5_before": ("sas", {"n_heads": 4, "n_sim_heads": 8, "sim_head_dim": 14, "kernel_size": 5, "rope": "before"}),
+    "sas_norope_novsim": ("sas", {"n_heads": 2, "n_sim_heads": 6, "rope": "none", "simulate_v": False}),
+    "sas_gqa": ("sas", {"n_heads": 4, "n_kv_heads": 2, "n_sim_heads": 8, "sim_head_dim": 16}),
+    "sas_mqa_full": ("sas", {"n_heads": 4, "n_kv_heads": 1, "peaa": "full"}),
+    "sas_compact": ("sas", {"n_heads": 4, "cache_mode": "compact"}),
+}
+
+
+def context(B: int, T: int, key_padding=None, theta: float = 10000.0) -> AttentionContext:
+    """Context for a full (uncached) forward of T tokens, optionally left-padded."""
+    if key_padding is None:
+        positions = torch.arange(T).unsqueeze(0)
+        return AttentionContext(RotaryTables(positions, theta), None, None, positions)
+    positions = (key_padding.long().cumsum(-1) - 1).clamp(min=0)
+    return AttentionContext(RotaryTables(positions, theta), padded_causal_mask(key_padding, T), None, positions)
+
+
+__all__ = ["D_MODEL", "VARIANTS", "context", "LayerCache"]

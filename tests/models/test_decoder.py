@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sasformer import DecoderLM, ModelConfig, lm_loss
+
+VARIANTS = ["mha", "gqa", "mqa", "mla", "tpa", "sas"]
+
+
+def tiny(variant: str) -> ModelConfig:
+    args = {"mha": {"n_heads": 4}, "gqa": {"n_heads": 4, "n_kv_heads": 2}, "mqa": {"n_heads": 4},
+            "mla": {"n_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                    "qk_rope_head_dim": 4, "v_head_dim": 8},
+            "tpa": {"n_heads": 4}, "sas": {"n_heads": 4}}[variant]
+    return ModelConfig(vocab_size=101, d_model=32, n_layers=2, max_seq_len=64, attention=variant, attention_args=args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_loss_and_backward(variant):
+    model = DecoderLM(tiny(variant))
+    ids = torch.randint(0, 101, (2, 13))
+    logits = model(ids)
+    assert logits.shape == (2, 13, 101)
+    loss = lm_loss(logits[:, :-1], ids[:, 1:])
+    assert abs(loss.item() - torch.log(torch.tensor(101.0)).item()) < 0.5  # near uniform at init
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_tied_embeddings_and_no_biases_outside_sas():
+    model = DecoderLM(tiny("mha"))
+    assert model.lm_head.weight is model.embed.weight
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    untied = DecoderLM(tiny("mha").replace(tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.embed.weight
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_matches_single_sequences(variant):
+    model = DecoderLM(tiny(variant)).eval()
+    a, b = torch.randint(0, 101, (1, 9)), torch.randint(0, 101, (1, 5))
+    batch = torch.cat((a, torch.cat((torch.zeros(1, 4, dtype=torch.long), b), dim=1)))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask)
+        torch.testing.assert_close(out[0:1], model(a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1:2, 4:], model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    model = DecoderLM(tiny("mha"))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
