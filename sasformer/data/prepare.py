@@ -257,12 +257,18 @@ def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokeniz
     try:
         if options.workers > 1:
             # tokenizers' own thread pool would oversubscribe the cores the worker processes already use
+            saved = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            ctx = mp.get_context(method)
-            with ctx.Pool(options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
-                for is_val, tokens in pool.imap(_encode_job, jobs(), chunksize=1):
-                    writers["val" if is_val else "train"].add(tokens)
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            try:
+                with ctx.Pool(options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+                    for is_val, tokens in pool.imap(_encode_job, jobs(), chunksize=1):
+                        writers["val" if is_val else "train"].add(tokens)
+            finally:
+                if saved is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = saved
         else:
             for is_val, texts, _ in jobs():
                 writers["val" if is_val else "train"].add(_encode_docs(tokenizer, texts, dtype))

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from sasformer.data.default_corpus import _docstring_documents, _module_text, corpus_id, iter_default_corpus
+from sasformer.data.default_corpus import (
+    _comment_text,
+    _docstring_documents,
+    _module_text,
+    corpus_id,
+    iter_default_corpus,
+)
 from sasformer.data.sources import Document, iter_documents, resolve_inputs
 
 DOCS = [
@@ -174,3 +180,10 @@ def test_default_corpus_docstrings(tmp_path):
     path = tmp_path / "mod.py"
     path.write_text('"""Module doc."""\n\nclass A:\n    """Class doc."""\n\n    def f(self):\n        """Method doc."""\n')
     assert _module_text(path, "mod") == "mod\n\nModule doc.\n\nmod.A\n\nClass doc.\n\nmod.A.f\n\nMethod doc."
+
+
+def test_default_corpus_comments(tmp_path):
+    path = tmp_path / "mod.py"
+    path.write_text("#!/usr/bin/env python\n# noqa\nx = 1  # the first comment line\n# and its second line\n"
+                    "s = '# not a comment, a string'\n\n# another block with enough words\n")
+    assert _comment_text(path) == "the first comment line\nand its second line\n\nanother block with enough words"
