@@ -21,7 +21,9 @@ programming language): real experiments should bring their own data.
 from __future__ import annotations
 
 import ast
+import functools
 import io
+import itertools
 import os
 import sys
 import sysconfig
@@ -122,18 +124,20 @@ def _comment_documents() -> Iterator[Document]:
             yield Document(text, f"stdlib-comments/{module}")
 
 
-def iter_default_corpus() -> Iterator[Document]:
-    """Every document of the default corpus, in its fixed order. Raises if this Python carries no such text."""
-    count = 0
-    for doc in _topic_documents():
-        count += 1
-        yield doc
-    for part in (_docstring_documents(), _comment_documents()):
-        for doc in part:
-            count += 1
-            yield doc
-    if count == 0:
+@functools.lru_cache(maxsize=1)
+def _all_documents() -> tuple[Document, ...]:
+    docs = tuple(itertools.chain(_topic_documents(), _docstring_documents(), _comment_documents()))
+    if not docs:
         raise ValueError(
             "this Python installation has neither pydoc_data nor standard-library sources, so the default "
             "corpus is empty; pass your own text files instead"
         )
+    return docs
+
+
+def iter_default_corpus() -> Iterator[Document]:
+    """Every document of the default corpus, in its fixed order (built once per process: a few MB).
+
+    Raises ValueError if this Python carries none of the texts.
+    """
+    yield from _all_documents()

@@ -18,8 +18,8 @@ def _write_jsonl(path: Path, docs: list[tuple[str, str]]) -> Path:
 
 
 def _corpus(tmp_path: Path, name: str, n: int) -> Path:
-    return _write_jsonl(tmp_path / f"{name}.jsonl", [(f"{name}-{i}", f"Document {i} of {name}: the cat sat. " * (1 + i % 3))
-                                                     for i in range(n)])
+    docs = [(f"{name}-{i}", f"Document {i} of {name}: the cat sat. " * (1 + i % 3)) for i in range(n)]
+    return _write_jsonl(tmp_path / f"{name}.jsonl", docs)
 
 
 def _options(tmp_path, inputs, out="out", **kw) -> PrepareOptions:
