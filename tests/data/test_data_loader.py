@@ -148,3 +148,12 @@ def test_eval_batches_ranks_and_limit(data_dir):
     assert len(list(eval_batches(data_dir, seq_len=seq_len, batch_size=batch, max_batches=3))) == 3
     with pytest.raises(ValueError, match="fewer than seq_len"):
         next(eval_batches(data_dir, seq_len=911))
+
+
+def test_meta_must_agree_with_shards(data_dir):
+    (data_dir / "meta.json").write_text('{"tokenizer_fingerprint": "' + "ef" * 32 + '"}')
+    with pytest.raises(ShardError, match="do not match the tokenizer recorded"):
+        TokenLoader(data_dir, seq_len=7)
+    (data_dir / "meta.json").write_text("{not json")
+    with pytest.raises(ShardError, match="meta.json is corrupt"):
+        TokenLoader(data_dir, seq_len=7)

@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import lzma
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,36 @@ def test_default_corpus_comments(tmp_path):
     path.write_text("#!/usr/bin/env python\n# noqa\nx = 1  # the first comment line\n# and its second line\n"
                     "s = '# not a comment, a string'\n\n# another block with enough words\n")
     assert _comment_text(path) == "the first comment line\nand its second line\n\nanother block with enough words"
+
+
+class _FakeDatasets:
+    """Stands in for the optional `datasets` package: records the call, returns rows."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.calls = []
+
+    def load_dataset(self, name, config, split, streaming):
+        self.calls.append((name, config, split, streaming))
+        if name == "missing/dataset":
+            raise ConnectionError("offline")
+        return iter(self.rows)
+
+
+def test_hf_dataset_documents(monkeypatch):
+    fake = _FakeDatasets([{"text": "one", "id": 1}, {"text": " "}, {"text": "two"}])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    docs = list(iter_documents("hf:org/set@validation"))
+    assert docs == [Document("one", "1"), Document("two", None)]
+    assert fake.calls == [("org/set", None, "validation", True)]
+    with pytest.raises(ValueError, match="cannot open Hugging Face dataset 'missing/dataset'.*network"):
+        list(iter_documents("hf:missing/dataset"))
+    fake.rows = [{"body": "x"}]
+    with pytest.raises(ValueError, match="row 0 has no 'text' field"):
+        list(iter_documents("hf:org/set"))
+
+
+def test_hf_dataset_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match="needs `datasets`"):
+        list(iter_documents("hf:org/set"))
