@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("sasformer.commands.params", "parameters and FLOPs/token of every variant at every preset"),
+    "prepare": ("sasformer.commands.prepare", "tokenize documents into train/val token shards"),
 }
 
 
