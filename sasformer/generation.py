@@ -94,11 +94,13 @@ def load_decoder(
     expected = set(model.state_dict())
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
     missing, unexpected = sorted(expected - set(state) - optional), sorted(set(state) - expected)
-    if missing or unexpected:
+    shapes = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(shapes[k].shape)}" for k, v in state.items()
+             if k in shapes and v.shape != shapes[k].shape]
+    if missing or unexpected or wrong:
         raise ValueError(
             f"weights in {model_dir} do not match its config (attention={config.attention!r}): "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
