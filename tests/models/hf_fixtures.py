@@ -10,9 +10,9 @@ import torch
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
 
-VOCAB = 61
+VOCAB = 61  # = len(WORDS)
 WORDS = ["<|endoftext|>", "[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "and"] + [
-    f"w{i}" for i in range(40)
+    f"w{i}" for i in range(48)
 ]
 
 VARIANTS: dict[str, tuple[str, dict]] = {
