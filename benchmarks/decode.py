@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sasformer.generation import StaticDecoder  # noqa: E402
 from sasformer.models.decoder import DecoderLM  # noqa: E402
 from sasformer.models.presets import preset  # noqa: E402
 
@@ -53,11 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="eager,graph",
+                   help="eager: growing-view cache, one launch per op; graph: static shapes over the whole "
+                        "preallocated cache, one CUDA graph per step (sasformer.generation.StaticDecoder)")
     p.add_argument("--bytes-only", action="store_true", help="only the cache-size table (CPU, meta tensors)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    bad_modes = sorted(set(args.modes.split(",")) - {"eager", "graph"})
+    if bad_modes:
+        p.error(f"unknown modes {bad_modes}; choose from ['eager', 'graph']")
     return args
 
 
@@ -93,7 +100,8 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def bench_one(name: str, args: argparse.Namespace, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device: torch.device,
+              dtype: torch.dtype) -> dict:
     config = config_for(args.size, name, max_seq_len=args.context + args.warmup + args.new_tokens)
     torch.manual_seed(args.seed)
     with torch.device(device):
@@ -105,20 +113,32 @@ def bench_one(name: str, args: argparse.Namespace, batch: int, device: torch.dev
         torch.cuda.reset_peak_memory_stats(device)
     prompt = torch.randint(0, config.vocab_size, (batch, args.context), device=device)
 
-    cache = model.new_cache(capacity)
+    graph = mode == "graph"
+    if graph:
+        decoder = StaticDecoder(model, batch, capacity, cuda_graph=device.type == "cuda")
+        cache, prefill, step = decoder.cache, decoder.prefill, decoder.step
+    else:
+        cache = model.new_cache(capacity)
+
+        def prefill(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids, cache=cache)[:, -1]
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            return model(token, cache=cache)[:, -1]
+
     sync(device)
     t0 = time.perf_counter()
-    logits = model(prompt, cache=cache)[:, -1]
+    logits = prefill(prompt)
     sync(device)
     prefill_s = time.perf_counter() - t0
 
     token = logits.argmax(-1, keepdim=True)
-    for _ in range(args.warmup):
-        token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    for _ in range(args.warmup):  # includes the graph capture
+        token = step(token).argmax(-1, keepdim=True)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.new_tokens):
-        token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True)
     sync(device)
     decode_s = time.perf_counter() - t0
 
@@ -128,6 +148,7 @@ def bench_one(name: str, args: argparse.Namespace, batch: int, device: torch.dev
         raise RuntimeError(f"{name}: cache holds {measured[0]} bytes/token/layer but the layer declares {declared}")
     return {
         "variant": name,
+        "mode": mode,
         "batch": batch,
         "context": args.context,
         "new_tokens": args.new_tokens,
@@ -171,17 +192,19 @@ def bytes_markdown(rows: list[dict], size: str, dtype: str) -> str:
 
 
 def speed_markdown(rows: list[dict]) -> str:
-    lines = ["| variant | batch | decode tok/s | ms/step | vs MHA | prefill s | cache B/tok/layer | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    mha = {r["batch"]: r.get("decode_tokens_per_s") for r in rows if r["variant"] == "mha"}
+    lines = ["| variant | batch | mode | decode tok/s | ms/step | vs MHA | prefill s | cache B/tok/layer | peak GiB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    mha = {(r["batch"], r["mode"]): r.get("decode_tokens_per_s") for r in rows if r["variant"] == "mha"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {r['error']} | | | | | |")
             continue
-        ratio = r["decode_tokens_per_s"] / mha[r["batch"]] if mha.get(r["batch"]) else float("nan")
+        base = mha.get((r["batch"], r["mode"]))
+        ratio = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
         peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['decode_tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
-                     f"{ratio:.2f}x | {r['prefill_s']:.3f} | {r['cache_bytes_per_token_per_layer']:,} | {peak} |")
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {r['decode_tokens_per_s']:,.0f} | "
+                     f"{r['ms_per_step']:.2f} | {ratio} | {r['prefill_s']:.3f} | "
+                     f"{r['cache_bytes_per_token_per_layer']:,} | {peak} |")
     return "\n".join(lines)
 
 
@@ -199,21 +222,26 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args, device)
     rows = []
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    total, done, start = len(names) * len(batches), 0, time.perf_counter()
+    modes = args.modes.split(",")
+    total, done, start = len(names) * len(batches) * len(modes), 0, time.perf_counter()
     for batch in batches:
-        for name in names:
-            try:
-                rows.append(bench_one(name, args, batch, device, dtype))
-            except torch.cuda.OutOfMemoryError:
-                rows.append({"variant": name, "batch": batch, "error": "out of memory"})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            done += 1
-            elapsed = time.perf_counter() - start
-            r = rows[-1]
-            status = r.get("error") or f"{r['decode_tokens_per_s']:,.0f} tok/s"
-            print(f"[{done}/{total}] {name} batch={batch}: {status}  (eta {elapsed / done * (total - done):.0f}s)",
-                  flush=True)
+        for mode in modes:
+            for name in names:
+                try:
+                    rows.append(bench_one(name, mode, args, batch, device, dtype))
+                except torch.cuda.OutOfMemoryError:
+                    rows.append({"variant": name, "mode": mode, "batch": batch, "error": "out of memory"})
+                except RuntimeError as err:  # e.g. a graph capture failure: keep the other results
+                    rows.append({"variant": name, "mode": mode, "batch": batch,
+                                 "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                done += 1
+                elapsed = time.perf_counter() - start
+                r = rows[-1]
+                status = r.get("error") or f"{r['decode_tokens_per_s']:,.0f} tok/s"
+                print(f"[{done}/{total}] {name} batch={batch} {mode}: {status}  "
+                      f"(eta {elapsed / done * (total - done):.0f}s)", flush=True)
     result = {"environment": env, "context": args.context, "new_tokens": args.new_tokens,
               "cache_bytes": byte_rows, "decode": rows}
     table = speed_markdown(rows)
@@ -223,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "decode.json").write_text(json.dumps(result, indent=2) + "\n")
         header = (f"# Decode benchmark\n\n`{env['command']}` at git {env['git']}, torch {env['torch']}, "
                   f"{env['device']}, {args.dtype}, {args.size} preset, context {args.context}, "
-                  f"{args.new_tokens} timed steps (eager, preallocated cache).\n\n")
+                  f"{args.new_tokens} timed steps after {args.warmup} warm-up steps; modes: {args.modes}.\n\n")
         (out / "decode.md").write_text(header + table + "\n\n" + bytes_markdown(byte_rows, args.size, args.dtype) + "\n")
     print(table)
     return 0

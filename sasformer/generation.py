@@ -224,3 +224,82 @@ def find_tokenizer(model_dir: str | Path) -> Path | None:
         if (path.is_dir() and (path / TOKENIZER_META).is_file()) or path.is_file():
             return path
     return None
+
+
+class StaticDecoder:
+    """Greedy/sampled decoding one token per step with fixed tensor shapes, optionally as a CUDA graph.
+
+    Every step attends over the whole preallocated cache (``capacity`` slots) with a mask of the
+    slots written so far, writes the new keys/values at a device-side position, and rebuilds
+    nothing on the host, so one captured CUDA graph replays every step. Prompts are unpadded
+    (one length for the batch). ``cuda_graph=False`` runs the same static step eagerly (any device).
+    """
+
+    def __init__(self, model: DecoderLM, batch: int, capacity: int, cuda_graph: bool = True) -> None:
+        device = model.embed.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        self.model, self.capacity, self.cuda_graph = model, capacity, cuda_graph
+        self.cache = model.new_cache(capacity)
+        self.key_positions = torch.arange(capacity, device=device).unsqueeze(0)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph: Any = None
+        self.logits: Tensor | None = None
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Run the prompt (B, T) through the cache; returns the last position's logits (B, V)."""
+        if input_ids.shape[1] >= self.capacity:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in capacity {self.capacity}")
+        logits = self.model(input_ids, cache=self.cache)[:, -1]
+        self.position.fill_(self.cache.seq_len)
+        for layer in self.cache.layers:
+            layer.write_at(self.position)
+        return logits
+
+    def _step(self) -> Tensor:
+        from sasformer.layers.base import AttentionContext
+        from sasformer.ops.rope import RotaryTables
+
+        model = self.model
+        mask = (self.key_positions <= self.position).view(1, 1, 1, self.capacity)
+        rotary = RotaryTables(self.position.view(1, 1), model.config.rope_theta)
+        ctx = AttentionContext(rotary, mask, None, self.key_positions)
+        x = model.embed(self.token)
+        for block, layer in zip(model.blocks, self.cache.layers):
+            x = block(x, ctx.for_layer(layer))
+        return model.lm_head(model.norm(x))[:, -1]
+
+    def _capture(self) -> None:
+        # warm up on a side stream (allocator, library handles), then capture one step; the warm-up
+        # writes this step's slot with this step's token, exactly what the replay writes again
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    @torch.no_grad()
+    def step(self, token_B1: Tensor) -> Tensor:
+        """Feed one token per sequence (B, 1); returns the next-token logits (B, V).
+
+        With a CUDA graph the returned tensor is the graph's output buffer: the next step overwrites it."""
+        if self.cache.seq_len >= self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded; create the decoder with a larger capacity")
+        self.token.copy_(token_B1)
+        if self.cuda_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step()
+        self.position += 1
+        for layer in self.cache.layers:
+            layer.length += 1
+        return logits

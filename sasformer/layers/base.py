@@ -35,6 +35,15 @@ class LayerCache:
         self.capacity = capacity
         self.length = 0
         self._store: dict[str, Tensor] = {}
+        self._write_index: Tensor | None = None
+
+    def write_at(self, index: Tensor | None) -> None:
+        """Static-shape decoding (CUDA graphs): while ``index`` (a device tensor of positions) is set,
+        :meth:`append` writes there and returns the whole (B, capacity, ...) buffers, and the caller
+        masks the keys not yet written and advances :attr:`length` itself. None restores normal appends."""
+        if index is not None and (self.capacity is None or not self._store):
+            raise ValueError("write_at needs a cache with a capacity whose buffers exist (prefill first)")
+        self._write_index = index
 
     @property
     def seq_len(self) -> int:
@@ -47,6 +56,10 @@ class LayerCache:
 
     def append(self, **new: Tensor) -> dict[str, Tensor]:
         """Append this step's tensors and return the full cached sequence for each name."""
+        if self._write_index is not None:
+            for name, value in new.items():
+                self._store[name].index_copy_(1, self._write_index, value)
+            return {name: self._store[name] for name in new}
         steps = {value.shape[1] for value in new.values()}
         if len(steps) != 1:
             raise ValueError(f"LayerCache.append needs tensors of one sequence length, got {sorted(steps)}")
@@ -65,7 +78,8 @@ class LayerCache:
             if old is None:
                 if self.length:
                     raise ValueError(f"LayerCache: {name!r} first appended after {self.length} tokens")
-                old = value.new_empty((value.shape[0], self.capacity, *value.shape[2:]))
+                # zeros, not garbage: static decoding reads (masked) unwritten slots, and NaN * 0 is NaN
+                old = value.new_zeros((value.shape[0], self.capacity, *value.shape[2:]))
                 self._store[name] = old
             old[:, self.length : end] = value
         self.length = end

@@ -163,3 +163,35 @@ def test_capacity_errors_are_clear() -> None:
         model.new_cache(capacity=0)
     with pytest.raises(ValueError, match="cannot crop"):
         model.new_cache().layers[0].crop(-1)
+
+
+def _static_decode(model: DecoderLM, ids: torch.Tensor, prompt: int, capacity: int, cuda_graph: bool) -> torch.Tensor:
+    from sasformer.generation import StaticDecoder
+
+    decoder = StaticDecoder(model, ids.shape[0], capacity, cuda_graph=cuda_graph)
+    out = [decoder.prefill(ids[:, :prompt])]
+    for t in range(prompt, ids.shape[1]):
+        out.append(decoder.step(ids[:, t : t + 1]).clone())
+    assert decoder.cache.seq_len == ids.shape[1]
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@torch.no_grad()
+def test_static_decoding_equals_full_forward(name: str) -> None:
+    model = tiny_model(name)
+    ids = random_ids(2, 12)
+    full = model(ids)[:, 4:]
+    torch.testing.assert_close(_static_decode(model, ids, 5, capacity=15, cuda_graph=False), full, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="capacity"):
+        _static_decode(model, ids, 5, capacity=11, cuda_graph=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", ["mha", "mla", "sas-simulated", "sas-compact"])
+@torch.no_grad()
+def test_cuda_graph_decoding_equals_full_forward(name: str) -> None:
+    model = tiny_model(name).cuda()
+    ids = random_ids(2, 12).cuda()
+    full = model(ids)[:, 4:]
+    torch.testing.assert_close(_static_decode(model, ids, 5, capacity=16, cuda_graph=True), full, atol=ATOL, rtol=0)

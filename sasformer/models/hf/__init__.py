@@ -9,7 +9,6 @@ is not installed; the classes are imported on first use, so importing this packa
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 _EXPORTS = {
@@ -27,9 +26,10 @@ def register() -> bool:
     global _registered
     if _registered:
         return True
-    if importlib.util.find_spec("transformers") is None:
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    except ImportError:
         return False
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from sasformer.models.hf.configuration_sasformer import SASFormerConfig
     from sasformer.models.hf.modeling_sasformer import SASFormerForCausalLM, SASFormerModel
