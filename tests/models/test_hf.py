@@ -135,6 +135,17 @@ def test_sampling() -> None:
 
 
 @torch.no_grad()
+def test_beam_search_and_several_samples_per_prompt_use_the_cache_correctly() -> None:
+    model = hf_model("sas-compact", tie=False)
+    ids = random_ids(2, 5)
+    beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(beams, model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False))
+    several = model.generate(ids, max_new_tokens=4, do_sample=True, top_k=1, num_return_sequences=3)
+    greedy = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(several, greedy.repeat_interleave(3, dim=0))
+
+
+@torch.no_grad()
 def test_labels_give_the_shifted_loss_and_cache_is_ours() -> None:
     from transformers import DynamicCache
 
