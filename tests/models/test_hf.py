@@ -230,3 +230,36 @@ def test_generate_command_prints_a_continuation(tmp_path, capsys) -> None:
     lines = [line for line in printed.splitlines() if not line.startswith("---")]
     assert lines[0].startswith("the cat sat") and lines[1].startswith("a dog")
     assert all(len(line.split()) > 3 for line in lines[:1])
+
+
+@torch.no_grad()
+def test_from_config_initialises_like_decoder_lm() -> None:
+    config = SASFormerConfig(vocab_size=61, d_model=64, n_layers=3, attention="sas", init_std=0.02,
+                             attention_args={"n_heads": 4, "n_sim_heads": 4, "sim_head_dim": 16, "sim_init": "identity"})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    attn = model.model.blocks[0].attn
+    copy = torch.zeros(4, 4, 3)
+    copy[torch.arange(4), torch.arange(4), 1] = 1.0
+    assert torch.equal(attn.heads_q.w1, copy) and not attn.heads_q.w2.any()
+    assert torch.equal(attn.features_k.w3, torch.eye(16))
+    # identity simulation with H' = H, D' = D: the layer is MHA with a biased output projection
+    assert abs(model.model.embed.weight.std().item() - 0.02) < 2e-3
+    assert abs(attn.o_proj.weight.std().item() - 0.02 / 6**0.5) < 1e-3
+    default = AutoModelForCausalLM.from_config(SASFormerConfig(vocab_size=61, d_model=64, n_layers=1, attention="sas",
+                                                               attention_args={"n_heads": 4}))
+    w1 = default.model.blocks[0].attn.heads_q.w1
+    assert 0.5 * (1 / 12) ** 0.5 < w1.abs().max() <= (1 / 12) ** 0.5
+
+
+@torch.no_grad()
+def test_loading_never_reinitialises_trained_identity_simulation(tmp_path) -> None:
+    config = SASFormerConfig(vocab_size=61, d_model=32, n_layers=2, attention="sas",
+                             attention_args={"n_heads": 4, "sim_init": "identity"})
+    model = SASFormerForCausalLM(config).eval()
+    for p in model.parameters():
+        p.add_(0.01 * torch.randn_like(p))  # "trained": no longer the identity
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

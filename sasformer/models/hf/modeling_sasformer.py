@@ -97,19 +97,21 @@ class SASFormerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, HeadSimulation):
-            for weight, bias, fan_in in ((module.w1, module.b1, module.in_heads), (module.w2, module.b2, module.out_heads)):
-                bound = 1.0 / math.sqrt(fan_in * module.kernel_size)
-                init.uniform_(weight, -bound, bound)
-                init.uniform_(bias, -bound, bound)
-        elif isinstance(module, FeatureSimulation):
-            for weight, bias, fan_in in ((module.w3, module.b3, module.in_dim), (module.w4, module.b4, module.out_dim)):
+        elif isinstance(module, (HeadSimulation, FeatureSimulation)):
+            if getattr(module, "_identity_init", False):
+                # sim_init="identity": a copy of the input (these in-place writes skip loaded weights by hand)
+                if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                    module.reset_identity()
+                return
+            if isinstance(module, HeadSimulation):
+                pairs = ((module.w1, module.b1, module.in_heads * module.kernel_size),
+                         (module.w2, module.b2, module.out_heads * module.kernel_size))
+            else:
+                pairs = ((module.w3, module.b3, module.in_dim), (module.w4, module.b4, module.out_dim))
+            for weight, bias, fan_in in pairs:
                 bound = 1.0 / math.sqrt(fan_in)
                 init.uniform_(weight, -bound, bound)
                 init.uniform_(bias, -bound, bound)
-        if isinstance(module, SimulatedAttention) and module.args.sim_init == "identity":
-            if not getattr(module.heads_q.w1, "_is_hf_initialized", False):
-                module.reset_simulation_identity()
 
 
 class SASFormerModel(SASFormerPreTrainedModel):
@@ -124,6 +126,10 @@ class SASFormerModel(SASFormerPreTrainedModel):
         for name, module in self.named_modules():
             if name.endswith(("o_proj", "down_proj")):
                 module._residual_output = True
+            if isinstance(module, SimulatedAttention) and module.args.sim_init == "identity":
+                for block in (module.heads_q, module.heads_k, module.heads_v, module.features_q, module.features_k):
+                    if block is not None:
+                        block._identity_init = True
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
