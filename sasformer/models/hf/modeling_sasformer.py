@@ -4,8 +4,9 @@ The blocks are :class:`sasformer.models.decoder.DecoderBlock` and the forward pa
 :func:`sasformer.models.decoder.run_blocks`, so these classes compute exactly what ``DecoderLM``
 computes. The KV cache is :class:`SASFormerCache` (our per-variant cache with the methods
 ``generate()`` calls); the model creates it itself, so ``generate()`` never builds a
-``DynamicCache`` it could not use. transformers 5.x before 5.24 names the cache argument
-``past_key_values``, later versions ``cache``: both are accepted and returned.
+``DynamicCache`` it could not use. Older transformers 5.x releases (5.17) name the cache argument
+``past_key_values``, newer ones (5.24) ``cache``: both are accepted, and the output uses the name
+this version's ``CausalLMOutputWithPast`` has.
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ class SASFormerCache(KVCache):
 
     is_compileable = False
     is_croppable = True
-
-    def __init__(self, n_layers: int, capacity: int | None = None) -> None:
-        super().__init__(n_layers, capacity)
 
     @property
     def is_linear(self) -> list[bool]:
