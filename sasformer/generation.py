@@ -132,10 +132,12 @@ def generate(
     attention_mask: Tensor | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> Tensor:
     """Prefill ``input_ids`` (B, T; left-padded when ``attention_mask`` has zeros), then decode token by
     token with a preallocated cache. Returns (B, T + n) with n <= ``max_new_tokens`` (stops early once
-    every row has produced ``eos_id``; rows that finished are padded with ``eos_id``)."""
+    every row has produced ``eos_id``; rows that finished are padded with ``eos_id``). ``vocab_limit``
+    keeps ids below it (a tokenizer smaller than the model's padded vocabulary)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     B, T = input_ids.shape
@@ -146,6 +148,8 @@ def generate(
     step_ids = input_ids
     for step in range(max_new_tokens):
         logits = model(step_ids, attention_mask=mask, cache=cache)[:, -1]
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float("-inf")
         nxt = sample_next(logits, temperature, top_k, generator)
         if eos_id is not None:
             nxt = nxt.masked_fill(done, eos_id)

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, ids.to(device), args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k or None, attention_mask=mask.to(device),
-                   eos_id=tokenizer.eot_id if args.stop_at_eot else None, generator=generator)
+                   eos_id=tokenizer.eot_id if args.stop_at_eot else None, generator=generator,
+                   vocab_limit=tokenizer.vocab_size)
     for row, prompt in enumerate(args.prompt):
         new = out[row, longest:].tolist()
         if args.stop_at_eot and tokenizer.eot_id in new:

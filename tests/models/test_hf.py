@@ -263,3 +263,12 @@ def test_loading_never_reinitialises_trained_identity_simulation(tmp_path) -> No
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@torch.no_grad()
+def test_generate_respects_vocab_limit() -> None:
+    decoder = tiny_decoder("gqa", tie=False)
+    ids = random_ids(4, 3)
+    torch.manual_seed(0)
+    out = generate(decoder, ids, 12, temperature=5.0, vocab_limit=7)
+    assert out[:, 3:].max() < 7
