@@ -23,6 +23,8 @@ from sasformer.models.decoder import DecoderLM
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_META = "sasformer_tokenizer.json"
 _HF_ONLY_PREFIX = "model."
 
 
@@ -146,7 +148,7 @@ def generate(
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     step_ids = input_ids
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         logits = model(step_ids, attention_mask=mask, cache=cache)[:, -1]
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
             logits[:, vocab_limit:] = float("-inf")
@@ -162,10 +164,6 @@ def generate(
         if eos_id is not None and bool(done.all()):
             break
     return torch.cat(tokens, dim=1)
-
-
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_META = "sasformer_tokenizer.json"
 
 
 class _JsonTokenizer:
