@@ -272,3 +272,17 @@ def test_generate_respects_vocab_limit() -> None:
     torch.manual_seed(0)
     out = generate(decoder, ids, 12, temperature=5.0, vocab_limit=7)
     assert out[:, 3:].max() < 7
+
+
+@torch.no_grad()
+def test_generation_continues_from_a_returned_cache() -> None:
+    from sasformer.models.hf.modeling_sasformer import CACHE_FIELD
+
+    model = hf_model("sas-compact", tie=False)
+    ids = random_ids(2, 5)
+    full = model.generate(ids, max_new_tokens=8, do_sample=False)
+    first = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = first[CACHE_FIELD]
+    assert isinstance(cache, SASFormerCache) and cache.get_seq_length() == 8
+    second = model.generate(first.sequences, max_new_tokens=4, do_sample=False, **{CACHE_FIELD: cache})
+    assert torch.equal(second, full)
