@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_fixtures import VARIANTS, VOCAB, tiny_config, tiny_decoder, write_tokenizer_json, write_training_checkpoint
+from tests.models.hf_fixtures import VARIANTS, VOCAB, tiny_config, tiny_decoder, write_tokenizer_json, write_training_checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from sasformer.generation import generate, load_decoder, model_config_from_dict

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 
-from hf_fixtures import tiny_decoder, write_tokenizer_json, write_training_checkpoint
+from tests.models.hf_fixtures import tiny_decoder, write_tokenizer_json, write_training_checkpoint
 
 torch.set_num_threads(1)
 
