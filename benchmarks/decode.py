@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sasformer.generation import StaticDecoder  # noqa: E402
-from sasformer.models.decoder import DecoderLM  # noqa: E402
-from sasformer.models.presets import preset  # noqa: E402
+from sasformer.generation import StaticDecoder
+from sasformer.models.decoder import DecoderLM
+from sasformer.models.presets import preset
 
 # name -> (attention, extra attention_args over the preset's matched ones)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -167,7 +167,8 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                                    check=False).stdout)
         rev += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         rev = "unknown"
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         header = (f"# Decode benchmark\n\n`{env['command']}` at git {env['git']}, torch {env['torch']}, "
                   f"{env['device']}, {args.dtype}, {args.size} preset, context {args.context}, "
                   f"{args.new_tokens} timed steps after {args.warmup} warm-up steps; modes: {args.modes}.\n\n")
-        (out / "decode.md").write_text(header + table + "\n\n" + bytes_markdown(byte_rows, args.size, args.dtype) + "\n")
+        byte_table = bytes_markdown(byte_rows, args.size, args.dtype)
+        (out / "decode.md").write_text(header + table + "\n\n" + byte_table + "\n")
     print(table)
     return 0
 

@@ -78,8 +78,7 @@ def decoder_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     for name, value in state.items():
         for prefix in ("_orig_mod.", "module."):
             name = name.removeprefix(prefix)
-        if name.startswith(_HF_ONLY_PREFIX):
-            name = name[len(_HF_ONLY_PREFIX):]
+        name = name.removeprefix(_HF_ONLY_PREFIX)
         out[name] = value
     return out
 
@@ -177,7 +176,7 @@ class _JsonTokenizer:
 
         try:
             self._tok = Tokenizer.from_file(str(path))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
             raise ValueError(f"cannot read tokenizer file {path}: {err}") from None
         names = [eot_token] if eot_token else ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
         ids = [self._tok.token_to_id(n) for n in names if n is not None]

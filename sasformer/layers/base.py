@@ -125,7 +125,7 @@ class AttentionContext:
     cache: LayerCache | None = None
     key_positions: Tensor | None = None
 
-    def for_layer(self, cache: LayerCache | None) -> "AttentionContext":
+    def for_layer(self, cache: LayerCache | None) -> AttentionContext:
         return dataclasses.replace(self, cache=cache)
 
 

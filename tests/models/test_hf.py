@@ -10,13 +10,20 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.models.hf_fixtures import VARIANTS, VOCAB, tiny_config, tiny_decoder, write_tokenizer_json, write_training_checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from sasformer.generation import generate, load_decoder, model_config_from_dict
 from sasformer.models.hf import register
 from sasformer.models.hf.configuration_sasformer import SASFormerConfig
 from sasformer.models.hf.modeling_sasformer import SASFormerCache, SASFormerForCausalLM, SASFormerModel
+from tests.models.hf_fixtures import (
+    VARIANTS,
+    VOCAB,
+    tiny_config,
+    tiny_decoder,
+    write_tokenizer_json,
+    write_training_checkpoint,
+)
 
 # tiny models: thread start-up costs more than the math
 torch.set_num_threads(1)
@@ -63,7 +70,8 @@ def test_hf_model_computes_what_decoder_lm_computes(name: str) -> None:
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     torch.testing.assert_close(model(ids).logits, decoder(ids), atol=0, rtol=0)
-    torch.testing.assert_close(model(ids, attention_mask=mask).logits, decoder(ids, attention_mask=mask), atol=0, rtol=0)
+    padded = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded, decoder(ids, attention_mask=mask), atol=0, rtol=0)
     torch.testing.assert_close(model.to_decoder_lm()(ids), decoder(ids), atol=0, rtol=0)
 
 
@@ -235,7 +243,8 @@ def test_generate_command_prints_a_continuation(tmp_path, capsys) -> None:
 @torch.no_grad()
 def test_from_config_initialises_like_decoder_lm() -> None:
     config = SASFormerConfig(vocab_size=61, d_model=64, n_layers=3, attention="sas", init_std=0.02,
-                             attention_args={"n_heads": 4, "n_sim_heads": 4, "sim_head_dim": 16, "sim_init": "identity"})
+                             attention_args={"n_heads": 4, "n_sim_heads": 4, "sim_head_dim": 16,
+                                             "sim_init": "identity"})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     attn = model.model.blocks[0].attn

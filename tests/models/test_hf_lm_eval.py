@@ -66,7 +66,8 @@ def test_hflm_generate_until_runs_greedy_with_our_cache(exported) -> None:
     register()
     decoder, path = exported
     lm = HFLM(pretrained=str(path), backend="causal", device="cpu", batch_size=1, dtype="float32")
-    request = _instance("generate_until", ("the cat sat", {"until": ["<|never|>"], "max_gen_toks": 5, "do_sample": False}), 0)
+    options = {"until": ["<|never|>"], "max_gen_toks": 5, "do_sample": False}
+    request = _instance("generate_until", ("the cat sat", options), 0)
     (text,) = lm.generate_until([request])
     expected = generate(decoder, torch.tensor([[2, 3, 4]]), 5, temperature=0.0)[0, 3:].tolist()
     assert text.split() == [lm.tokenizer.convert_ids_to_tokens(i) for i in expected]

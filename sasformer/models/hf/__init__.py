@@ -47,4 +47,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["register", *_EXPORTS]
+__all__ = [
+    "SASFormerCache",
+    "SASFormerConfig",
+    "SASFormerForCausalLM",
+    "SASFormerModel",
+    "SASFormerPreTrainedModel",
+    "register",
+]

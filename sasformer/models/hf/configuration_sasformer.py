@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
@@ -23,7 +23,7 @@ class SASFormerConfig(PretrainedConfig):
     """
 
     model_type = "sasformer"
-    attribute_map = {
+    attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "d_model",
         "num_hidden_layers": "n_layers",
         "max_position_embeddings": "max_seq_len",
@@ -64,7 +64,7 @@ class SASFormerConfig(PretrainedConfig):
         return ModelConfig(**fields, tie_embeddings=bool(self.tie_word_embeddings))
 
     @classmethod
-    def from_model_config(cls, config: ModelConfig, **kwargs: Any) -> "SASFormerConfig":
+    def from_model_config(cls, config: ModelConfig, **kwargs: Any) -> SASFormerConfig:
         """Build from a :class:`ModelConfig`; ``kwargs`` add HF fields (``eos_token_id``, ...)."""
         fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
         return cls(**fields, tie_word_embeddings=config.tie_embeddings, **kwargs)

@@ -21,7 +21,8 @@ def hf_tokenizer_from_saved(tokenizer_path: Path):
                                     tokenizer_path, None, None)
     else:
         meta = json.loads((tokenizer_path / TOKENIZER_META).read_text())
-        kind, file, eot, pattern = meta["kind"], tokenizer_path / meta["file"], meta.get("eot_token"), meta.get("pattern")
+        kind, file = meta["kind"], tokenizer_path / meta["file"]
+        eot, pattern = meta.get("eot_token"), meta.get("pattern")
     if kind == "hf":
         return AutoTokenizer.from_pretrained(str(file))
     text_tok = load_text_tokenizer(tokenizer_path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +80,7 @@ class SASFormerPreTrainedModel(PreTrainedModel):
     config_class = SASFormerConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["DecoderBlock"]
+    _no_split_modules: ClassVar[list[str]] = ["DecoderBlock"]
     supports_gradient_checkpointing = False
 
     @torch.no_grad()
@@ -171,7 +171,7 @@ class SASFormerModel(SASFormerPreTrainedModel):
 class SASFormerForCausalLM(SASFormerPreTrainedModel, GenerationMixin):
     """Causal LM: ``SASFormerModel`` plus the (optionally tied) output projection."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed.weight"}
 
     def __init__(self, config: SASFormerConfig) -> None:
         super().__init__(config)
@@ -265,7 +265,7 @@ class SASFormerForCausalLM(SASFormerPreTrainedModel, GenerationMixin):
         return decoder
 
     @classmethod
-    def from_decoder_lm(cls, decoder: DecoderLM, **config_kwargs: Any) -> "SASFormerForCausalLM":
+    def from_decoder_lm(cls, decoder: DecoderLM, **config_kwargs: Any) -> SASFormerForCausalLM:
         """Wrap the weights of a :class:`DecoderLM` (copied); ``config_kwargs`` add HF config fields."""
         config = SASFormerConfig.from_model_config(decoder.config, **config_kwargs)
         model = cls(config)
