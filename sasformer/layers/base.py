@@ -20,32 +20,94 @@ from sasformer.ops.rope import RotaryTables
 
 
 class LayerCache:
-    """Growing per-layer store of named (B, S, ...) tensors, appended along the sequence axis."""
+    """Per-layer store of named (B, S, ...) tensors, appended along the sequence axis.
 
-    def __init__(self) -> None:
-        self.tensors: dict[str, Tensor] = {}
+    Each attention layer appends all of its names in one :meth:`append` call per forward pass.
+    With ``capacity`` None the tensors grow by concatenation; with a capacity, each name gets a
+    (B, capacity, ...) buffer on its first append and later steps write into it in place, so
+    decoding does not copy the whole cache every step. The length is a host-side int (no device
+    sync to read it).
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity={capacity} must be >= 1 (or None for a growing cache)")
+        self.capacity = capacity
+        self.length = 0
+        self._store: dict[str, Tensor] = {}
+        self._write_index: Tensor | None = None
+
+    def write_at(self, index: Tensor | None) -> None:
+        """Static-shape decoding (CUDA graphs): while ``index`` (a device tensor of positions) is set,
+        :meth:`append` writes there and returns the whole (B, capacity, ...) buffers, and the caller
+        masks the keys not yet written and advances :attr:`length` itself. None restores normal appends."""
+        if index is not None and (self.capacity is None or not self._store):
+            raise ValueError("write_at needs a cache with a capacity whose buffers exist (prefill first)")
+        self._write_index = index
 
     @property
     def seq_len(self) -> int:
-        return next(iter(self.tensors.values())).shape[1] if self.tensors else 0
+        return self.length
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """The cached (B, seq_len, ...) tensor of each name (views into the buffers)."""
+        return {name: value[:, : self.length] for name, value in self._store.items()}
 
     def append(self, **new: Tensor) -> dict[str, Tensor]:
         """Append this step's tensors and return the full cached sequence for each name."""
+        if self._write_index is not None:
+            for name, value in new.items():
+                self._store[name].index_copy_(1, self._write_index, value)
+            return {name: self._store[name] for name in new}
+        steps = {value.shape[1] for value in new.values()}
+        if len(steps) != 1:
+            raise ValueError(f"LayerCache.append needs tensors of one sequence length, got {sorted(steps)}")
+        step = steps.pop()
+        end = self.length + step
+        if self.capacity is not None and end > self.capacity:
+            raise ValueError(
+                f"KV cache capacity {self.capacity} exceeded ({self.length} cached + {step} new); "
+                "create the cache with a larger capacity"
+            )
         for name, value in new.items():
-            old = self.tensors.get(name)
-            self.tensors[name] = value if old is None else torch.cat((old, value), dim=1)
-        return {name: self.tensors[name] for name in new}
+            old = self._store.get(name)
+            if self.capacity is None:
+                self._store[name] = value if old is None else torch.cat((old, value), dim=1)
+                continue
+            if old is None:
+                if self.length:
+                    raise ValueError(f"LayerCache: {name!r} first appended after {self.length} tokens")
+                # zeros, not garbage: static decoding reads (masked) unwritten slots, and NaN * 0 is NaN
+                old = value.new_zeros((value.shape[0], self.capacity, *value.shape[2:]))
+                self._store[name] = old
+            old[:, self.length : end] = value
+        self.length = end
+        return {name: self._store[name][:, :end] for name in new}
 
     def nbytes_per_token(self) -> int:
         """Bytes this layer caches per token per sequence (summed over the named tensors)."""
         total = 0
-        for value in self.tensors.values():
+        for value in self._store.values():
             total += value[0, 0].numel() * value.element_size()
         return total
 
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens; a negative ``length`` drops that many from the end."""
+        keep = self.length + length if length < 0 else min(length, self.length)
+        if keep < 0:
+            raise ValueError(f"cannot crop {-length} tokens from a cache of {self.length}")
+        if self.capacity is None:
+            self._store = {name: value[:, :keep] for name, value in self._store.items()}
+        self.length = keep
+
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search / batch pruning)."""
-        self.tensors = {k: v.index_select(0, index) for k, v in self.tensors.items()}
+        self._store = {k: v.index_select(0, index) for k, v in self._store.items()}
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row ``repeats`` times (several samples per prompt)."""
+        self._store = {k: v.repeat_interleave(repeats, dim=0) for k, v in self._store.items()}
 
 
 @dataclass
@@ -63,7 +125,7 @@ class AttentionContext:
     cache: LayerCache | None = None
     key_positions: Tensor | None = None
 
-    def for_layer(self, cache: LayerCache | None) -> "AttentionContext":
+    def for_layer(self, cache: LayerCache | None) -> AttentionContext:
         return dataclasses.replace(self, cache=cache)
 
 

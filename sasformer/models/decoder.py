@@ -14,10 +14,13 @@ from sasformer.ops.rope import RotaryTables
 
 
 class KVCache:
-    """One :class:`LayerCache` per layer; each attention variant decides what it stores."""
+    """One :class:`LayerCache` per layer; each attention variant decides what it stores.
 
-    def __init__(self, n_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(n_layers)]
+    ``capacity`` (tokens) preallocates every layer's buffers on first use; None grows them.
+    """
+
+    def __init__(self, n_layers: int, capacity: int | None = None) -> None:
+        self.layers = [LayerCache(capacity) for _ in range(n_layers)]
 
     @property
     def seq_len(self) -> int:
@@ -26,9 +29,18 @@ class KVCache:
     def nbytes_per_token(self) -> int:
         return sum(layer.nbytes_per_token() for layer in self.layers)
 
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (negative: drop that many from the end)."""
+        for layer in self.layers:
+            layer.crop(length)
+
     def reorder(self, index: Tensor) -> None:
         for layer in self.layers:
             layer.reorder(index)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            layer.repeat_interleave(repeats)
 
 
 class SwiGLU(nn.Module):
@@ -83,8 +95,8 @@ class DecoderLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layers)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        return KVCache(self.config.n_layers, capacity)
 
     def forward(
         self,
@@ -98,29 +110,7 @@ class DecoderLM(nn.Module):
         ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over the cached tokens plus
         this call's, S = cache length + T (Hugging Face convention; left padding for generation).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        past = cache.seq_len if cache is not None else 0
-        S = past + T
-        if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(
-                f"attention_mask must be (batch, cache length + seq) = {(B, S)}, got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the plain causal path
-        if attention_mask is None:
-            key_positions = torch.arange(S, device=input_ids.device).unsqueeze(0)
-            mask = None
-        else:
-            key_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            mask = padded_causal_mask(attention_mask, T)
-        if position_ids is None:
-            position_ids = key_positions[:, past:]
-        ctx = AttentionContext(RotaryTables(position_ids, self.config.rope_theta), mask, None, key_positions)
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, ctx.for_layer(cache.layers[i] if cache is not None else None))
+        x = run_blocks(self.embed, self.blocks, self.config.rope_theta, input_ids, attention_mask, cache, position_ids)
         return self.lm_head(self.norm(x))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -131,3 +121,43 @@ class DecoderLM(nn.Module):
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy; ``targets`` are already shifted, fp32 softmax."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+def run_blocks(
+    embed: nn.Embedding,
+    blocks: nn.ModuleList,
+    rope_theta: float,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    cache: KVCache | None = None,
+    position_ids: Tensor | None = None,
+) -> Tensor:
+    """Embed ``input_ids`` and run the decoder blocks; returns the residual stream before the final norm.
+
+    Shared by :class:`DecoderLM` and the Hugging Face wrappers, so both compute exactly the same thing.
+    Positions are ``cumsum(attention_mask) - 1`` (0 at the first real token of a left-padded row).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    past = cache.seq_len if cache is not None else 0
+    S = past + T
+    if attention_mask is not None and attention_mask.shape != (B, S):
+        raise ValueError(
+            f"attention_mask must be (batch, cache length + seq) = {(B, S)}, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: take the plain causal path
+    if attention_mask is None:
+        key_positions = torch.arange(S, device=input_ids.device).unsqueeze(0)
+        mask = None
+    else:
+        key_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = padded_causal_mask(attention_mask, T)
+    if position_ids is None:
+        position_ids = key_positions[:, past:]
+    ctx = AttentionContext(RotaryTables(position_ids, rope_theta), mask, None, key_positions)
+    x = embed(input_ids)
+    for i, block in enumerate(blocks):
+        x = block(x, ctx.for_layer(cache.layers[i] if cache is not None else None))
+    return x

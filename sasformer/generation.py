@@ -1,0 +1,306 @@
+"""Loading a trained model for inference and a plain cached decoding loop.
+
+Reads both layouts a model can be saved in, without needing ``transformers``:
+
+- a training checkpoint: ``model.safetensors`` (``DecoderLM`` names; a tied LM head stored once as
+  ``embed.weight``) and ``config.json`` holding the ``ModelConfig`` dict, bare or under ``"model"``;
+- a Hugging Face export: ``config.json`` with ``"model_type": "sasformer"`` and ``model.safetensors``
+  (or shards with ``model.safetensors.index.json``) under ``SASFormerForCausalLM`` names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sasformer.models.config import ModelConfig
+from sasformer.models.decoder import DecoderLM
+
+MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_META = "sasformer_tokenizer.json"
+_HF_ONLY_PREFIX = "model."
+
+
+def read_config_file(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} not found: --model/--checkpoint must be a directory with config.json and weights")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def model_config_from_dict(data: dict[str, Any], source: str = "config") -> ModelConfig:
+    """A ``ModelConfig`` from a bare ModelConfig dict, a ``{"model": {...}}`` dict or a HF sasformer config."""
+    if isinstance(data.get("model"), dict):
+        data = data["model"]
+    elif data.get("model_type") is not None:
+        if data["model_type"] != "sasformer":
+            raise ValueError(f"{source}: model_type={data['model_type']!r} is not a sasformer model")
+        names = set(ModelConfig.__dataclass_fields__) - {"tie_embeddings"}
+        fields = {k: v for k, v in data.items() if k in names}
+        return ModelConfig.from_dict({**fields, "tie_embeddings": bool(data.get("tie_word_embeddings", True))})
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def is_hf_export(model_dir: str | Path) -> bool:
+    return read_config_file(model_dir).get("model_type") == "sasformer"
+
+
+def _read_weights(model_dir: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if (model_dir / MODEL_FILE).is_file():
+        return load_file(str(model_dir / MODEL_FILE))
+    if (model_dir / INDEX_FILE).is_file():
+        shards = sorted(set(json.loads((model_dir / INDEX_FILE).read_text())["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(model_dir / shard)))
+        return state
+    raise ValueError(f"{model_dir} has neither {MODEL_FILE} nor {INDEX_FILE}")
+
+
+def decoder_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Normalise parameter names to ``DecoderLM``'s: drop HF ``model.`` and ``torch.compile``/DDP prefixes."""
+    out = {}
+    for name, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            name = name.removeprefix(prefix)
+        name = name.removeprefix(_HF_ONLY_PREFIX)
+        out[name] = value
+    return out
+
+
+def load_decoder(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> DecoderLM:
+    """``DecoderLM`` with the weights of a training checkpoint or a HF export directory."""
+    model_dir = Path(model_dir)
+    config = model_config_from_dict(read_config_file(model_dir), str(model_dir / CONFIG_FILE))
+    state = decoder_state_dict(_read_weights(model_dir))
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    expected = set(model.state_dict())
+    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    missing, unexpected = sorted(expected - set(state) - optional), sorted(set(state) - expected)
+    shapes = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(shapes[k].shape)}" for k, v in state.items()
+             if k in shapes and v.shape != shapes[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"weights in {model_dir} do not match its config (attention={config.attention!r}): "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids (B,) from last-position logits; ``temperature`` 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if temperature == 0 or top_k == 1:
+        return logits_BV.argmax(dim=-1)
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: DecoderLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    attention_mask: Tensor | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
+) -> Tensor:
+    """Prefill ``input_ids`` (B, T; left-padded when ``attention_mask`` has zeros), then decode token by
+    token with a preallocated cache. Returns (B, T + n) with n <= ``max_new_tokens`` (stops early once
+    every row has produced ``eos_id``; rows that finished are padded with ``eos_id``). ``vocab_limit``
+    keeps ids below it (a tokenizer smaller than the model's padded vocabulary)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    B, T = input_ids.shape
+    cache = model.new_cache(capacity=T + max_new_tokens)
+    mask = attention_mask
+    tokens = [input_ids]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(step_ids, attention_mask=mask, cache=cache)[:, -1]
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float("-inf")
+        nxt = sample_next(logits, temperature, top_k, generator)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done, eos_id)
+            done |= nxt == eos_id
+        tokens.append(nxt[:, None])
+        step_ids = nxt[:, None]
+        if mask is not None:
+            mask = torch.cat((mask, mask.new_ones(B, 1)), dim=1)
+        # checking costs a device sync, so only when it can end the loop
+        if eos_id is not None and bool(done.all()):
+            break
+    return torch.cat(tokens, dim=1)
+
+
+class _JsonTokenizer:
+    """A ``tokenizers`` JSON file behind the encode/decode/eot_id interface (used when
+    ``sasformer.data`` is not available)."""
+
+    kind = "tokenizers"
+
+    def __init__(self, path: Path, eot_token: str | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
+            raise ValueError(f"cannot read tokenizer file {path}: {err}") from None
+        names = [eot_token] if eot_token else ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+        ids = [self._tok.token_to_id(n) for n in names if n is not None]
+        found = [(n, i) for n, i in zip(names, ids) if i is not None]
+        self.eot_token, self.eot_id = found[0] if found else (None, None)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_text_tokenizer(spec: str | Path) -> Any:
+    """A tokenizer with ``encode``/``decode``/``eot_id``: a saved tokenizer folder, a ``.json``
+    (``tokenizers``) or ``.tiktoken`` file; through :func:`sasformer.data.tokenizer.load_tokenizer`
+    when that module is available, else ``tokenizers`` JSON only."""
+    try:
+        from sasformer.data.tokenizer import load_tokenizer
+    except ImportError:
+        path = Path(spec)
+        if path.is_dir() and (path / TOKENIZER_META).is_file():
+            meta = json.loads((path / TOKENIZER_META).read_text())
+            if meta.get("kind") == "tokenizers":
+                return _JsonTokenizer(path / meta["file"], meta.get("eot_token"))
+        if path.is_file() and path.suffix == ".json":
+            return _JsonTokenizer(path)
+        raise ValueError(
+            f"cannot load tokenizer {spec}: without sasformer.data only a tokenizers .json file (or a saved "
+            "folder of that kind) is supported"
+        ) from None
+    return load_tokenizer(spec)
+
+
+def find_tokenizer(model_dir: str | Path) -> Path | None:
+    """Where the tokenizer of a saved model is: ``MODEL/tokenizer/``, the training run's
+    ``data_dir/tokenizer/`` (from a checkpoint's config), or a HF ``tokenizer.json`` in ``MODEL``."""
+    model_dir = Path(model_dir)
+    candidates = [model_dir / TOKENIZER_DIR]
+    data_dir = read_config_file(model_dir).get("train", {}).get("data_dir")
+    if data_dir:
+        candidates.append(Path(data_dir) / TOKENIZER_DIR)
+    candidates.append(model_dir / "tokenizer.json")
+    for path in candidates:
+        if (path.is_dir() and (path / TOKENIZER_META).is_file()) or path.is_file():
+            return path
+    return None
+
+
+class StaticDecoder:
+    """Greedy/sampled decoding one token per step with fixed tensor shapes, optionally as a CUDA graph.
+
+    Every step attends over the whole preallocated cache (``capacity`` slots) with a mask of the
+    slots written so far, writes the new keys/values at a device-side position, and rebuilds
+    nothing on the host, so one captured CUDA graph replays every step. Prompts are unpadded
+    (one length for the batch). ``cuda_graph=False`` runs the same static step eagerly (any device).
+    """
+
+    def __init__(self, model: DecoderLM, batch: int, capacity: int, cuda_graph: bool = True) -> None:
+        device = model.embed.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        self.model, self.capacity, self.cuda_graph = model, capacity, cuda_graph
+        self.cache = model.new_cache(capacity)
+        self.key_positions = torch.arange(capacity, device=device).unsqueeze(0)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph: Any = None
+        self.logits: Tensor | None = None
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Run the prompt (B, T) through the cache; returns the last position's logits (B, V)."""
+        if input_ids.shape[1] >= self.capacity:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in capacity {self.capacity}")
+        logits = self.model(input_ids, cache=self.cache)[:, -1]
+        self.position.fill_(self.cache.seq_len)
+        for layer in self.cache.layers:
+            layer.write_at(self.position)
+        return logits
+
+    def _step(self) -> Tensor:
+        from sasformer.layers.base import AttentionContext
+        from sasformer.ops.rope import RotaryTables
+
+        model = self.model
+        mask = (self.key_positions <= self.position).view(1, 1, 1, self.capacity)
+        rotary = RotaryTables(self.position.view(1, 1), model.config.rope_theta)
+        ctx = AttentionContext(rotary, mask, None, self.key_positions)
+        x = model.embed(self.token)
+        for block, layer in zip(model.blocks, self.cache.layers):
+            x = block(x, ctx.for_layer(layer))
+        return model.lm_head(model.norm(x))[:, -1]
+
+    def _capture(self) -> None:
+        # warm up on a side stream (allocator, library handles), then capture one step; the warm-up
+        # writes this step's slot with this step's token, exactly what the replay writes again
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    @torch.no_grad()
+    def step(self, token_B1: Tensor) -> Tensor:
+        """Feed one token per sequence (B, 1); returns the next-token logits (B, V).
+
+        With a CUDA graph the returned tensor is the graph's output buffer: the next step overwrites it."""
+        if self.cache.seq_len >= self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded; create the decoder with a larger capacity")
+        self.token.copy_(token_B1)
+        if self.cuda_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step()
+        self.position += 1
+        for layer in self.cache.layers:
+            layer.length += 1
+        return logits
