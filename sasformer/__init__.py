@@ -8,6 +8,12 @@ from sasformer.reference import load_reference_sas
 
 __version__ = "0.1.0"
 
+# AutoConfig / AutoModel / AutoModelForCausalLM know model_type "sasformer" once sasformer is imported
+# (a no-op when transformers is not installed)
+from sasformer.models.hf import register as _register_hf  # noqa: E402
+
+_register_hf()
+
 __all__ = [
     "DecoderLM",
     "KVCache",

@@ -13,6 +13,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("sasformer.commands.params", "parameters and FLOPs/token of every variant at every preset"),
     "prepare": ("sasformer.commands.prepare", "tokenize documents into train/val token shards"),
+    "export": ("sasformer.commands.export", "convert a training checkpoint to a Hugging Face model directory"),
+    "generate": ("sasformer.commands.generate", "continue a prompt with a trained model"),
+    "lm-eval": ("sasformer.commands.lm_eval", "run lm-evaluation-harness with sasformer models registered"),
 }
 
 
