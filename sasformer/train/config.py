@@ -1,5 +1,7 @@
 """Training configuration: nested dataclasses loaded from YAML, with ``--dotted.key value`` overrides.
 
+Imports no torch, so the command line stays fast to build.
+
 Every key is checked: an unknown one is a ValueError naming it and listing the known keys, so a typo
 never trains silently with a default.
 """
@@ -15,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from sasformer.models.config import ModelConfig
-from sasformer.models.presets import SIZES, preset
+if typing.TYPE_CHECKING:
+    from sasformer.models.config import ModelConfig
 
 
 @dataclass
@@ -39,7 +41,10 @@ class ModelSection:
     tie_embeddings: bool | None = None
     init_std: float | None = None
 
-    def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
+    def build(self, vocab_size: int, seq_len: int) -> "ModelConfig":
+        """The model config for data with ``vocab_size`` tokens trained at ``seq_len``."""
+        from sasformer.models.presets import SIZES, preset
+
         if self.size not in SIZES:
             raise ValueError(f"model.size={self.size!r} is not a preset; choose one of {list(SIZES)}")
         overrides = {
@@ -242,6 +247,26 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ValueError(f"cannot set {dotted}: {part} is {child!r}, not a mapping")
         node = child
     node[parts[-1]] = value
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``["--optim.lr", "1e-3", "--compile=true"]`` -> ``{"optim.lr": 0.001, "compile": True}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected --key value, got {arg!r}; keys: {', '.join(all_keys())}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{arg} needs a value")
+            key, text = arg[2:], argv[i + 1]
+            i += 2
+        out[key] = parse_value(text)
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
