@@ -234,7 +234,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """A command-line value as YAML (``1e-3``, ``true``, ``null``, ``[0.9, 0.95]``, ``{a: 1}``)."""
-    return yaml.safe_load(text) if text.strip() else ""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

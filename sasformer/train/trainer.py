@@ -76,9 +76,10 @@ class Trainer:
         if resume_from is not None:
             saved_optim, saved_state = ckpt.load_train_state(resume_from)
 
-        # one loader call yields this process's rows of a global micro-batch
+        # one loader call per step yields this process's rows of the global batch, whatever the world
+        # size and micro-batch, so a run's data does not depend on how it is parallelised
         self.loader = data.train_loader(
-            config.seq_len, self.micro * self.dist.world_size, config.seed, self.dist.rank, self.dist.world_size,
+            config.seq_len, config.batch_size, config.seed, self.dist.rank, self.dist.world_size,
             saved_state["tokenizer_fingerprint"] if saved_state else None,
         )
         if saved_state and self.loader.tokenizer_fingerprint != saved_state["tokenizer_fingerprint"]:
@@ -163,10 +164,10 @@ class Trainer:
         """One optimiser step over ``accum`` micro-batches; no host synchronisation."""
         self.schedule.apply(self.optimizer, self.step)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            inputs, targets = self.loader.next_batch()
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+        inputs_BT, targets_BT = self.loader.next_batch()
+        inputs_BT = inputs_BT.to(self.device, non_blocking=True)
+        targets_BT = targets_BT.to(self.device, non_blocking=True)
+        for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
             with D.no_sync(self._ddp, micro < self.accum - 1), self._autocast():
                 loss = self.loss_module(inputs, targets)
                 (loss / self.accum).backward()
@@ -202,7 +203,8 @@ class Trainer:
         """Mean validation loss over ``eval_batches`` batches of the validation split (all processes)."""
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         batches = self.data.eval_batches(self.config.seq_len, self.micro * self.dist.world_size,
-                                         self.config.eval_batches, self.dist.rank, self.dist.world_size)
+                                         self.config.eval_batches, self.dist.rank, self.dist.world_size,
+                                         self.loader.tokenizer_fingerprint)
         for inputs, targets in batches:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self._autocast():
