@@ -67,6 +67,9 @@ class Trainer:
         self.micro = config.micro_batch(self.dist.world_size)
         self.total_steps = config.total_steps()
         self.autocast_dtype = self._autocast_dtype()
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (fp32 runs)
+            torch.backends.cudnn.allow_tf32 = True
         data = data if data is not None else PreparedData(config.data_dir)
         self.data = data
 
@@ -165,6 +168,8 @@ class Trainer:
         self.schedule.apply(self.optimizer, self.step)
         loss_sum = torch.zeros((), device=self.device)
         inputs_BT, targets_BT = self.loader.next_batch()
+        if self.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
+            inputs_BT, targets_BT = inputs_BT.pin_memory(), targets_BT.pin_memory()
         inputs_BT = inputs_BT.to(self.device, non_blocking=True)
         targets_BT = targets_BT.to(self.device, non_blocking=True)
         for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
