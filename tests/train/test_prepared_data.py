@@ -1,0 +1,48 @@
+"""End to end on real token shards: ``prepare`` a tiny corpus, train on it, refuse to resume on
+shards made by another tokenizer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+pytest.importorskip("tokenizers")  # the `data` extra trains the BPE
+
+from sasformer.data.prepare import PrepareOptions, prepare  # noqa: E402
+from sasformer.train import checkpoint as ckpt  # noqa: E402
+from sasformer.train.trainer import Trainer  # noqa: E402
+
+
+def _corpus(path, seed: int) -> str:
+    rng = random.Random(seed)
+    words = ["attention", "score", "head", "simulated", "token", "layer", "model", "train", "loss", "data"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(60)]
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    dirs = []
+    for vocab in (300, 330):
+        out = root / f"bpe{vocab}"
+        text = _corpus(root / f"corpus{vocab}.jsonl", seed=vocab)
+        prepare(PrepareOptions(inputs=[text], out=str(out), vocab_size=vocab, val_fraction=0.2, workers=1,
+                               progress=False))
+        dirs.append(out)
+    return dirs
+
+
+def test_train_on_prepared_shards_then_refuse_other_tokenizer(make_config, two_datasets):
+    first, second = two_datasets
+    cfg = make_config(data_dir=str(first), max_steps=4, eval_interval=4)
+    last = Trainer(cfg).fit()
+    assert last["val_loss"] > 0
+    saved = ckpt.load_model(ckpt.latest_checkpoint(f"{cfg.out_dir}/checkpoints"))
+    assert saved.config.vocab_size == 300
+    resumed = make_config(data_dir=str(second), max_steps=8)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Trainer(resumed)
