@@ -25,8 +25,10 @@ if typing.TYPE_CHECKING:
 class ModelSection:
     """Which model to train: a preset size and attention variant, plus optional field overrides.
 
-    ``vocab_size`` is not set here: it comes from the prepared data (its tokenizer). Fields left
-    None keep the preset's value; ``max_seq_len`` None means max(preset, ``seq_len``).
+    ``vocab_size`` is not set here: it comes from the prepared data (its tokenizer), rounded up to a
+    multiple of ``pad_vocab_to`` so the embedding and LM-head matmuls use fast tile sizes (50257 ->
+    50304); the extra ids never occur as targets. Fields left None keep the preset's value;
+    ``max_seq_len`` None means max(preset, ``seq_len``).
     """
 
     size: str = "tiny"
@@ -40,6 +42,7 @@ class ModelSection:
     norm_eps: float | None = None
     tie_embeddings: bool | None = None
     init_std: float | None = None
+    pad_vocab_to: int = 64
 
     def build(self, vocab_size: int, seq_len: int) -> "ModelConfig":
         """The model config for data with ``vocab_size`` tokens trained at ``seq_len``."""
@@ -47,11 +50,15 @@ class ModelSection:
 
         if self.size not in SIZES:
             raise ValueError(f"model.size={self.size!r} is not a preset; choose one of {list(SIZES)}")
+        if self.pad_vocab_to < 1:
+            raise ValueError(f"model.pad_vocab_to={self.pad_vocab_to} must be >= 1 (1: no padding)")
+        own = ("size", "attention", "attention_args", "pad_vocab_to")
         overrides = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("size", "attention", "attention_args") and getattr(self, f.name) is not None
+            if f.name not in own and getattr(self, f.name) is not None
         }
+        vocab_size = -(-vocab_size // self.pad_vocab_to) * self.pad_vocab_to
         overrides.setdefault("max_seq_len", max(SIZES[self.size].max_seq_len, seq_len))
         return preset(
             self.size, self.attention, attention_args=dict(self.attention_args), vocab_size=vocab_size, **overrides

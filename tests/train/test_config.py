@@ -84,7 +84,10 @@ def test_model_section_builds_with_the_data_vocab():
     cfg = load_config(None, {"model.attention": "gqa", "model.d_model": 64, "model.n_layers": 2,
                              "model.attention_args": {"n_heads": 6, "n_kv_heads": 2, "head_dim": 16}, "seq_len": 300})
     model = cfg.model.build(vocab_size=321, seq_len=cfg.seq_len)
-    assert (model.vocab_size, model.d_model, model.n_layers, model.attention) == (321, 64, 2, "gqa")
+    assert (model.vocab_size, model.d_model, model.n_layers, model.attention) == (384, 64, 2, "gqa")
+    assert cfg.model.build(vocab_size=50257, seq_len=16).vocab_size == 50304
+    cfg.model.pad_vocab_to = 1
+    assert cfg.model.build(vocab_size=321, seq_len=16).vocab_size == 321
     assert model.max_seq_len == 300  # longer than the tiny preset's 256
     bad = load_config(None, {"model.attention": "sas", "model.attention_args.kernel_sise": 1})
     with pytest.raises(ValueError, match="kernel_sise"):

@@ -42,7 +42,7 @@ def test_trains_logs_evaluates_and_checkpoints(make_config):
     assert [v["step"] for v in vals] == [6, 12] and last["val_loss"] == vals[-1]["val_loss"]
     assert [p.name for p in ckpt.list_checkpoints(f"{out}/checkpoints")] == ["step_000008", "step_000012"]
     run = json.loads(open(f"{out}/run.json").read())
-    assert run["model"]["vocab_size"] == 48 and run["grad_accum"] == 1
+    assert run["model"]["vocab_size"] == 64 and run["grad_accum"] == 1
     model = ckpt.load_model(f"{out}/checkpoints/step_000012")
     assert model.config.d_model == 32
 
