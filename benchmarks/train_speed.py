@@ -27,10 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sasformer.layers.registry import variant_names  # noqa: E402
-from sasformer.train.config import TrainConfig  # noqa: E402
-from sasformer.train.metrics import peak_memory_gib, throughput  # noqa: E402
-from sasformer.train.trainer import Trainer  # noqa: E402
+from sasformer.layers.registry import variant_names
+from sasformer.train.config import TrainConfig
+from sasformer.train.metrics import peak_memory_gib, throughput
+from sasformer.train.trainer import Trainer
 
 
 class SyntheticLoader:
@@ -168,7 +168,7 @@ def main() -> int:
         print(f"benchmarking {attention} ...", flush=True)
         rows.append(bench_variant(args, attention, out))
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
     except OSError:
         rev = None
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"

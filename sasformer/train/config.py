@@ -44,7 +44,7 @@ class ModelSection:
     init_std: float | None = None
     pad_vocab_to: int = 64
 
-    def build(self, vocab_size: int, seq_len: int) -> "ModelConfig":
+    def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
         """The model config for data with ``vocab_size`` tokens trained at ``seq_len``."""
         from sasformer.models.presets import SIZES, preset
 
@@ -170,7 +170,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _build(cls, data, "")
 
 
@@ -181,7 +181,7 @@ def _known_keys(cls: type) -> list[str]:
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")  # noqa: TRY004 - bad user input
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(_known_keys(cls)))
     if unknown:
@@ -257,7 +257,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ValueError(f"cannot set {dotted}: {part} is {child!r}, not a mapping")
+            raise ValueError(f"cannot set {dotted}: {part} is {child!r}, not a mapping")  # noqa: TRY004
         node = child
     node[parts[-1]] = value
 

@@ -52,8 +52,8 @@ def reference(tmp_path_factory) -> Path:
 
 def _assert_close(got: dict[int, float], want: dict[int, float]) -> None:
     assert got.keys() == want.keys() and got
-    for step in got:
-        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+    for step, loss in got.items():
+        assert loss == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
 def test_ddp_two_processes_resume_a_one_process_checkpoint(tmp_path, reference):

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("tokenizers")  # the `data` extra trains the BPE
 
-from sasformer.data.prepare import PrepareOptions, prepare  # noqa: E402
-from sasformer.train import checkpoint as ckpt  # noqa: E402
-from sasformer.train.trainer import Trainer  # noqa: E402
+from sasformer.data.prepare import PrepareOptions, prepare
+from sasformer.train import checkpoint as ckpt
+from sasformer.train.trainer import Trainer
 
 
 def _corpus(path, seed: int) -> str:

@@ -41,7 +41,7 @@ def test_trains_logs_evaluates_and_checkpoints(make_config):
     vals = read_metrics(f"{out}/metrics.jsonl", kind="val")
     assert [v["step"] for v in vals] == [6, 12] and last["val_loss"] == vals[-1]["val_loss"]
     assert [p.name for p in ckpt.list_checkpoints(f"{out}/checkpoints")] == ["step_000008", "step_000012"]
-    run = json.loads(open(f"{out}/run.json").read())
+    run = json.loads(Path(f"{out}/run.json").read_text())
     assert run["model"]["vocab_size"] == 64 and run["grad_accum"] == 1
     model = ckpt.load_model(f"{out}/checkpoints/step_000012")
     assert model.config.d_model == 32
