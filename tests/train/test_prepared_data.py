@@ -3,6 +3,7 @@ shards made by another tokenizer."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 
@@ -10,9 +11,10 @@ import pytest
 
 pytest.importorskip("tokenizers")  # the `data` extra trains the BPE
 
+from sasformer.commands import train as command
 from sasformer.data.prepare import PrepareOptions, prepare
 from sasformer.train import checkpoint as ckpt
-from sasformer.train.trainer import Trainer
+from sasformer.train.metrics import read_metrics
 
 
 def _corpus(path, seed: int) -> str:
@@ -36,13 +38,19 @@ def two_datasets(tmp_path_factory):
     return dirs
 
 
-def test_train_on_prepared_shards_then_refuse_other_tokenizer(make_config, two_datasets):
+def test_train_command_on_prepared_shards_then_refuse_other_tokenizer(tmp_path, two_datasets, capsys):
     first, second = two_datasets
-    cfg = make_config(data_dir=str(first), max_steps=4, eval_interval=4)
-    last = Trainer(cfg).fit()
-    assert last["val_loss"] > 0
-    saved = ckpt.load_model(ckpt.latest_checkpoint(f"{cfg.out_dir}/checkpoints"))
+    out_dir = tmp_path / "run"
+    common = ["--model.d_model", "32", "--model.n_layers", "2", "--model.attention_args", "{n_heads: 2}",
+              "--seq_len", "16", "--batch_size", "4", "--device", "cpu", "--eval_interval", "4",
+              "--checkpoint_interval", "4", "--out_dir", str(out_dir), "--progress", "false", "--tensorboard", "false"]
+    args = argparse.Namespace(config=None, print_config=False,
+                              overrides=[*common, "--data_dir", str(first), "--max_steps", "4"])
+    assert command.run(args) == 0
+    assert "step 4: loss" in capsys.readouterr().out
+    assert read_metrics(out_dir / "metrics.jsonl", kind="val")[-1]["val_loss"] > 0
+    saved = ckpt.load_model(ckpt.latest_checkpoint(out_dir / "checkpoints"))
     assert saved.config.vocab_size == 320  # 300 padded to a multiple of 64
-    resumed = make_config(data_dir=str(second), max_steps=8)
+    args.overrides = [*common, "--data_dir", str(second), "--max_steps", "8"]
     with pytest.raises(ValueError, match="tokenizer"):
-        Trainer(resumed)
+        command.run(args)
