@@ -199,11 +199,24 @@ def read_olmo_requests(path: str | Path, task: str, use_query: bool, limit: int 
         items.append(_olmo_item(task, doc_id, requests, use_query))
     if not items:
         raise ValueError(f"{path}: no requests")
-    # the dataset's own ids where every document has a distinct one, else the doc_id
+    # the dataset's own ids where every document has a distinct one, else <split>-<doc_id>
     natives = [min(docs[d], key=lambda r: r[0])[1].get("native_id") for d in sorted(docs)]
     if None not in natives and len({str(n) for n in natives}) == len(natives):
-        items = [_with_id(item, str(n)) for item, n in zip(items, natives)]
+        return [_with_id(item, str(n)) for item, n in zip(items, natives)]
+    split = _split_of(path.parent)
+    if split is not None:
+        items = [_with_id(item, f"{split}-{item.id}") for item in items]
     return items
+
+
+def _split_of(folder: Path) -> str | None:
+    """The dataset split named in the variant's ``config.json``, if there is one."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    split = config.get("task_config", {}).get("split") if isinstance(config, dict) else None
+    return split if isinstance(split, str) else None
 
 
 def _with_id(item: Item, new_id: str) -> Item:
