@@ -64,16 +64,20 @@ def windows(tokens: Sequence[int] | np.ndarray | Tensor, seq_len: int, span: int
 
 
 def window_losses(model: Model, windows_NL: Tensor, batch_size: int, device: torch.device, show_progress: bool = False) -> Tensor:
-    """Per-token losses (n_windows, seq_len) of next-token prediction inside each window."""
+    """Per-token losses (n_windows, L - 1) of next-token prediction inside each window of L tokens."""
     out = []
     batches = list(torch.split(windows_NL, batch_size))
     for batch in progress(batches, show_progress, f"ppl@{windows_NL.shape[1] - 1}"):
         batch = batch.to(device)
-        with torch.no_grad():
-            logits_BTV = model(batch[:, :-1])
-        loss_BT = F.cross_entropy(logits_BTV.float().transpose(1, 2), batch[:, 1:], reduction="none")
-        out.append(loss_BT.cpu())
+        out.append(token_losses(model, batch[:, :-1], batch[:, 1:]).cpu())
     return torch.cat(out)
+
+
+def token_losses(model: Model, inputs_BT: Tensor, targets_BT: Tensor) -> Tensor:
+    """Float32 next-token cross-entropy per position (B, T); ``targets`` are already shifted."""
+    with torch.no_grad():
+        logits_BTV = model(inputs_BT)
+    return F.cross_entropy(logits_BTV.float().transpose(1, 2), targets_BT, reduction="none")
 
 
 def evaluate_perplexity(
@@ -123,12 +127,60 @@ def evaluate_perplexity(
     return results
 
 
-def evaluate_batches(model: Model, batches: Iterable[Tensor], device: torch.device | str | None = None) -> tuple[float, int]:
-    """Total nats and token count over ready-made windows, each batch (B, L + 1) of token ids."""
+def as_inputs_targets(batch) -> tuple[Tensor, Tensor]:
+    """A batch of windows as (inputs, targets): a (B, L + 1) tensor, an (inputs, targets) pair or a
+    mapping with ``input_ids`` and ``labels``/``targets`` (targets already shifted)."""
+    if isinstance(batch, Tensor):
+        return batch[:, :-1], batch[:, 1:]
+    if isinstance(batch, dict):
+        targets = batch.get("targets", batch.get("labels"))
+        if "input_ids" in batch and targets is not None:
+            return batch["input_ids"], targets
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(f"cannot read a batch of type {type(batch).__name__}: expected a (B, L + 1) tensor, "
+                     "an (inputs, targets) pair or a mapping with input_ids and targets")
+
+
+def evaluate_window_batches(
+    model: Model,
+    batches: Iterable,
+    seq_len: int,
+    decode: Callable[[list[int]], str] | None = None,
+    bytes_per_token: float | None = None,
+    max_tokens: int | None = None,
+    device: torch.device | str | None = None,
+) -> PerplexityResult:
+    """Metrics over ready-made windows (e.g. from a data loader), stopping after ``max_tokens``.
+
+    Unlike :func:`evaluate_perplexity`, the windows at different lengths come from the loader and
+    need not cover the same tokens. Targets equal to -100 are ignored.
+    """
+    if decode is not None and bytes_per_token is not None:
+        raise ValueError("give decode or bytes_per_token, not both")
     device = torch.device(device) if device is not None else model_device(model)
-    total, count = 0.0, 0
+    total, count, n_bytes = 0.0, 0, 0
     for batch in batches:
-        losses = window_losses(model, batch, len(batch), device)
-        total += float(losses.double().sum())
-        count += losses.numel()
-    return total, count
+        inputs, targets = as_inputs_targets(batch)
+        inputs, targets = inputs.to(device), targets.to(device)
+        keep = targets != -100
+        losses = token_losses(model, inputs, targets.masked_fill(~keep, 0))
+        total += float(losses[keep].double().sum())
+        count += int(keep.sum())
+        if decode is not None:
+            n_bytes += sum(len(decode(row[k].tolist()).encode("utf-8")) for row, k in zip(targets.cpu(), keep.cpu()))
+        if max_tokens is not None and count >= max_tokens:
+            break
+    if count == 0:
+        raise ValueError("the batches held no tokens to predict")
+    if bytes_per_token is not None:
+        n_bytes = count * bytes_per_token
+    has_bytes = decode is not None or bytes_per_token is not None
+    return PerplexityResult(
+        seq_len=seq_len,
+        n_tokens=count,
+        loss=total / count,
+        perplexity=math.exp(total / count),
+        bits_per_byte=bits_per_byte(total, n_bytes) if has_bytes else None,
+        n_bytes=int(round(n_bytes)) if has_bytes else None,
+    )

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from eval_fakes import CharTokenizer, bigram
 from sasformer import DecoderLM, ModelConfig
-from sasformer.eval.perplexity import bits_per_byte, evaluate_perplexity, windows
+from sasformer.eval.perplexity import bits_per_byte, evaluate_perplexity, evaluate_window_batches, windows
 
 
 class Uniform(torch.nn.Module):
@@ -78,3 +78,19 @@ def test_decoder_loss_matches_manual_windows():
 def test_too_few_tokens_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than one window of 28"):
         evaluate_perplexity(Uniform(4), list(range(20)), seq_len=7)
+
+
+def test_window_batches_match_the_token_stream_path():
+    tok = CharTokenizer()
+    model = bigram(tok.vocab_size, {i: {(i * 7) % tok.vocab_size: 3.0} for i in range(tok.vocab_size)})
+    tokens = torch.randint(0, tok.vocab_size, (64,), generator=torch.Generator().manual_seed(2))
+    (expected,) = evaluate_perplexity(model, tokens, seq_len=9, multipliers=(1,), decode=tok.decode)
+    w = windows(tokens, 9)
+    as_tensor = evaluate_window_batches(model, w.split(2), 9, decode=tok.decode)
+    as_pairs = evaluate_window_batches(model, [(b[:, :-1], b[:, 1:]) for b in w.split(3)], 9, decode=tok.decode)
+    for got in (as_tensor, as_pairs):
+        assert got.n_tokens == expected.n_tokens == 63
+        assert got.loss == pytest.approx(expected.loss, rel=1e-6)
+        assert got.bits_per_byte == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    with pytest.raises(ValueError, match="cannot read a batch"):
+        evaluate_window_batches(model, ["x"], 9)
