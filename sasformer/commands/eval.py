@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -36,8 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-tokens", type=int, default=1_000_000, help="at most this many tokens per length")
     parser.add_argument("--max-len", type=int, default=None, help="longest scoring row (default: the model's max_seq_len)")
     parser.add_argument("--mqar", default=None, help="comma-separated attention variants to train and test on MQAR")
-    parser.add_argument("--mqar-steps", type=int, default=300)
-    parser.add_argument("--mqar-seeds", default="0")
+    parser.add_argument("--mqar-steps", type=int, default=3000, help="training steps per run (recall needs thousands)")
+    parser.add_argument("--mqar-seeds", default="0", help="comma-separated seeds; one run per variant and seed")
+    parser.add_argument("--mqar-pairs", type=int, default=8, help="key-value pairs per sequence")
+    parser.add_argument("--mqar-queries", type=int, default=4, help="queries per sequence")
+    parser.add_argument("--mqar-seq-len", type=int, default=64)
+    parser.add_argument("--mqar-vocab", type=int, default=64)
+    parser.add_argument("--mqar-d-model", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -251,12 +257,13 @@ def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]
 def _mqar(args, device) -> dict[str, Any]:
     from sasformer.eval.mqar import MQARConfig, compare_mqar, variant_configs
 
-    task = MQARConfig()
-    configs = variant_configs([v.strip() for v in args.mqar.split(",")], task)
+    task = MQARConfig(num_kv_pairs=args.mqar_pairs, seq_len=args.mqar_seq_len, vocab_size=args.mqar_vocab,
+                      num_queries=args.mqar_queries)
+    configs = variant_configs([v.strip() for v in args.mqar.split(",")], task, d_model=args.mqar_d_model)
     seeds = [int(s) for s in args.mqar_seeds.split(",")]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     rows = compare_mqar(configs, task, seeds, log=log, steps=args.mqar_steps, device=device)
-    return {"task": task.__dict__, "steps": args.mqar_steps, "rows": rows}
+    return {"task": dataclasses.asdict(task), "d_model": args.mqar_d_model, "steps": args.mqar_steps, "rows": rows}
 
 
 def format_results(results: dict[str, Any]) -> str:

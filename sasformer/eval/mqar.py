@@ -21,9 +21,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sasformer.models.config import ModelConfig
 
 IGNORE = -100
 # test sequences come from seeds no training run uses (training: seed * 1e6 + step)
@@ -107,7 +111,7 @@ def mqar_accuracy(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Te
 
 
 def train_mqar(
-    model_config,
+    model_config: ModelConfig,
     task: MQARConfig,
     steps: int = 300,
     batch_size: int = 64,
@@ -172,7 +176,7 @@ def variant_configs(
     n_layers: int = 2,
     n_heads: int = 4,
     attention_args: dict[str, dict] | None = None,
-) -> dict[str, object]:
+) -> dict[str, ModelConfig]:
     """Tiny model configs for each variant, attention parameters matched to MHA as in the presets."""
     from sasformer.models.config import ModelConfig
     from sasformer.models.presets import Size, matched_attention_args
@@ -187,11 +191,11 @@ def variant_configs(
 
 
 def compare_mqar(
-    configs: dict[str, object],
+    configs: dict[str, ModelConfig],
     task: MQARConfig,
     seeds: Sequence[int] = (0,),
     log: Callable[[str], None] | None = None,
-    **train_kwargs,
+    **train_kwargs: Any,
 ) -> list[dict]:
     """Train every named config on ``task`` for each seed; one row per (name, seed)."""
     rows = []

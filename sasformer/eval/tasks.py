@@ -90,7 +90,7 @@ def _field(obj: dict, key: str, kind: type, where: str):
     if key not in obj:
         raise ValueError(f"{where}: missing field {key!r} (present: {sorted(obj)})")
     value = obj[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ValueError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
     return value
 

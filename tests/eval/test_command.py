@@ -63,3 +63,12 @@ def test_eval_command_rejects_unknown_tasks_and_missing_sources(tmp_path):
         eval_command.run(parse(["--checkpoint", str(tmp_path), "--tasks", "piqa"]))
     with pytest.raises(ValueError, match="give --checkpoint or --model"):
         eval_command.run(parse(["--eval-dir", str(tmp_path)]))
+
+
+def test_eval_command_mqar_only(tmp_path):
+    out = tmp_path / "mqar.json"
+    args = parse(["--tasks", "none", "--mqar", "mha", "--mqar-steps", "2", "--mqar-pairs", "2", "--mqar-queries", "1",
+                  "--mqar-seq-len", "8", "--mqar-vocab", "12", "--mqar-d-model", "16", "--device", "cpu", "--out", str(out)])
+    assert eval_command.run(args) == 0
+    rows = json.loads(out.read_text())["mqar"]["rows"]
+    assert [r["variant"] for r in rows] == ["mha"] and 0.0 <= rows[0]["accuracy"] <= 1.0
