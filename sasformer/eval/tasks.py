@@ -82,7 +82,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                # a malformed file, not a programming error: same exception as every other bad line
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
             yield line_no, obj
 
 

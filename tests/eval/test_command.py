@@ -5,8 +5,8 @@ import types
 
 import pytest
 import torch
-
 from eval_fakes import CharTokenizer, unigram
+
 from sasformer.commands import eval as eval_command
 
 

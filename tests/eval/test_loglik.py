@@ -3,8 +3,8 @@ import random
 
 import pytest
 import torch
-
 from eval_fakes import bigram
+
 from sasformer import DecoderLM, ModelConfig
 from sasformer.eval.loglik import Request, score_requests
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from eval_fakes import CharTokenizer, bigram
+
 from sasformer import DecoderLM, ModelConfig
 from sasformer.eval.perplexity import bits_per_byte, evaluate_perplexity, evaluate_window_batches, windows
 

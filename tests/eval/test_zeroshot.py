@@ -1,8 +1,8 @@
 import math
 
 import pytest
-
 from eval_fakes import CharTokenizer, bigram, unigram
+
 from sasformer.eval.tasks import ChoiceItem, ClozeItem
 from sasformer.eval.zeroshot import RequestBuilder, evaluate_items, mean_and_stderr
 
@@ -55,7 +55,7 @@ def test_winogrande_shape_scores_the_shared_continuation_after_each_context():
 
 
 def test_lambada_greedy_match_and_perplexity():
-    a, b, space, c, d, e = TOK.encode("ab cde")
+    b, space, c, d = TOK.encode("b cd")
     model = bigram(V, {b: {space: 6.0}, space: {c: 6.0}, c: {d: 6.0}})
     items = [ClozeItem("0", "ab", " cd"), ClozeItem("1", "ab", " ce")]
     result = evaluate_items(model, TOK, items, max_len=32)
