@@ -65,17 +65,21 @@ def _score_rows(model: Model, requests: list[Request], max_len: int, device: tor
     ids_BT = torch.zeros(len(rows), width, dtype=torch.long)
     for i, (row, _) in enumerate(rows):
         ids_BT[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    # the positions that predict continuation tokens, flattened over the batch (M in all)
+    row_M = torch.tensor([i for i, (_, n) in enumerate(rows) for _ in range(n)])
+    pos_M = torch.tensor([p for row, n in rows for p in range(len(row) - n, len(row))])
+    target_M = torch.tensor([t for r in requests for t in r.continuation])
     with torch.no_grad():
         logits_BTV = model(ids_BT.to(device))
-    scores = []
-    for i, ((row, n), request) in enumerate(zip(rows, requests)):
-        # only the continuation's positions go through a float32 log-softmax (memory n x V, not T x V)
-        logp_NV = torch.log_softmax(logits_BTV[i, len(row) - n: len(row)].float(), dim=-1)
-        target_N = torch.tensor(request.continuation, dtype=torch.long, device=logp_NV.device)
-        token_logp_N = logp_NV.gather(-1, target_N[:, None]).squeeze(-1)
-        greedy = bool((logp_NV.argmax(-1) == target_N).all())
-        scores.append(Score(float(token_logp_N.sum()), n, greedy))
-    return scores
+    # only those positions go through a float32 log-softmax: memory M x V, not B x T x V
+    logp_MV = torch.log_softmax(logits_BTV[row_M.to(device), pos_M.to(device)].float(), dim=-1)
+    target_M = target_M.to(device)
+    token_logp_M = logp_MV.gather(-1, target_M[:, None]).squeeze(-1).double()
+    miss_M = (logp_MV.argmax(-1) != target_M).double()
+    row_M = row_M.to(device)
+    logprob_B = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_M, token_logp_M)
+    misses_B = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_M, miss_M)
+    return [Score(lp, n, misses == 0) for lp, misses, (_, n) in zip(logprob_B.tolist(), misses_B.tolist(), rows)]
 
 
 def score_requests(

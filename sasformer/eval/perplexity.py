@@ -77,7 +77,8 @@ def token_losses(model: Model, inputs_BT: Tensor, targets_BT: Tensor) -> Tensor:
     """Float32 next-token cross-entropy per position (B, T); ``targets`` are already shifted."""
     with torch.no_grad():
         logits_BTV = model(inputs_BT)
-    return F.cross_entropy(logits_BTV.float().transpose(1, 2), targets_BT, reduction="none")
+    losses = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), reduction="none")
+    return losses.view(targets_BT.shape)
 
 
 def evaluate_perplexity(
