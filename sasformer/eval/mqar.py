@@ -116,7 +116,7 @@ def train_mqar(
     steps: int = 300,
     batch_size: int = 64,
     lr: float = 3e-3,
-    weight_decay: float = 0.1,
+    weight_decay: float = 0.0,
     n_test: int = 512,
     seed: int = 0,
     device: torch.device | str = "cpu",

@@ -53,19 +53,18 @@ def test_markdown_table():
     assert markdown_table(rows).splitlines()[2] == "| mha | 0 | 0.500 | 1.2500 | 1,234 | 2.0 |"
 
 
-def test_training_reduces_loss_and_beats_guessing_a_value():
-    # recall proper (accuracy well above 1 / num_kv_pairs) needs thousands of steps; in a few
-    # seconds a tiny model learns to answer with a value of the sequence, far above uniform guessing
+def test_tiny_mha_learns_recall_beyond_copying_a_value():
+    # chance levels: a uniform guess among the 10 values scores 0.1; answering with any value of the
+    # sequence scores 1 / num_kv_pairs = 0.25. Seeds 0-4 reach 0.49-0.60 after 400 steps.
     from sasformer.eval.mqar import train_mqar, variant_configs
 
-    task = MQARConfig(num_kv_pairs=2, seq_len=8, vocab_size=12, num_queries=1)
+    task = MQARConfig(num_kv_pairs=4, seq_len=16, vocab_size=20, num_queries=4)
     config = variant_configs(["mha"], task, d_model=32, n_layers=2, n_heads=2)["mha"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread avoids synchronisation overhead
     try:
-        result = train_mqar(config, task, steps=150, batch_size=32, lr=1e-2, weight_decay=0.0, n_test=256, seed=0)
+        result = train_mqar(config, task, steps=400, batch_size=64, lr=3e-3, weight_decay=0.0, n_test=256, seed=0)
     finally:
         torch.set_num_threads(threads)
-    n_values = task.vocab_size - 1 - task.n_keys
-    assert result.final_loss < 0.6 * result.losses[0]
-    assert result.accuracy > 2.0 / n_values
+    assert result.final_loss < 0.5 * result.losses[0]
+    assert result.accuracy > 0.4
