@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -85,10 +86,21 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps(_finite(results), indent=2) + "\n")
         args.out.with_suffix(".md").write_text(f"`{results['meta']['command']}`\n\n{table}\n")
         print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN/inf floats (e.g. the standard error of one item) as null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _log(message: str) -> None:
@@ -257,7 +269,8 @@ def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]
         batch_size = max(1, args.batch_size // m)
         print(f"perplexity at {length} tokens", file=sys.stderr, flush=True)
         batches = eval_batches(args.data, args.split, length, batch_size)
-        result = evaluate_window_batches(model, batches, length, decode=decode, max_tokens=args.ppl_tokens, device=device)
+        result = evaluate_window_batches(model, batches, length, decode=decode, max_tokens=args.ppl_tokens, device=device,
+                                         show_progress=True)
         out.append(result.to_dict())
     return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -21,7 +21,7 @@ def model_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def progress(items: Sequence[T], enabled: bool, desc: str) -> Iterable[T]:
+def progress(items: Iterable[T], enabled: bool, desc: str) -> Iterable[T]:
     """``items`` wrapped in a tqdm bar (with ETA) when enabled and tqdm is installed."""
     if not enabled:
         return items

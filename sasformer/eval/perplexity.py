@@ -151,6 +151,7 @@ def evaluate_window_batches(
     bytes_per_token: float | None = None,
     max_tokens: int | None = None,
     device: torch.device | str | None = None,
+    show_progress: bool = False,
 ) -> PerplexityResult:
     """Metrics over ready-made windows (e.g. from a data loader), stopping after ``max_tokens``.
 
@@ -161,7 +162,7 @@ def evaluate_window_batches(
         raise ValueError("give decode or bytes_per_token, not both")
     device = torch.device(device) if device is not None else model_device(model)
     total, count, n_bytes = 0.0, 0, 0
-    for batch in batches:
+    for batch in progress(batches, show_progress, f"ppl@{seq_len}"):
         inputs, targets = as_inputs_targets(batch)
         inputs, targets = inputs.to(device), targets.to(device)
         keep = targets != -100

@@ -47,8 +47,9 @@ def test_eval_command_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     args = parse(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--eval-dir", str(eval_dir),
                   "--tasks", "piqa,lambada", "--ppl-multipliers", "1,2", "--out", str(out)])
     assert eval_command.run(args) == 0
-    results = json.loads(out.read_text())
+    results = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
     assert results["zeroshot"]["piqa"]["acc"] == 1.0
+    assert results["zeroshot"]["piqa"]["acc_stderr"] is None  # one item: undefined, written as null
     assert results["zeroshot"]["lambada"]["acc"] == 1.0
     assert [r["seq_len"] for r in results["perplexity"]] == [16, 32]
     assert results["meta"]["max_len"] == 16
