@@ -1,0 +1,358 @@
+"""Triton kernels for SAS simulation: read the compact heads once, write the simulated tensor once.
+
+One program handles BLOCK_N tokens. The head convolutions work on rows (token, feature) x columns
+(heads), as in :mod:`.matmul`, but instead of materialising the padded, shifted copies the kernel
+loads the input at shifted feature offsets (masked to zero outside the token), and the values of Y1
+at neighbouring features, which the second convolution needs, are recomputed from shifted loads
+(k^2 tiny dots; H is small). The result is permuted in registers to rows (token, simulated head) x
+columns (feature) for the feature MLP, and written as (N, H', D').
+
+The backward kernel recomputes the forward from the compact input. The gradient of Y2 at shifted
+features, which the transposed convolutions need, is obtained by shifting the columns of W3 (a
+masked load) instead of shifting a register tile. Weight gradients are accumulated in fp32
+registers by a fixed number of persistent programs and summed over programs in PyTorch
+(deterministic, no atomics).
+
+Every size is padded to a power of two (at least 16, the smallest ``tl.dot`` tile) by zero-padding
+the weights and masking loads and stores; any odd kernel size works.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sasformer.ops.simulate.matmul import conv_weight_matrix
+
+
+@triton.jit
+def _load_x(x_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr):
+    """X at rows (token n, feature j + s), columns heads; zero outside the token."""
+    c = tl.arange(0, HP)
+    js = j + s
+    ok = (n < N) & (js >= 0) & (js < D)
+    ptrs = x_ptr + n[:, None] * (H * D) + c[None, :] * D + js[:, None]
+    return tl.load(ptrs, mask=ok[:, None] & (c[None, :] < H), other=0.0)
+
+
+@triton.jit
+def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+           HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
+    """First convolution output at features j + s (fp32), zero where j + s is outside the token."""
+    PAD: tl.constexpr = (K - 1) // 2
+    ci = tl.arange(0, HP)
+    co = tl.arange(0, HSP)
+    acc = tl.zeros((ROWS, HSP), dtype=tl.float32)
+    for t in tl.static_range(K):
+        xs = _load_x(x_ptr, n, j, s + t - PAD, N, H, D, HP)
+        w = tl.load(w1_ptr + t * HP * HSP + ci[:, None] * HSP + co[None, :])
+        acc += tl.dot(xs, w, input_precision=PREC)
+    acc += tl.load(b1_ptr + co)[None, :]
+    ok = (j + s >= 0) & (j + s < D)
+    return tl.where(ok[:, None], acc, 0.0)
+
+
+@triton.jit
+def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H: tl.constexpr, D: tl.constexpr,
+        K: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
+    """Head simulation output Y2 (fp32, rows (token, feature)); rows past the token are zero."""
+    PAD: tl.constexpr = (K - 1) // 2
+    co = tl.arange(0, HSP)
+    y2 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, H, D, K, HP, HSP, ROWS, PREC)
+    y2 += tl.load(b2_ptr + co)[None, :]
+    for t in tl.static_range(K):
+        y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H, D, K, HP, HSP, ROWS, PREC)
+        r = tl.maximum(y1s, 0.0).to(x_ptr.dtype.element_ty)
+        w = tl.load(w2_ptr + t * HSP * HSP + co[:, None] * HSP + co[None, :])
+        y2 += tl.dot(r, w, input_precision=PREC)
+    return tl.where((j < D)[:, None], y2, 0.0)
+
+
+@triton.jit
+def _rows_to_heads(t, BLOCK_N: tl.constexpr, DP: tl.constexpr, HSP: tl.constexpr):
+    """(BLOCK_N*DP, HSP) rows (token, feature) -> (BLOCK_N*HSP, DP) rows (token, head)."""
+    return tl.reshape(tl.permute(tl.reshape(t, (BLOCK_N, DP, HSP)), (0, 2, 1)), (BLOCK_N * HSP, DP))
+
+
+@triton.jit
+def _heads_to_rows(t, BLOCK_N: tl.constexpr, DP: tl.constexpr, HSP: tl.constexpr):
+    """Inverse of :func:`_rows_to_heads`."""
+    return tl.reshape(tl.permute(tl.reshape(t, (BLOCK_N, HSP, DP)), (0, 2, 1)), (BLOCK_N * DP, HSP))
+
+
+@triton.jit
+def _simulate_fwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr, N,
+    H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
+    HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
+    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, PREC: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK_N * DP
+    r = tl.arange(0, ROWS)
+    n = tl.program_id(0) * BLOCK_N + r // DP
+    j = r % DP
+    y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
+    dt = x_ptr.dtype.element_ty
+    if FEATURES:
+        # w3 is stored transposed and padded: (DP, DSP); w4 transposed: (DSP, DSP)
+        y2t = _rows_to_heads(y2, BLOCK_N, DP, HSP).to(dt)
+        jj = tl.arange(0, DP)
+        e = tl.arange(0, DSP)
+        z1 = tl.dot(y2t, tl.load(w3_ptr + jj[:, None] * DSP + e[None, :]), input_precision=PREC)
+        z1 += tl.load(b3_ptr + e)[None, :]
+        a = tl.maximum(z1, 0.0).to(dt)
+        z2 = z1 + tl.dot(a, tl.load(w4_ptr + e[:, None] * DSP + e[None, :]), input_precision=PREC)
+        z2 += tl.load(b4_ptr + e)[None, :]
+        r2 = tl.arange(0, BLOCK_N * HSP)
+        n2 = tl.program_id(0) * BLOCK_N + r2 // HSP
+        h2 = r2 % HSP
+        ptrs = out_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :]
+        tl.store(ptrs, z2.to(dt), mask=((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :])
+    else:
+        co = tl.arange(0, HSP)
+        ptrs = out_ptr + n[:, None] * (HS * D) + co[None, :] * D + j[:, None]
+        tl.store(ptrs, y2.to(dt), mask=((n < N) & (j < D))[:, None] & (co < HS)[None, :])
+
+
+@triton.jit
+def _dy2_at(g_ptr, dz1, w3_ptr, n, j, u, N, HS: tl.constexpr, D: tl.constexpr,
+            HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr, BLOCK_N: tl.constexpr,
+            FEATURES: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of Y2 at features j + u, rows (token, feature); zero outside the token."""
+    if FEATURES:
+        # dY2[:, j + u] = dZ1 @ W3[:, j + u]: shift the columns of W3 instead of a register tile
+        jj = tl.arange(0, DP) + u
+        e = tl.arange(0, DSP)
+        ok = (jj >= 0) & (jj < D)
+        w3s = tl.load(w3_ptr + jj[None, :] * DSP + e[:, None], mask=ok[None, :], other=0.0)
+        dy2t = tl.dot(dz1, w3s, input_precision=PREC)
+        return _heads_to_rows(dy2t, BLOCK_N, DP, HSP)
+    else:
+        co = tl.arange(0, HSP)
+        js = j + u
+        ok = (n < N) & (js >= 0) & (js < D)
+        ptrs = g_ptr + n[:, None] * (HS * D) + co[None, :] * D + js[:, None]
+        return tl.load(ptrs, mask=ok[:, None] & (co < HS)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dy1_at(g_ptr, dz1, x_ptr, w1_ptr, b1_ptr, w2_ptr, w3_ptr, n, j, u, N,
+            H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+            HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
+            BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of Y1 at features j + u: dY2 + (transposed conv2 of dY2) * relu'(Y1)."""
+    PAD: tl.constexpr = (K - 1) // 2
+    ROWS: tl.constexpr = BLOCK_N * DP
+    co = tl.arange(0, HSP)
+    dt = x_ptr.dtype.element_ty
+    dr = tl.zeros((ROWS, HSP), dtype=tl.float32)
+    for t in tl.static_range(K):
+        dy2 = _dy2_at(g_ptr, dz1, w3_ptr, n, j, u - t + PAD, N, HS, D, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+        w2t = tl.load(w2_ptr + t * HSP * HSP + co[None, :] * HSP + co[:, None])
+        dr += tl.dot(dy2.to(dt), w2t, input_precision=PREC)
+    y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, u, N, H, D, K, HP, HSP, ROWS, PREC)
+    dy2c = _dy2_at(g_ptr, dz1, w3_ptr, n, j, u, N, HS, D, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+    return dy2c + tl.where(y1 > 0, dr, 0.0)
+
+
+@triton.jit
+def _simulate_bwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, g_ptr, dx_ptr,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, dw4_ptr, db4_ptr, N, n_blocks,
+    H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
+    HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
+    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, PREC: tl.constexpr,
+):
+    PAD: tl.constexpr = (K - 1) // 2
+    ROWS: tl.constexpr = BLOCK_N * DP
+    R2: tl.constexpr = BLOCK_N * HSP
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    dt = x_ptr.dtype.element_ty
+    r = tl.arange(0, ROWS)
+    j = r % DP
+    ci = tl.arange(0, HP)
+    co = tl.arange(0, HSP)
+    jj = tl.arange(0, DP)
+    e = tl.arange(0, DSP)
+    r2 = tl.arange(0, R2)
+    h2 = r2 % HSP
+
+    db1 = tl.zeros((HSP,), dtype=tl.float32)
+    db2 = tl.zeros((HSP,), dtype=tl.float32)
+    db3 = tl.zeros((DSP,), dtype=tl.float32)
+    db4 = tl.zeros((DSP,), dtype=tl.float32)
+    dw3 = tl.zeros((DSP, DP), dtype=tl.float32)
+    dw4 = tl.zeros((DSP, DSP), dtype=tl.float32)
+    blk = pid
+    while blk < n_blocks:
+        n = blk * BLOCK_N + r // DP
+        dz1 = tl.zeros((R2, DSP), dtype=dt)
+        if FEATURES:
+            y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
+            y2t = _rows_to_heads(y2, BLOCK_N, DP, HSP).to(dt)
+            z1 = tl.dot(y2t, tl.load(w3_ptr + jj[:, None] * DSP + e[None, :]), input_precision=PREC)
+            z1 += tl.load(b3_ptr + e)[None, :]
+            n2 = blk * BLOCK_N + r2 // HSP
+            ok2 = ((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :]
+            g = tl.load(g_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :], mask=ok2, other=0.0)
+            # w4 is stored transposed; g @ w4 reads it back un-transposed
+            w4 = tl.load(w4_ptr + e[None, :] * DSP + e[:, None])
+            dw4 += tl.dot(tl.trans(g), tl.maximum(z1, 0.0).to(dt), input_precision=PREC)
+            db4 += tl.sum(g.to(tl.float32), axis=0)
+            dz1f = g.to(tl.float32) + tl.where(z1 > 0, tl.dot(g, w4, input_precision=PREC), 0.0)
+            dz1 = dz1f.to(dt)
+            dw3 += tl.dot(tl.trans(dz1), y2t, input_precision=PREC)
+            db3 += tl.sum(dz1f, axis=0)
+        dy2 = _dy2_at(g_ptr, dz1, w3_ptr, n, j, 0, N, HS, D, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+        db2 += tl.sum(dy2, axis=0)
+        dy1 = _dy1_at(g_ptr, dz1, x_ptr, w1_ptr, b1_ptr, w2_ptr, w3_ptr, n, j, 0, N, H, HS, D, K,
+                      HP, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+        db1 += tl.sum(dy1, axis=0)
+        dx = tl.zeros((ROWS, HP), dtype=tl.float32)
+        for t in tl.static_range(K):
+            # weight gradients of tap t: input rows shifted by t - PAD against the centre gradient
+            y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H, D, K, HP, HSP, ROWS, PREC)
+            rs = tl.maximum(y1s, 0.0).to(dt)
+            dw2 = tl.dot(tl.trans(rs), dy2.to(dt), input_precision=PREC)
+            tl.atomic_add(dw2_ptr + pid * K * HSP * HSP + t * HSP * HSP + co[:, None] * HSP + co[None, :], dw2)
+            xs = _load_x(x_ptr, n, j, t - PAD, N, H, D, HP)
+            dw1 = tl.dot(tl.trans(xs), dy1.to(dt), input_precision=PREC)
+            tl.atomic_add(dw1_ptr + pid * K * HP * HSP + t * HP * HSP + ci[:, None] * HSP + co[None, :], dw1)
+            # input gradient: dX[i] = sum_t dY1[i - t + PAD] @ W1_t^T
+            dy1s = _dy1_at(g_ptr, dz1, x_ptr, w1_ptr, b1_ptr, w2_ptr, w3_ptr, n, j, PAD - t, N, H, HS, D, K,
+                           HP, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+            w1t = tl.load(w1_ptr + t * HP * HSP + ci[None, :] * HSP + co[:, None])
+            dx += tl.dot(dy1s.to(dt), w1t, input_precision=PREC)
+        ok = ((n < N) & (j < D))[:, None] & (ci < H)[None, :]
+        tl.store(dx_ptr + n[:, None] * (H * D) + ci[None, :] * D + j[:, None], dx.to(dt), mask=ok)
+        blk += n_prog
+    tl.store(db1_ptr + pid * HSP + co, db1)
+    tl.store(db2_ptr + pid * HSP + co, db2)
+    if FEATURES:
+        tl.store(dw3_ptr + pid * DSP * DP + e[:, None] * DP + jj[None, :], dw3)
+        tl.store(db3_ptr + pid * DSP + e, db3)
+        tl.store(dw4_ptr + pid * DSP * DSP + e[:, None] * DSP + e[None, :], dw4)
+        tl.store(db4_ptr + pid * DSP + e, db4)
+
+
+# output allocator; tests swap in a NaN-filled one to catch elements a kernel fails to write
+_empty = torch.empty
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _pad_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, s) for s in t.shape)] = t
+    return out
+
+
+class _Sizes:
+    def __init__(self, x: Tensor, w1: Tensor, w3: Tensor | None) -> None:
+        self.N, self.H, self.D = x.shape
+        self.HS, self.K = w1.shape[0], w1.shape[-1]
+        self.DS = w3.shape[0] if w3 is not None else self.D
+        self.HP, self.HSP, self.DP, self.DSP = _pow2(self.H), _pow2(self.HS), _pow2(self.D), _pow2(self.DS)
+        # about 128 rows per program in the convolution stage
+        self.BLOCK_N = max(1, 128 // self.DP)
+        self.n_blocks = triton.cdiv(self.N, self.BLOCK_N)
+
+    def constexprs(self, features: bool, dtype: torch.dtype) -> dict:
+        return dict(H=self.H, HS=self.HS, D=self.D, DS=self.DS, K=self.K, HP=self.HP, HSP=self.HSP,
+                    DP=self.DP, DSP=self.DSP, BLOCK_N=self.BLOCK_N, FEATURES=features,
+                    PREC="tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee",
+                    num_warps=8 if self.DSP >= 128 else 4)
+
+
+def _kernel_weights(s: _Sizes, dt: torch.dtype, w1, b1, w2, b2, w3, b3, w4, b4) -> list[Tensor]:
+    """Zero-padded, kernel-friendly copies: conv taps as (K, C_in, C_out), w3 and w4 transposed."""
+    w1m = _pad_to(conv_weight_matrix(w1.to(dt)).view(s.K, s.H, s.HS), (s.K, s.HP, s.HSP))
+    w2m = _pad_to(conv_weight_matrix(w2.to(dt)).view(s.K, s.HS, s.HS), (s.K, s.HSP, s.HSP))
+    out = [w1m, _pad_to(b1.to(dt), (s.HSP,)), w2m, _pad_to(b2.to(dt), (s.HSP,))]
+    if w3 is None:
+        dummy = w1m.new_zeros(1)
+        return out + [dummy] * 4
+    return out + [
+        _pad_to(w3.to(dt).t(), (s.DP, s.DSP)), _pad_to(b3.to(dt), (s.DSP,)),
+        _pad_to(w4.to(dt).t(), (s.DSP, s.DSP)), _pad_to(b4.to(dt), (s.DSP,)),
+    ]
+
+
+def _backward_programs(s: _Sizes, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(s.n_blocks, 2 * sms)
+    return min(s.n_blocks, 3)  # interpreter: still exercise programs that loop over several blocks
+
+
+class _SimulateTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4):  # type: ignore[override]
+        features = w3 is not None
+        s = _Sizes(x, w1, w3)
+        kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
+        out = _empty(s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+        _simulate_fwd_kernel[(s.n_blocks,)](x, *kw, out, s.N, **s.constexprs(features, x.dtype))
+        ctx.save_for_backward(x, w1, b1, w2, b2, *(t for t in (w3, b3, w4, b4) if t is not None))
+        ctx.features = features
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, w1, b1, w2, b2, *fw = ctx.saved_tensors
+        features = ctx.features
+        w3, b3, w4, b4 = fw if features else (None, None, None, None)
+        s = _Sizes(x, w1, w3)
+        kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
+        g = g.to(x.dtype).contiguous()
+        P = _backward_programs(s, x.device)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx = _empty(x.shape, device=x.device, dtype=x.dtype)
+        dw1 = torch.zeros(P, s.K, s.HP, s.HSP, **f32)
+        dw2 = torch.zeros(P, s.K, s.HSP, s.HSP, **f32)
+        db1, db2 = _empty(P, s.HSP, **f32), _empty(P, s.HSP, **f32)
+        if features:
+            dw3, dw4 = _empty(P, s.DSP, s.DP, **f32), _empty(P, s.DSP, s.DSP, **f32)
+            db3, db4 = _empty(P, s.DSP, **f32), _empty(P, s.DSP, **f32)
+        else:  # never written
+            dw3 = dw4 = db3 = db4 = torch.empty(1, **f32)
+        w1m, b1p, w2m, b2p, w3t, b3p, w4t, _ = kw
+        _simulate_bwd_kernel[(P,)](
+            x, w1m, b1p, w2m, b2p, w3t, b3p, w4t, g, dx,
+            dw1, db1, dw2, db2, dw3, db3, dw4, db4, s.N, s.n_blocks, **s.constexprs(features, x.dtype),
+        )
+        # (K, C_in, C_out) taps back to the (C_out, C_in, K) conv layout
+        gw1 = dw1.sum(0)[:, : s.H, : s.HS].permute(2, 1, 0).to(w1.dtype)
+        gw2 = dw2.sum(0)[:, : s.HS, : s.HS].permute(2, 1, 0).to(w2.dtype)
+        head = (gw1, db1.sum(0)[: s.HS].to(b1.dtype), gw2, db2.sum(0)[: s.HS].to(b2.dtype))
+        feat: tuple = (None, None, None, None)
+        if features:
+            feat = (
+                dw3.sum(0)[: s.DS, : s.D].to(w3.dtype), db3.sum(0)[: s.DS].to(b3.dtype),
+                dw4.sum(0)[: s.DS, : s.DS].to(w4.dtype), db4.sum(0)[: s.DS].to(b4.dtype),
+            )
+        return (dx, *head, *feat)
+
+
+def _flatten(x_BTHD: Tensor) -> Tensor:
+    return x_BTHD.reshape(-1, *x_BTHD.shape[-2:]).contiguous()
+
+
+def simulate_qk_triton(
+    x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor,
+) -> Tensor:
+    """Fused head + feature simulation, (..., H, D) -> (..., H', D')."""
+    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, w3, b3, w4, b4)
+    return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
+
+
+def simulate_heads_triton(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """Fused head simulation, (..., H, D) -> (..., H', D)."""
+    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, None, None, None, None)
+    return out.view(*x_BTHD.shape[:-2], w1.shape[0], x_BTHD.shape[-1])
