@@ -46,8 +46,11 @@ def resolve_backend(backend: str | None, q_BHTD: Tensor, v_BHSE: Tensor, causal_
     return "flash_pad" if v_BHSE.shape[-1] < q_BHTD.shape[-1] <= 256 else "default"
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str, **kwargs) -> Tensor:
-    """``F.scaled_dot_product_attention`` on a named backend (see :data:`BACKENDS`)."""
+def sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str, strict: bool = True, **kwargs) -> Tensor:
+    """``F.scaled_dot_product_attention`` on a named backend (see :data:`BACKENDS`).
+
+    ``strict=False`` (the automatic choice) lets a refused cuDNN call fall back to padded flash.
+    """
     global _cudnn_failed
     if backend == "flash_pad" and v.shape[-1] < q.shape[-1]:
         E = v.shape[-1]
@@ -58,11 +61,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str, **kwargs) -> Tensor:
             with sdpa_kernel(_PINNED[backend]):
                 return F.scaled_dot_product_attention(q, k, v, **kwargs)
         except RuntimeError as err:
-            if backend != "cudnn" or os.environ.get(ENV_VAR):
+            if strict or backend != "cudnn":
                 raise
             _cudnn_failed = True
             warnings.warn(f"cuDNN attention unavailable ({err}); using flash with padded values", stacklevel=2)
-            return sdpa(q, k, v, "flash_pad", **kwargs)
+            return sdpa(q, k, v, "flash_pad", strict=True, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
@@ -89,13 +92,14 @@ def attend(
         v_BHSE = v_BHSE.repeat_interleave(rep, dim=1)
     T, S = q_BHTD.shape[2], k_BHSD.shape[2]
     which = resolve_backend(backend, q_BHTD, v_BHSE, causal_no_mask=mask_BTS is None and T == S)
+    strict = (backend or os.environ.get(ENV_VAR, "").strip().lower() or "auto") != "auto"
     if mask_BTS is None:
         if T == S:
-            return sdpa(q_BHTD, k_BHSD, v_BHSE, which, is_causal=True, scale=scale)
+            return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, is_causal=True, scale=scale)
         if T == 1:
-            return sdpa(q_BHTD, k_BHSD, v_BHSE, which, scale=scale)
+            return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, scale=scale)
         mask_BTS = causal_mask(T, S, q_BHTD.device)
-    return sdpa(q_BHTD, k_BHSD, v_BHSE, which, attn_mask=mask_BTS, scale=scale)
+    return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, attn_mask=mask_BTS, scale=scale)
 
 
 def _positions(T: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:

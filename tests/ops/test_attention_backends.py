@@ -55,3 +55,9 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv(attention.ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="SASFORMER_ATTENTION"):
         attend(q, k, v, None)
+
+
+def test_pinned_backend_that_cannot_run_raises():
+    q, k, v = inputs(4, 4)
+    with pytest.raises(RuntimeError):
+        attend(q.float(), k.float(), v.float(), None, backend="efficient" if not q.is_cuda else "cudnn")

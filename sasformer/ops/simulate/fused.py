@@ -91,7 +91,8 @@ def _simulate_fwd_kernel(
 ):
     ROWS: tl.constexpr = BLOCK_N * DP
     r = tl.arange(0, ROWS)
-    n = tl.program_id(0) * BLOCK_N + r // DP
+    # int64 token index: offsets n * H' * D' overflow int32 beyond ~700k tokens
+    n = (tl.program_id(0) * BLOCK_N + r // DP).to(tl.int64)
     j = r % DP
     y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
     dt = x_ptr.dtype.element_ty
@@ -106,7 +107,7 @@ def _simulate_fwd_kernel(
         z2 = z1 + tl.dot(a, tl.load(w4_ptr + e[:, None] * DSP + e[None, :]), input_precision=PREC)
         z2 += tl.load(b4_ptr + e)[None, :]
         r2 = tl.arange(0, BLOCK_N * HSP)
-        n2 = tl.program_id(0) * BLOCK_N + r2 // HSP
+        n2 = (tl.program_id(0) * BLOCK_N + r2 // HSP).to(tl.int64)
         h2 = r2 % HSP
         ptrs = out_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :]
         tl.store(ptrs, z2.to(dt), mask=((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :])
@@ -117,49 +118,46 @@ def _simulate_fwd_kernel(
 
 
 @triton.jit
-def _dy2_at(g_ptr, dz1, w3_ptr, n, j, u, N, HS: tl.constexpr, D: tl.constexpr,
-            HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr, BLOCK_N: tl.constexpr,
-            FEATURES: tl.constexpr, PREC: tl.constexpr):
-    """Gradient of Y2 at features j + u, rows (token, feature); zero outside the token."""
-    if FEATURES:
-        # dY2[:, j + u] = dZ1 @ W3[:, j + u]: shift the columns of W3 instead of a register tile
-        jj = tl.arange(0, DP) + u
-        e = tl.arange(0, DSP)
-        ok = (jj >= 0) & (jj < D)
-        w3s = tl.load(w3_ptr + jj[None, :] * DSP + e[:, None], mask=ok[None, :], other=0.0)
-        dy2t = tl.dot(dz1, w3s, input_precision=PREC)
-        return _heads_to_rows(dy2t, BLOCK_N, DP, HSP)
+def _load_rows(base_ptr, r, n, j, u, N, HS: tl.constexpr, D: tl.constexpr, HSP: tl.constexpr,
+               LOCAL: tl.constexpr):
+    """A (rows (token, feature + u), heads) fp32 tile, zero outside the token.
+
+    ``LOCAL``: from this program's scratch, where tile row ``r`` is stored at row ``r`` (so feature
+    j + u of the same token is row r + u); otherwise from an (N, HS, D) tensor.
+    """
+    co = tl.arange(0, HSP)
+    js = j + u
+    ok = (n < N) & (js >= 0) & (js < D)
+    if LOCAL:
+        ptrs = base_ptr + (r + u)[:, None] * HSP + co[None, :]
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
     else:
-        co = tl.arange(0, HSP)
-        js = j + u
-        ok = (n < N) & (js >= 0) & (js < D)
-        ptrs = g_ptr + n[:, None] * (HS * D) + co[None, :] * D + js[:, None]
+        ptrs = base_ptr + n[:, None] * (HS * D) + co[None, :] * D + js[:, None]
         return tl.load(ptrs, mask=ok[:, None] & (co < HS)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _dy1_at(g_ptr, dz1, x_ptr, w1_ptr, b1_ptr, w2_ptr, w3_ptr, n, j, u, N,
+def _dy1_at(dy2_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, u, N,
             H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-            HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
-            BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, PREC: tl.constexpr):
+            HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
+            LOCAL: tl.constexpr, PREC: tl.constexpr):
     """Gradient of Y1 at features j + u: dY2 + (transposed conv2 of dY2) * relu'(Y1)."""
     PAD: tl.constexpr = (K - 1) // 2
-    ROWS: tl.constexpr = BLOCK_N * DP
     co = tl.arange(0, HSP)
     dt = x_ptr.dtype.element_ty
     dr = tl.zeros((ROWS, HSP), dtype=tl.float32)
     for t in tl.static_range(K):
-        dy2 = _dy2_at(g_ptr, dz1, w3_ptr, n, j, u - t + PAD, N, HS, D, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+        dy2 = _load_rows(dy2_ptr, r, n, j, u - t + PAD, N, HS, D, HSP, LOCAL)
         w2t = tl.load(w2_ptr + t * HSP * HSP + co[None, :] * HSP + co[:, None])
         dr += tl.dot(dy2.to(dt), w2t, input_precision=PREC)
     y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, u, N, H, D, K, HP, HSP, ROWS, PREC)
-    dy2c = _dy2_at(g_ptr, dz1, w3_ptr, n, j, u, N, HS, D, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+    dy2c = _load_rows(dy2_ptr, r, n, j, u, N, HS, D, HSP, LOCAL)
     return dy2c + tl.where(y1 > 0, dr, 0.0)
 
 
 @triton.jit
 def _simulate_bwd_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, g_ptr, dx_ptr,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, g_ptr, dx_ptr, scratch_ptr,
     dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, dw4_ptr, db4_ptr, N, n_blocks,
     H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
     HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
@@ -179,6 +177,11 @@ def _simulate_bwd_kernel(
     e = tl.arange(0, DSP)
     r2 = tl.arange(0, R2)
     h2 = r2 % HSP
+    # this program's scratch: dY2 then dY1 of the current block, rows (local token, feature);
+    # written once, then read at shifted rows (a block-wide barrier makes the writes visible)
+    dy2_scr = scratch_ptr + pid * 2 * ROWS * HSP
+    dy1_scr = dy2_scr + ROWS * HSP
+    scr_offs = r[:, None] * HSP + co[None, :]
 
     db1 = tl.zeros((HSP,), dtype=tl.float32)
     db2 = tl.zeros((HSP,), dtype=tl.float32)
@@ -188,17 +191,16 @@ def _simulate_bwd_kernel(
     dw4 = tl.zeros((DSP, DSP), dtype=tl.float32)
     blk = pid
     while blk < n_blocks:
-        n = blk * BLOCK_N + r // DP
-        dz1 = tl.zeros((R2, DSP), dtype=dt)
+        n = (blk * BLOCK_N + r // DP).to(tl.int64)
         if FEATURES:
             y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
             y2t = _rows_to_heads(y2, BLOCK_N, DP, HSP).to(dt)
             z1 = tl.dot(y2t, tl.load(w3_ptr + jj[:, None] * DSP + e[None, :]), input_precision=PREC)
             z1 += tl.load(b3_ptr + e)[None, :]
-            n2 = blk * BLOCK_N + r2 // HSP
+            n2 = (blk * BLOCK_N + r2 // HSP).to(tl.int64)
             ok2 = ((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :]
             g = tl.load(g_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :], mask=ok2, other=0.0)
-            # w4 is stored transposed; g @ w4 reads it back un-transposed
+            # w4 and w3 are stored transposed; read them back un-transposed
             w4 = tl.load(w4_ptr + e[None, :] * DSP + e[:, None])
             dw4 += tl.dot(tl.trans(g), tl.maximum(z1, 0.0).to(dt), input_precision=PREC)
             db4 += tl.sum(g.to(tl.float32), axis=0)
@@ -206,11 +208,23 @@ def _simulate_bwd_kernel(
             dz1 = dz1f.to(dt)
             dw3 += tl.dot(tl.trans(dz1), y2t, input_precision=PREC)
             db3 += tl.sum(dz1f, axis=0)
-        dy2 = _dy2_at(g_ptr, dz1, w3_ptr, n, j, 0, N, HS, D, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+            w3 = tl.load(w3_ptr + jj[None, :] * DSP + e[:, None])
+            dy2t = tl.dot(dz1, w3, input_precision=PREC)
+            tl.debug_barrier()  # the previous block's readers are done with the scratch
+            tl.store(dy2_scr + scr_offs, _heads_to_rows(dy2t, BLOCK_N, DP, HSP))
+            tl.debug_barrier()
+            dy2 = _load_rows(dy2_scr, r, n, j, 0, N, HS, D, HSP, True)
+            dy1 = _dy1_at(dy2_scr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, 0, N, H, HS, D, K,
+                          HP, HSP, DP, ROWS, True, PREC)
+        else:
+            dy2 = _load_rows(g_ptr, r, n, j, 0, N, HS, D, HSP, False)
+            dy1 = _dy1_at(g_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, 0, N, H, HS, D, K,
+                          HP, HSP, DP, ROWS, False, PREC)
         db2 += tl.sum(dy2, axis=0)
-        dy1 = _dy1_at(g_ptr, dz1, x_ptr, w1_ptr, b1_ptr, w2_ptr, w3_ptr, n, j, 0, N, H, HS, D, K,
-                      HP, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
         db1 += tl.sum(dy1, axis=0)
+        tl.debug_barrier()
+        tl.store(dy1_scr + scr_offs, dy1)
+        tl.debug_barrier()
         dx = tl.zeros((ROWS, HP), dtype=tl.float32)
         for t in tl.static_range(K):
             # weight gradients of tap t: input rows shifted by t - PAD against the centre gradient
@@ -222,8 +236,7 @@ def _simulate_bwd_kernel(
             dw1 = tl.dot(tl.trans(xs), dy1.to(dt), input_precision=PREC)
             tl.atomic_add(dw1_ptr + pid * K * HP * HSP + t * HP * HSP + ci[:, None] * HSP + co[None, :], dw1)
             # input gradient: dX[i] = sum_t dY1[i - t + PAD] @ W1_t^T
-            dy1s = _dy1_at(g_ptr, dz1, x_ptr, w1_ptr, b1_ptr, w2_ptr, w3_ptr, n, j, PAD - t, N, H, HS, D, K,
-                           HP, HSP, DP, DSP, BLOCK_N, FEATURES, PREC)
+            dy1s = _load_rows(dy1_scr, r, n, j, PAD - t, N, HS, D, HSP, True)
             w1t = tl.load(w1_ptr + t * HP * HSP + ci[None, :] * HSP + co[:, None])
             dx += tl.dot(dy1s.to(dt), w1t, input_precision=PREC)
         ok = ((n < N) & (j < D))[:, None] & (ci < H)[None, :]
@@ -322,8 +335,9 @@ class _SimulateTriton(torch.autograd.Function):
         else:  # never written
             dw3 = dw4 = db3 = db4 = torch.empty(1, **f32)
         w1m, b1p, w2m, b2p, w3t, b3p, w4t, _ = kw
+        rows = s.BLOCK_N * s.DP
         _simulate_bwd_kernel[(P,)](
-            x, w1m, b1p, w2m, b2p, w3t, b3p, w4t, g, dx,
+            x, w1m, b1p, w2m, b2p, w3t, b3p, w4t, g, dx, torch.empty(P, 2, rows, s.HSP, **f32),
             dw1, db1, dw2, db2, dw3, db3, dw4, db4, s.N, s.n_blocks, **s.constexprs(features, x.dtype),
         )
         # (K, C_in, C_out) taps back to the (C_out, C_in, K) conv layout
