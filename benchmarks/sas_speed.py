@@ -277,7 +277,48 @@ def section_layer(opts, passed: dict[str, bool]) -> dict:
         except Exception as err:  # noqa: BLE001
             sim[impl] = {"error": f"{type(err).__name__}: {err}"}
     out[f"simulation_only/T{T}"] = sim
+    if "triton" in fast_impls() and passed.get("triton", True):
+        out[f"triton_tiles/T{T}"] = triton_tile_sweep(opts, layer, q)
     return out
+
+
+def triton_tile_sweep(opts, layer: SimulatedAttention, q: torch.Tensor) -> dict:
+    """Q simulation forward+backward for several tile sizes, each checked against ``matmul`` first."""
+    from sasformer.ops.simulate import fused
+
+    hq, fq = layer.heads_q, layer.features_q
+    weights = (hq.w1, hq.b1, hq.w2, hq.b2, fq.w3, fq.b3, fq.w4, fq.b4)
+    x = q.detach().requires_grad_()
+    ref = simulate.simulate_qk(x, *weights, impl="matmul")
+    g = torch.randn_like(ref)
+    (ref_dx,) = torch.autograd.grad(ref, x, g)
+    rows: dict[str, Any] = {}
+    default = (fused.BLOCK_ROWS, fused.NUM_WARPS)
+    try:
+        for block_rows in (64, 128, 256):
+            for warps in (4, 8):
+                key = f"rows{block_rows}_warps{warps}"
+                fused.BLOCK_ROWS, fused.NUM_WARPS = block_rows, warps
+                try:
+                    out = simulate.simulate_qk(x, *weights, impl="triton")
+                    (dx,) = torch.autograd.grad(out, x, g)
+                    err = max(rel_err(out, ref), rel_err(dx, ref_dx))
+                    if err > 2e-2:
+                        rows[key] = {"error": f"refused: relative error {err:.3g} vs matmul"}
+                        continue
+
+                    def run():
+                        o = simulate.simulate_qk(x, *weights, impl="triton")
+                        torch.autograd.grad(o, x, g)
+
+                    rows[key] = {"q_fwd_bwd_ms": cuda_time_ms(run, warmup=2, reps=opts.reps), "rel_err": err}
+                    log(f"triton tiles {key}: {rows[key]['q_fwd_bwd_ms']:.3f} ms")
+                except Exception as err:  # noqa: BLE001
+                    rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                    log(f"triton tiles {key}: {type(err).__name__}")
+    finally:
+        fused.BLOCK_ROWS, fused.NUM_WARPS = default
+    return rows
 
 
 def section_sdpa(opts) -> dict:
@@ -471,6 +512,8 @@ def markdown(res: dict) -> str:
                 elif "fwd_bwd_ms" in row:
                     lines.append(f"| {key} | {path} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | "
                                  f"{row['peak_gib']:.2f} | {fmt(row.get('speedup_vs_reference'), '.2f')} |")
+                elif "q_fwd_bwd_ms" in row:
+                    lines.append(f"| {key} (Q) | {path} | | {row['q_fwd_bwd_ms']:.3f} | | |")
                 elif "q_and_v_fwd_bwd_ms" in row:
                     lines.append(f"| {key} (Q+V) | {path} | | {row['q_and_v_fwd_bwd_ms']:.2f} | "
                                  f"{row['peak_gib']:.2f} | |")

@@ -119,3 +119,12 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA"):
         simulate.resolve_impl("triton", torch.randn(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("block_rows", [16, 256])
+def test_triton_other_tile_sizes(block_rows, monkeypatch):
+    pytest.importorskip("triton")
+    from sasformer.ops.simulate import fused
+
+    monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
+    check("triton", 7, 3, 6, 3, 16, 20, True, torch.float32, 1e-4, 1e-4)

@@ -253,6 +253,10 @@ def _simulate_bwd_kernel(
 
 # output allocator; tests swap in a NaN-filled one to catch elements a kernel fails to write
 _empty = torch.empty
+# tile size (rows of (token, feature) per program) and warps (None: 8 when D' >= 128, else 4);
+# module settings so that benchmarks can sweep them
+BLOCK_ROWS = 128
+NUM_WARPS: int | None = None
 
 
 def _pow2(n: int) -> int:
@@ -271,15 +275,14 @@ class _Sizes:
         self.HS, self.K = w1.shape[0], w1.shape[-1]
         self.DS = w3.shape[0] if w3 is not None else self.D
         self.HP, self.HSP, self.DP, self.DSP = _pow2(self.H), _pow2(self.HS), _pow2(self.D), _pow2(self.DS)
-        # about 128 rows per program in the convolution stage
-        self.BLOCK_N = max(1, 128 // self.DP)
+        self.BLOCK_N = max(1, BLOCK_ROWS // self.DP)
         self.n_blocks = triton.cdiv(self.N, self.BLOCK_N)
 
     def constexprs(self, features: bool, dtype: torch.dtype) -> dict:
         return dict(H=self.H, HS=self.HS, D=self.D, DS=self.DS, K=self.K, HP=self.HP, HSP=self.HSP,
                     DP=self.DP, DSP=self.DSP, BLOCK_N=self.BLOCK_N, FEATURES=features,
                     PREC="tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee",
-                    num_warps=8 if self.DSP >= 128 else 4)
+                    num_warps=NUM_WARPS or (8 if self.DSP >= 128 else 4))
 
 
 def _kernel_weights(s: _Sizes, dt: torch.dtype, w1, b1, w2, b2, w3, b3, w4, b4) -> list[Tensor]:
