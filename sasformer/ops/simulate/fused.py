@@ -48,7 +48,7 @@ def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, 
     for t in tl.static_range(K):
         xs = _load_x(x_ptr, n, j, s + t - PAD, N, H, D, HP)
         w = tl.load(w1_ptr + t * HP * HSP + ci[:, None] * HSP + co[None, :])
-        acc += tl.dot(xs, w, input_precision=PREC)
+        acc = tl.dot(xs, w, acc, input_precision=PREC)
     acc += tl.load(b1_ptr + co)[None, :]
     ok = (j + s >= 0) & (j + s < D)
     return tl.where(ok[:, None], acc, 0.0)
@@ -66,7 +66,7 @@ def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H: tl.constexpr, D: tl.c
         y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H, D, K, HP, HSP, ROWS, PREC)
         r = tl.maximum(y1s, 0.0).to(x_ptr.dtype.element_ty)
         w = tl.load(w2_ptr + t * HSP * HSP + co[:, None] * HSP + co[None, :])
-        y2 += tl.dot(r, w, input_precision=PREC)
+        y2 = tl.dot(r, w, y2, input_precision=PREC)
     return tl.where((j < D)[:, None], y2, 0.0)
 
 
@@ -149,7 +149,7 @@ def _dy1_at(dy2_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, u, N,
     for t in tl.static_range(K):
         dy2 = _load_rows(dy2_ptr, r, n, j, u - t + PAD, N, HS, D, HSP, LOCAL)
         w2t = tl.load(w2_ptr + t * HSP * HSP + co[None, :] * HSP + co[:, None])
-        dr += tl.dot(dy2.to(dt), w2t, input_precision=PREC)
+        dr = tl.dot(dy2.to(dt), w2t, dr, input_precision=PREC)
     y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, u, N, H, D, K, HP, HSP, ROWS, PREC)
     dy2c = _load_rows(dy2_ptr, r, n, j, u, N, HS, D, HSP, LOCAL)
     return dy2c + tl.where(y1 > 0, dr, 0.0)
@@ -202,11 +202,12 @@ def _simulate_bwd_kernel(
             g = tl.load(g_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :], mask=ok2, other=0.0)
             # w4 and w3 are stored transposed; read them back un-transposed
             w4 = tl.load(w4_ptr + e[None, :] * DSP + e[:, None])
-            dw4 += tl.dot(tl.trans(g), tl.maximum(z1, 0.0).to(dt), input_precision=PREC)
+            # accumulate inside the dot: no (D', D') temporary next to the accumulator
+            dw4 = tl.dot(tl.trans(g), tl.maximum(z1, 0.0).to(dt), dw4, input_precision=PREC)
             db4 += tl.sum(g.to(tl.float32), axis=0)
             dz1f = g.to(tl.float32) + tl.where(z1 > 0, tl.dot(g, w4, input_precision=PREC), 0.0)
             dz1 = dz1f.to(dt)
-            dw3 += tl.dot(tl.trans(dz1), y2t, input_precision=PREC)
+            dw3 = tl.dot(tl.trans(dz1), y2t, dw3, input_precision=PREC)
             db3 += tl.sum(dz1f, axis=0)
             w3 = tl.load(w3_ptr + jj[None, :] * DSP + e[:, None])
             dy2t = tl.dot(dz1, w3, input_precision=PREC)
@@ -238,7 +239,7 @@ def _simulate_bwd_kernel(
             # input gradient: dX[i] = sum_t dY1[i - t + PAD] @ W1_t^T
             dy1s = _load_rows(dy1_scr, r, n, j, PAD - t, N, HS, D, HSP, True)
             w1t = tl.load(w1_ptr + t * HP * HSP + ci[None, :] * HSP + co[:, None])
-            dx += tl.dot(dy1s.to(dt), w1t, input_precision=PREC)
+            dx = tl.dot(dy1s.to(dt), w1t, dx, input_precision=PREC)
         ok = ((n < N) & (j < D))[:, None] & (ci < H)[None, :]
         tl.store(dx_ptr + n[:, None] * (H * D) + ci[None, :] * D + j[:, None], dx.to(dt), mask=ok)
         blk += n_prog
