@@ -28,11 +28,13 @@ def test_layer_fast_equals_naive(impl, T, n_kv_heads, kernel_size, simulate_v):
     torch.manual_seed(T)
     args = SASArgs(n_heads=3, n_kv_heads=n_kv_heads, n_sim_heads=6, sim_head_dim=10,
                    kernel_size=kernel_size, simulate_v=simulate_v)
-    layer = SimulatedAttention(24, args).double()
-    x = torch.randn(2, T, 24, dtype=torch.float64)
+    # the kernels accumulate in fp32, so they are checked in fp32; the PyTorch path in fp64
+    dtype = torch.float64 if impl == "matmul" else torch.float32
+    layer = SimulatedAttention(24, args).to(dtype)
+    x = torch.randn(2, T, 24, dtype=dtype)
     ref_out, ref_grads = run_layer(layer, x, "naive")
     out, grads = run_layer(layer, x, impl)
-    tol = 1e-10 if impl == "matmul" else 1e-5
+    tol = 1e-10 if impl == "matmul" else 1e-4
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:

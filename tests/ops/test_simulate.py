@@ -128,3 +128,9 @@ def test_triton_other_tile_sizes(block_rows, monkeypatch):
 
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
     check("triton", 7, 3, 6, 3, 16, 20, True, torch.float32, 1e-4, 1e-4)
+
+
+def test_triton_refuses_float64():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="float64"):
+        simulate.resolve_impl("triton", torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE))

@@ -26,6 +26,7 @@ from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads
 
 IMPLS = ("naive", "matmul", "triton")
 ENV_VAR = "SASFORMER_SIMULATE"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,8 +37,9 @@ def triton_available() -> bool:
 def resolve_impl(impl: str | None, x: Tensor) -> str:
     """The implementation to use for input ``x``; raises ValueError on an unknown or unusable choice."""
     choice = impl if impl is not None else os.environ.get(ENV_VAR, "").strip().lower() or None
+    kernel_dtype = x.dtype in KERNEL_DTYPES
     if choice is None:
-        return "triton" if x.is_cuda and triton_available() else "matmul"
+        return "triton" if x.is_cuda and kernel_dtype and triton_available() else "matmul"
     if choice not in IMPLS:
         source = "impl" if impl is not None else ENV_VAR
         raise ValueError(f"{source}={choice!r} is not a simulation implementation; choose one of {IMPLS}")
@@ -47,6 +49,8 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
             raise ValueError("simulation impl 'triton' needs the triton package; install it or choose 'matmul'")
         if not (x.is_cuda or interpreted):
             raise ValueError("simulation impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); choose 'matmul'")
+        if not kernel_dtype:
+            raise ValueError(f"simulation impl 'triton' supports {KERNEL_DTYPES}, got {x.dtype}; choose 'matmul'")
     return choice
 
 
