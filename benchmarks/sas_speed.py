@@ -106,13 +106,14 @@ def structure_env(structure: str):
 
 
 def fast_impls() -> list[str]:
-    return ["matmul"] + (["triton"] if DEV == "cuda" and simulate.triton_available() else [])
+    kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return ["matmul"] + (["triton"] if kernels and simulate.triton_available() else [])
 
 
 # -- timing --------------------------------------------------------------------------------------
 def cuda_time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 10) -> float:
     """Median milliseconds of ``fn`` over ``reps`` runs timed with CUDA events, after ``warmup`` runs."""
-    for _ in range(warmup):
+    for _ in range(warmup if DEV == "cuda" else 0):
         fn()
     times = []
     if DEV == "cpu":
@@ -548,7 +549,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // T (16 x 1024)")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per model")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per layer/SDPA measurement")
-    p.add_argument("--budget-s", type=float, default=450, help="skip remaining model runs after this many seconds")
+    p.add_argument("--budget-s", type=float, default=420, help="skip remaining model runs after this many seconds")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU: checks that every code path runs; the numbers mean nothing")
     opts = p.parse_args(argv)
