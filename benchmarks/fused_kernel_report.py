@@ -62,13 +62,13 @@ def main() -> int:
         for block_n in (int(v) for v in opts.block_n.split(",")):
             for warps in (int(v) for v in opts.warps.split(",")):
                 consts = dict(H=H, HS=HS, D=D, DS=ds, K=opts.kernel_size, HP=pow2(H), HSP=pow2(HS), DP=pow2(D),
-                              DSP=pow2(ds), BLOCK_N=block_n, FEATURES=features, PREC="tf32")
+                              DSP=pow2(ds), BLOCK_N=block_n, FEATURES=features, ROPE=features, PREC="tf32")
                 for kernel in (fused._simulate_fwd_kernel, fused._simulate_bwd_kernel):
                     sig = {}
                     for name in kernel.arg_names:
                         if name in consts:
                             sig[name] = "constexpr"
-                        elif name.startswith(("dw", "db", "scratch")):
+                        elif name.endswith("_ptr") and name.startswith(("dw", "db", "scratch", "cos", "sin")):
                             sig[name] = "*fp32"
                         elif name.endswith("_ptr"):
                             sig[name] = "*bf16"

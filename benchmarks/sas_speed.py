@@ -284,7 +284,8 @@ def section_layer(opts, passed: dict[str, bool]) -> dict:
 
 
 def triton_tile_sweep(opts, layer: SimulatedAttention, q: torch.Tensor) -> dict:
-    """Q simulation forward+backward for several tile sizes, each checked against ``matmul`` first."""
+    """Q simulation forward+backward for several tile sizes (forward/backward rows per program,
+    warps), each checked against ``matmul`` first. Defaults: ``fused.BLOCK_ROWS``/``BWD_BLOCK_ROWS``."""
     from sasformer.ops.simulate import fused
 
     hq, fq = layer.heads_q, layer.features_q
@@ -294,12 +295,12 @@ def triton_tile_sweep(opts, layer: SimulatedAttention, q: torch.Tensor) -> dict:
     g = torch.randn_like(ref)
     (ref_dx,) = torch.autograd.grad(ref, x, g)
     rows: dict[str, Any] = {}
-    default = (fused.BLOCK_ROWS, fused.NUM_WARPS)
+    default = (fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS)
     try:
-        for block_rows in (64, 128, 256):
+        for fwd_rows, bwd_rows in ((64, 64), (128, 64), (128, 128), (256, 128)):
             for warps in (4, 8):
-                key = f"rows{block_rows}_warps{warps}"
-                fused.BLOCK_ROWS, fused.NUM_WARPS = block_rows, warps
+                key = f"rows{fwd_rows}/{bwd_rows}_warps{warps}"
+                fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = fwd_rows, bwd_rows, warps
                 try:
                     out = simulate.simulate_qk(x, *weights, impl="triton")
                     (dx,) = torch.autograd.grad(out, x, g)
@@ -318,7 +319,7 @@ def triton_tile_sweep(opts, layer: SimulatedAttention, q: torch.Tensor) -> dict:
                     rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                     log(f"triton tiles {key}: {type(err).__name__}")
     finally:
-        fused.BLOCK_ROWS, fused.NUM_WARPS = default
+        fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = default
     return rows
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sasformer.ops import simulate
+from sasformer.ops.rope import RotaryTables
 
 
 def _uniform_fan_in_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
@@ -87,11 +88,15 @@ class FeatureSimulation(nn.Module):
         return f"{self.in_dim} -> {self.out_dim} features"
 
 
-def simulate_qk(heads: HeadSimulation, features: FeatureSimulation, x_BTHD: Tensor) -> Tensor:
-    """``features(heads(x))`` as one op (fused on the fast paths); the head block's ``impl`` decides."""
+def simulate_qk(
+    heads: HeadSimulation, features: FeatureSimulation, x_BTHD: Tensor, rotary: RotaryTables | None = None
+) -> Tensor:
+    """``features(heads(x))``, then RoPE with ``rotary`` if given, as one op (fused on the Triton
+    path); the head block's ``impl`` decides the implementation."""
+    rope = rotary(features.out_dim) if rotary is not None else None
     return simulate.simulate_qk(
         x_BTHD, heads.w1, heads.b1, heads.w2, heads.b2,
-        features.w3, features.b3, features.w4, features.b4, impl=heads.impl,
+        features.w3, features.b3, features.w4, features.b4, impl=heads.impl, rope=rope,
     )
 
 

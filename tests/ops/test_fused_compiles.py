@@ -22,12 +22,12 @@ from sasformer.ops.simulate import fused
 for features in (True, False):
     for kernel in (fused._simulate_fwd_kernel, fused._simulate_bwd_kernel):
         consts = dict(H=12, HS=24, D=64, DS=128 if features else 64, K=3, HP=16, HSP=32, DP=64,
-                      DSP=128 if features else 64, BLOCK_N=2, FEATURES=features, PREC="tf32")
+                      DSP=128 if features else 64, BLOCK_N=2, FEATURES=features, ROPE=features, PREC="tf32")
         signature = {}
         for name in kernel.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
-            elif name.startswith(("dw", "db", "scratch")):
+            elif name.endswith("_ptr") and name.startswith(("dw", "db", "scratch", "cos", "sin")):
                 signature[name] = "*fp32"
             elif name.endswith("_ptr"):
                 signature[name] = "*bf16"

@@ -127,6 +127,7 @@ def test_triton_other_tile_sizes(block_rows, monkeypatch):
     from sasformer.ops.simulate import fused
 
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(fused, "BWD_BLOCK_ROWS", block_rows)
     check("triton", 7, 3, 6, 3, 16, 20, True, torch.float32, 1e-4, 1e-4)
 
 
@@ -134,3 +135,26 @@ def test_triton_refuses_float64():
     pytest.importorskip("triton")
     with pytest.raises(ValueError, match="float64"):
         simulate.resolve_impl("triton", torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.parametrize("impl", ["matmul", "triton"])
+@pytest.mark.parametrize("B,T,per_batch", [(1, 1, False), (2, 7, True), (3, 5, False)])
+def test_rope_after_simulation(impl, B, T, per_batch, monkeypatch):
+    if impl == "triton":
+        pytest.importorskip("triton")
+        from sasformer.ops.simulate import fused
+
+        monkeypatch.setattr(fused, "_empty", lambda *a, **kw: torch.full(a[0] if len(a) == 1 else a, float("nan"), **kw))
+    from sasformer.ops.rope import RotaryTables, apply_rope
+
+    H, HS, k, D, DS = 3, 6, 3, 8, 18
+    positions = torch.randint(0, 50, (B if per_batch else 1, T), device=DEVICE)
+    cos, sin = RotaryTables(positions, 10000.0)(DS)
+    x = torch.randn(B, T, H, D, device=DEVICE, requires_grad=True)
+    ws = make_weights(H, HS, k, D, DS, torch.float32)
+    ref = apply_rope(reference(x, ws), cos, sin)
+    out = simulate.simulate_qk(x, *ws, impl=impl, rope=(cos, sin))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, [x, *ws], grad), torch.autograd.grad(out, [x, *ws], grad)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
+from sasformer.ops.rope import apply_rope
 
 IMPLS = ("naive", "matmul", "triton")
 ENV_VAR = "SASFORMER_SIMULATE"
@@ -67,7 +68,7 @@ def _compiler_disable(fn):
 
 
 @_compiler_disable
-def _qk_triton(*args: Tensor) -> Tensor:
+def _qk_triton(*args) -> Tensor:
     return _triton_ops().simulate_qk_triton(*args)
 
 
@@ -79,14 +80,21 @@ def _heads_triton(*args: Tensor) -> Tensor:
 def simulate_qk(
     x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, impl: str | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Head then feature simulation (queries, keys): (B, T, H, D) -> (B, T, H', D')."""
+    """Head then feature simulation (queries, keys): (B, T, H, D) -> (B, T, H', D').
+
+    ``rope``: optional (cos, sin) tables of shape (B or 1, T, D') applied to the result (RoPE after
+    the simulation); the Triton path applies them inside the kernel.
+    """
     which = resolve_impl(impl, x_BTHD)
     if which == "triton":
-        return _qk_triton(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
+        return _qk_triton(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4, rope)
     if which == "matmul":
-        return simulate_qk_matmul(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
-    return simulate_features_naive(simulate_heads_naive(x_BTHD, w1, b1, w2, b2), w3, b3, w4, b4)
+        out = simulate_qk_matmul(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
+    else:
+        out = simulate_features_naive(simulate_heads_naive(x_BTHD, w1, b1, w2, b2), w3, b3, w4, b4)
+    return out if rope is None else apply_rope(out, *rope)
 
 
 def simulate_heads(

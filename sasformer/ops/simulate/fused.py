@@ -71,6 +71,16 @@ def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H: tl.constexpr, D: tl.c
 
 
 @triton.jit
+def _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS: tl.constexpr):
+    """cos/sin (fp32) for rows (token n2, head) and columns e; tables are (B or 1, T, DS)."""
+    row = (n2 // T) * cos_stride_b + (n2 % T) * DS
+    ok = (n2 < N)[:, None] & (e < DS)[None, :]
+    cos = tl.load(cos_ptr + row[:, None] + e[None, :], mask=ok, other=0.0)
+    sin = tl.load(sin_ptr + row[:, None] + e[None, :], mask=ok, other=0.0)
+    return cos, sin
+
+
+@triton.jit
 def _rows_to_heads(t, BLOCK_N: tl.constexpr, DP: tl.constexpr, HSP: tl.constexpr):
     """(BLOCK_N*DP, HSP) rows (token, feature) -> (BLOCK_N*HSP, DP) rows (token, head)."""
     return tl.reshape(tl.permute(tl.reshape(t, (BLOCK_N, DP, HSP)), (0, 2, 1)), (BLOCK_N * HSP, DP))
@@ -84,10 +94,11 @@ def _heads_to_rows(t, BLOCK_N: tl.constexpr, DP: tl.constexpr, HSP: tl.constexpr
 
 @triton.jit
 def _simulate_fwd_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr, N,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr,
+    rot_ptr, cos_ptr, sin_ptr, N, T, cos_stride_b,
     H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
     HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
-    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK_N * DP
     r = tl.arange(0, ROWS)
@@ -109,6 +120,11 @@ def _simulate_fwd_kernel(
         r2 = tl.arange(0, BLOCK_N * HSP)
         n2 = (tl.program_id(0) * BLOCK_N + r2 // HSP).to(tl.int64)
         h2 = r2 % HSP
+        if ROPE:
+            cos, sin = _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS)
+            # rotate_half as a matmul with a signed permutation: no column shuffle in registers
+            rot = tl.dot(z2.to(dt), tl.load(rot_ptr + e[:, None] * DSP + e[None, :]), input_precision=PREC)
+            z2 = z2 * cos + rot * sin
         ptrs = out_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :]
         tl.store(ptrs, z2.to(dt), mask=((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :])
     else:
@@ -158,10 +174,11 @@ def _dy1_at(dy2_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, u, N,
 @triton.jit
 def _simulate_bwd_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, g_ptr, dx_ptr, scratch_ptr,
-    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, dw4_ptr, db4_ptr, N, n_blocks,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, dw4_ptr, db4_ptr,
+    rot_ptr, cos_ptr, sin_ptr, N, n_blocks, T, cos_stride_b,
     H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
     HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
-    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
 ):
     PAD: tl.constexpr = (K - 1) // 2
     ROWS: tl.constexpr = BLOCK_N * DP
@@ -200,6 +217,12 @@ def _simulate_bwd_kernel(
             n2 = (blk * BLOCK_N + r2 // HSP).to(tl.int64)
             ok2 = ((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :]
             g = tl.load(g_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :], mask=ok2, other=0.0)
+            if ROPE:
+                # out = z2 cos + (z2 P) sin  =>  dz2 = g cos + (g sin) P^T
+                cos, sin = _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS)
+                rot_t = tl.load(rot_ptr + e[None, :] * DSP + e[:, None])
+                gf = g.to(tl.float32)
+                g = (gf * cos + tl.dot((gf * sin).to(dt), rot_t, input_precision=PREC)).to(dt)
             # w4 and w3 are stored transposed; read them back un-transposed
             w4 = tl.load(w4_ptr + e[None, :] * DSP + e[:, None])
             # accumulate inside the dot: no (D', D') temporary next to the accumulator
@@ -254,9 +277,11 @@ def _simulate_bwd_kernel(
 
 # output allocator; tests swap in a NaN-filled one to catch elements a kernel fails to write
 _empty = torch.empty
-# tile size (rows of (token, feature) per program) and warps (None: 8 when D' >= 128, else 4);
-# module settings so that benchmarks can sweep them
+# tile sizes (rows of (token, feature) per program; the backward kernel holds more live tiles, so
+# it gets smaller ones) and warps (None: 8 when D' >= 128, else 4); module settings so that
+# benchmarks can sweep them
 BLOCK_ROWS = 128
+BWD_BLOCK_ROWS = 64
 NUM_WARPS: int | None = None
 
 
@@ -271,17 +296,17 @@ def _pad_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 class _Sizes:
-    def __init__(self, x: Tensor, w1: Tensor, w3: Tensor | None) -> None:
+    def __init__(self, x: Tensor, w1: Tensor, w3: Tensor | None, block_rows: int) -> None:
         self.N, self.H, self.D = x.shape
         self.HS, self.K = w1.shape[0], w1.shape[-1]
         self.DS = w3.shape[0] if w3 is not None else self.D
         self.HP, self.HSP, self.DP, self.DSP = _pow2(self.H), _pow2(self.HS), _pow2(self.D), _pow2(self.DS)
-        self.BLOCK_N = max(1, BLOCK_ROWS // self.DP)
+        self.BLOCK_N = max(1, block_rows // self.DP)
         self.n_blocks = triton.cdiv(self.N, self.BLOCK_N)
 
-    def constexprs(self, features: bool, dtype: torch.dtype) -> dict:
+    def constexprs(self, features: bool, rope: bool, dtype: torch.dtype) -> dict:
         return dict(H=self.H, HS=self.HS, D=self.D, DS=self.DS, K=self.K, HP=self.HP, HSP=self.HSP,
-                    DP=self.DP, DSP=self.DSP, BLOCK_N=self.BLOCK_N, FEATURES=features,
+                    DP=self.DP, DSP=self.DSP, BLOCK_N=self.BLOCK_N, FEATURES=features, ROPE=rope,
                     PREC="tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee",
                     num_warps=NUM_WARPS or (8 if self.DSP >= 128 else 4))
 
@@ -307,25 +332,51 @@ def _backward_programs(s: _Sizes, device: torch.device) -> int:
     return min(s.n_blocks, 3)  # interpreter: still exercise programs that loop over several blocks
 
 
+def _rotation(s: _Sizes, dt: torch.dtype, device: torch.device) -> Tensor:
+    """(DSP, DSP) signed permutation P with z @ P == rotate_half(z) on the first D' columns."""
+    half = s.DS // 2
+    rot = torch.zeros(s.DSP, s.DSP, device=device, dtype=dt)
+    idx = torch.arange(half, device=device)
+    rot[idx + half, idx] = -1.0
+    rot[idx, idx + half] = 1.0
+    return rot
+
+
+def _rope_args(s: _Sizes, T: int, rope: tuple[Tensor, Tensor] | None, dt: torch.dtype, device: torch.device):
+    """Kernel arguments (rotation, cos, sin, T, batch stride of the tables) for optional RoPE."""
+    if rope is None:
+        dummy = torch.zeros(1, device=device, dtype=torch.float32)
+        return [dummy.to(dt), dummy, dummy], max(T, 1), 0
+    cos, sin = (t.to(device=device, dtype=torch.float32).contiguous() for t in rope)
+    return [_rotation(s, dt, device), cos, sin], T, (0 if cos.shape[0] == 1 else T * s.DS)
+
+
 class _SimulateTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4):  # type: ignore[override]
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin):  # type: ignore[override]
         features = w3 is not None
-        s = _Sizes(x, w1, w3)
+        rope = (cos, sin) if cos is not None else None
+        s = _Sizes(x, w1, w3, BLOCK_ROWS)
         kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
+        rope_ptrs, T_arg, cos_stride = _rope_args(s, T, rope, x.dtype, x.device)
         out = _empty(s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
-        _simulate_fwd_kernel[(s.n_blocks,)](x, *kw, out, s.N, **s.constexprs(features, x.dtype))
-        ctx.save_for_backward(x, w1, b1, w2, b2, *(t for t in (w3, b3, w4, b4) if t is not None))
-        ctx.features = features
+        _simulate_fwd_kernel[(s.n_blocks,)](
+            x, *kw, out, *rope_ptrs, s.N, T_arg, cos_stride, **s.constexprs(features, rope is not None, x.dtype),
+        )
+        ctx.save_for_backward(x, w1, b1, w2, b2, *(t for t in (w3, b3, w4, b4) if t is not None),
+                              *(rope if rope is not None else ()))
+        ctx.features, ctx.rope, ctx.T = features, rope is not None, T
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, w1, b1, w2, b2, *fw = ctx.saved_tensors
+        x, w1, b1, w2, b2, *rest = ctx.saved_tensors
         features = ctx.features
-        w3, b3, w4, b4 = fw if features else (None, None, None, None)
-        s = _Sizes(x, w1, w3)
+        w3, b3, w4, b4 = rest[:4] if features else (None, None, None, None)
+        rope = tuple(rest[-2:]) if ctx.rope else None
+        s = _Sizes(x, w1, w3, BWD_BLOCK_ROWS)
         kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
+        rope_ptrs, T_arg, cos_stride = _rope_args(s, ctx.T, rope, x.dtype, x.device)
         g = g.to(x.dtype).contiguous()
         P = _backward_programs(s, x.device)
         f32 = dict(device=x.device, dtype=torch.float32)
@@ -342,7 +393,8 @@ class _SimulateTriton(torch.autograd.Function):
         rows = s.BLOCK_N * s.DP
         _simulate_bwd_kernel[(P,)](
             x, w1m, b1p, w2m, b2p, w3t, b3p, w4t, g, dx, torch.empty(P, 2, rows, s.HSP, **f32),
-            dw1, db1, dw2, db2, dw3, db3, dw4, db4, s.N, s.n_blocks, **s.constexprs(features, x.dtype),
+            dw1, db1, dw2, db2, dw3, db3, dw4, db4, *rope_ptrs, s.N, s.n_blocks, T_arg, cos_stride,
+            **s.constexprs(features, rope is not None, x.dtype),
         )
         # (K, C_in, C_out) taps back to the (C_out, C_in, K) conv layout
         gw1 = dw1.sum(0)[:, : s.H, : s.HS].permute(2, 1, 0).to(w1.dtype)
@@ -354,7 +406,7 @@ class _SimulateTriton(torch.autograd.Function):
                 dw3.sum(0)[: s.DS, : s.D].to(w3.dtype), db3.sum(0)[: s.DS].to(b3.dtype),
                 dw4.sum(0)[: s.DS, : s.DS].to(w4.dtype), db4.sum(0)[: s.DS].to(b4.dtype),
             )
-        return (dx, *head, *feat)
+        return (dx, *head, *feat, None, None, None)
 
 
 def _flatten(x_BTHD: Tensor) -> Tensor:
@@ -363,14 +415,19 @@ def _flatten(x_BTHD: Tensor) -> Tensor:
 
 def simulate_qk_triton(
     x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor,
+    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, rope: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Fused head + feature simulation, (..., H, D) -> (..., H', D')."""
-    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, w3, b3, w4, b4)
+    """Fused head + feature simulation, (B, T, H, D) -> (B, T, H', D'), then RoPE when ``rope`` =
+    (cos, sin) tables of shape (B or 1, T, D') are given."""
+    if rope is not None and (x_BTHD.dim() != 4 or rope[0].shape[-2] != x_BTHD.shape[1]):
+        raise ValueError(f"rope tables {tuple(rope[0].shape)} do not match input {tuple(x_BTHD.shape)} (B, T, H, D)")
+    T = x_BTHD.shape[1] if x_BTHD.dim() == 4 else 1
+    cos, sin = rope if rope is not None else (None, None)
+    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
 
 
 def simulate_heads_triton(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """Fused head simulation, (..., H, D) -> (..., H', D)."""
-    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, None, None, None, None)
+    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, None, None, None, None, 1, None, None)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], x_BTHD.shape[-1])
