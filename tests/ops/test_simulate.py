@@ -158,3 +158,56 @@ def test_rope_after_simulation(impl, B, T, per_batch, monkeypatch):
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(ref, [x, *ws], grad), torch.autograd.grad(out, [x, *ws], grad)):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def _interpreter_bf16_dot(monkeypatch):
+    """Triton 3.6's interpreter multiplies bf16 tiles as raw uint16 bits; convert them first."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def upcast(handle):
+        data = interpreter._convert_float(handle.data, handle.dtype.scalar, interpreter.tl.float32, None)
+        return interpreter.TensorHandle(data.view(np.float32), interpreter.tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        if a.dtype.scalar == interpreter.tl.bfloat16:
+            a, b = upcast(a), upcast(b)
+        return original(self, a, b, d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.mark.parametrize("features", [True, False])
+def test_triton_bf16_close_to_fp32_reference(features, monkeypatch):
+    pytest.importorskip("triton")
+    if DEVICE == "cpu":
+        _interpreter_bf16_dot(monkeypatch)
+    from sasformer.ops.rope import RotaryTables
+
+    B, T, H, HS, k, D, DS = 2, 5, 12, 24, 3, 16, 32
+    torch.manual_seed(0)
+    x = torch.randn(B, T, H, D, device=DEVICE).bfloat16()
+    ws = [w.detach().bfloat16() for w in make_weights(H, HS, k, D, DS, torch.float32, features)]
+    rope = RotaryTables(torch.arange(T, device=DEVICE).view(1, -1), 10000.0)(DS) if features else None
+
+    def run(impl, dtype):
+        xx = x.to(dtype).requires_grad_()
+        wws = [w.to(dtype).requires_grad_() for w in ws]
+        if features:
+            out = simulate.simulate_qk(xx, *wws, impl=impl, rope=rope)
+        else:
+            out = simulate.simulate_heads(xx, *wws, impl=impl)
+        grads = torch.autograd.grad(out, [xx, *wws], torch.ones_like(out))
+        return [out, *grads]
+
+    # bf16 rounding of intermediates: the kernels may not be much worse than the reference run in bf16
+    # (the interpreter also rounds fp32 -> bf16 toward zero, which doubles the rounding error)
+    ref = run("matmul", torch.float32)
+    naive = run("naive", torch.bfloat16)
+    got = run("triton", torch.bfloat16)
+    for name, a, n, b in zip(["out", "x", "w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"], got, naive, ref):
+        err = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        err_naive = ((n.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        assert err <= 3 * err_naive + 5e-3, f"{name}: relative error {err:.3g} (naive bf16: {err_naive:.3g})"

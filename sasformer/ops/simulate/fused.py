@@ -1,23 +1,26 @@
 """Triton kernels for SAS simulation: read the compact heads once, write the simulated tensor once.
 
 One program handles BLOCK_N tokens. The head convolutions work on rows (token, feature) x columns
-(heads), as in :mod:`.matmul`, but instead of materialising the padded, shifted copies the kernel
-loads the input at shifted feature offsets (masked to zero outside the token), and the values of Y1
-at neighbouring features, which the second convolution needs, are recomputed from shifted loads
-(k^2 tiny dots; H is small). The result is permuted in registers to rows (token, simulated head) x
-columns (feature) for the feature MLP, and written as (N, H', D').
+(heads), as in :mod:`.matmul`, but instead of materialising padded, shifted copies the kernel loads
+the input at shifted feature offsets (masked to zero outside the token); the values of Y1 at the
+neighbouring features that the second convolution needs are recomputed from shifted loads (k^2
+tiny dots; H is small). Y2 is permuted in registers to rows (token, simulated head) x columns
+(feature) for the feature MLP; for queries and keys with RoPE after the simulation the rotation is
+applied before the single write of (N, H', D').
 
-The backward kernel recomputes the forward from the compact input. The gradient of Y2 at shifted
-features, which the transposed convolutions need, is obtained by shifting the columns of W3 (a
-masked load) instead of shifting a register tile. Weight gradients are accumulated in fp32
-registers by a fixed number of persistent programs and summed over programs in PyTorch
-(deterministic, no atomics).
+The backward kernel recomputes the forward from the compact input. The gradients of Y2 and Y1 are
+written once to a small per-program scratch (L2 resident) and read back at shifted rows for the
+transposed convolutions. Weight gradients are accumulated by a fixed number of persistent programs,
+each in its own slice (fp32 registers for the feature MLP, uncontended atomics for the conv taps),
+and summed over programs in PyTorch: deterministic.
 
 Every size is padded to a power of two (at least 16, the smallest ``tl.dot`` tile) by zero-padding
 the weights and masking loads and stores; any odd kernel size works.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -325,10 +328,14 @@ def _kernel_weights(s: _Sizes, dt: torch.dtype, w1, b1, w2, b2, w3, b3, w4, b4) 
     ]
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _backward_programs(s: _Sizes, device: torch.device) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(s.n_blocks, 2 * sms)
+        return min(s.n_blocks, 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
     return min(s.n_blocks, 3)  # interpreter: still exercise programs that loop over several blocks
 
 
