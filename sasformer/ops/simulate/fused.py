@@ -339,10 +339,11 @@ def _backward_programs(s: _Sizes, device: torch.device) -> int:
     return min(s.n_blocks, 3)  # interpreter: still exercise programs that loop over several blocks
 
 
-def _rotation(s: _Sizes, dt: torch.dtype, device: torch.device) -> Tensor:
-    """(DSP, DSP) signed permutation P with z @ P == rotate_half(z) on the first D' columns."""
-    half = s.DS // 2
-    rot = torch.zeros(s.DSP, s.DSP, device=device, dtype=dt)
+@functools.lru_cache(maxsize=32)
+def _rotation(DS: int, DSP: int, dt: torch.dtype, device: torch.device) -> Tensor:
+    """(DSP, DSP) signed permutation P with z @ P == rotate_half(z) on the first D' columns (read only)."""
+    half = DS // 2
+    rot = torch.zeros(DSP, DSP, device=device, dtype=dt)
     idx = torch.arange(half, device=device)
     rot[idx + half, idx] = -1.0
     rot[idx, idx + half] = 1.0
@@ -355,7 +356,7 @@ def _rope_args(s: _Sizes, T: int, rope: tuple[Tensor, Tensor] | None, dt: torch.
         dummy = torch.zeros(1, device=device, dtype=torch.float32)
         return [dummy.to(dt), dummy, dummy], max(T, 1), 0
     cos, sin = (t.to(device=device, dtype=torch.float32).contiguous() for t in rope)
-    return [_rotation(s, dt, device), cos, sin], T, (0 if cos.shape[0] == 1 else T * s.DS)
+    return [_rotation(s.DS, s.DSP, dt, device), cos, sin], T, (0 if cos.shape[0] == 1 else T * s.DS)
 
 
 class _SimulateTriton(torch.autograd.Function):
