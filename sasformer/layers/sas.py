@@ -34,6 +34,7 @@ from sasformer.layers.simulation import (
     HeadSimulation,
     feature_simulation_flops,
     head_simulation_flops,
+    simulate_qk,
 )
 from sasformer.ops.attention import attend
 from sasformer.ops.rope import RotaryTables
@@ -129,14 +130,11 @@ class SimulatedAttention(Attention):
     def simulate_q(self, q_BTHD: Tensor, rotary: RotaryTables) -> Tensor:
         if self.args.rope == "before":
             q_BTHD = rotary.rotate(q_BTHD)
-        q = self.features_q(self.heads_q(q_BTHD))
-        return rotary.rotate(q) if self.args.rope == "after" else q
+        return simulate_qk(self.heads_q, self.features_q, q_BTHD, rotary if self.args.rope == "after" else None)
 
     def simulate_kv(self, k_BTHD: Tensor, v_BTHD: Tensor, rotary: RotaryTables) -> tuple[Tensor, Tensor]:
         """Compact (rope 'before' already applied) K, V -> simulated K~ (rope 'after' applied), V~."""
-        k = self.features_k(self.heads_k(k_BTHD))
-        if self.args.rope == "after":
-            k = rotary.rotate(k)
+        k = simulate_qk(self.heads_k, self.features_k, k_BTHD, rotary if self.args.rope == "after" else None)
         if self.heads_v is not None:
             v = self.heads_v(v_BTHD)
         else:  # unsimulated values: simulated head g*H_kv + h reads value head h

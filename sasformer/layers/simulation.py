@@ -2,7 +2,9 @@
 
 Weights are stored in the shapes of ``nn.Conv1d`` / ``nn.Linear`` (so the reference module's state
 dict maps onto them one to one) and initialised as those modules initialise themselves; the math
-lives in :mod:`sasformer.ops.simulate`.
+lives in :mod:`sasformer.ops.simulate`. Each block has an ``impl`` attribute (None = automatic, or one
+of ``simulate.IMPLS``) that picks the implementation; :func:`simulate_qk` runs a head block and a
+feature block as one fused op.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sasformer.ops import simulate
+from sasformer.ops.rope import RotaryTables
 
 
 def _uniform_fan_in_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
@@ -28,6 +31,7 @@ class HeadSimulation(nn.Module):
     def __init__(self, in_heads: int, out_heads: int, kernel_size: int) -> None:
         super().__init__()
         self.in_heads, self.out_heads, self.kernel_size = in_heads, out_heads, kernel_size
+        self.impl: str | None = None
         self.w1 = nn.Parameter(torch.empty(out_heads, in_heads, kernel_size))
         self.b1 = nn.Parameter(torch.empty(out_heads))
         self.w2 = nn.Parameter(torch.empty(out_heads, out_heads, kernel_size))
@@ -47,7 +51,7 @@ class HeadSimulation(nn.Module):
             self.w1[o, o % self.in_heads, center] = 1.0
 
     def forward(self, x_BTHD: Tensor) -> Tensor:
-        return simulate.simulate_heads(x_BTHD, self.w1, self.b1, self.w2, self.b2)
+        return simulate.simulate_heads(x_BTHD, self.w1, self.b1, self.w2, self.b2, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"{self.in_heads} -> {self.out_heads} heads, kernel_size={self.kernel_size}"
@@ -59,6 +63,7 @@ class FeatureSimulation(nn.Module):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
+        self.impl: str | None = None
         self.w3 = nn.Parameter(torch.empty(out_dim, in_dim))
         self.b3 = nn.Parameter(torch.empty(out_dim))
         self.w4 = nn.Parameter(torch.empty(out_dim, out_dim))
@@ -77,10 +82,31 @@ class FeatureSimulation(nn.Module):
         self.w3[:n, :n] = torch.eye(n)
 
     def forward(self, y_BTHD: Tensor) -> Tensor:
-        return simulate.simulate_features(y_BTHD, self.w3, self.b3, self.w4, self.b4)
+        return simulate.simulate_features(y_BTHD, self.w3, self.b3, self.w4, self.b4, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"{self.in_dim} -> {self.out_dim} features"
+
+
+def simulate_qk(
+    heads: HeadSimulation, features: FeatureSimulation, x_BTHD: Tensor, rotary: RotaryTables | None = None
+) -> Tensor:
+    """``features(heads(x))``, then RoPE with ``rotary`` if given, as one op (fused on the Triton
+    path); the head block's ``impl`` decides the implementation."""
+    rope = rotary(features.out_dim) if rotary is not None else None
+    return simulate.simulate_qk(
+        x_BTHD, heads.w1, heads.b1, heads.w2, heads.b2,
+        features.w3, features.b3, features.w4, features.b4, impl=heads.impl, rope=rope,
+    )
+
+
+def set_simulation_impl(module: nn.Module, impl: str | None) -> None:
+    """Pick the simulation implementation (None = automatic) for every simulation block in ``module``."""
+    if impl is not None and impl not in simulate.IMPLS:
+        raise ValueError(f"impl={impl!r} is not a simulation implementation; choose one of {simulate.IMPLS}")
+    for block in module.modules():
+        if isinstance(block, (HeadSimulation, FeatureSimulation)):
+            block.impl = impl
 
 
 def head_simulation_flops(in_heads: int, out_heads: int, kernel_size: int, dim: int) -> float:

@@ -2,13 +2,71 @@
 
 The caller passes heads-first tensors; query/key size may differ from value size (SAS, MLA) and the
 key/value head count may divide the query head count (GQA/MQA, possibly after simulation).
+
+Backends. PyTorch's default SDPA choice has no flash kernel for query/key size != value size and
+falls back to the memory-efficient kernel, which is about 3x slower than cuDNN's for SAS shapes
+(q/k 128, v 64). So on CUDA, causal attention with unequal sizes uses cuDNN, or, where cuDNN
+attention is unavailable, flash with the values zero-padded to the query size (the padded output
+columns are dropped). Everything else, and every CPU call, takes PyTorch's default. The choice can
+be forced with the ``backend`` argument or the ``SASFORMER_ATTENTION`` environment variable
+(one of :data:`BACKENDS`); ``benchmarks/sas_speed.py`` measures them all.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "default", "cudnn", "flash_pad", "efficient", "math")
+ENV_VAR = "SASFORMER_ATTENTION"
+_PINNED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+# set after cuDNN attention refuses an input once, so the fallback costs one exception, not one per call
+_cudnn_failed = False
+
+
+def resolve_backend(backend: str | None, q_BHTD: Tensor, v_BHSE: Tensor, causal_no_mask: bool) -> str:
+    """The SDPA backend ``attend`` uses for these inputs (never ``auto``)."""
+    choice = backend if backend is not None else os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{source}={choice!r} is not an attention backend; choose one of {BACKENDS}")
+    if choice != "auto":
+        return choice
+    unequal = q_BHTD.shape[-1] != v_BHSE.shape[-1]
+    half = q_BHTD.dtype in (torch.float16, torch.bfloat16)
+    if not (q_BHTD.is_cuda and unequal and half and causal_no_mask):
+        return "default"
+    if not _cudnn_failed and torch.backends.cudnn.is_available() and max(q_BHTD.shape[-1], v_BHSE.shape[-1]) <= 128:
+        return "cudnn"
+    return "flash_pad" if v_BHSE.shape[-1] < q_BHTD.shape[-1] <= 256 else "default"
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str, strict: bool = True, **kwargs) -> Tensor:
+    """``F.scaled_dot_product_attention`` on a named backend (see :data:`BACKENDS`).
+
+    ``strict=False`` (the automatic choice) lets a refused cuDNN call fall back to padded flash.
+    """
+    global _cudnn_failed
+    if backend == "flash_pad" and v.shape[-1] < q.shape[-1]:
+        E = v.shape[-1]
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - E)), **kwargs)
+        return out[..., :E]
+    if backend in _PINNED:
+        try:
+            with sdpa_kernel(_PINNED[backend]):
+                return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        except RuntimeError as err:
+            if strict or backend != "cudnn":
+                raise
+            _cudnn_failed = True
+            warnings.warn(f"cuDNN attention unavailable ({err}); using flash with padded values", stacklevel=2)
+            return sdpa(q, k, v, "flash_pad", strict=True, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def attend(
@@ -17,12 +75,14 @@ def attend(
     v_BHSE: Tensor,
     mask_BTS: Tensor | None,
     scale: float | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Attention of T queries over S keys; returns (B, H, T, E).
 
     ``mask_BTS`` is a boolean (B, 1, T, S) mask (True = may attend) or None, which means plain causal
     attention with queries and keys aligned at the end (T == S: ordinary causal; T < S: the last T
-    positions of S, as in cached decoding without padding).
+    positions of S, as in cached decoding without padding). ``backend``: see :data:`BACKENDS`
+    (None: the ``SASFORMER_ATTENTION`` variable, else ``auto``).
     """
     n_q, n_kv = q_BHTD.shape[1], k_BHSD.shape[1]
     if n_q != n_kv:
@@ -31,13 +91,15 @@ def attend(
         k_BHSD = k_BHSD.repeat_interleave(rep, dim=1)
         v_BHSE = v_BHSE.repeat_interleave(rep, dim=1)
     T, S = q_BHTD.shape[2], k_BHSD.shape[2]
+    which = resolve_backend(backend, q_BHTD, v_BHSE, causal_no_mask=mask_BTS is None and T == S)
+    strict = (backend or os.environ.get(ENV_VAR, "").strip().lower() or "auto") != "auto"
     if mask_BTS is None:
         if T == S:
-            return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSE, is_causal=True, scale=scale)
+            return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, is_causal=True, scale=scale)
         if T == 1:
-            return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSE, scale=scale)
+            return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, scale=scale)
         mask_BTS = causal_mask(T, S, q_BHTD.device)
-    return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSE, attn_mask=mask_BTS, scale=scale)
+    return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, attn_mask=mask_BTS, scale=scale)
 
 
 def _positions(T: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:

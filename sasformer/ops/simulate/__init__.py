@@ -1,8 +1,131 @@
-"""SAS simulation ops: the plain reference (``naive``) and the default dispatch."""
+"""SAS head and feature simulation: a plain reference and two fast paths behind one dispatch.
 
+Implementations (all compute the same function; tests hold them to ``naive``):
+
+- ``naive``: ``F.conv1d`` + ``F.linear``, the method spec in code (:mod:`.naive`).
+- ``matmul``: the convolution over all tokens as one GEMM with a hand-written backward that
+  recomputes intermediates instead of saving them (:mod:`.matmul`); any device.
+- ``triton``: fused kernels that read the compact heads once and write the simulated tensor once
+  (:mod:`.fused`); CUDA tensors with Triton installed.
+
+The choice is, in order: the ``impl`` argument, the ``SASFORMER_SIMULATE`` environment variable,
+then automatic (``triton`` on CUDA when importable, else ``matmul``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
+from sasformer.ops.rope import apply_rope
 
-simulate_heads = simulate_heads_naive
-simulate_features = simulate_features_naive
+IMPLS = ("naive", "matmul", "triton")
+ENV_VAR = "SASFORMER_SIMULATE"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["simulate_heads", "simulate_features", "simulate_heads_naive", "simulate_features_naive"]
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_impl(impl: str | None, x: Tensor) -> str:
+    """The implementation to use for input ``x``; raises ValueError on an unknown or unusable choice."""
+    choice = impl if impl is not None else os.environ.get(ENV_VAR, "").strip().lower() or None
+    kernel_dtype = x.dtype in KERNEL_DTYPES
+    if choice is None:
+        return "triton" if x.is_cuda and kernel_dtype and triton_available() else "matmul"
+    if choice not in IMPLS:
+        source = "impl" if impl is not None else ENV_VAR
+        raise ValueError(f"{source}={choice!r} is not a simulation implementation; choose one of {IMPLS}")
+    if choice == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if not triton_available():
+            raise ValueError("simulation impl 'triton' needs the triton package; install it or choose 'matmul'")
+        if not (x.is_cuda or interpreted):
+            raise ValueError("simulation impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); choose 'matmul'")
+        if not kernel_dtype:
+            raise ValueError(f"simulation impl 'triton' supports {KERNEL_DTYPES}, got {x.dtype}; choose 'matmul'")
+    return choice
+
+
+def _triton_ops():
+    from sasformer.ops.simulate import fused
+
+    return fused
+
+
+# the fused kernels run outside torch.compile's graph (a graph break), so compiled models keep them
+def _compiler_disable(fn):
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@_compiler_disable
+def _qk_triton(*args) -> Tensor:
+    return _triton_ops().simulate_qk_triton(*args)
+
+
+@_compiler_disable
+def _heads_triton(*args: Tensor) -> Tensor:
+    return _triton_ops().simulate_heads_triton(*args)
+
+
+def simulate_qk(
+    x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, impl: str | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Head then feature simulation (queries, keys): (B, T, H, D) -> (B, T, H', D').
+
+    ``rope``: optional (cos, sin) tables of shape (B or 1, T, D') applied to the result (RoPE after
+    the simulation); the Triton path applies them inside the kernel.
+    """
+    which = resolve_impl(impl, x_BTHD)
+    if which == "triton":
+        return _qk_triton(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4, rope)
+    if which == "matmul":
+        out = simulate_qk_matmul(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
+    else:
+        out = simulate_features_naive(simulate_heads_naive(x_BTHD, w1, b1, w2, b2), w3, b3, w4, b4)
+    return out if rope is None else apply_rope(out, *rope)
+
+
+def simulate_heads(
+    x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, impl: str | None = None
+) -> Tensor:
+    """Head simulation (values, or the first half of Q/K): (B, T, H, D) -> (B, T, H', D)."""
+    which = resolve_impl(impl, x_BTHD)
+    if which == "triton":
+        return _heads_triton(x_BTHD, w1, b1, w2, b2)
+    if which == "matmul":
+        return simulate_heads_matmul(x_BTHD, w1, b1, w2, b2)
+    return simulate_heads_naive(x_BTHD, w1, b1, w2, b2)
+
+
+def simulate_features(
+    y_BTHD: Tensor, w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, impl: str | None = None
+) -> Tensor:
+    """Feature simulation alone: (B, T, H', D) -> (B, T, H', D'). Two GEMMs; no kernel of its own."""
+    if resolve_impl(impl, y_BTHD) == "naive":
+        return simulate_features_naive(y_BTHD, w3, b3, w4, b4)
+    return simulate_features_matmul(y_BTHD, w3, b3, w4, b4)
+
+
+__all__ = [
+    "IMPLS",
+    "ENV_VAR",
+    "resolve_impl",
+    "simulate_qk",
+    "simulate_heads",
+    "simulate_features",
+    "simulate_heads_naive",
+    "simulate_features_naive",
+    "triton_available",
+]

@@ -1,0 +1,624 @@
+"""SAS speed and memory on one CUDA GPU: whole-model training, the SAS layer alone, SDPA backends.
+
+    python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,sdpa,model] [--budget-s 450]
+
+Sections (each wrapped so a failure is recorded in the JSON and the run goes on):
+- check: fast simulation paths against the plain reference on the GPU (bf16, forward and every
+  gradient, relative norm error); when it fails, no speed of a failing path is reported.
+- layer: one SAS layer (GPT-small shapes) forward+backward: fast paths vs the reference structure
+  (Conv1d-style simulation over (B*T, H, D), per-group output projection then mean, default SDPA).
+- sdpa: attention with query/key size 128 and value size 64 on every backend.
+- model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
+  compiled, random tokens, fused AdamW, bf16 autocast.
+Writes DIR/sas_speed.json and DIR/sas_speed.md and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from sasformer import DecoderLM, lm_loss, preset  # noqa: E402
+from sasformer.layers.base import AttentionContext  # noqa: E402
+from sasformer.layers.sas import SASArgs, SimulatedAttention  # noqa: E402
+from sasformer.layers.simulation import set_simulation_impl  # noqa: E402
+from sasformer.ops import attention as attention_ops  # noqa: E402
+from sasformer.ops import simulate  # noqa: E402
+from sasformer.ops.rope import RotaryTables  # noqa: E402
+
+SECTIONS = ("check", "layer", "sdpa", "model")
+SAS_MAIN = {"n_sim_heads": 24, "sim_head_dim": 128, "kernel_size": 3}
+SAS_SMALL = {"n_sim_heads": 24, "sim_head_dim": 64, "kernel_size": 3}
+# name -> (preset attention, attention_args, structure)
+VARIANTS: dict[str, tuple[str, dict, str]] = {
+    "mha": ("mha", {}, "fast"),
+    "gqa": ("gqa", {}, "fast"),
+    "mqa": ("mqa", {}, "fast"),
+    "mla": ("mla", {}, "fast"),
+    "tpa": ("tpa", {}, "fast"),
+    "sas_24x128": ("sas", SAS_MAIN, "fast"),
+    "sas_24x64": ("sas", SAS_SMALL, "fast"),
+    "sas_24x128_reference": ("sas", SAS_MAIN, "reference"),
+}
+CHECK_MIN_TOL = 1e-2  # bf16 relative-norm floor for the correctness check
+# set by main: "cuda" for real runs, "cpu" for a smoke run that only exercises the code paths
+DEV = "cuda"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- the reference structure -------------------------------------------------------------------
+def _aggregate_per_group(self: SimulatedAttention, o_BTHD: torch.Tensor) -> torch.Tensor:
+    """PEAA as first written: project every group of H heads, then average the G projections."""
+    B, T = o_BTHD.shape[:2]
+    groups = o_BTHD.reshape(B, T, self.groups, self.n_heads * self.head_dim)
+    return self.o_proj(groups).mean(dim=2)
+
+
+def make_reference(module: torch.nn.Module) -> None:
+    """Turn every SAS layer in ``module`` into the straightforward structure (same weights, same math)."""
+    for layer in module.modules():
+        if isinstance(layer, SimulatedAttention):
+            set_simulation_impl(layer, "naive")
+            layer.aggregate = types.MethodType(_aggregate_per_group, layer)
+
+
+@contextlib.contextmanager
+def env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def structure_env(structure: str):
+    """The reference structure also uses PyTorch's default SDPA choice, as it was first measured."""
+    return env(attention_ops.ENV_VAR, "default" if structure == "reference" else None)
+
+
+def fast_impls() -> list[str]:
+    kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return ["matmul"] + (["triton"] if kernels and simulate.triton_available() else [])
+
+
+# -- timing --------------------------------------------------------------------------------------
+def cuda_time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs timed with CUDA events, after ``warmup`` runs."""
+    for _ in range(warmup if DEV == "cuda" else 0):
+        fn()
+    times = []
+    if DEV == "cpu":
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fresh_memory() -> None:
+    if DEV == "cpu":
+        return
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def memory_allocated() -> int:
+    return torch.cuda.memory_allocated() if DEV == "cuda" else 0
+
+
+def max_memory_allocated() -> int:
+    return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
+
+
+def gib(n_bytes: float) -> float:
+    return n_bytes / 2**30
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# -- layer helpers -------------------------------------------------------------------------------
+def sas_layer(args: dict, dtype: torch.dtype, seed: int = 0) -> SimulatedAttention:
+    torch.manual_seed(seed)
+    return SimulatedAttention(768, SASArgs(n_heads=12, **args)).to(DEV).to(dtype)
+
+
+def layer_ctx(T: int) -> AttentionContext:
+    return AttentionContext(RotaryTables(torch.arange(T, device=DEV).view(1, -1), 10000.0))
+
+
+def layer_fwd_bwd(layer: SimulatedAttention, x: torch.Tensor, grad: torch.Tensor):
+    x = x.detach().requires_grad_()
+    out = layer(x, layer_ctx(x.shape[1]))
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+
+# -- sections ------------------------------------------------------------------------------------
+def section_check(opts) -> dict:
+    """Every fast path vs the reference on GPU-sized inputs; returns per-path verdicts."""
+    res: dict[str, Any] = {"tolerance_rule": f"err(fast bf16) <= max(3 * err(naive bf16), {CHECK_MIN_TOL}) vs fp32"}
+    torch.manual_seed(0)
+    B, T = opts.check_shape
+    impls = fast_impls()
+    for name, args in (("sas_24x128", SAS_MAIN), ("sas_24x64", SAS_SMALL), ("sas_k1", {**SAS_MAIN, "kernel_size": 1})):
+        ref32 = sas_layer(args, torch.float32)
+        x = torch.randn(B, T, 768, device=DEV).to(torch.bfloat16)
+        grad = torch.randn(B, T, 768, device=DEV).to(torch.bfloat16)
+        set_simulation_impl(ref32, "naive")
+        with env(attention_ops.ENV_VAR, "math"):
+            gold = layer_fwd_bwd(ref32, x.float(), grad.float())
+        rows = {}
+        for impl in ["naive", *impls]:
+            layer = sas_layer(args, torch.bfloat16)
+            set_simulation_impl(layer, impl)
+            out, dx, grads = layer_fwd_bwd(layer, x, grad)
+            errs = {"out": rel_err(out, gold[0]), "x": rel_err(dx, gold[1])}
+            errs.update({n: rel_err(g, gold[2][n]) for n, g in grads.items()})
+            rows[impl] = errs
+        verdict = {}
+        for impl in impls:
+            bad = {k: v for k, v in rows[impl].items() if not v <= max(3 * rows["naive"][k], CHECK_MIN_TOL)}
+            verdict[impl] = {"ok": not bad, "failing": bad}
+        # the reference structure must compute the same function as the fast layer
+        ref_layer = sas_layer(args, torch.float32)
+        make_reference(ref_layer)
+        with env(attention_ops.ENV_VAR, "math"):
+            ref_out = layer_fwd_bwd(ref_layer, x.float(), grad.float())[0]
+        res[name] = {"errors": rows, "verdict": verdict, "reference_structure_err": rel_err(ref_out, gold[0])}
+        log(f"check {name}: " + ", ".join(f"{k}={'ok' if v['ok'] else 'FAIL'}" for k, v in verdict.items()))
+    res["passed"] = {impl: all(res[n]["verdict"][impl]["ok"] for n in res if isinstance(res[n], dict)
+                               and "verdict" in res[n]) for impl in impls}
+    return res
+
+
+def section_layer(opts, passed: dict[str, bool]) -> dict:
+    """SAS layer (d=768, H=12, H'=24, D'=128, k=3) forward+backward, bf16, per path."""
+    out: dict[str, Any] = {}
+    for B, T in opts.layer_shapes:
+        for cfg_name, args in (("sas_24x128", SAS_MAIN), ("sas_24x64", SAS_SMALL)):
+            rows = {}
+            paths = ["reference", "naive", *fast_impls()]
+            for path in paths:
+                key = f"{cfg_name}/T{T}/{path}"
+                if path in passed and not passed[path]:
+                    rows[path] = {"error": "refused: correctness check failed"}
+                    continue
+                try:
+                    layer = sas_layer(args, torch.bfloat16)
+                    structure = "reference" if path == "reference" else "fast"
+                    if structure == "reference":
+                        make_reference(layer)
+                    else:
+                        set_simulation_impl(layer, path)
+                    x = torch.randn(B, T, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+                    grad = torch.randn_like(x)
+                    with structure_env(structure):
+                        fwd = lambda: layer(x, layer_ctx(T))  # noqa: E731
+                        fwd_ms = cuda_time_ms(lambda: fwd(), warmup=2, reps=opts.reps)
+                        fresh_memory()
+                        base = memory_allocated()
+                        step = lambda: fwd().backward(grad)  # noqa: E731
+                        ms = cuda_time_ms(step, warmup=2, reps=opts.reps)
+                        peak = max_memory_allocated() - base
+                    rows[path] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": ms, "peak_gib": gib(peak)}
+                    log(f"layer {key}: fwd {fwd_ms:.2f} ms, fwd+bwd {ms:.2f} ms, +{gib(peak):.2f} GiB")
+                except Exception as err:  # noqa: BLE001 - recorded, run continues
+                    rows[path] = {"error": f"{type(err).__name__}: {err}"}
+                    log(f"layer {key}: {type(err).__name__}: {err}")
+                finally:
+                    fresh_memory()
+            ref = rows.get("reference", {}).get("fwd_bwd_ms")
+            for row in rows.values():
+                if ref and "fwd_bwd_ms" in row:
+                    row["speedup_vs_reference"] = ref / row["fwd_bwd_ms"]
+            out[f"{cfg_name}/T{T}"] = {"B": B, "T": T, **rows}
+    # the simulation alone (Q, K through heads+features, V through heads), forward+backward
+    B, T = opts.layer_shapes[0]
+    layer = sas_layer(SAS_MAIN, torch.bfloat16)
+    q = torch.randn(B, T, 12, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    sim = {}
+    for impl in ["naive", *fast_impls()]:
+        if impl in passed and not passed[impl]:
+            sim[impl] = {"error": "refused: correctness check failed"}
+            continue
+        try:
+            hq, fq, hv = layer.heads_q, layer.features_q, layer.heads_v
+
+            def run(impl=impl):
+                qs = simulate.simulate_qk(q, hq.w1, hq.b1, hq.w2, hq.b2, fq.w3, fq.b3, fq.w4, fq.b4, impl=impl)
+                vs = simulate.simulate_heads(q, hv.w1, hv.b1, hv.w2, hv.b2, impl=impl)
+                (qs.float().sum() + vs.float().sum()).backward()
+
+            fresh_memory()
+            ms = cuda_time_ms(run, warmup=2, reps=opts.reps)
+            sim[impl] = {"q_and_v_fwd_bwd_ms": ms, "peak_gib": gib(max_memory_allocated())}
+            log(f"simulation {impl}: {ms:.2f} ms")
+        except Exception as err:  # noqa: BLE001
+            sim[impl] = {"error": f"{type(err).__name__}: {err}"}
+    out[f"simulation_only/T{T}"] = sim
+    if "triton" in fast_impls() and passed.get("triton", True):
+        out[f"triton_tiles/T{T}"] = triton_tile_sweep(opts, layer, q)
+    return out
+
+
+def triton_tile_sweep(opts, layer: SimulatedAttention, q: torch.Tensor) -> dict:
+    """Q simulation forward+backward for several tile sizes (forward/backward rows per program,
+    warps), each checked against ``matmul`` first. Defaults: ``fused.BLOCK_ROWS``/``BWD_BLOCK_ROWS``."""
+    from sasformer.ops.simulate import fused
+
+    hq, fq = layer.heads_q, layer.features_q
+    weights = (hq.w1, hq.b1, hq.w2, hq.b2, fq.w3, fq.b3, fq.w4, fq.b4)
+    x = q.detach().requires_grad_()
+    ref = simulate.simulate_qk(x, *weights, impl="matmul")
+    g = torch.randn_like(ref)
+    (ref_dx,) = torch.autograd.grad(ref, x, g)
+    rows: dict[str, Any] = {}
+    default = (fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS)
+    try:
+        for fwd_rows, bwd_rows in ((64, 64), (128, 64), (128, 128), (256, 128)):
+            for warps in (4, 8):
+                key = f"rows{fwd_rows}/{bwd_rows}_warps{warps}"
+                fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = fwd_rows, bwd_rows, warps
+                try:
+                    out = simulate.simulate_qk(x, *weights, impl="triton")
+                    (dx,) = torch.autograd.grad(out, x, g)
+                    err = max(rel_err(out, ref), rel_err(dx, ref_dx))
+                    if err > 2e-2:
+                        rows[key] = {"error": f"refused: relative error {err:.3g} vs matmul"}
+                        continue
+
+                    def run():
+                        o = simulate.simulate_qk(x, *weights, impl="triton")
+                        torch.autograd.grad(o, x, g)
+
+                    rows[key] = {"q_fwd_bwd_ms": cuda_time_ms(run, warmup=2, reps=opts.reps), "rel_err": err}
+                    log(f"triton tiles {key}: {rows[key]['q_fwd_bwd_ms']:.3f} ms")
+                except Exception as err:  # noqa: BLE001
+                    rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                    log(f"triton tiles {key}: {type(err).__name__}")
+    finally:
+        fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = default
+    return rows
+
+
+def section_sdpa(opts) -> dict:
+    """Causal attention, 24 heads, q/k size 128, v size 64, forward+backward, bf16."""
+    out: dict[str, Any] = {}
+    flex = None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = (torch.compile(flex_attention, dynamic=False), create_block_mask)
+    except Exception as err:  # noqa: BLE001
+        out["flex_import_error"] = f"{type(err).__name__}: {err}"
+    for B, T in opts.sdpa_shapes:
+        H, D, E = 24, 128, 64
+        q = torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, H, T, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, H, T, E, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(B, H, T, E, device=DEV, dtype=torch.bfloat16)
+        scale = 1 / math.sqrt(D)
+        with torch.no_grad():
+            gold = attention_ops.attend(q[:1, :2].float(), k[:1, :2].float(), v[:1, :2].float(), None, scale,
+                                        backend="math")
+        fns: dict[str, Callable[[], torch.Tensor]] = {
+            name: (lambda name=name: attention_ops.attend(q, k, v, None, scale, backend=name))
+            for name in ("auto", "cudnn", "flash_pad", "efficient", "math")
+        }
+        if flex is not None:
+            compiled, make_mask = flex
+            block_mask = make_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=DEV)
+            fns["flex"] = lambda: compiled(q, k, v, block_mask=block_mask, scale=scale)
+        rows: dict[str, Any] = {}
+        for name, fn in fns.items():
+            try:
+                with torch.no_grad():
+                    err = rel_err(fn()[:1, :2], gold)
+                if err > 2e-2:
+                    rows[name] = {"error": f"refused: relative error {err:.3g} vs math fp32"}
+                    continue
+                fresh_memory()
+                ms = cuda_time_ms(lambda: fn().backward(g), warmup=3, reps=opts.reps)
+                rows[name] = {"fwd_bwd_ms": ms, "rel_err": err, "peak_gib": gib(max_memory_allocated())}
+                log(f"sdpa B={B} T={T} {name}: {ms:.3f} ms")
+            except Exception as err:  # noqa: BLE001
+                rows[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                log(f"sdpa B={B} T={T} {name}: {type(err).__name__}")
+            finally:
+                q.grad = k.grad = v.grad = None
+        rows["auto_picks"] = attention_ops.resolve_backend(None, q, v, causal_no_mask=True)
+        out[f"B{B}_T{T}"] = rows
+        del q, k, v, g
+        fresh_memory()
+    return out
+
+
+def train_step_fn(model: DecoderLM, opt: torch.optim.Optimizer, ids: torch.Tensor, targets: torch.Tensor, fwd):
+    def step() -> None:
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = lm_loss(fwd(ids), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def section_model(opts, passed: dict[str, bool], deadline: float) -> dict:
+    out: dict[str, Any] = {}
+    auto_impl = "triton" if DEV == "cuda" and simulate.triton_available() else "matmul"
+    for T in opts.seq_lens:
+        B = max(1, opts.tokens_per_step // T)
+        for mode in opts.modes:
+            variants = opts.variants if mode == "eager" else [v for v in opts.variants if v in opts.compiled_variants]
+            for name in variants:
+                key = f"T{T}/{mode}/{name}"
+                if time.time() > deadline:
+                    out[key] = {"error": "skipped: time budget reached (raise --budget-s)"}
+                    continue
+                attn, args, structure = VARIANTS[name]
+                if attn == "sas" and structure == "fast" and not passed.get(auto_impl, True):
+                    out[key] = {"error": "refused: simulation correctness check failed"}
+                    continue
+                model = opt = None
+                try:
+                    torch.manual_seed(0)
+                    cfg = preset(opts.size, attn, attention_args=args, max_seq_len=T)
+                    model = DecoderLM(cfg).to(DEV)
+                    if structure == "reference":
+                        make_reference(model)
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+                    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=DEV)
+                    fwd = torch.compile(model) if mode == "compiled" else model
+                    step = train_step_fn(model, opt, ids[:, :-1], ids[:, 1:], fwd)
+                    with structure_env(structure):
+                        t0 = time.time()
+                        step()  # first step: compilation, allocator warmup
+                        first_s = time.time() - t0
+                        fresh_memory()
+                        ms = cuda_time_ms(step, warmup=2, reps=opts.steps)
+                        peak = max_memory_allocated()
+                    out[key] = {
+                        "B": B, "T": T, "step_ms": ms, "tokens_per_s": B * T / (ms / 1e3),
+                        "peak_gib": gib(peak), "params": model.num_parameters(), "first_step_s": first_s,
+                    }
+                    log(f"model {key}: {B * T / (ms / 1e3):,.0f} tok/s, {gib(peak):.1f} GiB")
+                except Exception as err:  # noqa: BLE001
+                    out[key] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+                    log(f"model {key}: {type(err).__name__}: {str(err)[:200]}")
+                finally:
+                    del model, opt
+                    if mode == "compiled":
+                        torch._dynamo.reset()
+                    fresh_memory()
+            mha = out.get(f"T{T}/{mode}/mha", {})
+            for name in variants:
+                row = out.get(f"T{T}/{mode}/{name}", {})
+                if "tokens_per_s" in row and "tokens_per_s" in mha:
+                    row["throughput_vs_mha"] = row["tokens_per_s"] / mha["tokens_per_s"]
+                    if mha["peak_gib"] > 0:
+                        row["memory_vs_mha"] = row["peak_gib"] / mha["peak_gib"]
+    return out
+
+
+# -- reporting -----------------------------------------------------------------------------------
+def environment() -> dict:
+    info: dict[str, Any] = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["git_rev"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                         text=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - a copy without .git
+        info["git_rev"] = None
+    return info
+
+
+def fmt(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def markdown(res: dict) -> str:
+    env_ = res["environment"]
+    failed = [f"- {name}: {res[name]['error']}" for name in SECTIONS
+              if isinstance(res.get(name), dict) and "error" in res[name]]
+    res = {k: v for k, v in res.items() if not (isinstance(v, dict) and "error" in v and k in SECTIONS)}
+    lines = ["# SAS speed", "", f"`{env_['command']}`", "",
+             f"GPU {env_['gpu']}, torch {env_['torch']}, triton {env_['triton']}, CUDA {env_['cuda']}, "
+             f"rev {env_['git_rev']}, {env_['date_utc']}", ""]
+    if failed:
+        lines += ["## Sections that failed", "", *failed, ""]
+    check = res.get("check", {})
+    if "passed" in check:
+        lines += ["## Correctness check (bf16 vs fp32 reference)", "",
+                  ", ".join(f"{k}: {'passed' if v else 'FAILED'}" for k, v in check["passed"].items()), ""]
+    model = res.get("model", {})
+    if model:
+        lines += ["## GPT-small training (random tokens, fused AdamW, bf16 autocast)", "",
+                  "| T | mode | variant | tokens/s | vs MHA | peak GiB | vs MHA | params |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, row in model.items():
+            T, mode, name = key.split("/")
+            if "error" in row:
+                lines.append(f"| {T[1:]} | {mode} | {name} | {row['error']} | | | | |")
+                continue
+            lines.append(f"| {T[1:]} | {mode} | {name} | {row['tokens_per_s']:,.0f} | "
+                         f"{fmt(row.get('throughput_vs_mha'), '.2f')} | {row['peak_gib']:.1f} | "
+                         f"{fmt(row.get('memory_vs_mha'), '.2f')} | {row['params'] / 1e6:.1f}M |")
+        lines.append("")
+    layer = res.get("layer", {})
+    if layer:
+        lines += ["## SAS layer forward+backward (bf16)", "",
+                  "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference |", "|---|---|---|---|---|---|"]
+        for key, rows in layer.items():
+            if not isinstance(rows, dict):
+                continue
+            for path, row in rows.items():
+                if not isinstance(row, dict):
+                    continue
+                if "error" in row:
+                    lines.append(f"| {key} | {path} | {row['error']} | | | |")
+                elif "fwd_bwd_ms" in row:
+                    lines.append(f"| {key} | {path} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | "
+                                 f"{row['peak_gib']:.2f} | {fmt(row.get('speedup_vs_reference'), '.2f')} |")
+                elif "q_fwd_bwd_ms" in row:
+                    lines.append(f"| {key} (Q) | {path} | | {row['q_fwd_bwd_ms']:.3f} | | |")
+                elif "q_and_v_fwd_bwd_ms" in row:
+                    lines.append(f"| {key} (Q+V) | {path} | | {row['q_and_v_fwd_bwd_ms']:.2f} | "
+                                 f"{row['peak_gib']:.2f} | |")
+        lines.append("")
+    sdpa = res.get("sdpa", {})
+    if sdpa:
+        lines += ["## SDPA, 24 heads, q/k 128, v 64, causal, forward+backward (bf16)", "",
+                  "| shape | backend | ms | rel. err |", "|---|---|---|---|"]
+        for shape, rows in sdpa.items():
+            if not isinstance(rows, dict):
+                continue
+            for name, row in rows.items():
+                if name == "auto_picks":
+                    lines.append(f"| {shape} | auto picks | {row} | |")
+                elif "error" in row:
+                    lines.append(f"| {shape} | {name} | {row['error']} | |")
+                else:
+                    lines.append(f"| {shape} | {name} | {row['fwd_bwd_ms']:.3f} | {row['rel_err']:.1e} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="directory for sas_speed.json and sas_speed.md")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--compiled-variants", default="mha,sas_24x128,sas_24x128_reference",
+                   help="variants also timed under torch.compile (compilation is slow)")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager,compiled")
+    p.add_argument("--seq-lens", default="1024,4096", help="comma list of sequence lengths")
+    p.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // T (16 x 1024)")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps per model")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per layer/SDPA measurement")
+    p.add_argument("--budget-s", type=float, default=420, help="skip remaining model runs after this many seconds")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on the CPU: checks that every code path runs; the numbers mean nothing")
+    opts = p.parse_args(argv)
+    opts.size = "small"
+    opts.check_shape, opts.layer_shapes, opts.sdpa_shapes = (2, 1024), [(16, 1024), (4, 4096)], [(16, 1024), (4, 4096)]
+    if opts.smoke:
+        opts.size, opts.check_shape, opts.layer_shapes, opts.sdpa_shapes = "tiny", (1, 16), [(2, 16)], [(1, 16)]
+    opts.sections = [s for s in opts.sections.split(",") if s]
+    opts.variants = [v for v in opts.variants.split(",") if v]
+    opts.compiled_variants = [v for v in opts.compiled_variants.split(",") if v]
+    opts.modes = [m for m in opts.modes.split(",") if m]
+    opts.seq_lens = [int(t) for t in opts.seq_lens.split(",") if t]
+    for name, given, known in (("sections", opts.sections, SECTIONS), ("variants", opts.variants, VARIANTS),
+                               ("compiled-variants", opts.compiled_variants, VARIANTS),
+                               ("modes", opts.modes, ("eager", "compiled"))):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            p.error(f"--{name}: unknown {unknown}; choose from {list(known)}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEV
+    opts = parse_args(argv)
+    if opts.smoke:
+        DEV = "cpu"
+        opts.seq_lens, opts.tokens_per_step, opts.modes = [32], 64, ["eager"]
+    elif not torch.cuda.is_available():
+        print("sas_speed.py needs a CUDA GPU (or --smoke for a CPU run of the code paths)", file=sys.stderr)
+        return 2
+    opts.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    deadline = start + opts.budget_s
+    res: dict[str, Any] = {"environment": environment(), "options": {k: str(v) for k, v in vars(opts).items()}}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    passed: dict[str, bool] = {}
+
+    def save() -> None:
+        res["elapsed_s"] = time.time() - start
+        (opts.out / "sas_speed.json").write_text(json.dumps(res, indent=2))
+        (opts.out / "sas_speed.md").write_text(markdown(res))
+
+    runners: dict[str, Callable[[], dict]] = {
+        "check": lambda: section_check(opts),
+        "layer": lambda: section_layer(opts, passed),
+        "sdpa": lambda: section_sdpa(opts),
+        "model": lambda: section_model(opts, passed, deadline),
+    }
+    for section in SECTIONS:
+        if section not in opts.sections:
+            continue
+        log(f"section {section} (elapsed {time.time() - start:.0f} s)")
+        try:
+            res[section] = runners[section]()
+            if section == "check":
+                passed = res["check"]["passed"]
+        except Exception as err:  # noqa: BLE001 - record and go on
+            res[section] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            log(f"section {section} failed: {type(err).__name__}: {err}")
+            if section == "check":
+                passed = {impl: False for impl in ("matmul", "triton")}
+        fresh_memory()
+        save()
+    print()
+    print(markdown(res))
+    log(f"done in {time.time() - start:.0f} s; results in {opts.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,441 @@
+"""Triton kernels for SAS simulation: read the compact heads once, write the simulated tensor once.
+
+One program handles BLOCK_N tokens. The head convolutions work on rows (token, feature) x columns
+(heads), as in :mod:`.matmul`, but instead of materialising padded, shifted copies the kernel loads
+the input at shifted feature offsets (masked to zero outside the token); the values of Y1 at the
+neighbouring features that the second convolution needs are recomputed from shifted loads (k^2
+tiny dots; H is small). Y2 is permuted in registers to rows (token, simulated head) x columns
+(feature) for the feature MLP; for queries and keys with RoPE after the simulation the rotation is
+applied before the single write of (N, H', D').
+
+The backward kernel recomputes the forward from the compact input. The gradients of Y2 and Y1 are
+written once to a small per-program scratch (L2 resident) and read back at shifted rows for the
+transposed convolutions. Weight gradients are accumulated by a fixed number of persistent programs,
+each in its own slice (fp32 registers for the feature MLP, uncontended atomics for the conv taps),
+and summed over programs in PyTorch: deterministic.
+
+Every size is padded to a power of two (at least 16, the smallest ``tl.dot`` tile) by zero-padding
+the weights and masking loads and stores; any odd kernel size works.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sasformer.ops.simulate.matmul import conv_weight_matrix
+
+
+@triton.jit
+def _load_x(x_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr):
+    """X at rows (token n, feature j + s), columns heads; zero outside the token."""
+    c = tl.arange(0, HP)
+    js = j + s
+    ok = (n < N) & (js >= 0) & (js < D)
+    ptrs = x_ptr + n[:, None] * (H * D) + c[None, :] * D + js[:, None]
+    return tl.load(ptrs, mask=ok[:, None] & (c[None, :] < H), other=0.0)
+
+
+@triton.jit
+def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+           HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
+    """First convolution output at features j + s (fp32), zero where j + s is outside the token."""
+    PAD: tl.constexpr = (K - 1) // 2
+    ci = tl.arange(0, HP)
+    co = tl.arange(0, HSP)
+    acc = tl.zeros((ROWS, HSP), dtype=tl.float32)
+    for t in tl.static_range(K):
+        xs = _load_x(x_ptr, n, j, s + t - PAD, N, H, D, HP)
+        w = tl.load(w1_ptr + t * HP * HSP + ci[:, None] * HSP + co[None, :])
+        acc = tl.dot(xs, w, acc, input_precision=PREC)
+    acc += tl.load(b1_ptr + co)[None, :]
+    ok = (j + s >= 0) & (j + s < D)
+    return tl.where(ok[:, None], acc, 0.0)
+
+
+@triton.jit
+def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H: tl.constexpr, D: tl.constexpr,
+        K: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
+    """Head simulation output Y2 (fp32, rows (token, feature)); rows past the token are zero."""
+    PAD: tl.constexpr = (K - 1) // 2
+    co = tl.arange(0, HSP)
+    y2 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, H, D, K, HP, HSP, ROWS, PREC)
+    y2 += tl.load(b2_ptr + co)[None, :]
+    for t in tl.static_range(K):
+        y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H, D, K, HP, HSP, ROWS, PREC)
+        r = tl.maximum(y1s, 0.0).to(x_ptr.dtype.element_ty)
+        w = tl.load(w2_ptr + t * HSP * HSP + co[:, None] * HSP + co[None, :])
+        y2 = tl.dot(r, w, y2, input_precision=PREC)
+    return tl.where((j < D)[:, None], y2, 0.0)
+
+
+@triton.jit
+def _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS: tl.constexpr):
+    """cos/sin (fp32) for rows (token n2, head) and columns e; tables are (B or 1, T, DS)."""
+    row = (n2 // T) * cos_stride_b + (n2 % T) * DS
+    ok = (n2 < N)[:, None] & (e < DS)[None, :]
+    cos = tl.load(cos_ptr + row[:, None] + e[None, :], mask=ok, other=0.0)
+    sin = tl.load(sin_ptr + row[:, None] + e[None, :], mask=ok, other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _rows_to_heads(t, BLOCK_N: tl.constexpr, DP: tl.constexpr, HSP: tl.constexpr):
+    """(BLOCK_N*DP, HSP) rows (token, feature) -> (BLOCK_N*HSP, DP) rows (token, head)."""
+    return tl.reshape(tl.permute(tl.reshape(t, (BLOCK_N, DP, HSP)), (0, 2, 1)), (BLOCK_N * HSP, DP))
+
+
+@triton.jit
+def _heads_to_rows(t, BLOCK_N: tl.constexpr, DP: tl.constexpr, HSP: tl.constexpr):
+    """Inverse of :func:`_rows_to_heads`."""
+    return tl.reshape(tl.permute(tl.reshape(t, (BLOCK_N, HSP, DP)), (0, 2, 1)), (BLOCK_N * DP, HSP))
+
+
+@triton.jit
+def _simulate_fwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr,
+    rot_ptr, cos_ptr, sin_ptr, N, T, cos_stride_b,
+    H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
+    HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
+    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK_N * DP
+    r = tl.arange(0, ROWS)
+    # int64 token index: offsets n * H' * D' overflow int32 beyond ~700k tokens
+    n = (tl.program_id(0) * BLOCK_N + r // DP).to(tl.int64)
+    j = r % DP
+    y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
+    dt = x_ptr.dtype.element_ty
+    if FEATURES:
+        # w3 is stored transposed and padded: (DP, DSP); w4 transposed: (DSP, DSP)
+        y2t = _rows_to_heads(y2, BLOCK_N, DP, HSP).to(dt)
+        jj = tl.arange(0, DP)
+        e = tl.arange(0, DSP)
+        z1 = tl.dot(y2t, tl.load(w3_ptr + jj[:, None] * DSP + e[None, :]), input_precision=PREC)
+        z1 += tl.load(b3_ptr + e)[None, :]
+        a = tl.maximum(z1, 0.0).to(dt)
+        z2 = z1 + tl.dot(a, tl.load(w4_ptr + e[:, None] * DSP + e[None, :]), input_precision=PREC)
+        z2 += tl.load(b4_ptr + e)[None, :]
+        r2 = tl.arange(0, BLOCK_N * HSP)
+        n2 = (tl.program_id(0) * BLOCK_N + r2 // HSP).to(tl.int64)
+        h2 = r2 % HSP
+        if ROPE:
+            cos, sin = _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS)
+            # rotate_half as a matmul with a signed permutation: no column shuffle in registers
+            rot = tl.dot(z2.to(dt), tl.load(rot_ptr + e[:, None] * DSP + e[None, :]), input_precision=PREC)
+            z2 = z2 * cos + rot * sin
+        ptrs = out_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :]
+        tl.store(ptrs, z2.to(dt), mask=((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :])
+    else:
+        co = tl.arange(0, HSP)
+        ptrs = out_ptr + n[:, None] * (HS * D) + co[None, :] * D + j[:, None]
+        tl.store(ptrs, y2.to(dt), mask=((n < N) & (j < D))[:, None] & (co < HS)[None, :])
+
+
+@triton.jit
+def _load_rows(base_ptr, r, n, j, u, N, HS: tl.constexpr, D: tl.constexpr, HSP: tl.constexpr,
+               LOCAL: tl.constexpr):
+    """A (rows (token, feature + u), heads) fp32 tile, zero outside the token.
+
+    ``LOCAL``: from this program's scratch, where tile row ``r`` is stored at row ``r`` (so feature
+    j + u of the same token is row r + u); otherwise from an (N, HS, D) tensor.
+    """
+    co = tl.arange(0, HSP)
+    js = j + u
+    ok = (n < N) & (js >= 0) & (js < D)
+    if LOCAL:
+        ptrs = base_ptr + (r + u)[:, None] * HSP + co[None, :]
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
+    else:
+        ptrs = base_ptr + n[:, None] * (HS * D) + co[None, :] * D + js[:, None]
+        return tl.load(ptrs, mask=ok[:, None] & (co < HS)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dy1_at(dy2_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, u, N,
+            H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+            HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
+            LOCAL: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of Y1 at features j + u: dY2 + (transposed conv2 of dY2) * relu'(Y1)."""
+    PAD: tl.constexpr = (K - 1) // 2
+    co = tl.arange(0, HSP)
+    dt = x_ptr.dtype.element_ty
+    dr = tl.zeros((ROWS, HSP), dtype=tl.float32)
+    for t in tl.static_range(K):
+        dy2 = _load_rows(dy2_ptr, r, n, j, u - t + PAD, N, HS, D, HSP, LOCAL)
+        w2t = tl.load(w2_ptr + t * HSP * HSP + co[None, :] * HSP + co[:, None])
+        dr = tl.dot(dy2.to(dt), w2t, dr, input_precision=PREC)
+    y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, u, N, H, D, K, HP, HSP, ROWS, PREC)
+    dy2c = _load_rows(dy2_ptr, r, n, j, u, N, HS, D, HSP, LOCAL)
+    return dy2c + tl.where(y1 > 0, dr, 0.0)
+
+
+@triton.jit
+def _simulate_bwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, g_ptr, dx_ptr, scratch_ptr,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, dw4_ptr, db4_ptr,
+    rot_ptr, cos_ptr, sin_ptr, N, n_blocks, T, cos_stride_b,
+    H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
+    HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
+    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
+):
+    PAD: tl.constexpr = (K - 1) // 2
+    ROWS: tl.constexpr = BLOCK_N * DP
+    R2: tl.constexpr = BLOCK_N * HSP
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    dt = x_ptr.dtype.element_ty
+    r = tl.arange(0, ROWS)
+    j = r % DP
+    ci = tl.arange(0, HP)
+    co = tl.arange(0, HSP)
+    jj = tl.arange(0, DP)
+    e = tl.arange(0, DSP)
+    r2 = tl.arange(0, R2)
+    h2 = r2 % HSP
+    # this program's scratch: dY2 then dY1 of the current block, rows (local token, feature);
+    # written once, then read at shifted rows (a block-wide barrier makes the writes visible)
+    dy2_scr = scratch_ptr + pid * 2 * ROWS * HSP
+    dy1_scr = dy2_scr + ROWS * HSP
+    scr_offs = r[:, None] * HSP + co[None, :]
+
+    db1 = tl.zeros((HSP,), dtype=tl.float32)
+    db2 = tl.zeros((HSP,), dtype=tl.float32)
+    db3 = tl.zeros((DSP,), dtype=tl.float32)
+    db4 = tl.zeros((DSP,), dtype=tl.float32)
+    dw3 = tl.zeros((DSP, DP), dtype=tl.float32)
+    dw4 = tl.zeros((DSP, DSP), dtype=tl.float32)
+    blk = pid
+    while blk < n_blocks:
+        n = (blk * BLOCK_N + r // DP).to(tl.int64)
+        if FEATURES:
+            y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
+            y2t = _rows_to_heads(y2, BLOCK_N, DP, HSP).to(dt)
+            z1 = tl.dot(y2t, tl.load(w3_ptr + jj[:, None] * DSP + e[None, :]), input_precision=PREC)
+            z1 += tl.load(b3_ptr + e)[None, :]
+            n2 = (blk * BLOCK_N + r2 // HSP).to(tl.int64)
+            ok2 = ((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :]
+            g = tl.load(g_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :], mask=ok2, other=0.0)
+            if ROPE:
+                # out = z2 cos + (z2 P) sin  =>  dz2 = g cos + (g sin) P^T
+                cos, sin = _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS)
+                rot_t = tl.load(rot_ptr + e[None, :] * DSP + e[:, None])
+                gf = g.to(tl.float32)
+                g = (gf * cos + tl.dot((gf * sin).to(dt), rot_t, input_precision=PREC)).to(dt)
+            # w4 and w3 are stored transposed; read them back un-transposed
+            w4 = tl.load(w4_ptr + e[None, :] * DSP + e[:, None])
+            # accumulate inside the dot: no (D', D') temporary next to the accumulator
+            dw4 = tl.dot(tl.trans(g), tl.maximum(z1, 0.0).to(dt), dw4, input_precision=PREC)
+            db4 += tl.sum(g.to(tl.float32), axis=0)
+            dz1f = g.to(tl.float32) + tl.where(z1 > 0, tl.dot(g, w4, input_precision=PREC), 0.0)
+            dz1 = dz1f.to(dt)
+            dw3 = tl.dot(tl.trans(dz1), y2t, dw3, input_precision=PREC)
+            db3 += tl.sum(dz1f, axis=0)
+            w3 = tl.load(w3_ptr + jj[None, :] * DSP + e[:, None])
+            dy2t = tl.dot(dz1, w3, input_precision=PREC)
+            tl.debug_barrier()  # the previous block's readers are done with the scratch
+            tl.store(dy2_scr + scr_offs, _heads_to_rows(dy2t, BLOCK_N, DP, HSP))
+            tl.debug_barrier()
+            dy2 = _load_rows(dy2_scr, r, n, j, 0, N, HS, D, HSP, True)
+            dy1 = _dy1_at(dy2_scr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, 0, N, H, HS, D, K,
+                          HP, HSP, DP, ROWS, True, PREC)
+        else:
+            dy2 = _load_rows(g_ptr, r, n, j, 0, N, HS, D, HSP, False)
+            dy1 = _dy1_at(g_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, 0, N, H, HS, D, K,
+                          HP, HSP, DP, ROWS, False, PREC)
+        db2 += tl.sum(dy2, axis=0)
+        db1 += tl.sum(dy1, axis=0)
+        tl.debug_barrier()
+        tl.store(dy1_scr + scr_offs, dy1)
+        tl.debug_barrier()
+        dx = tl.zeros((ROWS, HP), dtype=tl.float32)
+        for t in tl.static_range(K):
+            # weight gradients of tap t: input rows shifted by t - PAD against the centre gradient
+            y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H, D, K, HP, HSP, ROWS, PREC)
+            rs = tl.maximum(y1s, 0.0).to(dt)
+            dw2 = tl.dot(tl.trans(rs), dy2.to(dt), input_precision=PREC)
+            tl.atomic_add(dw2_ptr + pid * K * HSP * HSP + t * HSP * HSP + co[:, None] * HSP + co[None, :], dw2)
+            xs = _load_x(x_ptr, n, j, t - PAD, N, H, D, HP)
+            dw1 = tl.dot(tl.trans(xs), dy1.to(dt), input_precision=PREC)
+            tl.atomic_add(dw1_ptr + pid * K * HP * HSP + t * HP * HSP + ci[:, None] * HSP + co[None, :], dw1)
+            # input gradient: dX[i] = sum_t dY1[i - t + PAD] @ W1_t^T
+            dy1s = _load_rows(dy1_scr, r, n, j, PAD - t, N, HS, D, HSP, True)
+            w1t = tl.load(w1_ptr + t * HP * HSP + ci[None, :] * HSP + co[:, None])
+            dx = tl.dot(dy1s.to(dt), w1t, dx, input_precision=PREC)
+        ok = ((n < N) & (j < D))[:, None] & (ci < H)[None, :]
+        tl.store(dx_ptr + n[:, None] * (H * D) + ci[None, :] * D + j[:, None], dx.to(dt), mask=ok)
+        blk += n_prog
+    tl.store(db1_ptr + pid * HSP + co, db1)
+    tl.store(db2_ptr + pid * HSP + co, db2)
+    if FEATURES:
+        tl.store(dw3_ptr + pid * DSP * DP + e[:, None] * DP + jj[None, :], dw3)
+        tl.store(db3_ptr + pid * DSP + e, db3)
+        tl.store(dw4_ptr + pid * DSP * DSP + e[:, None] * DSP + e[None, :], dw4)
+        tl.store(db4_ptr + pid * DSP + e, db4)
+
+
+# output allocator; tests swap in a NaN-filled one to catch elements a kernel fails to write
+_empty = torch.empty
+# tile sizes (rows of (token, feature) per program; the backward kernel holds more live tiles, so
+# it gets smaller ones) and warps (None: 8 when D' >= 128, else 4); module settings so that
+# benchmarks can sweep them
+BLOCK_ROWS = 128
+BWD_BLOCK_ROWS = 64
+NUM_WARPS: int | None = None
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _pad_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, s) for s in t.shape)] = t
+    return out
+
+
+class _Sizes:
+    def __init__(self, x: Tensor, w1: Tensor, w3: Tensor | None, block_rows: int) -> None:
+        self.N, self.H, self.D = x.shape
+        self.HS, self.K = w1.shape[0], w1.shape[-1]
+        self.DS = w3.shape[0] if w3 is not None else self.D
+        self.HP, self.HSP, self.DP, self.DSP = _pow2(self.H), _pow2(self.HS), _pow2(self.D), _pow2(self.DS)
+        self.BLOCK_N = max(1, block_rows // self.DP)
+        self.n_blocks = triton.cdiv(self.N, self.BLOCK_N)
+
+    def constexprs(self, features: bool, rope: bool, dtype: torch.dtype) -> dict:
+        return dict(H=self.H, HS=self.HS, D=self.D, DS=self.DS, K=self.K, HP=self.HP, HSP=self.HSP,
+                    DP=self.DP, DSP=self.DSP, BLOCK_N=self.BLOCK_N, FEATURES=features, ROPE=rope,
+                    PREC="tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee",
+                    num_warps=NUM_WARPS or (8 if self.DSP >= 128 else 4))
+
+
+def _kernel_weights(s: _Sizes, dt: torch.dtype, w1, b1, w2, b2, w3, b3, w4, b4) -> list[Tensor]:
+    """Zero-padded, kernel-friendly copies: conv taps as (K, C_in, C_out), w3 and w4 transposed."""
+    w1m = _pad_to(conv_weight_matrix(w1.to(dt)).view(s.K, s.H, s.HS), (s.K, s.HP, s.HSP))
+    w2m = _pad_to(conv_weight_matrix(w2.to(dt)).view(s.K, s.HS, s.HS), (s.K, s.HSP, s.HSP))
+    out = [w1m, _pad_to(b1.to(dt), (s.HSP,)), w2m, _pad_to(b2.to(dt), (s.HSP,))]
+    if w3 is None:
+        dummy = w1m.new_zeros(1)
+        return out + [dummy] * 4
+    return out + [
+        _pad_to(w3.to(dt).t(), (s.DP, s.DSP)), _pad_to(b3.to(dt), (s.DSP,)),
+        _pad_to(w4.to(dt).t(), (s.DSP, s.DSP)), _pad_to(b4.to(dt), (s.DSP,)),
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _backward_programs(s: _Sizes, device: torch.device) -> int:
+    if device.type == "cuda":
+        return min(s.n_blocks, 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+    return min(s.n_blocks, 3)  # interpreter: still exercise programs that loop over several blocks
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation(DS: int, DSP: int, dt: torch.dtype, device: torch.device) -> Tensor:
+    """(DSP, DSP) signed permutation P with z @ P == rotate_half(z) on the first D' columns (read only)."""
+    half = DS // 2
+    rot = torch.zeros(DSP, DSP, device=device, dtype=dt)
+    idx = torch.arange(half, device=device)
+    rot[idx + half, idx] = -1.0
+    rot[idx, idx + half] = 1.0
+    return rot
+
+
+def _rope_args(s: _Sizes, T: int, rope: tuple[Tensor, Tensor] | None, dt: torch.dtype, device: torch.device):
+    """Kernel arguments (rotation, cos, sin, T, batch stride of the tables) for optional RoPE."""
+    if rope is None:
+        dummy = torch.zeros(1, device=device, dtype=torch.float32)
+        return [dummy.to(dt), dummy, dummy], max(T, 1), 0
+    cos, sin = (t.to(device=device, dtype=torch.float32).contiguous() for t in rope)
+    return [_rotation(s.DS, s.DSP, dt, device), cos, sin], T, (0 if cos.shape[0] == 1 else T * s.DS)
+
+
+class _SimulateTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin):  # type: ignore[override]
+        features = w3 is not None
+        rope = (cos, sin) if cos is not None else None
+        s = _Sizes(x, w1, w3, BLOCK_ROWS)
+        kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
+        rope_ptrs, T_arg, cos_stride = _rope_args(s, T, rope, x.dtype, x.device)
+        out = _empty(s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+        _simulate_fwd_kernel[(s.n_blocks,)](
+            x, *kw, out, *rope_ptrs, s.N, T_arg, cos_stride, **s.constexprs(features, rope is not None, x.dtype),
+        )
+        ctx.save_for_backward(x, w1, b1, w2, b2, *(t for t in (w3, b3, w4, b4) if t is not None),
+                              *(rope if rope is not None else ()))
+        ctx.features, ctx.rope, ctx.T = features, rope is not None, T
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, w1, b1, w2, b2, *rest = ctx.saved_tensors
+        features = ctx.features
+        w3, b3, w4, b4 = rest[:4] if features else (None, None, None, None)
+        rope = tuple(rest[-2:]) if ctx.rope else None
+        s = _Sizes(x, w1, w3, BWD_BLOCK_ROWS)
+        kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
+        rope_ptrs, T_arg, cos_stride = _rope_args(s, ctx.T, rope, x.dtype, x.device)
+        g = g.to(x.dtype).contiguous()
+        P = _backward_programs(s, x.device)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx = _empty(x.shape, device=x.device, dtype=x.dtype)
+        dw1 = torch.zeros(P, s.K, s.HP, s.HSP, **f32)
+        dw2 = torch.zeros(P, s.K, s.HSP, s.HSP, **f32)
+        db1, db2 = _empty(P, s.HSP, **f32), _empty(P, s.HSP, **f32)
+        if features:
+            dw3, dw4 = _empty(P, s.DSP, s.DP, **f32), _empty(P, s.DSP, s.DSP, **f32)
+            db3, db4 = _empty(P, s.DSP, **f32), _empty(P, s.DSP, **f32)
+        else:  # never written
+            dw3 = dw4 = db3 = db4 = torch.empty(1, **f32)
+        w1m, b1p, w2m, b2p, w3t, b3p, w4t, _ = kw
+        rows = s.BLOCK_N * s.DP
+        _simulate_bwd_kernel[(P,)](
+            x, w1m, b1p, w2m, b2p, w3t, b3p, w4t, g, dx, torch.empty(P, 2, rows, s.HSP, **f32),
+            dw1, db1, dw2, db2, dw3, db3, dw4, db4, *rope_ptrs, s.N, s.n_blocks, T_arg, cos_stride,
+            **s.constexprs(features, rope is not None, x.dtype),
+        )
+        # (K, C_in, C_out) taps back to the (C_out, C_in, K) conv layout
+        gw1 = dw1.sum(0)[:, : s.H, : s.HS].permute(2, 1, 0).to(w1.dtype)
+        gw2 = dw2.sum(0)[:, : s.HS, : s.HS].permute(2, 1, 0).to(w2.dtype)
+        head = (gw1, db1.sum(0)[: s.HS].to(b1.dtype), gw2, db2.sum(0)[: s.HS].to(b2.dtype))
+        feat: tuple = (None, None, None, None)
+        if features:
+            feat = (
+                dw3.sum(0)[: s.DS, : s.D].to(w3.dtype), db3.sum(0)[: s.DS].to(b3.dtype),
+                dw4.sum(0)[: s.DS, : s.DS].to(w4.dtype), db4.sum(0)[: s.DS].to(b4.dtype),
+            )
+        return (dx, *head, *feat, None, None, None)
+
+
+def _flatten(x_BTHD: Tensor) -> Tensor:
+    return x_BTHD.reshape(-1, *x_BTHD.shape[-2:]).contiguous()
+
+
+def simulate_qk_triton(
+    x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Fused head + feature simulation, (B, T, H, D) -> (B, T, H', D'), then RoPE when ``rope`` =
+    (cos, sin) tables of shape (B or 1, T, D') are given."""
+    if rope is not None and (x_BTHD.dim() != 4 or rope[0].shape[-2] != x_BTHD.shape[1]):
+        raise ValueError(f"rope tables {tuple(rope[0].shape)} do not match input {tuple(x_BTHD.shape)} (B, T, H, D)")
+    T = x_BTHD.shape[1] if x_BTHD.dim() == 4 else 1
+    cos, sin = rope if rope is not None else (None, None)
+    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin)
+    return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
+
+
+def simulate_heads_triton(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """Fused head simulation, (..., H, D) -> (..., H', D)."""
+    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, None, None, None, None, 1, None, None)
+    return out.view(*x_BTHD.shape[:-2], w1.shape[0], x_BTHD.shape[-1])

@@ -1,0 +1,63 @@
+"""``attend`` gives the same result on every backend it can choose, for query/key size != value size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sasformer.ops import attention
+from sasformer.ops.attention import attend, causal_mask, padded_causal_mask
+
+
+def inputs(T: int, S: int, Hq: int = 4, Hkv: int = 2, D: int = 10, E: int = 6):
+    g = torch.Generator().manual_seed(T * 100 + S)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    return make(2, Hq, T, D), make(2, Hkv, S, D), make(2, Hkv, S, E)
+
+
+def reference(q, k, v, mask, scale):
+    """Plain softmax attention with explicit grouping and masking."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    if mask is None:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", ["default", "flash_pad", "math", None])
+@pytest.mark.parametrize("T,S,masked", [(1, 1, False), (7, 7, False), (63, 63, False), (1, 9, False), (3, 9, False), (7, 7, True)])
+def test_backends_match_reference(backend, T, S, masked):
+    q, k, v = inputs(T, S)
+    mask = None
+    if masked:
+        keep = torch.ones(2, S, dtype=torch.long)
+        keep[0, :2] = 0  # left padding in the first row
+        mask = padded_causal_mask(keep, T)
+    out = attend(q, k, v, mask, scale=0.3, backend=backend)
+    ref = reference(q, k, v, mask, 0.3)
+    assert out.shape == (2, 4, T, 6)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, (q, k, v), grad), torch.autograd.grad(out, (q, k, v), grad)):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+def test_auto_keeps_cpu_on_default():
+    q, k, v = inputs(5, 5)
+    assert attention.resolve_backend(None, q, v, causal_no_mask=True) == "default"
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    q, k, v = inputs(2, 2)
+    with pytest.raises(ValueError, match="backend"):
+        attend(q, k, v, None, backend="flash3")
+    monkeypatch.setenv(attention.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="SASFORMER_ATTENTION"):
+        attend(q, k, v, None)
+
+
+def test_pinned_backend_that_cannot_run_raises():
+    q, k, v = inputs(4, 4)
+    with pytest.raises(RuntimeError):
+        attend(q.float(), k.float(), v.float(), None, backend="efficient" if not q.is_cuda else "cudnn")

@@ -1,0 +1,213 @@
+"""Fast SAS simulation paths against the plain reference, forward and gradients."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from sasformer.ops import simulate
+from sasformer.ops.simulate import simulate_features_naive, simulate_heads_naive
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_weights(H: int, HS: int, k: int, D: int, DS: int, dtype: torch.dtype, features: bool = True):
+    g = torch.Generator().manual_seed(H * 1000 + HS * 100 + k * 10 + D)
+    shapes = [(HS, H, k), (HS,), (HS, HS, k), (HS,)]
+    if features:
+        shapes += [(DS, D), (DS,), (DS, DS), (DS,)]
+    # fan-in scaling keeps activations O(1) so absolute tolerances are meaningful
+    fans = [H * k, H * k, HS * k, HS * k, D, D, DS, DS]
+    return [
+        (torch.randn(s, generator=g) / fan**0.5).to(DEVICE, dtype).requires_grad_()
+        for s, fan in zip(shapes, fans)
+    ]
+
+
+def reference(x, ws):
+    y = simulate_heads_naive(x, *ws[:4])
+    return simulate_features_naive(y, *ws[4:]) if len(ws) == 8 else y
+
+
+def fast(x, ws, impl):
+    if len(ws) == 8:
+        return simulate.simulate_qk(x, *ws, impl=impl)
+    return simulate.simulate_heads(x, *ws, impl=impl)
+
+
+def check(impl: str, N: int, H: int, HS: int, k: int, D: int, DS: int, features: bool,
+          dtype: torch.dtype, atol: float, rtol: float) -> None:
+    x = torch.randn(1, N, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    ws = make_weights(H, HS, k, D, DS, dtype, features)
+    ref, out = reference(x, ws), fast(x, ws, impl)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    grad = torch.randn_like(ref)
+    names = ["x", "w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"]
+    for name, a, b in zip(names, torch.autograd.grad(ref, [x, *ws], grad), torch.autograd.grad(out, [x, *ws], grad)):
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("N", [1, 7, 63])
+@pytest.mark.parametrize("H,HS", [(1, 3), (3, 6), (12, 24)])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("D,DS", [(5, 9), (8, 12)])
+def test_matmul_qk_matches_naive(N, H, HS, k, D, DS):
+    check("matmul", N, H, HS, k, D, DS, True, torch.float64, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("N", [1, 7, 63])
+@pytest.mark.parametrize("H,HS", [(1, 3), (12, 24)])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_matmul_heads_matches_naive(N, H, HS, k):
+    check("matmul", N, H, HS, k, 7, 7, False, torch.float64, 1e-10, 1e-10)
+
+
+def test_matmul_fp32_and_gpt_small_head_shape():
+    check("matmul", 9, 12, 24, 3, 64, 128, True, torch.float32, 1e-4, 1e-4)
+
+
+def test_matmul_saves_only_compact_tensors():
+    x = torch.randn(2, 5, 3, 8, requires_grad=True)
+    ws = make_weights(3, 6, 3, 8, 16, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        simulate.simulate_qk(x, *ws, impl="matmul")
+    assert sorted(saved) == sorted([(10, 3, 8)] + [tuple(w.shape) for w in ws])
+
+
+triton_cases = [
+    # N, H, HS, k, D, DS, features
+    (1, 1, 3, 1, 5, 9, True),
+    (7, 3, 6, 3, 8, 12, True),
+    (7, 3, 6, 5, 7, 7, False),
+    (63, 2, 4, 3, 5, 6, True),
+    (63, 12, 24, 3, 16, 32, False),
+    (5, 12, 24, 3, 64, 128, True),
+]
+
+
+@pytest.mark.parametrize("N,H,HS,k,D,DS,features", triton_cases)
+def test_triton_matches_naive(N, H, HS, k, D, DS, features, monkeypatch):
+    pytest.importorskip("triton")
+    from sasformer.ops.simulate import fused
+
+    # every buffer a kernel writes starts as NaN, so an unwritten element fails the comparison
+    monkeypatch.setattr(fused, "_empty", lambda *a, **kw: torch.full(a[0] if len(a) == 1 else a, float("nan"), **kw))
+    check("triton", N, H, HS, k, D, DS, features, torch.float32, 1e-4, 1e-4)
+
+
+def test_env_var_override(monkeypatch):
+    x = torch.randn(1, 2, 3, 4)
+    monkeypatch.setenv(simulate.ENV_VAR, "naive")
+    assert simulate.resolve_impl(None, x) == "naive"
+    assert simulate.resolve_impl("matmul", x) == "matmul"
+    monkeypatch.setenv(simulate.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="SASFORMER_SIMULATE"):
+        simulate.resolve_impl(None, x)
+    monkeypatch.delenv(simulate.ENV_VAR)
+    assert simulate.resolve_impl(None, x) == ("triton" if x.is_cuda else "matmul")
+    with pytest.raises(ValueError, match="impl"):
+        simulate.resolve_impl("conv", x)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        simulate.resolve_impl("triton", torch.randn(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("block_rows", [16, 256])
+def test_triton_other_tile_sizes(block_rows, monkeypatch):
+    pytest.importorskip("triton")
+    from sasformer.ops.simulate import fused
+
+    monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(fused, "BWD_BLOCK_ROWS", block_rows)
+    check("triton", 7, 3, 6, 3, 16, 20, True, torch.float32, 1e-4, 1e-4)
+
+
+def test_triton_refuses_float64():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="float64"):
+        simulate.resolve_impl("triton", torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.parametrize("impl", ["matmul", "triton"])
+@pytest.mark.parametrize("B,T,per_batch", [(1, 1, False), (2, 7, True), (3, 5, False)])
+def test_rope_after_simulation(impl, B, T, per_batch, monkeypatch):
+    if impl == "triton":
+        pytest.importorskip("triton")
+        from sasformer.ops.simulate import fused
+
+        monkeypatch.setattr(fused, "_empty", lambda *a, **kw: torch.full(a[0] if len(a) == 1 else a, float("nan"), **kw))
+    from sasformer.ops.rope import RotaryTables, apply_rope
+
+    H, HS, k, D, DS = 3, 6, 3, 8, 18
+    positions = torch.randint(0, 50, (B if per_batch else 1, T), device=DEVICE)
+    cos, sin = RotaryTables(positions, 10000.0)(DS)
+    x = torch.randn(B, T, H, D, device=DEVICE, requires_grad=True)
+    ws = make_weights(H, HS, k, D, DS, torch.float32)
+    ref = apply_rope(reference(x, ws), cos, sin)
+    out = simulate.simulate_qk(x, *ws, impl=impl, rope=(cos, sin))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, [x, *ws], grad), torch.autograd.grad(out, [x, *ws], grad)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def _interpreter_bf16_dot(monkeypatch):
+    """Triton 3.6's interpreter multiplies bf16 tiles as raw uint16 bits; convert them first."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def upcast(handle):
+        data = interpreter._convert_float(handle.data, handle.dtype.scalar, interpreter.tl.float32, None)
+        return interpreter.TensorHandle(data.view(np.float32), interpreter.tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        if a.dtype.scalar == interpreter.tl.bfloat16:
+            a, b = upcast(a), upcast(b)
+        return original(self, a, b, d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.mark.parametrize("features", [True, False])
+def test_triton_bf16_close_to_fp32_reference(features, monkeypatch):
+    pytest.importorskip("triton")
+    if DEVICE == "cpu":
+        _interpreter_bf16_dot(monkeypatch)
+    from sasformer.ops.rope import RotaryTables
+
+    B, T, H, HS, k, D, DS = 2, 5, 12, 24, 3, 16, 32
+    torch.manual_seed(0)
+    x = torch.randn(B, T, H, D, device=DEVICE).bfloat16()
+    ws = [w.detach().bfloat16() for w in make_weights(H, HS, k, D, DS, torch.float32, features)]
+    rope = RotaryTables(torch.arange(T, device=DEVICE).view(1, -1), 10000.0)(DS) if features else None
+
+    def run(impl, dtype):
+        xx = x.to(dtype).requires_grad_()
+        wws = [w.to(dtype).requires_grad_() for w in ws]
+        if features:
+            out = simulate.simulate_qk(xx, *wws, impl=impl, rope=rope)
+        else:
+            out = simulate.simulate_heads(xx, *wws, impl=impl)
+        grads = torch.autograd.grad(out, [xx, *wws], torch.ones_like(out))
+        return [out, *grads]
+
+    # bf16 rounding of intermediates: the kernels may not be much worse than the reference run in bf16
+    # (the interpreter also rounds fp32 -> bf16 toward zero, which doubles the rounding error)
+    ref = run("matmul", torch.float32)
+    naive = run("naive", torch.bfloat16)
+    got = run("triton", torch.bfloat16)
+    for name, a, n, b in zip(["out", "x", "w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"], got, naive, ref):
+        err = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        err_naive = ((n.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        assert err <= 3 * err_naive + 5e-3, f"{name}: relative error {err:.3g} (naive bf16: {err_naive:.3g})"
