@@ -105,7 +105,7 @@ def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> di
     row = {
         "attention": attention,
         "size": args.size,
-        "parameters": trainer.model.num_parameters(),
+        "parameters": trainer.num_parameters,
         "train_flops_per_token": trainer.flops_per_token,
         "batch_size": config.batch_size,
         "micro_batch_size": trainer.micro,

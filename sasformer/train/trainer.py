@@ -103,6 +103,7 @@ class Trainer:
         _seed_everything(config.seed)
         model = DecoderLM(self.model_config)  # built on CPU from the seed: identical on every rank
         self.model = model.to(self.device)
+        self.num_parameters = model.num_parameters()  # before sharding
         self.flops_per_token = train_flops_per_token(self.model_config, config.seq_len)
         self.loss_module, self._ddp = self._parallelize()
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
@@ -265,8 +266,7 @@ class Trainer:
         info = {
             "config": self.config.to_dict(),
             "model": self.model_config.to_dict(),
-            "parameters": self.model.num_parameters() if not (self.dist.enabled and self.config.parallel == "fsdp")
-            else None,
+            "parameters": self.num_parameters,
             "train_flops_per_token": self.flops_per_token,
             "world_size": self.dist.world_size,
             "grad_accum": self.accum,
