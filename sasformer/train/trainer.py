@@ -29,7 +29,7 @@ from sasformer.train import distributed as D
 from sasformer.train.config import TrainConfig
 from sasformer.train.data import DataSource, PreparedData
 from sasformer.train.metrics import MetricsLogger, peak_memory_gib, peak_tflops, throughput
-from sasformer.train.optim import CosineSchedule, build_optimizer
+from sasformer.train.optim import CosineSchedule, apply_hyperparameters, build_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,6 +113,7 @@ class Trainer:
         if resume_from is not None:
             D.load_full_state(self.model, self.optimizer, ckpt.read_model_state(resume_from, self.model_config),
                               saved_optim)
+            apply_hyperparameters(self.optimizer, config.optim)  # the config wins over the checkpoint
             self.loader.load_state_dict(saved_state["loader"])
             ckpt.set_rng_state(saved_state["rng"])
             self.step = int(saved_state["step"])
