@@ -151,7 +151,7 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="every registered variant")
     parser.add_argument("--size", default="small")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimiser step")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per optimiser step")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the whole batch at once")
     parser.add_argument("--vocab-size", type=int, default=50304)
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps (compilation)")

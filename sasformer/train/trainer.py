@@ -176,9 +176,10 @@ class Trainer:
         inputs_BT = inputs_BT.to(self.device, non_blocking=True)
         targets_BT = targets_BT.to(self.device, non_blocking=True)
         for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
-            with D.no_sync(self._ddp, micro < self.accum - 1), self._autocast():
-                loss = self.loss_module(inputs, targets)
-                (loss / self.accum).backward()
+            with D.no_sync(self._ddp, micro < self.accum - 1):
+                with self._autocast():
+                    loss = self.loss_module(inputs, targets)
+                (loss / self.accum).backward()  # outside autocast, as autocast's documentation asks
             loss_sum += loss.detach()
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
