@@ -115,7 +115,6 @@ def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> di
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_tflops": trainer.peak,
     }
-    trainer.logger.close()
     del trainer
     gc.collect()
     torch._dynamo.reset()

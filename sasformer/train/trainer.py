@@ -120,7 +120,7 @@ class Trainer:
         self.resumed_from = resume_from
         self.last_checkpoint: Path | None = resume_from
         self.peak = peak_tflops(self.device, config.mfu_peak_tflops)
-        self.logger = MetricsLogger(self.out_dir, config.tensorboard) if self.dist.is_main else None
+        self.logger: MetricsLogger | None = None  # opened by fit(), on rank 0
         # device-side accumulators, read only at log time
         self._loss_sum = torch.zeros((), device=self.device)
         self._steps_in_window = 0
@@ -288,6 +288,7 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_info()
+            self.logger = MetricsLogger(self.out_dir, cfg.tensorboard)
         bar = None
         if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -329,6 +330,7 @@ class Trainer:
                 bar.close()
             if self.logger is not None:
                 self.logger.close()
+                self.logger = None
         return last
 
 
