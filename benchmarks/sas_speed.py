@@ -28,14 +28,14 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from sasformer import DecoderLM, lm_loss, preset  # noqa: E402
 from sasformer.layers.base import AttentionContext  # noqa: E402
@@ -370,7 +370,6 @@ def section_sdpa(opts) -> dict:
                 q.grad = k.grad = v.grad = None
         rows["auto_picks"] = attention_ops.resolve_backend(None, q, v, causal_no_mask=True)
         out[f"B{B}_T{T}"] = rows
-        del q, k, v, g
         fresh_memory()
     return out
 
@@ -502,7 +501,8 @@ def markdown(res: dict) -> str:
     layer = res.get("layer", {})
     if layer:
         lines += ["## SAS layer forward+backward (bf16)", "",
-                  "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference |", "|---|---|---|---|---|---|"]
+                  "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference |",
+                  "|---|---|---|---|---|---|"]
         for key, rows in layer.items():
             if not isinstance(rows, dict):
                 continue
