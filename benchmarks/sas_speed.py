@@ -1,8 +1,10 @@
 """SAS speed and memory on one CUDA GPU: whole-model training, the SAS layer alone, SDPA backends.
 
-    python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,sdpa,model] [--budget-s 450]
+    python3 benchmarks/sas_speed.py --out DIR [--sections check,model,layer,sdpa,tiles] [--budget-s 420]
 
 Sections (each wrapped so a failure is recorded in the JSON and the run goes on):
+Sections run in this order; once --budget-s seconds have passed, the remaining measurements are
+skipped (and recorded as skipped), so the whole run stays within about 8 minutes.
 - check: fast simulation paths against the plain reference on the GPU (bf16, forward and every
   gradient, relative norm error); when it fails, no speed of a failing path is reported.
 - layer: one SAS layer (GPT-small shapes) forward+backward: fast paths vs the reference structure
@@ -10,6 +12,7 @@ Sections (each wrapped so a failure is recorded in the JSON and the run goes on)
 - sdpa: attention with query/key size 128 and value size 64 on every backend.
 - model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
   compiled, random tokens, fused AdamW, bf16 autocast.
+- tiles: the Triton kernels' tile settings, swept on the Q simulation (each checked first).
 Writes DIR/sas_speed.json and DIR/sas_speed.md and prints the tables.
 """
 
@@ -28,14 +31,14 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from sasformer import DecoderLM, lm_loss, preset  # noqa: E402
 from sasformer.layers.base import AttentionContext  # noqa: E402
@@ -45,7 +48,8 @@ from sasformer.ops import attention as attention_ops  # noqa: E402
 from sasformer.ops import simulate  # noqa: E402
 from sasformer.ops.rope import RotaryTables  # noqa: E402
 
-SECTIONS = ("check", "layer", "sdpa", "model")
+SECTIONS = ("check", "model", "layer", "sdpa", "tiles")
+SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
 SAS_MAIN = {"n_sim_heads": 24, "sim_head_dim": 128, "kernel_size": 3}
 SAS_SMALL = {"n_sim_heads": 24, "sim_head_dim": 64, "kernel_size": 3}
 # name -> (preset attention, attention_args, structure)
@@ -213,7 +217,7 @@ def section_check(opts) -> dict:
     return res
 
 
-def section_layer(opts, passed: dict[str, bool]) -> dict:
+def section_layer(opts, passed: dict[str, bool], deadline: float) -> dict:
     """SAS layer (d=768, H=12, H'=24, D'=128, k=3) forward+backward, bf16, per path."""
     out: dict[str, Any] = {}
     for B, T in opts.layer_shapes:
@@ -222,6 +226,9 @@ def section_layer(opts, passed: dict[str, bool]) -> dict:
             paths = ["reference", "naive", *fast_impls()]
             for path in paths:
                 key = f"{cfg_name}/T{T}/{path}"
+                if time.time() > deadline:
+                    rows[path] = SKIPPED
+                    continue
                 if path in passed and not passed[path]:
                     rows[path] = {"error": "refused: correctness check failed"}
                     continue
@@ -278,35 +285,48 @@ def section_layer(opts, passed: dict[str, bool]) -> dict:
         except Exception as err:  # noqa: BLE001
             sim[impl] = {"error": f"{type(err).__name__}: {err}"}
     out[f"simulation_only/T{T}"] = sim
-    if "triton" in fast_impls() and passed.get("triton", True):
-        out[f"triton_tiles/T{T}"] = triton_tile_sweep(opts, layer, q)
     return out
 
 
-def triton_tile_sweep(opts, layer: SimulatedAttention, q: torch.Tensor) -> dict:
+def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
     """Q simulation forward+backward for several tile sizes (forward/backward rows per program,
     warps), each checked against ``matmul`` first. Defaults: ``fused.BLOCK_ROWS``/``BWD_BLOCK_ROWS``."""
+    if "triton" not in fast_impls() or not passed.get("triton", True):
+        return {"error": "triton path unavailable or failed the check"}
     from sasformer.ops.simulate import fused
 
+    B, T = opts.layer_shapes[0]
+    layer = sas_layer(SAS_MAIN, torch.bfloat16)
+    q = torch.randn(B, T, 12, 64, device=DEV, dtype=torch.bfloat16)
     hq, fq = layer.heads_q, layer.features_q
     weights = (hq.w1, hq.b1, hq.w2, hq.b2, fq.w3, fq.b3, fq.w4, fq.b4)
     x = q.detach().requires_grad_()
-    ref = simulate.simulate_qk(x, *weights, impl="matmul")
-    g = torch.randn_like(ref)
-    (ref_dx,) = torch.autograd.grad(ref, x, g)
-    rows: dict[str, Any] = {}
+    g = torch.randn(B, T, 24, 128, device=DEV, dtype=torch.bfloat16)
+
+    def out_and_dx(impl: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = x.detach().to(dtype).requires_grad_()
+        out = simulate.simulate_qk(xx, *(w.to(dtype) for w in weights), impl=impl)
+        return out, torch.autograd.grad(out, xx, g.to(dtype))[0]
+
+    # tolerance as in the check section: a bf16 path against fp32, relative to the matmul path's error
+    gold = out_and_dx("matmul", torch.float32)
+    base = out_and_dx("matmul", torch.bfloat16)
+    tol = max(3 * max(rel_err(base[0], gold[0]), rel_err(base[1], gold[1])), CHECK_MIN_TOL)
+    rows: dict[str, Any] = {"tolerance": tol}
     default = (fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS)
     try:
         for fwd_rows, bwd_rows in ((64, 64), (128, 64), (128, 128), (256, 128)):
             for warps in (4, 8):
                 key = f"rows{fwd_rows}/{bwd_rows}_warps{warps}"
+                if time.time() > deadline:
+                    rows[key] = SKIPPED
+                    continue
                 fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = fwd_rows, bwd_rows, warps
                 try:
-                    out = simulate.simulate_qk(x, *weights, impl="triton")
-                    (dx,) = torch.autograd.grad(out, x, g)
-                    err = max(rel_err(out, ref), rel_err(dx, ref_dx))
-                    if err > 2e-2:
-                        rows[key] = {"error": f"refused: relative error {err:.3g} vs matmul"}
+                    out, dx = out_and_dx("triton", torch.bfloat16)
+                    err = max(rel_err(out, gold[0]), rel_err(dx, gold[1]))
+                    if err > tol:
+                        rows[key] = {"error": f"refused: relative error {err:.3g} vs fp32 (tolerance {tol:.3g})"}
                         continue
 
                     def run():
@@ -320,10 +340,10 @@ def triton_tile_sweep(opts, layer: SimulatedAttention, q: torch.Tensor) -> dict:
                     log(f"triton tiles {key}: {type(err).__name__}")
     finally:
         fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = default
-    return rows
+    return {f"triton_tiles/T{T}": rows}
 
 
-def section_sdpa(opts) -> dict:
+def section_sdpa(opts, deadline: float) -> dict:
     """Causal attention, 24 heads, q/k size 128, v size 64, forward+backward, bf16."""
     out: dict[str, Any] = {}
     flex = None
@@ -353,6 +373,9 @@ def section_sdpa(opts) -> dict:
             fns["flex"] = lambda: compiled(q, k, v, block_mask=block_mask, scale=scale)
         rows: dict[str, Any] = {}
         for name, fn in fns.items():
+            if time.time() > deadline:
+                rows[name] = SKIPPED
+                continue
             try:
                 with torch.no_grad():
                     err = rel_err(fn()[:1, :2], gold)
@@ -370,7 +393,6 @@ def section_sdpa(opts) -> dict:
                 q.grad = k.grad = v.grad = None
         rows["auto_picks"] = attention_ops.resolve_backend(None, q, v, causal_no_mask=True)
         out[f"B{B}_T{T}"] = rows
-        del q, k, v, g
         fresh_memory()
     return out
 
@@ -396,7 +418,7 @@ def section_model(opts, passed: dict[str, bool], deadline: float) -> dict:
             for name in variants:
                 key = f"T{T}/{mode}/{name}"
                 if time.time() > deadline:
-                    out[key] = {"error": "skipped: time budget reached (raise --budget-s)"}
+                    out[key] = SKIPPED
                     continue
                 attn, args, structure = VARIANTS[name]
                 if attn == "sas" and structure == "fast" and not passed.get(auto_impl, True):
@@ -499,10 +521,11 @@ def markdown(res: dict) -> str:
                          f"{fmt(row.get('throughput_vs_mha'), '.2f')} | {row['peak_gib']:.1f} | "
                          f"{fmt(row.get('memory_vs_mha'), '.2f')} | {row['params'] / 1e6:.1f}M |")
         lines.append("")
-    layer = res.get("layer", {})
+    layer = {**res.get("layer", {}), **res.get("tiles", {})}
     if layer:
         lines += ["## SAS layer forward+backward (bf16)", "",
-                  "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference |", "|---|---|---|---|---|---|"]
+                  "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference |",
+                  "|---|---|---|---|---|---|"]
         for key, rows in layer.items():
             if not isinstance(rows, dict):
                 continue
@@ -550,7 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // T (16 x 1024)")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per model")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per layer/SDPA measurement")
-    p.add_argument("--budget-s", type=float, default=420, help="skip remaining model runs after this many seconds")
+    p.add_argument("--budget-s", type=float, default=420,
+                   help="skip remaining measurements after this many seconds (one in flight still finishes)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU: checks that every code path runs; the numbers mean nothing")
     opts = p.parse_args(argv)
@@ -595,9 +619,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runners: dict[str, Callable[[], dict]] = {
         "check": lambda: section_check(opts),
-        "layer": lambda: section_layer(opts, passed),
-        "sdpa": lambda: section_sdpa(opts),
         "model": lambda: section_model(opts, passed, deadline),
+        "layer": lambda: section_layer(opts, passed, deadline),
+        "sdpa": lambda: section_sdpa(opts, deadline),
+        "tiles": lambda: section_tiles(opts, passed, deadline),
     }
     for section in SECTIONS:
         if section not in opts.sections:

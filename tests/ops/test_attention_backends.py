@@ -26,7 +26,9 @@ def reference(q, k, v, mask, scale):
 
 
 @pytest.mark.parametrize("backend", ["default", "flash_pad", "math", None])
-@pytest.mark.parametrize("T,S,masked", [(1, 1, False), (7, 7, False), (63, 63, False), (1, 9, False), (3, 9, False), (7, 7, True)])
+@pytest.mark.parametrize(
+    "T,S,masked", [(1, 1, False), (7, 7, False), (63, 63, False), (1, 9, False), (3, 9, False), (7, 7, True)]
+)
 def test_backends_match_reference(backend, T, S, masked):
     q, k, v = inputs(T, S)
     mask = None

@@ -26,6 +26,12 @@ def make_weights(H: int, HS: int, k: int, D: int, DS: int, dtype: torch.dtype, f
     ]
 
 
+def nan_empty(*shape, **kwargs) -> torch.Tensor:
+    """``torch.empty`` that fills with NaN, so an element a kernel fails to write fails the test."""
+    size = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+    return torch.full(size, float("nan"), **kwargs)
+
+
 def reference(x, ws):
     y = simulate_heads_naive(x, *ws[:4])
     return simulate_features_naive(y, *ws[4:]) if len(ws) == 8 else y
@@ -84,7 +90,7 @@ triton_cases = [
     (7, 3, 6, 3, 8, 12, True),
     (7, 3, 6, 5, 7, 7, False),
     (63, 2, 4, 3, 5, 6, True),
-    (63, 12, 24, 3, 16, 32, False),
+    (20, 12, 24, 3, 16, 32, False),
     (5, 12, 24, 3, 64, 128, True),
 ]
 
@@ -95,7 +101,7 @@ def test_triton_matches_naive(N, H, HS, k, D, DS, features, monkeypatch):
     from sasformer.ops.simulate import fused
 
     # every buffer a kernel writes starts as NaN, so an unwritten element fails the comparison
-    monkeypatch.setattr(fused, "_empty", lambda *a, **kw: torch.full(a[0] if len(a) == 1 else a, float("nan"), **kw))
+    monkeypatch.setattr(fused, "_empty", nan_empty)
     check("triton", N, H, HS, k, D, DS, features, torch.float32, 1e-4, 1e-4)
 
 
@@ -144,7 +150,7 @@ def test_rope_after_simulation(impl, B, T, per_batch, monkeypatch):
         pytest.importorskip("triton")
         from sasformer.ops.simulate import fused
 
-        monkeypatch.setattr(fused, "_empty", lambda *a, **kw: torch.full(a[0] if len(a) == 1 else a, float("nan"), **kw))
+        monkeypatch.setattr(fused, "_empty", nan_empty)
     from sasformer.ops.rope import RotaryTables, apply_rope
 
     H, HS, k, D, DS = 3, 6, 3, 8, 18

@@ -21,9 +21,9 @@ import os
 import torch
 from torch import Tensor
 
+from sasformer.ops.rope import apply_rope
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
-from sasformer.ops.rope import apply_rope
 
 IMPLS = ("naive", "matmul", "triton")
 ENV_VAR = "SASFORMER_SIMULATE"
