@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("sasformer.commands.params", "parameters and FLOPs/token of every variant at every preset"),
     "prepare": ("sasformer.commands.prepare", "tokenize documents into train/val token shards"),
+    "train": ("sasformer.commands.train", "train a model from configs/*.yaml with --key value overrides"),
+    "eval": ("sasformer.commands.eval", "perplexity, zero-shot tasks and MQAR for a checkpoint or saved model"),
     "export": ("sasformer.commands.export", "convert a training checkpoint to a Hugging Face model directory"),
     "generate": ("sasformer.commands.generate", "continue a prompt with a trained model"),
     "lm-eval": ("sasformer.commands.lm_eval", "run lm-evaluation-harness with sasformer models registered"),
