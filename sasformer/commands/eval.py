@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mqar-steps", type=int, default=3000, help="training steps per run (recall needs thousands)")
     add("--mqar-seeds", default="0", help="comma-separated seeds; one run per variant and seed")
     add("--mqar-pairs", type=int, default=8, help="key-value pairs per sequence")
-    add("--mqar-queries", type=int, default=4, help="queries per sequence")
+    add("--mqar-queries", type=int, default=8, help="queries per sequence")
     add("--mqar-seq-len", type=int, default=64)
     add("--mqar-vocab", type=int, default=64)
     add("--mqar-d-model", type=int, default=64)
