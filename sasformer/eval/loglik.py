@@ -103,7 +103,8 @@ def score_requests(
     if device is None:
         device = model_device(model)
     device = torch.device(device)
-    order = sorted(range(len(requests)), key=lambda i: -min(len(requests[i].context) + len(requests[i].continuation), max_len + 1))
+    lengths = [min(len(r.context) + len(r.continuation), max_len + 1) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: -lengths[i])
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     results: list[Score | None] = [None] * len(requests)
     for batch in progress(batches, show_progress, "scoring"):

@@ -41,14 +41,16 @@ class MQARConfig:
     num_kv_pairs: int = 8
     seq_len: int = 64
     vocab_size: int = 64
-    num_queries: int = 4
+    num_queries: int = 8
 
     def __post_init__(self) -> None:
         n_keys = (self.vocab_size - 1) // 2
         if self.vocab_size < 5:
             raise ValueError(f"vocab_size={self.vocab_size} must be >= 5 (filler, keys, values)")
         if not 1 <= self.num_kv_pairs <= n_keys:
-            raise ValueError(f"num_kv_pairs={self.num_kv_pairs} must be in [1, {n_keys}] for vocab_size={self.vocab_size}")
+            raise ValueError(
+                f"num_kv_pairs={self.num_kv_pairs} must be in [1, {n_keys}] for vocab_size={self.vocab_size}"
+            )
         if not 1 <= self.num_queries <= self.num_kv_pairs:
             raise ValueError(f"num_queries={self.num_queries} must be in [1, num_kv_pairs={self.num_kv_pairs}]")
         need = 2 * self.num_kv_pairs + 2 * self.num_queries
@@ -113,9 +115,9 @@ def mqar_accuracy(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Te
 def train_mqar(
     model_config: ModelConfig,
     task: MQARConfig,
-    steps: int = 300,
+    steps: int = 3000,
     batch_size: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     weight_decay: float = 0.0,
     n_test: int = 512,
     seed: int = 0,
@@ -166,7 +168,8 @@ def train_mqar(
     x_test, y_test = mqar_batch(task, n_test, seed=TEST_SEED_OFFSET + seed)
     accuracy = mqar_accuracy(model, x_test.to(device), y_test.to(device))
     tail = losses[-max(1, steps // 20):]
-    return MQARResult(accuracy, sum(tail) / len(tail), losses, steps, time.perf_counter() - start, model.num_parameters())
+    seconds = time.perf_counter() - start
+    return MQARResult(accuracy, sum(tail) / len(tail), losses, steps, seconds, model.num_parameters())
 
 
 def variant_configs(
@@ -181,7 +184,8 @@ def variant_configs(
     from sasformer.models.config import ModelConfig
     from sasformer.models.presets import Size, matched_attention_args
 
-    size = Size(d_model=d_model, n_layers=n_layers, n_heads=n_heads, max_seq_len=task.seq_len, vocab_size=task.vocab_size)
+    size = Size(d_model=d_model, n_layers=n_layers, n_heads=n_heads, max_seq_len=task.seq_len,
+                vocab_size=task.vocab_size)
     out = {}
     for name in variants:
         args = {**matched_attention_args(size, name), **(attention_args or {}).get(name, {})}

