@@ -1,0 +1,350 @@
+"""``sasformer prepare``: documents -> tokenizer -> token shards, written so a crash never leaves a complete-looking
+output and an unchanged re-run does nothing.
+
+Output folder::
+
+    OUT/meta.json        tokenizer fingerprint, vocab size, token counts, inputs, split rule, build key
+    OUT/tokenizer/       the tokenizer (load with ``load_tokenizer(OUT / "tokenizer")``)
+    OUT/train/*.bin      token shards (see :mod:`sasformer.data.shards`)
+    OUT/val/*.bin
+
+The output is built in ``OUT.partial`` and renamed into place when complete; ``meta.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sasformer.data.shards import FORMAT_VERSION, Shard, ShardWriter, token_dtype
+from sasformer.data.sources import DefaultCorpusSource, Document, FileSource, Source, resolve_inputs
+from sasformer.data.tokenizer import DEFAULT_EOT, Tokenizer, load_tokenizer, train_bpe
+
+META_FILE = "meta.json"
+META_FORMAT = "sasformer-token-data"
+SPLIT_RULE = (
+    "a document goes to val when the first 8 bytes of sha256(id, or text when it has no id), read as a big-endian "
+    "integer and divided by 2**64, are below val_fraction; if no document lands in val, the one with the smallest "
+    "such value does"
+)
+# documents per unit of work handed to a tokenizer worker
+_CHUNK_DOCS = 256
+
+
+@dataclass
+class PrepareOptions:
+    """Everything that decides the output (``workers`` only decides the speed)."""
+
+    inputs: list[str]
+    out: str
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    eot_token: str | None = None
+    val_fraction: float = 0.005
+    text_field: str = "text"
+    shard_tokens: int = 100_000_000
+    bpe_sample_mb: float = 256.0
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"key": False})
+    force: bool = field(default=False, metadata={"key": False})
+    progress: bool = field(default=True, metadata={"key": False})
+
+    def validate(self) -> None:
+        if (self.tokenizer is None) == (self.vocab_size is None):
+            raise ValueError("pass exactly one of --tokenizer SPEC (use a tokenizer) or --vocab-size N (train a BPE)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1024:
+            raise ValueError(f"--shard-tokens must be at least 1024, got {self.shard_tokens}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.bpe_sample_mb <= 0:
+            raise ValueError(f"--bpe-sample-mb must be positive, got {self.bpe_sample_mb}")
+
+
+def split_score(doc: Document) -> float:
+    """The document's place in [0, 1) for the train/val split (see :data:`SPLIT_RULE`)."""
+    key = doc.id if doc.id is not None else doc.text
+    (value,) = struct.unpack(">Q", hashlib.sha256(key.encode("utf-8")).digest()[:8])
+    return value / 2.0**64
+
+
+def _source_record(source: Source) -> dict:
+    if isinstance(source, FileSource):
+        st = source.path.stat()
+        return {"file": str(source.path.resolve()), "id": source.text_id, "bytes": st.st_size,
+                "mtime_ns": st.st_mtime_ns}
+    if isinstance(source, DefaultCorpusSource):
+        from sasformer.data.default_corpus import corpus_id
+
+        return {"default_corpus": corpus_id()}
+    return {"hf_dataset": source.name, "config": source.config, "split": source.split}
+
+
+def build_key(options: PrepareOptions, sources: list[Source]) -> str:
+    """sha256 over everything that decides the output: input files (path, size, mtime), tokenizer and options."""
+    opts = {k: v for k, v in asdict(options).items()
+            if PrepareOptions.__dataclass_fields__[k].metadata.get("key", True) and k not in ("inputs", "out")}
+    if options.tokenizer is not None and os.path.exists(options.tokenizer):
+        tok_path = Path(options.tokenizer)
+        files = [tok_path] if tok_path.is_file() else sorted(p for p in tok_path.rglob("*") if p.is_file())
+        opts["tokenizer_files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    payload = {"format": FORMAT_VERSION, "options": opts, "inputs": [_source_record(s) for s in sources]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def read_meta(out: str | os.PathLike) -> dict | None:
+    """``OUT/meta.json`` if OUT is a complete prepared folder (every shard present with the recorded size)."""
+    out = Path(out)
+    try:
+        meta = json.loads((out / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != META_FORMAT:
+        return None
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, info in meta["splits"].items():
+        for shard in info["shards"]:
+            path = out / split / shard["file"]
+            if not path.is_file() or path.stat().st_size != 128 + shard["tokens"] * itemsize:
+                return None
+    return meta
+
+
+class _Progress:
+    """A tqdm bar over input bytes (with ETA) when sizes are known, else over documents."""
+
+    def __init__(self, sources: list[Source], desc: str, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        sized = all(getattr(s, "size", None) is not None for s in sources)
+        self.sources = sources
+        self.by_bytes = sized
+        total = sum(s.size for s in sources) if sized else None
+        self.bar = tqdm(total=total, desc=desc, unit="B" if sized else "doc", unit_scale=True, disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True)
+        self.done_bytes = 0
+
+    def update(self, source: Source, docs: int) -> None:
+        if self.by_bytes:
+            self.bar.n = self.done_bytes + source.bytes_read
+            self.bar.refresh()
+        else:
+            self.bar.update(docs)
+
+    def finish_source(self, source: Source) -> None:
+        if self.by_bytes:
+            self.done_bytes += source.size
+            self.bar.n = self.done_bytes
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _iter_labelled(sources: list[Source], val_fraction: float, forced_val: str | None,
+                   progress: _Progress | None = None) -> Iterator[tuple[Document, bool, float]]:
+    """Every document with its split (True = val) and split score; advances the progress bar."""
+    for source in sources:
+        count = 0
+        for doc in source.documents():
+            score = split_score(doc)
+            key = doc.id if doc.id is not None else doc.text
+            is_val = score < val_fraction if forced_val is None else key == forced_val or score < val_fraction
+            count += 1
+            if progress is not None and count % 64 == 0:
+                progress.update(source, 64)
+            yield doc, is_val, score
+        if progress is not None:
+            progress.update(source, count % 64)
+            progress.finish_source(source)
+
+
+def _train_tokenizer(options: PrepareOptions, sources: list[Source]) -> Tokenizer:
+    budget = int(options.bpe_sample_mb * 2**20)
+
+    def sample() -> Iterator[str]:
+        used = 0
+        for doc, is_val, _ in _iter_labelled(sources, options.val_fraction, None):
+            if is_val:
+                continue
+            yield doc.text
+            used += len(doc.text)
+            if used >= budget:
+                return
+
+    print(f"training a byte-level BPE with {options.vocab_size} ids on up to {options.bpe_sample_mb:g} MB of "
+          "train-split text", file=sys.stderr)
+    return train_bpe(sample(), options.vocab_size, options.eot_token or DEFAULT_EOT, show_progress=options.progress)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+    if hasattr(_worker_tokenizer, "num_threads"):
+        _worker_tokenizer.num_threads = 1
+
+
+def _encode_docs(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
+    """Token ids of ``texts`` as one flat array, an end-of-text token before each document."""
+    ids = tokenizer.encode_batch(texts)
+    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=dtype)
+    pos = 0
+    for doc in ids:
+        out[pos] = tokenizer.eot_id
+        out[pos + 1 : pos + 1 + len(doc)] = doc
+        pos += 1 + len(doc)
+    return out
+
+
+def _encode_job(job: tuple[bool, list[str], str]) -> tuple[bool, np.ndarray]:
+    is_val, texts, dtype = job
+    assert _worker_tokenizer is not None
+    return is_val, _encode_docs(_worker_tokenizer, texts, np.dtype(dtype))
+
+
+def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokenizer, tokenizer_dir: Path,
+              build_dir: Path, forced_val: str | None) -> tuple[dict, str | None]:
+    """Write the train/val shards; returns the per-split summary and the key of the lowest-scoring document."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {
+        split: ShardWriter(build_dir / split, split, tokenizer.vocab_size, tokenizer.fingerprint, options.shard_tokens)
+        for split in ("train", "val")
+    }
+    docs = {"train": 0, "val": 0}
+    best: tuple[float, str | None] = (2.0, None)
+    progress = _Progress(sources, "tokenizing", options.progress)
+
+    def jobs() -> Iterator[tuple[bool, list[str], str]]:
+        nonlocal best
+        pending: dict[bool, list[str]] = {False: [], True: []}
+        for doc, is_val, score in _iter_labelled(sources, options.val_fraction, forced_val, progress):
+            if score < best[0]:
+                best = (score, doc.id if doc.id is not None else doc.text)
+            docs["val" if is_val else "train"] += 1
+            pending[is_val].append(doc.text)
+            if len(pending[is_val]) >= _CHUNK_DOCS:
+                yield is_val, pending[is_val], dtype.str
+                pending[is_val] = []
+        for is_val, texts in pending.items():
+            if texts:
+                yield is_val, texts, dtype.str
+
+    try:
+        if options.workers > 1:
+            # tokenizers' own thread pool would oversubscribe the cores the worker processes already use
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            ctx = mp.get_context(method)
+            with ctx.Pool(options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+                for is_val, tokens in pool.imap(_encode_job, jobs(), chunksize=1):
+                    writers["val" if is_val else "train"].add(tokens)
+        else:
+            for is_val, texts, _ in jobs():
+                writers["val" if is_val else "train"].add(_encode_docs(tokenizer, texts, dtype))
+    finally:
+        progress.close()
+    summary = {}
+    for split, writer in writers.items():
+        shards = writer.close()
+        summary[split] = {"tokens": writer.num_tokens, "documents": docs[split], "shards": shards}
+    return summary, best[1]
+
+
+def prepare(options: PrepareOptions) -> dict:
+    """Build (or find up to date) the prepared folder ``options.out``; returns its metadata."""
+    options.validate()
+    out = Path(options.out)
+    sources = resolve_inputs(options.inputs, options.text_field)
+    key = build_key(options, sources)
+
+    existing = read_meta(out)
+    if out.exists() and existing is None:
+        if not out.is_dir() or any(out.iterdir()):
+            raise ValueError(
+                f"{out} exists but is not a complete sasformer data folder (no valid meta.json); "
+                "remove it or choose another --out (nothing was changed)"
+            )
+    if existing is not None and existing.get("build_key") == key and not options.force:
+        print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
+        return existing
+
+    build_dir = out.resolve().with_name(out.resolve().name + ".partial")
+    if build_dir.exists():
+        shutil.rmtree(build_dir)
+    build_dir.mkdir(parents=True)
+    start = time.time()
+    try:
+        if options.tokenizer is not None:
+            tokenizer = load_tokenizer(options.tokenizer, options.eot_token)
+        else:
+            tokenizer = _train_tokenizer(options, sources)
+        tokenizer_dir = tokenizer.save(build_dir / "tokenizer")
+        print(f"tokenizer: {tokenizer.kind}, vocab {tokenizer.vocab_size}, eot id {tokenizer.eot_id}, "
+              f"fingerprint {tokenizer.fingerprint[:16]}", file=sys.stderr)
+
+        summary, lowest = _tokenize(options, sources, tokenizer, tokenizer_dir, build_dir, None)
+        if summary["train"]["documents"] + summary["val"]["documents"] < 2:
+            raise ValueError(f"inputs {options.inputs} hold fewer than 2 non-empty documents; a train and a val "
+                             "split need at least one each")
+        if summary["val"]["documents"] == 0:
+            # too few documents for val_fraction: redo with the lowest-scoring document forced into val
+            for split in ("train", "val"):
+                shutil.rmtree(build_dir / split)
+            summary, _ = _tokenize(options, sources, tokenizer, tokenizer_dir, build_dir, lowest)
+        if summary["train"]["documents"] == 0:
+            raise ValueError("every document landed in val; lower --val-fraction or add documents")
+
+        for split in ("train", "val"):
+            for shard in summary[split]["shards"]:
+                Shard(build_dir / split / shard["file"], tokenizer.fingerprint, validate="full")
+        meta = {
+            "format": META_FORMAT,
+            "shard_format_version": FORMAT_VERSION,
+            "dtype": token_dtype(tokenizer.vocab_size).name,
+            "tokenizer": {"kind": tokenizer.kind, "spec": options.tokenizer, "fingerprint": tokenizer.fingerprint,
+                          "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+                          "eot_token": tokenizer.eot_token, "dir": "tokenizer"},
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "splits": summary,
+            "inputs": {"specs": list(options.inputs), "sources": [_source_record(s) for s in sources]},
+            "split_rule": SPLIT_RULE,
+            "val_fraction": options.val_fraction,
+            "document_separator": "end-of-text token before each document",
+            "options": {k: v for k, v in asdict(options).items() if k not in ("inputs", "force", "progress")},
+            "build_key": key,
+            "seconds": round(time.time() - start, 1),
+        }
+        (build_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _swap_into_place(build_dir, out.resolve())
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    return meta
+
+
+def _swap_into_place(build_dir: Path, out: Path) -> None:
+    """Replace ``out`` with the finished ``build_dir``; the old output is removed only after the rename."""
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(build_dir, out)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,260 @@
+"""Where documents come from: text files, JSONL, Parquet (optionally .gz/.xz/.bz2/.zst compressed), folders and
+globs of them, a Hugging Face dataset, or the embedded default corpus.
+
+An input spec is one of
+
+- ``default``                       the embedded corpus (:mod:`sasformer.data.default_corpus`),
+- ``hf:NAME[:CONFIG][@SPLIT]``      a Hugging Face dataset (needs ``datasets`` and network or a local cache),
+- a file, a folder (searched recursively for known suffixes) or a glob (``data/**/*.jsonl.zst``).
+
+A text file is one document whose id is its path relative to the input (its name, for a single file). A JSONL
+line / Parquet row is one document taken from its ``text`` field; its id is its ``id`` field when present.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+COMPRESSIONS = (".gz", ".xz", ".bz2", ".zst")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+_KNOWN = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document. ``id`` is None when the source gives none (the split then hashes the text)."""
+
+    text: str
+    id: str | None = None
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    """``a.jsonl.zst`` -> (``.jsonl``, ``.zst``); compression is ``""`` when the file is not compressed."""
+    lower = name.lower()
+    compression = next((c for c in COMPRESSIONS if lower.endswith(c)), "")
+    stem = lower[: len(lower) - len(compression)]
+    return os.path.splitext(stem)[1], compression
+
+
+def _open_binary(path: Path, raw: IO[bytes]) -> IO[bytes]:
+    _, compression = _split_suffix(path.name)
+    if compression == ".gz":
+        return gzip.GzipFile(fileobj=raw)
+    if compression == ".xz":
+        return lzma.LZMAFile(raw)
+    if compression == ".bz2":
+        return bz2.BZ2File(raw)
+    if compression == ".zst":
+        try:
+            import zstandard
+        except ImportError as err:
+            raise ValueError(f"{path} is zstd-compressed: install `zstandard` (pip install zstandard)") from err
+        return zstandard.ZstdDecompressor().stream_reader(raw)
+    return raw
+
+
+class FileSource:
+    """Documents of one file. ``bytes_read`` follows the position in the file on disk (for progress bars)."""
+
+    def __init__(self, path: str | os.PathLike, text_id: str | None = None, text_field: str = "text") -> None:
+        self.path = Path(path)
+        self.format, self.compression = _split_suffix(self.path.name)
+        if self.format not in JSONL_SUFFIXES + PARQUET_SUFFIXES:
+            self.format = ".txt"
+        self.text_id = text_id or self.path.name
+        self.text_field = text_field
+        self.size = self.path.stat().st_size
+        self.bytes_read = 0
+
+    def __repr__(self) -> str:
+        return f"FileSource({str(self.path)!r})"
+
+    def documents(self) -> Iterator[Document]:
+        self.bytes_read = 0
+        with open(self.path, "rb") as raw:
+            with _open_binary(self.path, raw) as stream:
+                if self.format == ".txt":
+                    yield from self._text(stream)
+                elif self.format in JSONL_SUFFIXES:
+                    yield from self._jsonl(stream, raw)
+                else:
+                    yield from self._parquet(stream)
+        self.bytes_read = self.size
+
+    def _text(self, stream: IO[bytes]) -> Iterator[Document]:
+        try:
+            text = stream.read().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self.path} is not UTF-8 text ({err}); convert it or remove it from the inputs") from err
+        except (OSError, EOFError, lzma.LZMAError) as err:
+            raise ValueError(f"cannot decompress {self.path}: {err}") from err
+        if text.strip():
+            yield Document(text, self.text_id)
+
+    def _jsonl(self, stream: IO[bytes], raw: IO[bytes]) -> Iterator[Document]:
+        field = self.text_field
+        lines = io.TextIOWrapper(stream, encoding="utf-8")
+        lineno = 0
+        try:
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{self.path}:{lineno}: not valid JSON ({err.msg}); fix or remove the line") from err
+                if not isinstance(record, dict) or field not in record:
+                    raise ValueError(f"{self.path}:{lineno}: JSON line has no {field!r} field (use --text-field)")
+                text = record[field]
+                if not isinstance(text, str):
+                    raise ValueError(f"{self.path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+                if lineno % 256 == 0:
+                    self.bytes_read = raw.tell()
+                if text.strip():
+                    doc_id = record.get("id")
+                    yield Document(text, None if doc_id is None else str(doc_id))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self.path}: line {lineno + 1} is not UTF-8 ({err})") from err
+        except (OSError, EOFError, lzma.LZMAError) as err:
+            raise ValueError(f"cannot decompress {self.path} near line {lineno + 1}: {err}") from err
+
+    def _parquet(self, stream: IO[bytes]) -> Iterator[Document]:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ValueError(f"reading {self.path} needs `pyarrow` (pip install pyarrow)") from err
+        source = stream if not self.compression else io.BytesIO(stream.read())
+        try:
+            pf = pq.ParquetFile(source)
+        except Exception as err:
+            raise ValueError(f"cannot read Parquet file {self.path}: {err}") from err
+        names = pf.schema_arrow.names
+        if self.text_field not in names:
+            raise ValueError(f"{self.path}: Parquet file has no {self.text_field!r} column (columns: {names})")
+        columns = [self.text_field] + (["id"] if "id" in names else [])
+        for group in range(pf.num_row_groups):
+            table = pf.read_row_group(group, columns=columns)
+            texts = table.column(self.text_field).to_pylist()
+            ids = table.column("id").to_pylist() if "id" in names else [None] * len(texts)
+            for text, doc_id in zip(texts, ids):
+                if text and text.strip():
+                    yield Document(text, None if doc_id is None else str(doc_id))
+            self.bytes_read = int(self.size * (group + 1) / pf.num_row_groups)
+
+
+class HFDatasetSource:
+    """A Hugging Face dataset, streamed: ``hf:NAME[:CONFIG][@SPLIT]`` (split defaults to ``train``)."""
+
+    size = None
+
+    def __init__(self, spec: str, text_field: str = "text") -> None:
+        body = spec[len("hf:"):]
+        body, _, self.split = body.partition("@")
+        self.name, _, config = body.partition(":")
+        self.config = config or None
+        self.split = self.split or "train"
+        self.text_field = text_field
+        self.bytes_read = 0
+
+    def __repr__(self) -> str:
+        return f"HFDatasetSource({self.name!r}, config={self.config!r}, split={self.split!r})"
+
+    def documents(self) -> Iterator[Document]:
+        try:
+            import datasets
+        except ImportError as err:
+            raise ValueError(f"Hugging Face dataset {self.name!r} needs `datasets` (pip install datasets)") from err
+        try:
+            ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+        except Exception as err:
+            raise ValueError(
+                f"cannot open Hugging Face dataset {self.name!r} (config {self.config}, split {self.split}): {err}. "
+                "It needs network access or a local cache; otherwise download it to JSONL/Parquet and pass the files"
+            ) from err
+        for i, record in enumerate(ds):
+            if self.text_field not in record:
+                raise ValueError(f"dataset {self.name!r} row {i} has no {self.text_field!r} field (use --text-field)")
+            text = record[self.text_field]
+            if text and text.strip():
+                doc_id = record.get("id")
+                yield Document(text, None if doc_id is None else str(doc_id))
+
+
+class DefaultCorpusSource:
+    """The embedded offline corpus (see :mod:`sasformer.data.default_corpus`)."""
+
+    size = None
+    bytes_read = 0
+
+    def __repr__(self) -> str:
+        return "DefaultCorpusSource()"
+
+    def documents(self) -> Iterator[Document]:
+        from sasformer.data.default_corpus import iter_default_corpus
+
+        yield from iter_default_corpus()
+
+
+Source = FileSource | HFDatasetSource | DefaultCorpusSource
+
+
+def _is_known(path: Path) -> bool:
+    return _split_suffix(path.name)[0] in _KNOWN
+
+
+def resolve_inputs(specs: list[str], text_field: str = "text") -> list[Source]:
+    """Expand input specs into sources, in a deterministic order (folder and glob matches sorted by path)."""
+    if not specs:
+        raise ValueError("no inputs given: pass files, folders, globs, hf:NAME or `default`")
+    sources: list[Source] = []
+    for spec in specs:
+        if spec == "default":
+            sources.append(DefaultCorpusSource())
+        elif spec.startswith("hf:"):
+            sources.append(HFDatasetSource(spec, text_field))
+        elif os.path.isfile(spec):
+            sources.append(FileSource(spec, text_field=text_field))
+        elif os.path.isdir(spec):
+            root = Path(spec)
+            files = sorted(
+                p for p in root.rglob("*")
+                if p.is_file() and _is_known(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            )
+            if not files:
+                raise ValueError(f"folder {spec} holds no input files (suffixes {list(_KNOWN)}, optionally compressed)")
+            sources += [FileSource(p, p.relative_to(root).as_posix(), text_field) for p in files]
+        elif glob.has_magic(spec):
+            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ValueError(f"glob {spec!r} matches no files")
+            base = Path(spec.split("*")[0].split("?")[0].split("[")[0])
+            base = base if base.is_dir() else base.parent
+            sources += [FileSource(p, _relative(p, base), text_field) for p in matches]
+        else:
+            raise ValueError(f"input {spec!r} is not a file, folder, glob, hf:NAME or `default`")
+    return sources
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return path.name
+
+
+def iter_documents(specs: str | list[str], text_field: str = "text") -> Iterator[Document]:
+    """Every document of every input, in order."""
+    for source in resolve_inputs([specs] if isinstance(specs, str) else specs, text_field):
+        yield from source.documents()

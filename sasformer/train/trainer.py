@@ -1,0 +1,346 @@
+"""The training loop: accumulation, clipping, autocast, validation, logging, checkpoints and resume.
+
+The step makes no host round trip: the loss and gradient norm stay on the device and are read at
+log intervals only; a non-finite loss is remembered on the device (with its step) and raised at the
+next log, validation or checkpoint, before anything is written, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sasformer.models.decoder import DecoderLM, lm_loss
+from sasformer.models.flops import train_flops_per_token
+from sasformer.train import checkpoint as ckpt
+from sasformer.train import distributed as D
+from sasformer.train.config import TrainConfig
+from sasformer.train.data import DataSource, PreparedData
+from sasformer.train.metrics import MetricsLogger, peak_memory_gib, peak_tflops, throughput
+from sasformer.train.optim import CosineSchedule, build_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the step and the last good checkpoint."""
+
+
+class LossModel(nn.Module):
+    """The model plus the loss, so one compiled graph covers the fp32 cross-entropy too."""
+
+    def __init__(self, model: DecoderLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+        return lm_loss(self.model(input_ids), targets)
+
+
+StepHook = Callable[["Trainer", int], None]
+
+
+class Trainer:
+    """Train ``config``; ``data`` defaults to the prepared shards in ``config.data_dir``.
+
+    ``step_hooks`` are called as ``hook(trainer, step)`` after every optimiser step (tests use them
+    to inject faults; they are also a place for custom logging).
+    """
+
+    def __init__(self, config: TrainConfig, data: DataSource | None = None,
+                 step_hooks: list[StepHook] | None = None) -> None:
+        self.config = config
+        self.step_hooks = list(step_hooks or [])
+        self.dist, self.device = D.init_distributed(config.device)
+        self.out_dir = Path(config.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.accum = config.grad_accum(self.dist.world_size)
+        self.micro = config.micro_batch(self.dist.world_size)
+        self.total_steps = config.total_steps()
+        self.autocast_dtype = self._autocast_dtype()
+        data = data if data is not None else PreparedData(config.data_dir)
+        self.data = data
+
+        resume_from = self._resume_path()
+        saved_state: dict[str, Any] | None = None
+        saved_optim: dict[str, Any] | None = None
+        if resume_from is not None:
+            saved_optim, saved_state = ckpt.load_train_state(resume_from)
+
+        # one loader call yields this process's rows of a global micro-batch
+        self.loader = data.train_loader(
+            config.seq_len, self.micro * self.dist.world_size, config.seed, self.dist.rank, self.dist.world_size,
+            saved_state["tokenizer_fingerprint"] if saved_state else None,
+        )
+        if saved_state and self.loader.tokenizer_fingerprint != saved_state["tokenizer_fingerprint"]:
+            raise ValueError(
+                f"data in {config.data_dir} was tokenized with tokenizer {self.loader.tokenizer_fingerprint}, but "
+                f"checkpoint {resume_from} was trained with {saved_state['tokenizer_fingerprint']}; prepare the "
+                "data with the same tokenizer or start a new run (resume: none, another out_dir)"
+            )
+        self.model_config = config.model.build(self.loader.vocab_size, config.seq_len)
+        if resume_from is not None:
+            saved_model = ckpt.read_model_config(resume_from)
+            if saved_model != self.model_config:
+                diff = {k: (v, getattr(self.model_config, k)) for k, v in saved_model.to_dict().items()
+                        if getattr(self.model_config, k) != v}
+                raise ValueError(f"checkpoint {resume_from} has another model (field: (saved, configured)) {diff}")
+
+        _seed_everything(config.seed)
+        model = DecoderLM(self.model_config)  # built on CPU from the seed: identical on every rank
+        self.model = model.to(self.device)
+        self.flops_per_token = train_flops_per_token(self.model_config, config.seq_len)
+        self.loss_module, self._ddp = self._parallelize()
+        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.schedule = CosineSchedule(config.optim.lr, config.optim.min_lr, config.optim.warmup_steps,
+                                       self.total_steps)
+        self.step = 0
+        if resume_from is not None:
+            D.load_full_state(self.model, self.optimizer, ckpt.read_model_state(resume_from, self.model_config),
+                              saved_optim)
+            self.loader.load_state_dict(saved_state["loader"])
+            ckpt.set_rng_state(saved_state["rng"])
+            self.step = int(saved_state["step"])
+        self.resumed_from = resume_from
+        self.last_checkpoint: Path | None = resume_from
+        self.peak = peak_tflops(self.device, config.mfu_peak_tflops)
+        self.logger = MetricsLogger(self.out_dir, config.tensorboard) if self.dist.is_main else None
+        # device-side accumulators, read only at log time
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._steps_in_window = 0
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._dev_step = torch.full((), self.step, dtype=torch.long, device=self.device)
+        self._last_grad_norm = torch.zeros((), device=self.device)
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        dtype = self.config.dtype
+        if dtype == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return torch.bfloat16 if dtype == "bfloat16" else None
+
+    def _resume_path(self) -> Path | None:
+        resume = self.config.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_dir)
+        path = Path(resume)
+        ckpt.read_config(path)  # a clear error if it is not a complete checkpoint
+        return path
+
+    def _parallelize(self) -> tuple[nn.Module, nn.Module | None]:
+        """The callable module computing the loss, and the DDP wrapper if any (for ``no_sync``)."""
+        cfg, model = self.config, self.model
+        if self.dist.enabled and cfg.parallel == "fsdp":
+            if cfg.compile:
+                for block in model.blocks:
+                    block.compile()
+            D.apply_fsdp(model, model.blocks, self.autocast_dtype)
+            return LossModel(model), None
+        module: nn.Module = LossModel(model)
+        ddp = None
+        if self.dist.enabled:
+            module = ddp = D.apply_ddp(module, self.device)
+        if cfg.compile:
+            module = torch.compile(module)
+        return module, ddp
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> None:
+        """One optimiser step over ``accum`` micro-batches; no host synchronisation."""
+        self.schedule.apply(self.optimizer, self.step)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            inputs, targets = self.loader.next_batch()
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with D.no_sync(self._ddp, micro < self.accum - 1), self._autocast():
+                loss = self.loss_module(inputs, targets)
+                (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._dev_step += 1
+        step_loss = loss_sum / self.accum
+        newly_bad = (~torch.isfinite(step_loss)) & (self._bad_step < 0)
+        self._bad_step = torch.where(newly_bad, self._dev_step, self._bad_step)
+        self._loss_sum += step_loss
+        self._steps_in_window += 1
+        self._last_grad_norm = D.local_tensor(grad_norm).detach()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any step since the start had a non-finite loss (syncs)."""
+        never = torch.iinfo(torch.long).max
+        first_bad = D.all_reduce_min(torch.where(self._bad_step >= 0, self._bad_step, never))
+        if first_bad.item() != never:
+            bad_step = int(first_bad.item())
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+                "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"loss became NaN/inf at step {bad_step}; training stopped and nothing after it was saved "
+                f"({where}). Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then resume."
+            )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``eval_batches`` batches of the validation split (all processes)."""
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        batches = self.data.eval_batches(self.config.seq_len, self.micro * self.dist.world_size,
+                                         self.config.eval_batches, self.dist.rank, self.dist.world_size)
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self._autocast():
+                loss = self.loss_module(inputs, targets)
+            total += torch.stack([loss.double() * targets.numel(), torch.tensor(targets.numel(), device=self.device)])
+        D.all_reduce_sum(total)
+        if total[1].item() == 0:
+            raise ValueError(f"the validation split of {self.config.data_dir} gave no batches of seq_len "
+                             f"{self.config.seq_len}; prepare more validation text or set eval_interval: 0")
+        return (total[0] / total[1]).item()
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank joins the gather)."""
+        self.check_finite()
+        model_state, optim_state = D.full_state(self.model, self.optimizer)
+        path = None
+        if self.dist.is_main:
+            train_state = {
+                "tokens_seen": self.step * self.config.batch_size * self.config.seq_len,
+                "schedule": self.schedule.state_dict(),
+                "rng": ckpt.rng_state(),
+                "loader": self.loader.state_dict(),
+                "tokenizer_fingerprint": self.loader.tokenizer_fingerprint,
+                "world_size": self.dist.world_size,
+            }
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, self.model_config, optim_state,
+                                        train_state, {"train": self.config.to_dict()}, self.config.keep_last)
+        D.barrier()
+        self.last_checkpoint = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        return path
+
+    def _log_train(self, window_s: float, window_steps: int) -> dict[str, Any]:
+        loss_sum = D.all_reduce_sum(self._loss_sum.clone()) / self.dist.world_size
+        record: dict[str, Any] = {
+            "kind": "train",
+            "step": self.step,
+            "loss": loss_sum.item() / max(1, self._steps_in_window),
+            "lr": self.schedule.lr_at(self.step - 1),
+            "grad_norm": self._last_grad_norm.item(),
+            "tokens": self.step * self.config.batch_size * self.config.seq_len,
+        }
+        tokens = window_steps * self.config.batch_size * self.config.seq_len
+        record.update(throughput(tokens, window_s, self.flops_per_token, self.dist.world_size, self.peak))
+        record["peak_mem_gib"] = peak_memory_gib(self.device)
+        self._loss_sum.zero_()
+        self._steps_in_window = 0
+        if self.logger is not None:
+            self.logger.log(record)
+        return record
+
+    def _write_run_info(self) -> None:
+        info = {
+            "config": self.config.to_dict(),
+            "model": self.model_config.to_dict(),
+            "parameters": self.model.num_parameters() if not (self.dist.enabled and self.config.parallel == "fsdp")
+            else None,
+            "train_flops_per_token": self.flops_per_token,
+            "world_size": self.dist.world_size,
+            "grad_accum": self.accum,
+            "micro_batch_size": self.micro,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor(),
+            "peak_tflops": self.peak,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "git_revision": _git_revision(),
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+        }
+        (self.out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps``; returns the last train record (and the last validation loss)."""
+        cfg = self.config
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_info()
+        bar = None
+        if cfg.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        last: dict[str, Any] = {"step": self.step}
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                self.train_step()
+                window_steps += 1
+                for hook in self.step_hooks:
+                    hook(self, self.step)
+                if bar is not None:
+                    bar.update(1)
+                done = self.step == self.total_steps
+                if self.step % cfg.log_interval == 0 or done:
+                    self.check_finite()  # syncs, so the window time below is real
+                    last = self._log_train(time.perf_counter() - window_start, window_steps)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                    window_start, window_steps = time.perf_counter(), 0
+                eval_now = cfg.eval_interval and (self.step % cfg.eval_interval == 0 or done)
+                save_now = (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or done
+                if eval_now or save_now:
+                    paused = time.perf_counter()
+                    if eval_now:
+                        self.check_finite()
+                        val = self.evaluate()
+                        last["val_loss"] = val
+                        if self.logger is not None:
+                            self.logger.log({"kind": "val", "step": self.step, "val_loss": val,
+                                             "val_ppl": math.exp(min(val, 50.0))})
+                    if save_now:
+                        self.save()
+                    window_start += time.perf_counter() - paused  # validation and saving are not training time
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.logger is not None:
+                self.logger.close()
+        return last
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def train(config: TrainConfig, data: DataSource | None = None) -> dict[str, Any]:
+    """Run ``config`` to the end (the ``sasformer train`` entry point); returns the last metrics."""
+    trainer = Trainer(config, data)
+    try:
+        return trainer.fit()
+    finally:
+        D.shutdown()
