@@ -44,7 +44,10 @@ class TokenStream:
                 )
         meta_path = Path(data_dir) / "meta.json"
         if meta_path.is_file():
-            recorded = json.loads(meta_path.read_text()).get("tokenizer_fingerprint")
+            try:
+                recorded = json.loads(meta_path.read_text()).get("tokenizer_fingerprint")
+            except (ValueError, AttributeError) as err:
+                raise ShardError(f"{meta_path} is corrupt ({err}); re-run `sasformer prepare`") from err
             if recorded not in (None, first.fingerprint):
                 raise ShardError(f"shards in {self.directory} do not match the tokenizer recorded in {meta_path}")
         self.vocab_size = first.vocab_size

@@ -103,22 +103,32 @@ def build_key(options: PrepareOptions, sources: list[Source]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def read_meta(out: str | os.PathLike) -> dict | None:
-    """``OUT/meta.json`` if OUT is a complete prepared folder (every shard present with the recorded size)."""
-    out = Path(out)
+def _our_meta(out: Path) -> dict | None:
+    """``OUT/meta.json`` when it was written by ``prepare`` (complete or not), else None."""
     try:
         meta = json.loads((out / META_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("format") != META_FORMAT:
-        return None
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split, info in meta["splits"].items():
-        for shard in info["shards"]:
-            path = out / split / shard["file"]
-            if not path.is_file() or path.stat().st_size != 128 + shard["tokens"] * itemsize:
-                return None
-    return meta
+    return meta if isinstance(meta, dict) and meta.get("format") == META_FORMAT else None
+
+
+def _complete(out: Path, meta: dict) -> bool:
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split, info in meta["splits"].items():
+            for shard in info["shards"]:
+                path = out / split / shard["file"]
+                if not path.is_file() or path.stat().st_size != 128 + shard["tokens"] * itemsize:
+                    return False
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def read_meta(out: str | os.PathLike) -> dict | None:
+    """``OUT/meta.json`` if OUT is a complete prepared folder (every shard present with the recorded size)."""
+    meta = _our_meta(Path(out))
+    return meta if meta is not None and _complete(Path(out), meta) else None
 
 
 class _Progress:
@@ -247,12 +257,18 @@ def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokeniz
     try:
         if options.workers > 1:
             # tokenizers' own thread pool would oversubscribe the cores the worker processes already use
+            saved = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            ctx = mp.get_context(method)
-            with ctx.Pool(options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
-                for is_val, tokens in pool.imap(_encode_job, jobs(), chunksize=1):
-                    writers["val" if is_val else "train"].add(tokens)
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            try:
+                with ctx.Pool(options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+                    for is_val, tokens in pool.imap(_encode_job, jobs(), chunksize=1):
+                        writers["val" if is_val else "train"].add(tokens)
+            finally:
+                if saved is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = saved
         else:
             for is_val, texts, _ in jobs():
                 writers["val" if is_val else "train"].add(_encode_docs(tokenizer, texts, dtype))
@@ -272,16 +288,19 @@ def prepare(options: PrepareOptions) -> dict:
     sources = resolve_inputs(options.inputs, options.text_field)
     key = build_key(options, sources)
 
-    existing = read_meta(out)
-    if out.exists() and existing is None:
-        if not out.is_dir() or any(out.iterdir()):
-            raise ValueError(
-                f"{out} exists but is not a complete sasformer data folder (no valid meta.json); "
-                "remove it or choose another --out (nothing was changed)"
-            )
-    if existing is not None and existing.get("build_key") == key and not options.force:
-        print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
-        return existing
+    existing = _our_meta(out)
+    if out.exists() and existing is None and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"{out} exists but is not a sasformer data folder (no meta.json written by `sasformer prepare`); "
+            "remove it or choose another --out (nothing was changed)"
+        )
+    if existing is not None:
+        if not _complete(out, existing):
+            print(f"{out} is incomplete or damaged (a shard is missing or has the wrong size); rebuilding",
+                  file=sys.stderr)
+        elif existing.get("build_key") == key and not options.force:
+            print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
+            return existing
 
     build_dir = out.resolve().with_name(out.resolve().name + ".partial")
     if build_dir.exists():

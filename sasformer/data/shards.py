@@ -55,7 +55,10 @@ class ShardHeader:
     fingerprint: str  # hex sha256 of the tokenizer
 
     def pack(self) -> bytes:
-        digest = bytes.fromhex(self.fingerprint)
+        try:
+            digest = bytes.fromhex(self.fingerprint)
+        except ValueError:
+            digest = b""
         if len(digest) != 32:
             raise ValueError(f"tokenizer fingerprint must be a 64-character hex sha256, got {self.fingerprint!r}")
         body = _HEADER_STRUCT.pack(MAGIC, self.version, self.dtype.itemsize, self.num_tokens, self.vocab_size, digest)

@@ -114,7 +114,9 @@ class FileSource:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.path}:{lineno}: not valid JSON ({err.msg}); fix or remove the line") from err
+                    raise ValueError(
+                        f"{self.path}:{lineno}: not valid JSON ({err.msg}); fix or remove the line"
+                    ) from err
                 if not isinstance(record, dict) or field not in record:
                     raise ValueError(f"{self.path}:{lineno}: JSON line has no {field!r} field (use --text-field)")
                 text = record[field]

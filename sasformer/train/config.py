@@ -1,5 +1,7 @@
 """Training configuration: nested dataclasses loaded from YAML, with ``--dotted.key value`` overrides.
 
+Imports no torch, so the command line stays fast to build.
+
 Every key is checked: an unknown one is a ValueError naming it and listing the known keys, so a typo
 never trains silently with a default.
 """
@@ -15,16 +17,18 @@ from typing import Any
 
 import yaml
 
-from sasformer.models.config import ModelConfig
-from sasformer.models.presets import SIZES, preset
+if typing.TYPE_CHECKING:
+    from sasformer.models.config import ModelConfig
 
 
 @dataclass
 class ModelSection:
     """Which model to train: a preset size and attention variant, plus optional field overrides.
 
-    ``vocab_size`` is not set here: it comes from the prepared data (its tokenizer). Fields left
-    None keep the preset's value; ``max_seq_len`` None means max(preset, ``seq_len``).
+    ``vocab_size`` is not set here: it comes from the prepared data (its tokenizer), rounded up to a
+    multiple of ``pad_vocab_to`` so the embedding and LM-head matmuls use fast tile sizes (50257 ->
+    50304); the extra ids never occur as targets. Fields left None keep the preset's value;
+    ``max_seq_len`` None means max(preset, ``seq_len``).
     """
 
     size: str = "tiny"
@@ -38,15 +42,23 @@ class ModelSection:
     norm_eps: float | None = None
     tie_embeddings: bool | None = None
     init_std: float | None = None
+    pad_vocab_to: int = 64
 
     def build(self, vocab_size: int, seq_len: int) -> ModelConfig:
+        """The model config for data with ``vocab_size`` tokens trained at ``seq_len``."""
+        from sasformer.models.presets import SIZES, preset
+
         if self.size not in SIZES:
             raise ValueError(f"model.size={self.size!r} is not a preset; choose one of {list(SIZES)}")
+        if self.pad_vocab_to < 1:
+            raise ValueError(f"model.pad_vocab_to={self.pad_vocab_to} must be >= 1 (1: no padding)")
+        own = ("size", "attention", "attention_args", "pad_vocab_to")
         overrides = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("size", "attention", "attention_args") and getattr(self, f.name) is not None
+            if f.name not in own and getattr(self, f.name) is not None
         }
+        vocab_size = -(-vocab_size // self.pad_vocab_to) * self.pad_vocab_to
         overrides.setdefault("max_seq_len", max(SIZES[self.size].max_seq_len, seq_len))
         return preset(
             self.size, self.attention, attention_args=dict(self.attention_args), vocab_size=vocab_size, **overrides
@@ -162,7 +174,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _build(cls, data, "")
 
 
@@ -173,7 +185,7 @@ def _known_keys(cls: type) -> list[str]:
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")  # noqa: TRY004 - bad user input
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(_known_keys(cls)))
     if unknown:
@@ -233,7 +245,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """A command-line value as YAML (``1e-3``, ``true``, ``null``, ``[0.9, 0.95]``, ``{a: 1}``)."""
-    return yaml.safe_load(text) if text.strip() else ""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -243,9 +261,29 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ValueError(f"cannot set {dotted}: {part} is {child!r}, not a mapping")
+            raise ValueError(f"cannot set {dotted}: {part} is {child!r}, not a mapping")  # noqa: TRY004
         node = child
     node[parts[-1]] = value
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``["--optim.lr", "1e-3", "--compile=true"]`` -> ``{"optim.lr": 0.001, "compile": True}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected --key value, got {arg!r}; keys: {', '.join(all_keys())}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{arg} needs a value")
+            key, text = arg[2:], argv[i + 1]
+            i += 2
+        out[key] = parse_value(text)
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -24,8 +25,8 @@ class DataSource(Protocol):
     def train_loader(self, seq_len: int, batch_size: int, seed: int, rank: int, world_size: int,
                      expected_fingerprint: str | None) -> TrainLoader: ...
 
-    def eval_batches(self, seq_len: int, batch_size: int, max_batches: int, rank: int,
-                     world_size: int) -> Iterable[tuple[Tensor, Tensor]]: ...
+    def eval_batches(self, seq_len: int, batch_size: int, max_batches: int, rank: int, world_size: int,
+                     expected_fingerprint: str | None) -> Iterable[tuple[Tensor, Tensor]]: ...
 
 
 class PreparedData:
@@ -41,9 +42,10 @@ class PreparedData:
         return TokenLoader(self.data_dir, split="train", seq_len=seq_len, batch_size=batch_size, seed=seed,
                            rank=rank, world_size=world_size, expected_fingerprint=expected_fingerprint)
 
-    def eval_batches(self, seq_len: int, batch_size: int, max_batches: int, rank: int,
-                     world_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+    def eval_batches(self, seq_len: int, batch_size: int, max_batches: int, rank: int, world_size: int,
+                     expected_fingerprint: str | None) -> Iterable[tuple[Tensor, Tensor]]:
         from sasformer.data.loader import eval_batches
 
         return eval_batches(self.data_dir, split="val", seq_len=seq_len, batch_size=batch_size,
-                            max_batches=max_batches, rank=rank, world_size=world_size)
+                            max_batches=max_batches, rank=rank, world_size=world_size,
+                            expected_fingerprint=expected_fingerprint)

@@ -14,8 +14,9 @@ import platform
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +68,9 @@ class Trainer:
         self.micro = config.micro_batch(self.dist.world_size)
         self.total_steps = config.total_steps()
         self.autocast_dtype = self._autocast_dtype()
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (fp32 runs)
+            torch.backends.cudnn.allow_tf32 = True
         data = data if data is not None else PreparedData(config.data_dir)
         self.data = data
 
@@ -76,9 +80,10 @@ class Trainer:
         if resume_from is not None:
             saved_optim, saved_state = ckpt.load_train_state(resume_from)
 
-        # one loader call yields this process's rows of a global micro-batch
+        # one loader call per step yields this process's rows of the global batch, whatever the world
+        # size and micro-batch, so a run's data does not depend on how it is parallelised
         self.loader = data.train_loader(
-            config.seq_len, self.micro * self.dist.world_size, config.seed, self.dist.rank, self.dist.world_size,
+            config.seq_len, config.batch_size, config.seed, self.dist.rank, self.dist.world_size,
             saved_state["tokenizer_fingerprint"] if saved_state else None,
         )
         if saved_state and self.loader.tokenizer_fingerprint != saved_state["tokenizer_fingerprint"]:
@@ -165,10 +170,12 @@ class Trainer:
         """One optimiser step over ``accum`` micro-batches; no host synchronisation."""
         self.schedule.apply(self.optimizer, self.step)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            inputs, targets = self.loader.next_batch()
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+        inputs_BT, targets_BT = self.loader.next_batch()
+        if self.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
+            inputs_BT, targets_BT = inputs_BT.pin_memory(), targets_BT.pin_memory()
+        inputs_BT = inputs_BT.to(self.device, non_blocking=True)
+        targets_BT = targets_BT.to(self.device, non_blocking=True)
+        for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
             with D.no_sync(self._ddp, micro < self.accum - 1), self._autocast():
                 loss = self.loss_module(inputs, targets)
                 (loss / self.accum).backward()
@@ -204,7 +211,8 @@ class Trainer:
         """Mean validation loss over ``eval_batches`` batches of the validation split (all processes)."""
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         batches = self.data.eval_batches(self.config.seq_len, self.micro * self.dist.world_size,
-                                         self.config.eval_batches, self.dist.rank, self.dist.world_size)
+                                         self.config.eval_batches, self.dist.rank, self.dist.world_size,
+                                         self.loader.tokenizer_fingerprint)
         for inputs, targets in batches:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self._autocast():
@@ -352,7 +360,7 @@ def _seed_everything(seed: int) -> None:
 
 def _git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None

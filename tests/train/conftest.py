@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # fakes.py, also for training subprocesses
 
-from sasformer.train.config import TrainConfig  # noqa: E402
+from sasformer.train.config import TrainConfig
 
 
 def tiny_config(out_dir: Path, **changes) -> TrainConfig:

@@ -51,8 +51,8 @@ class FakeData:
         return FakeLoader(self.train_tokens, self.vocab_size, self.fingerprint, seq_len, batch_size, seed, rank,
                           world_size, expected_fingerprint)
 
-    def eval_batches(self, seq_len, batch_size, max_batches, rank, world_size):
+    def eval_batches(self, seq_len, batch_size, max_batches, rank, world_size, expected_fingerprint):
         loader = FakeLoader(self.val_tokens, self.vocab_size, self.fingerprint, seq_len, batch_size, 12345, rank,
-                            world_size, None)
+                            world_size, expected_fingerprint)
         for _ in range(max_batches):
             yield loader.next_batch()

@@ -1,0 +1,194 @@
+"""Training-step throughput of the trainer: tokens/s, TFLOP/s, MFU and peak memory per attention variant.
+
+Runs the real :class:`sasformer.train.trainer.Trainer` step (bf16 autocast, ``torch.compile``, fused
+AdamW, gradient clipping) on synthetic tokens, so the numbers are what ``sasformer train`` gets minus
+data loading. On one GPU::
+
+    python3 benchmarks/train_speed.py --out benchmarks/results/train_speed            # small: mha, sas
+    python3 benchmarks/train_speed.py --all --out benchmarks/results/train_speed      # every variant
+
+Writes ``train_speed.json`` and ``train_speed.md`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sasformer.layers.registry import variant_names
+from sasformer.train.config import TrainConfig
+from sasformer.train.metrics import peak_memory_gib, throughput
+from sasformer.train.trainer import Trainer
+
+
+class SyntheticLoader:
+    """Uniform random tokens; a few batches made up front and cycled, so the host does no work per step."""
+
+    tokenizer_fingerprint = "synthetic"
+
+    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, n_batches: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.vocab_size = vocab_size
+        self.batches = [torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g)
+                        for _ in range(n_batches)]
+        self.step = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.batches[self.step % len(self.batches)]
+        self.step += 1
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+class SyntheticData:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def train_loader(self, seq_len, batch_size, seed, rank, world_size, expected_fingerprint):
+        return SyntheticLoader(self.vocab_size, seq_len, batch_size // world_size)
+
+    def eval_batches(self, *args, **kwargs):
+        return iter(())
+
+
+def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> dict:
+    config = TrainConfig.from_dict({
+        "model": {"size": args.size, "attention": attention},
+        "data_dir": "synthetic",
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "micro_batch_size": args.micro_batch_size,
+        "max_steps": args.warmup + args.steps,
+        "dtype": "bfloat16" if args.device == "cuda" else "float32",
+        "compile": not args.no_compile,
+        "device": args.device,
+        "eval_interval": 0,
+        "checkpoint_interval": 0,
+        "log_interval": args.warmup + args.steps,
+        "out_dir": str(out_dir / f"run_{attention}"),
+        "resume": "none",
+        "tensorboard": False,
+        "progress": False,
+        "mfu_peak_tflops": args.peak_tflops,
+    })
+    trainer = Trainer(config, SyntheticData(args.vocab_size))
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):  # compilation and allocator warm-up
+        trainer.train_step()
+    sync()
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step()
+    sync()
+    seconds = time.perf_counter() - start
+    trainer.check_finite()  # a diverged step would make the timing meaningless
+    tokens = args.steps * config.batch_size * config.seq_len
+    row = {
+        "attention": attention,
+        "size": args.size,
+        "parameters": trainer.model.num_parameters(),
+        "train_flops_per_token": trainer.flops_per_token,
+        "batch_size": config.batch_size,
+        "micro_batch_size": trainer.micro,
+        "seq_len": config.seq_len,
+        "step_ms": 1000 * seconds / args.steps,
+        **throughput(tokens, seconds, trainer.flops_per_token, 1, trainer.peak),
+        "peak_mem_gib": peak_memory_gib(trainer.device),
+        "peak_tflops": trainer.peak,
+    }
+    trainer.logger.close()
+    del trainer
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Training step throughput ({meta['device']}, {meta['dtype']}, compile={meta['compile']})",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s",
+        "",
+        "| attention | params (M) | batch x T | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        lines.append(
+            f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {r['batch_size']}x{r['seq_len']} | "
+            f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {mem} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output folder for train_speed.json / .md")
+    parser.add_argument("--attention", nargs="+", default=["mha", "sas"], help="variants (default: mha sas)")
+    parser.add_argument("--all", action="store_true", help="every registered variant")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimiser step")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the whole batch at once")
+    parser.add_argument("--vocab-size", type=int, default=50304)
+    parser.add_argument("--warmup", type=int, default=15, help="untimed steps (compilation)")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = variant_names() if args.all else args.attention
+    rows = []
+    for attention in variants:
+        print(f"benchmarking {attention} ...", flush=True)
+        rows.append(bench_variant(args, attention, out))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
+    except OSError:
+        rev = None
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    meta = {
+        "command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
+        "git_revision": rev,
+        "torch": torch.__version__,
+        "device": device,
+        "dtype": "bfloat16" if args.device == "cuda" else "float32",
+        "compile": not args.no_compile,
+        "peak_tflops": rows[0]["peak_tflops"] if rows else None,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+    }
+    (out / "train_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = markdown(rows, meta)
+    (out / "train_speed.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

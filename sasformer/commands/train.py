@@ -1,0 +1,46 @@
+"""``sasformer train --config configs/tiny.yaml [--key value ...]``: train one model.
+
+Any config key can follow as an option, dotted for nested keys (``--optim.lr 1e-3``,
+``--model.attention sas --model.attention_args.kernel_size 1``); values are read as YAML, and an
+unknown key is an error listing the known ones.
+Multi-GPU: ``torchrun --nproc-per-node 8 -m sasformer train --config configs/small.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file (configs/tiny.yaml, small.yaml, medium.yaml); default: built-in defaults")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.epilog = "config overrides: --KEY VALUE for any key of the YAML file, e.g. --optim.lr 1e-3"
+    # the override keys are open-ended (attention_args differ per variant), so this parser hands the
+    # options it does not know to run() instead of rejecting them; run() validates every key
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
+        namespace, extra = parse_known(args, namespace)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + list(extra)
+        return namespace, []
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sasformer.train.config import load_config, parse_overrides
+    from sasformer.train.trainer import train
+
+    config = load_config(args.config, parse_overrides(getattr(args, "overrides", [])))
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    last = train(config)
+    if "loss" in last:
+        summary = f"step {last['step']}: loss {last['loss']:.4f}"
+        if "val_loss" in last:
+            summary += f", val loss {last['val_loss']:.4f}"
+        print(summary + f"; outputs in {config.out_dir}")
+    return 0

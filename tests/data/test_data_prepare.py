@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sasformer.data.loader import TokenLoader, TokenStream, eval_batches, load_data_tokenizer
+from sasformer.data.prepare import PrepareOptions, prepare, read_meta, split_score
+from sasformer.data.sources import Document
+
+
+def _write_jsonl(path: Path, docs: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs))
+    return path
+
+
+def _corpus(tmp_path: Path, name: str, n: int) -> Path:
+    docs = [(f"{name}-{i}", f"Document {i} of {name}: the cat sat. " * (1 + i % 3)) for i in range(n)]
+    return _write_jsonl(tmp_path / f"{name}.jsonl", docs)
+
+
+def _options(tmp_path, inputs, out="out", **kw) -> PrepareOptions:
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return PrepareOptions(inputs=[str(p) for p in inputs], out=str(tmp_path / out), **kw)
+
+
+def _split_docs(out: Path, split: str) -> list[str]:
+    """Decode a split back into its documents (an end-of-text token precedes each)."""
+    tok = load_data_tokenizer(out)
+    stream = TokenStream(out, split)
+    tokens = stream.read(0, stream.num_tokens)
+    assert tokens[0] == tok.eot_id
+    bounds = np.flatnonzero(tokens == tok.eot_id).tolist() + [len(tokens)]
+    return [tok.decode(tokens[a + 1 : b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def test_prepare_roundtrip_with_trained_bpe(tmp_path, texts):
+    (tmp_path / "notes").mkdir()
+    for i, t in enumerate(texts[:3]):
+        (tmp_path / "notes" / f"n{i}.txt").write_text(t)
+    jsonl = _corpus(tmp_path, "web", 40)
+    meta = prepare(_options(tmp_path, [tmp_path / "notes", jsonl], vocab_size=300, val_fraction=0.1))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train", "val"]
+    assert not (tmp_path / "out.partial").exists()
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] <= 300
+    tok = load_data_tokenizer(out)
+    assert meta["tokenizer_fingerprint"] == tok.fingerprint
+    inputs = texts[:3] + [json.loads(line)["text"] for line in jsonl.read_text().splitlines()]
+    train, val = _split_docs(out, "train"), _split_docs(out, "val")
+    assert sorted(train + val) == sorted(inputs)
+    assert meta["splits"]["train"]["documents"] == len(train) and meta["splits"]["val"]["documents"] == len(val)
+    assert meta["splits"]["val"]["tokens"] == TokenStream(out, "val").num_tokens
+    assert len(val) >= 1
+    x, y = TokenLoader(out, seq_len=7, batch_size=2, expected_fingerprint=tok.fingerprint).next_batch()
+    assert x.shape == (2, 7) and int(x.max()) < meta["vocab_size"]
+
+
+def test_split_rule():
+    doc = Document("text", "some-id")
+    assert split_score(doc) == split_score(Document("other text", "some-id"))
+    assert split_score(Document("text")) != split_score(doc)
+    assert 0.0 <= split_score(doc) < 1.0
+
+
+def test_split_is_stable_when_files_are_added(tmp_path, ranks_file):
+    a = _corpus(tmp_path, "a", 300)
+    b = _corpus(tmp_path, "b", 200)
+    prepare(_options(tmp_path, [a], out="one", tokenizer=str(ranks_file), val_fraction=0.05))
+    prepare(_options(tmp_path, [a, b], out="two", tokenizer=str(ranks_file), val_fraction=0.05))
+    val_one = set(_split_docs(tmp_path / "one", "val"))
+    val_two = set(_split_docs(tmp_path / "two", "val"))
+    assert val_one and val_one == {d for d in val_two if "of a:" in d}
+    assert any("of b:" in d for d in val_two)
+
+
+def test_rerun_is_idempotent_and_changes_rebuild(tmp_path, ranks_file, capsys):
+    a = _corpus(tmp_path, "a", 30)
+    opts = _options(tmp_path, [a], tokenizer=str(ranks_file))
+    first = prepare(opts)
+    shard = tmp_path / "out" / "train" / "train_000000.bin"
+    stamp = shard.stat().st_mtime_ns
+    assert prepare(opts) == first
+    assert shard.stat().st_mtime_ns == stamp
+    assert "up to date" in capsys.readouterr().err
+    _corpus(tmp_path, "a", 31)
+    second = prepare(opts)
+    assert second["build_key"] != first["build_key"]
+    assert second["splits"]["train"]["documents"] + second["splits"]["val"]["documents"] == 31
+    changed = prepare(_options(tmp_path, [a], tokenizer=str(ranks_file), val_fraction=0.5))
+    assert changed["build_key"] != second["build_key"]
+
+
+def test_workers_do_not_change_output(tmp_path, ranks_file):
+    a = _corpus(tmp_path, "a", 700)
+    one = prepare(_options(tmp_path, [a], out="w1", tokenizer=str(ranks_file), shard_tokens=5000))
+    two = prepare(_options(tmp_path, [a], out="w2", tokenizer=str(ranks_file), shard_tokens=5000, workers=2))
+    assert one["splits"] == two["splits"] and len(one["splits"]["train"]["shards"]) > 1
+    for split in ("train", "val"):
+        for shard in one["splits"][split]["shards"]:
+            assert (tmp_path / "w1" / split / shard["file"]).read_bytes() == \
+                (tmp_path / "w2" / split / shard["file"]).read_bytes()
+
+
+def test_at_least_one_val_document(tmp_path, ranks_file):
+    a = _corpus(tmp_path, "a", 3)
+    meta = prepare(_options(tmp_path, [a], tokenizer=str(ranks_file), val_fraction=1e-9))
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (2, 1)
+    with pytest.raises(ValueError, match="fewer than 2 non-empty documents"):
+        prepare(_options(tmp_path, [_corpus(tmp_path, "one", 1)], out="o2", tokenizer=str(ranks_file)))
+
+
+def test_failure_leaves_no_output(tmp_path, ranks_file):
+    good = _corpus(tmp_path, "a", 10)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        prepare(_options(tmp_path, [good, bad], tokenizer=str(ranks_file)))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    # a failed rebuild keeps the previous complete output
+    prepare(_options(tmp_path, [good], tokenizer=str(ranks_file)))
+    before = json.loads((tmp_path / "out" / "meta.json").read_text())
+    with pytest.raises(ValueError, match="not valid JSON"):
+        prepare(_options(tmp_path, [good, bad], tokenizer=str(ranks_file)))
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == before
+
+
+def test_refuses_foreign_output_folder(tmp_path, ranks_file):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a sasformer data folder"):
+        prepare(_options(tmp_path, [_corpus(tmp_path, "a", 5)], tokenizer=str(ranks_file)))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def test_damaged_output_is_rebuilt(tmp_path, ranks_file, capsys):
+    opts = _options(tmp_path, [_corpus(tmp_path, "a", 20)], tokenizer=str(ranks_file))
+    meta = prepare(opts)
+    shard = tmp_path / "out" / "train" / meta["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    assert read_meta(tmp_path / "out") is None
+    rebuilt = prepare(opts)
+    assert rebuilt["splits"] == meta["splits"] and read_meta(tmp_path / "out") == rebuilt
+    assert "incomplete or damaged" in capsys.readouterr().err
+
+
+def test_option_errors(tmp_path, ranks_file):
+    a = _corpus(tmp_path, "a", 5)
+    with pytest.raises(ValueError, match="exactly one of --tokenizer"):
+        prepare(_options(tmp_path, [a]))
+    with pytest.raises(ValueError, match="--val-fraction"):
+        prepare(_options(tmp_path, [a], tokenizer=str(ranks_file), val_fraction=1.5))
+    with pytest.raises(ValueError, match="too small"):
+        prepare(_options(tmp_path, [a], vocab_size=100))
+
+
+def test_command(tmp_path, ranks_file, capsys):
+    from sasformer.commands import prepare as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    a = _corpus(tmp_path, "a", 20)
+    args = parser.parse_args([str(a), "--out", str(tmp_path / "cli"), "--tokenizer", str(ranks_file),
+                              "--workers", "1", "--no-progress"])
+    assert command.run(args) == 0
+    assert "train" in capsys.readouterr().out
+    assert sum(1 for _ in eval_batches(tmp_path / "cli", seq_len=7, batch_size=2)) > 0
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(a), "--out", "x", "--tokenizer", "t", "--vocab-size", "300"])

