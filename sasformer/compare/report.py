@@ -126,7 +126,9 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"# Comparison `{spec['name']}`",
         "",
         f"Budget: {budget_text}. Seeds: {spec['seeds']}. Validation: the same {results['val_tokens']:,} tokens "
-        "for every run. Values are mean ± sample std over seeds (n/a: one seed, or not measured).",
+        "for every run. Values are mean ± sample std over seeds (n/a: one seed, or not measured). "
+        f"A model that guesses uniformly scores ln({results['data']['vocab_size']}) = "
+        f"{math.log(results['data']['vocab_size']):.3f}.",
         "",
         markdown_table(results["aggregates"]),
     ]

@@ -214,6 +214,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     """Train (or resume) one run, evaluate it, and write its ``result.json`` atomically; returns the result."""
     import torch
 
+    from sasformer.compare.env import environment
     from sasformer.train.checkpoint import latest_checkpoint
     from sasformer.train.config import TrainConfig
     from sasformer.train.trainer import Trainer
@@ -252,6 +253,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     if spec.eval.mqar.enabled:
         result["mqar_accuracy"] = _mqar(spec, plan, device)
     result["wall_seconds_last_attempt"] = time.perf_counter() - start
+    result["environment"] = environment(device)  # each run's own: a resumed grid may span machines
     result["model_config"] = model_config.to_dict()
     result["train_config"] = plan.train
     _write_json_atomic(plan.run_dir / RESULT_FILE, result)
@@ -269,8 +271,9 @@ def validation_tokens(plan: RunPlan) -> int:
     from sasformer.train.data import PreparedData
 
     config = TrainConfig.from_dict(plan.train)
+    # the trainer's validation batches: micro-batch rows, single process (compare runs one process per run)
     batches = PreparedData(config.data_dir).eval_batches(config.seq_len, config.micro_batch(1), config.eval_batches,
-                                                         0, 1)
+                                                         0, 1, None)
     return sum(int(targets.numel()) for _, targets in batches)
 
 
