@@ -37,20 +37,14 @@ def parse_overrides(items: list[str]) -> dict:
     while i < len(items):
         item = items[i]
         if not item.startswith("--") or len(item) < 3:
-            raise ValueError(f"expected --KEY VALUE, got {item!r}")
+            raise ValueError(f"expected --KEY VALUE (a dotted grid key, e.g. --budget.tokens 2e6), got {item!r}")
         key, eq, value = item[2:].partition("=")
         if not eq:
             if i + 1 >= len(items):
                 raise ValueError(f"--{key} needs a value")
             i += 1
             value = items[i]
-        parsed = parse_value(value)
-        if isinstance(parsed, str):
-            try:  # YAML 1.1 reads 2e6 (no dot) as a string
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key] = parsed
+        out[key] = parse_value(value)
         i += 1
     return out
 

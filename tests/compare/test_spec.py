@@ -64,3 +64,14 @@ def test_load_grid_applies_dotted_overrides(tmp_path):
         load_grid(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="--KEY VALUE"):
         parse_overrides(["budget.tokens", "5"])
+
+
+def test_override_through_a_list_is_a_clear_error(tmp_path):
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(_grid(tmp_path)))
+    with pytest.raises(ValueError, match="cannot set variants.0.name"):
+        load_grid(path, {"variants.0.name": "x"})
+    spec = load_grid(path, {"variants": ["mqa"]})
+    assert [v.name for v in spec.variants] == ["mqa"]
