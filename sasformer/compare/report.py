@@ -41,6 +41,7 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "attention": first["attention"],
             "size": first.get("size"),
             "seeds": [r["seed"] for r in group],
+            "diverged": [r["seed"] for r in group if r.get("diverged")],
             "params": first["params"],
             "train_flops_per_token": first["train_flops_per_token"],
         }
@@ -72,6 +73,11 @@ def _si(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _diverged(row: dict[str, Any]) -> str:
+    n = len(row.get("diverged") or [])
+    return f" ({n} diverged)" if n else ""
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The per-entry table: mean ± std over seeds where seeds vary."""
     lines = [
@@ -82,7 +88,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         lines.append(
-            f"| {r['entry']} | {len(r['seeds'])} | {_si(r['params'])} | {_si(r['train_flops_per_token'])} | "
+            f"| {r['entry']} | {len(r['seeds'])}{_diverged(r)} | {_si(r['params'])} | {_si(r['train_flops_per_token'])} | "
             f"{_si(r['tokens_seen'])} | {_pm(r['final_val_loss'], r['final_val_loss_std'], '.4f')} | "
             f"{_pm(r['final_val_ppl'], r['final_val_ppl_std'], '.2f')} | "
             f"{_pm(r['zero_shot_avg'], r['zero_shot_avg_std'], '.3f')} | "

@@ -24,6 +24,9 @@ RESULT_FILE = "result.json"
 _VOLATILE_KEYS = ("progress", "resume", "tensorboard")
 
 Log = Callable[[str], None]
+# what summarize_metrics measures (None for a run that diverged)
+_SUMMARY_KEYS = ("steps", "tokens_seen", "train_flops", "train_seconds", "tokens_per_s", "tflops_per_s", "mfu",
+                 "peak_mem_gib", "final_train_loss", "final_val_loss", "final_val_ppl")
 
 
 def _stderr(message: str) -> None:
@@ -167,7 +170,7 @@ def summarize_metrics(metrics_path: Path, tokens_per_step: int, flops_per_token:
         curve.append({"step": r["step"], "tokens": tokens, "flops": tokens * flops_per_token,
                       "train_seconds": _interpolate(r["step"], steps, seconds), "val_loss": r["val_loss"]})
     memory = [r["peak_mem_gib"] for r in train if r.get("peak_mem_gib") is not None]
-    return {
+    summary = {
         "steps": last["step"],
         "tokens_seen": last["tokens"],
         "train_flops": last["tokens"] * flops_per_token,
@@ -181,6 +184,7 @@ def summarize_metrics(metrics_path: Path, tokens_per_step: int, flops_per_token:
         "final_val_ppl": math.exp(min(val[-1]["val_loss"], 50.0)),
         "val_curve": curve,
     }
+    return summary
 
 
 def _zero_shot(spec: GridSpec, tasks: dict[str, list], checkpoint: Path, data_dir: Path, device,
@@ -217,7 +221,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     from sasformer.compare.env import environment
     from sasformer.train.checkpoint import latest_checkpoint
     from sasformer.train.config import TrainConfig
-    from sasformer.train.trainer import Trainer
+    from sasformer.train.trainer import NonFiniteLossError, Trainer
 
     config = TrainConfig.from_dict(plan.train)
     start = time.perf_counter()
@@ -227,7 +231,12 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
         torch.cuda.reset_peak_memory_stats(device)  # peak memory of this run only
     if trainer.resumed_from is not None:
         log(f"  resuming from {trainer.resumed_from}")
-    trainer.fit()
+    diverged = None
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:  # a result of the comparison, not a reason to stop the grid
+        diverged = str(err)
+        log(f"  {plan.id} diverged: {diverged}")
     model_config, peak = trainer.model_config, trainer.peak
     del trainer
     if device.type == "cuda":
@@ -244,13 +253,17 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
         "train_flops_per_token": plan.train_flops_per_token,
         "budget": {"max_tokens": plan.budget.max_tokens, "max_time_s": plan.budget.max_time_s},
     }
-    result.update(summarize_metrics(plan.run_dir / "metrics.jsonl", config.batch_size * config.seq_len,
-                                    plan.train_flops_per_token, peak))
+    result["diverged"] = diverged
     result["zero_shot"], result["zero_shot_avg"], result["mqar_accuracy"] = None, None, None
-    if tasks:
+    if diverged is not None:
+        result.update({key: None for key in _SUMMARY_KEYS}, val_curve=[])
+    else:
+        result.update(summarize_metrics(plan.run_dir / "metrics.jsonl", config.batch_size * config.seq_len,
+                                        plan.train_flops_per_token, peak))
+    if tasks and diverged is None:
         result["zero_shot"], result["zero_shot_avg"] = _zero_shot(
             spec, tasks, latest_checkpoint(plan.run_dir / "checkpoints"), data_dir, device, log)
-    if spec.eval.mqar.enabled:
+    if spec.eval.mqar.enabled and diverged is None:
         result["mqar_accuracy"] = _mqar(spec, plan, device)
     result["wall_seconds_last_attempt"] = time.perf_counter() - start
     result["environment"] = environment(device)  # each run's own: a resumed grid may span machines
@@ -317,8 +330,9 @@ def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log =
         start = time.perf_counter()
         result = execute_run(spec, plan, data_dir, tasks, log)
         spent.append(time.perf_counter() - start)
-        log(f"[run {index}/{len(plans)}] {plan.entry} seed {plan.seed}: val loss {result['final_val_loss']:.4f} "
-            f"after {result['tokens_seen']:,} tokens ({_duration(spent[-1])})")
+        outcome = "diverged" if result["diverged"] else \
+            f"val loss {result['final_val_loss']:.4f} after {result['tokens_seen']:,} tokens"
+        log(f"[run {index}/{len(plans)}] {plan.entry} seed {plan.seed}: {outcome} ({_duration(spent[-1])})")
         runs.append(result)
 
     device = torch.device("cuda" if torch.cuda.is_available() and plans[0].train.get("device", "auto") != "cpu"

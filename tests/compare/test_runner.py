@@ -144,3 +144,29 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     spec = GridSpec.from_dict(grid_dict(tmp_path / "nowhere", tmp_path / "grid"))
     with pytest.raises(ValueError, match="not a complete prepared data folder"):
         runner.ensure_data(spec.data)
+
+
+def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path, prepared_data, monkeypatch):
+    original = Trainer.train_step
+
+    def nan_in_sas(self):
+        original(self)
+        if self.out_dir.name == "sas-s0" and self.step == 2:
+            self._bad_step.fill_(self.step)  # what a NaN loss at this step records
+
+    monkeypatch.setattr(Trainer, "train_step", nan_in_sas)
+    _, results = _run(tmp_path, prepared_data)
+    mha, sas = results["runs"]
+    assert mha["diverged"] is None and math.isfinite(mha["final_val_loss"])
+    assert "step 2" in sas["diverged"] and sas["final_val_loss"] is None and sas["val_curve"] == []
+    assert set(sas) == set(mha)
+    assert [a["diverged"] for a in results["aggregates"]] == [[], [0]]
+    assert "| sas | 1 (1 diverged) |" in (tmp_path / "grid" / "results.md").read_text()
+
+
+def test_training_time_is_kept_in_checkpoints(tmp_path, prepared_data):
+    from sasformer.train.checkpoint import latest_checkpoint, load_train_state
+
+    _, results = _run(tmp_path, prepared_data, variants=["mha"])
+    _, state = load_train_state(latest_checkpoint(tmp_path / "grid" / "runs" / "mha-s0" / "checkpoints"))
+    assert state["train_seconds"] == pytest.approx(results["runs"][0]["train_seconds"])
