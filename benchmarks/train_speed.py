@@ -105,7 +105,7 @@ def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> di
     row = {
         "attention": attention,
         "size": args.size,
-        "parameters": trainer.model.num_parameters(),
+        "parameters": trainer.num_parameters,
         "train_flops_per_token": trainer.flops_per_token,
         "batch_size": config.batch_size,
         "micro_batch_size": trainer.micro,
@@ -115,7 +115,6 @@ def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> di
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_tflops": trainer.peak,
     }
-    trainer.logger.close()
     del trainer
     gc.collect()
     torch._dynamo.reset()
@@ -151,7 +150,7 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="every registered variant")
     parser.add_argument("--size", default="small")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimiser step")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per optimiser step")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the whole batch at once")
     parser.add_argument("--vocab-size", type=int, default=50304)
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps (compilation)")

@@ -43,10 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mqar-steps", type=int, default=3000, help="training steps per run (recall needs thousands)")
     add("--mqar-seeds", default="0", help="comma-separated seeds; one run per variant and seed")
     add("--mqar-pairs", type=int, default=8, help="key-value pairs per sequence")
-    add("--mqar-queries", type=int, default=4, help="queries per sequence")
+    add("--mqar-queries", type=int, default=8, help="queries per sequence")
     add("--mqar-seq-len", type=int, default=64)
     add("--mqar-vocab", type=int, default=64)
     add("--mqar-d-model", type=int, default=64)
+    add("--mqar-lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    add("--mqar-batch-size", type=int, default=64)
     add("--batch-size", type=int, default=32)
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -296,8 +298,10 @@ def _mqar(args, device) -> dict[str, Any]:
                       num_queries=args.mqar_queries)
     configs = variant_configs([v.strip() for v in args.mqar.split(",")], task, d_model=args.mqar_d_model)
     seeds = [int(s) for s in args.mqar_seeds.split(",")]
-    rows = compare_mqar(configs, task, seeds, log=_log, steps=args.mqar_steps, device=device)
-    return {"task": dataclasses.asdict(task), "d_model": args.mqar_d_model, "steps": args.mqar_steps, "rows": rows}
+    rows = compare_mqar(configs, task, seeds, log=_log, steps=args.mqar_steps, lr=args.mqar_lr,
+                        batch_size=args.mqar_batch_size, device=device)
+    return {"task": dataclasses.asdict(task), "d_model": args.mqar_d_model, "steps": args.mqar_steps,
+            "lr": args.mqar_lr, "batch_size": args.mqar_batch_size, "rows": rows}
 
 
 def format_results(results: dict[str, Any]) -> str:

@@ -43,4 +43,7 @@ def run(args: argparse.Namespace) -> int:
         if "val_loss" in last:
             summary += f", val loss {last['val_loss']:.4f}"
         print(summary + f"; outputs in {config.out_dir}")
+    else:
+        print(f"{config.out_dir} is already at step {last['step']} of {config.total_steps()}; nothing to train "
+              "(raise max_steps / max_tokens to continue, or set resume: none)")
     return 0

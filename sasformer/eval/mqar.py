@@ -41,7 +41,7 @@ class MQARConfig:
     num_kv_pairs: int = 8
     seq_len: int = 64
     vocab_size: int = 64
-    num_queries: int = 4
+    num_queries: int = 8
 
     def __post_init__(self) -> None:
         n_keys = (self.vocab_size - 1) // 2

