@@ -21,7 +21,8 @@ from sasformer.compare.spec import DataSpec, GridSpec, VariantSpec
 
 RESULT_FILE = "result.json"
 # training-config keys that may differ between attempts of one run without changing its result
-_VOLATILE_KEYS = ("progress", "resume", "tensorboard")
+# (out_dir: a grid folder may be moved)
+_VOLATILE_KEYS = ("progress", "resume", "tensorboard", "out_dir")
 
 Log = Callable[[str], None]
 # what summarize_metrics measures (None for a run that diverged)
