@@ -7,6 +7,7 @@ interrupted grid re-run skips finished runs and resumes an unfinished one from i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sasformer.compare.budget import RunBudget, run_budget
 from sasformer.compare.spec import DataSpec, GridSpec, VariantSpec
@@ -291,16 +292,42 @@ def validation_tokens(plan: RunPlan) -> int:
     return sum(int(targets.numel()) for _, targets in batches)
 
 
+@contextlib.contextmanager
+def grid_lock(grid_dir: Path) -> Iterator[None]:
+    """Refuse a second live ``compare`` process on the same grid folder (a stale lock is taken over)."""
+    path = grid_dir / "compare.lock"
+    if path.is_file():
+        try:
+            pid = int(path.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pid = None  # unreadable, or its process is gone
+        except PermissionError:
+            pass  # the process exists but belongs to someone else
+        if pid is not None and pid != os.getpid():
+            raise ValueError(f"{grid_dir} is in use by process {pid} (see {path}); wait for it, or use another --out")
+    path.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log = _stderr) -> dict[str, Any]:
     """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``."""
+    grid_dir = Path(grid_dir)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    with grid_lock(grid_dir):
+        return _run_grid(spec, grid_dir, command, log)
+
+
+def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log) -> dict[str, Any]:
     import torch
 
     from sasformer.compare.env import environment
     from sasformer.compare.plots import matplotlib_available, plot_curves
     from sasformer.compare.report import aggregate, markdown_report
 
-    grid_dir = Path(grid_dir)
-    grid_dir.mkdir(parents=True, exist_ok=True)
     data_dir, meta = ensure_data(spec.data, spec.progress)
     plans = plan_runs(spec, data_dir, int(meta["vocab_size"]), grid_dir)
     _write_json_atomic(grid_dir / "grid.json", {"spec": spec.to_dict(), "command": command,

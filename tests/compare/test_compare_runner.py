@@ -170,3 +170,22 @@ def test_training_time_is_kept_in_checkpoints(tmp_path, prepared_data):
     _, results = _run(tmp_path, prepared_data, variants=["mha"])
     _, state = load_train_state(latest_checkpoint(tmp_path / "grid" / "runs" / "mha-s0" / "checkpoints"))
     assert state["train_seconds"] == pytest.approx(results["runs"][0]["train_seconds"])
+
+
+def test_a_grid_folder_in_use_is_refused(tmp_path, prepared_data):
+    import subprocess
+    import sys
+
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (grid / "compare.lock").write_text(str(other.pid))
+        with pytest.raises(ValueError, match=f"in use by process {other.pid}"):
+            _run(tmp_path, prepared_data, variants=["mha"])
+    finally:
+        other.kill()
+        other.wait()
+    # the process is gone: its stale lock is taken over, and released at the end
+    _run(tmp_path, prepared_data, variants=["mha"])
+    assert not (grid / "compare.lock").exists()
