@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mqar-seq-len", type=int, default=64)
     add("--mqar-vocab", type=int, default=64)
     add("--mqar-d-model", type=int, default=64)
-    add("--mqar-lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    add("--mqar-lr", type=float, default=1e-3, help="peak AdamW learning rate")
     add("--mqar-batch-size", type=int, default=64)
     add("--batch-size", type=int, default=32)
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto")

@@ -115,9 +115,9 @@ def mqar_accuracy(model: Callable[[Tensor], Tensor], inputs: Tensor, targets: Te
 def train_mqar(
     model_config: ModelConfig,
     task: MQARConfig,
-    steps: int = 300,
+    steps: int = 3000,
     batch_size: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     weight_decay: float = 0.0,
     n_test: int = 512,
     seed: int = 0,
