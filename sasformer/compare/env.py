@@ -15,9 +15,10 @@ def git_revision() -> str | None:
     """``HEAD`` of the repository holding this package, with ``+dirty`` when it has uncommitted changes."""
     root = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=root)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=root,
+                              check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=root)
+                               text=True, timeout=5, cwd=root, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     revision = head.stdout.strip()

@@ -81,8 +81,8 @@ def _diverged(row: dict[str, Any]) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The per-entry table: mean ± std over seeds where seeds vary."""
     lines = [
-        "| variant | seeds | params | train FLOPs/token | tokens seen | val loss | val ppl | zero-shot avg | MQAR acc "
-        "| tokens/s | MFU | peak mem GiB |",
+        ("| variant | seeds | params | train FLOPs/token | tokens seen | val loss | val ppl | zero-shot avg "
+         "| MQAR acc | tokens/s | MFU | peak mem GiB |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -131,10 +131,10 @@ def markdown_report(results: dict[str, Any]) -> str:
     parts = [
         f"# Comparison `{spec['name']}`",
         "",
-        f"Budget: {budget_text}. Seeds: {spec['seeds']}. Validation: the same {results['val_tokens']:,} tokens "
-        "for every run. Values are mean ± sample std over seeds (n/a: one seed, or not measured). "
-        f"A model that guesses uniformly scores ln({results['data']['vocab_size']}) = "
-        f"{math.log(results['data']['vocab_size']):.3f}.",
+        (f"Budget: {budget_text}. Seeds: {spec['seeds']}. Validation: the same {results['val_tokens']:,} tokens "
+         "for every run. Values are mean ± sample std over seeds (n/a: one seed, or not measured). "
+         f"A model that guesses uniformly scores ln({results['data']['vocab_size']}) = "
+         f"{math.log(results['data']['vocab_size']):.3f}."),
         "",
         markdown_table(results["aggregates"]),
     ]
@@ -144,8 +144,8 @@ def markdown_report(results: dict[str, Any]) -> str:
     parts += [
         "",
         f"Command: `{results['command']}`  ",
-        f"Git revision: {env.get('git_revision') or 'unknown'}; device: {env.get('device')}; "
-        f"torch {env.get('torch')}, python {env.get('python')}.",
+        (f"Git revision: {env.get('git_revision') or 'unknown'}; device: {env.get('device')}; "
+         f"torch {env.get('torch')}, python {env.get('python')}."),
     ]
     if results.get("plots"):
         parts += ["", "Plots: " + ", ".join(f"`{p}`" for p in results["plots"])]

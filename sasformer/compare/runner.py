@@ -8,14 +8,16 @@ interrupted grid re-run skips finished runs and resumes an unfinished one from i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sasformer.compare.budget import RunBudget, run_budget
 from sasformer.compare.spec import DataSpec, GridSpec, VariantSpec
@@ -138,7 +140,7 @@ def load_finished(plan: RunPlan) -> dict[str, Any] | None:
 def _interpolate(step: int, steps: list[int], values: list[float]) -> float | None:
     """Linear interpolation of ``values`` (given at increasing ``steps``) at ``step``; 0 at step 0."""
     points = [(0, 0.0)] + list(zip(steps, values))
-    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+    for (s0, v0), (s1, v1) in itertools.pairwise(points):
         if s0 <= step <= s1:
             return v0 if s1 == s0 else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
     return None
@@ -276,7 +278,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 

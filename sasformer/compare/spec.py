@@ -24,7 +24,7 @@ def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'the grid'} must be a mapping of key: value, got {data!r}")
+        raise ValueError(f"{where or 'the grid'} must be a mapping of key: value, got {data!r}")  # noqa: TRY004
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -50,7 +50,7 @@ class DataSpec:
     text_field: str = "text"
 
     @classmethod
-    def from_dict(cls, data: Any) -> "DataSpec":
+    def from_dict(cls, data: Any) -> DataSpec:
         spec = cls(**_check_keys(data, cls, "data"))
         if spec.inputs is not None:
             if isinstance(spec.inputs, str):
@@ -80,7 +80,7 @@ class BudgetSpec:
     seconds: float | None = None
 
     @classmethod
-    def from_dict(cls, data: Any) -> "BudgetSpec":
+    def from_dict(cls, data: Any) -> BudgetSpec:
         values = _check_keys(data, cls, "budget")
         for key, kind in (("tokens", int), ("flops", float), ("seconds", float)):
             if values.get(key) is not None:
@@ -115,7 +115,7 @@ class VariantSpec:
     model: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> "VariantSpec":
+    def from_dict(cls, data: Any, where: str) -> VariantSpec:
         if isinstance(data, str):
             data = {"name": data, "attention": data}
         values = _check_keys(data, cls, where)
@@ -129,7 +129,7 @@ class VariantSpec:
             raise ValueError(f"{where}.name={spec.name!r}: use letters, digits and _ . + - (it names a folder)")
         for key in ("attention_args", "model"):
             if not isinstance(getattr(spec, key), dict):
-                raise ValueError(f"{where}.{key} must be a mapping, got {getattr(spec, key)!r}")
+                raise ValueError(f"{where}.{key} must be a mapping, got {getattr(spec, key)!r}")  # noqa: TRY004
         if "attention" in spec.model or "attention_args" in spec.model:
             raise ValueError(f"{where}.model: set attention and attention_args on the entry itself")
         return spec
@@ -153,7 +153,7 @@ class MQARSpec:
     n_test: int = 512
 
     @classmethod
-    def from_dict(cls, data: Any) -> "MQARSpec":
+    def from_dict(cls, data: Any) -> MQARSpec:
         return cls(**_check_keys(data, cls, "eval.mqar"))
 
 
@@ -172,7 +172,7 @@ class EvalSpec:
     mqar: MQARSpec = field(default_factory=MQARSpec)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "EvalSpec":
+    def from_dict(cls, data: Any) -> EvalSpec:
         values = _check_keys(data, cls, "eval")
         values["mqar"] = MQARSpec.from_dict(values.get("mqar"))
         return cls(**values)
@@ -196,7 +196,7 @@ class GridSpec:
     progress: bool = True
 
     @classmethod
-    def from_dict(cls, data: Any) -> "GridSpec":
+    def from_dict(cls, data: Any) -> GridSpec:
         values = _check_keys(data, cls, "")
         if "name" not in values or "variants" not in values:
             raise ValueError("a grid needs `name` and `variants` (a list of entries with name and attention)")
@@ -264,7 +264,7 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
         raise ValueError(f"grid file {path} does not exist; see configs/compare_*.yaml for examples")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"grid file {path} must hold a mapping of key: value")
+        raise ValueError(f"grid file {path} must hold a mapping of key: value")  # noqa: TRY004
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     try:

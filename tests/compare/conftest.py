@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-_WORDS = ("the cat dog bird sat ran on under a mat tree house quickly slowly red blue green small big "
-          "and then it was very happy sad with over near far to from").split()
+_WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "on", "under", "a", "mat", "tree", "house", "quickly", "slowly", "red", "blue", "green", "small", "big", "and", "then", "it", "was", "very", "happy", "sad", "with", "over", "near", "far", "to", "from"]
 
 
 def _documents(n_docs: int, seed: int = 0) -> list[str]:

@@ -18,7 +18,7 @@ def _run(tmp_path, prepared_data, **kw):
 
 
 def test_two_run_grid_end_to_end(tmp_path, prepared_data):
-    spec, results = _run(tmp_path, prepared_data)
+    _run(tmp_path, prepared_data)
     grid = tmp_path / "grid"
     saved = json.loads((grid / "results.json").read_text())
     assert saved["command"] == "sasformer compare --config test.yaml"
@@ -53,7 +53,7 @@ def test_plots_are_written(tmp_path, prepared_data):
 
 
 def test_without_matplotlib_the_rest_is_written(tmp_path, prepared_data, monkeypatch):
-    import sasformer.compare.plots as plots
+    from sasformer.compare import plots
 
     monkeypatch.setattr(plots, "matplotlib_available", lambda: False)
     messages = []
