@@ -38,7 +38,8 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         labelled: set[str] = set()
         for run in runs:
-            points = [p for p in run["val_curve"] if p.get(key) is not None]
+            # the log-scaled FLOPs axis cannot show the step-0 point
+            points = [p for p in run["val_curve"] if p.get(key) is not None and (key != "flops" or p[key] > 0)]
             if not points:
                 continue
             entry = run["entry"]

@@ -30,7 +30,7 @@ _VOLATILE_KEYS = ("progress", "resume", "tensorboard", "out_dir")
 Log = Callable[[str], None]
 # what summarize_metrics measures (None for a run that diverged)
 _SUMMARY_KEYS = ("steps", "tokens_seen", "train_flops", "train_seconds", "tokens_per_s", "tflops_per_s", "mfu",
-                 "peak_mem_gib", "final_train_loss", "final_val_loss", "final_val_ppl")
+                 "peak_mem_gib", "final_train_loss", "initial_val_loss", "final_val_loss", "final_val_ppl")
 
 
 def _stderr(message: str) -> None:
@@ -184,6 +184,7 @@ def summarize_metrics(metrics_path: Path, tokens_per_step: int, flops_per_token:
         "mfu": tflops / peak_tflops if peak_tflops else None,
         "peak_mem_gib": max(memory) if memory else None,
         "final_train_loss": last["loss"],
+        "initial_val_loss": val[0]["val_loss"] if val[0]["step"] == 0 else None,
         "final_val_loss": val[-1]["val_loss"],
         "final_val_ppl": math.exp(min(val[-1]["val_loss"], 50.0)),
         "val_curve": curve,
@@ -225,6 +226,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     from sasformer.compare.env import environment
     from sasformer.train.checkpoint import latest_checkpoint
     from sasformer.train.config import TrainConfig
+    from sasformer.train.metrics import MetricsLogger
     from sasformer.train.trainer import NonFiniteLossError, Trainer
 
     config = TrainConfig.from_dict(plan.train)
@@ -235,6 +237,12 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
         torch.cuda.reset_peak_memory_stats(device)  # peak memory of this run only
     if trainer.resumed_from is not None:
         log(f"  resuming from {trainer.resumed_from}")
+    else:
+        # the curve starts at the initialised model; evaluation draws no random numbers, so training is unchanged
+        initial = trainer.evaluate()
+        logger = MetricsLogger(plan.run_dir, tensorboard=False)
+        logger.log({"kind": "val", "step": 0, "val_loss": initial, "val_ppl": math.exp(min(initial, 50.0))})
+        logger.close()
     diverged = None
     try:
         trainer.fit()

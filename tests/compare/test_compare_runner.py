@@ -27,7 +27,9 @@ def test_two_run_grid_end_to_end(tmp_path, prepared_data):
     for run in saved["runs"]:
         assert run["steps"] == 6 and run["tokens_seen"] == 6 * 4 * 16
         assert run["train_flops"] == pytest.approx(run["tokens_seen"] * run["train_flops_per_token"])
-        assert [p["step"] for p in run["val_curve"]] == [3, 6]
+        assert [p["step"] for p in run["val_curve"]] == [0, 3, 6]
+        assert run["val_curve"][0]["tokens"] == 0 and run["val_curve"][0]["train_seconds"] == 0
+        assert run["initial_val_loss"] == run["val_curve"][0]["val_loss"] > run["final_val_loss"]
         assert run["val_curve"][-1]["val_loss"] == run["final_val_loss"]
         assert math.isfinite(run["final_val_loss"]) and run["final_val_loss"] < math.log(300)
         assert run["final_val_ppl"] == pytest.approx(math.exp(run["final_val_loss"]))
@@ -118,7 +120,7 @@ def test_time_budget_stops_early_with_the_schedule_of_the_token_estimate(tmp_pat
     run = results["runs"][0]
     assert run["steps"] == 1 and run["tokens_seen"] == 4 * 16  # checked at every log step (log_interval 1)
     assert run["budget"] == {"max_tokens": 6 * 4 * 16, "max_time_s": 1e-6}
-    assert [p["step"] for p in run["val_curve"]] == [1]
+    assert [p["step"] for p in run["val_curve"]] == [0, 1]
 
 
 def test_zero_shot_and_mqar_after_each_run(tmp_path, prepared_data):
