@@ -99,6 +99,9 @@ class TrainConfig:
     micro_batch_size: int | None = None
     max_steps: int | None = 1000
     max_tokens: int | None = None
+    # stop after this many seconds of training (validation and checkpoints excluded), whichever of this and
+    # the step/token limit comes first; the learning-rate schedule still spans max_steps / max_tokens
+    max_time_s: float | None = None
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     compile: bool = False
     seed: int = 0
@@ -131,6 +134,7 @@ class TrainConfig:
              f"set exactly one of max_steps={self.max_steps} and max_tokens={self.max_tokens} (the other null)")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1")
         need(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens={self.max_tokens} must be >= 1")
+        need(self.max_time_s is None or self.max_time_s > 0, f"max_time_s={self.max_time_s} must be > 0 or null")
         need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype={self.dtype!r}: use auto, bfloat16 or float32")
         need(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")

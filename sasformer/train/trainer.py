@@ -110,6 +110,7 @@ class Trainer:
         self.schedule = CosineSchedule(config.optim.lr, config.optim.min_lr, config.optim.warmup_steps,
                                        self.total_steps)
         self.step = 0
+        self.train_seconds = 0.0  # training time so far, over all resumes (for max_time_s)
         if resume_from is not None:
             D.load_full_state(self.model, self.optimizer, ckpt.read_model_state(resume_from, self.model_config),
                               saved_optim)
@@ -117,6 +118,7 @@ class Trainer:
             self.loader.load_state_dict(saved_state["loader"])
             ckpt.set_rng_state(saved_state["rng"])
             self.step = int(saved_state["step"])
+            self.train_seconds = float(saved_state.get("train_seconds", 0.0))
         self.resumed_from = resume_from
         self.last_checkpoint: Path | None = resume_from
         self.peak = peak_tflops(self.device, config.mfu_peak_tflops)
@@ -238,6 +240,7 @@ class Trainer:
                 "loader": self.loader.state_dict(),
                 "tokenizer_fingerprint": self.loader.tokenizer_fingerprint,
                 "world_size": self.dist.world_size,
+                "train_seconds": self.train_seconds,
             }
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, self.model_config, optim_state,
                                         train_state, {"train": self.config.to_dict()}, self.config.keep_last)
@@ -254,6 +257,7 @@ class Trainer:
             "lr": self.schedule.lr_at(self.step - 1),
             "grad_norm": self._last_grad_norm.item(),
             "tokens": self.step * self.config.batch_size * self.config.seq_len,
+            "train_seconds": self.train_seconds,
         }
         tokens = window_steps * self.config.batch_size * self.config.seq_len
         record.update(throughput(tokens, window_s, self.flops_per_token, self.dist.world_size, self.peak))
@@ -282,8 +286,15 @@ class Trainer:
         }
         (self.out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
 
+    def out_of_time(self) -> bool:
+        """True once any process has trained ``max_time_s`` seconds (never without a time limit); syncs."""
+        if self.config.max_time_s is None:
+            return False
+        late = torch.tensor(float(self.train_seconds >= self.config.max_time_s), device=self.device)
+        return bool(D.all_reduce_sum(late).item() > 0)
+
     def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps``; returns the last train record (and the last validation loss)."""
+        """Train to ``total_steps`` (or ``max_time_s``); returns the last train record (and validation loss)."""
         cfg = self.config
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,15 +307,23 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {"step": self.step}
         window_start, window_steps = time.perf_counter(), 0
+        clock = window_start
+        time_up = self.out_of_time()
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not time_up:
                 self.train_step()
                 window_steps += 1
+                now = time.perf_counter()
+                self.train_seconds += now - clock
+                clock = now
                 for hook in self.step_hooks:
                     hook(self, self.step)
                 if bar is not None:
                     bar.update(1)
-                done = self.step == self.total_steps
+                # the time limit is checked at log steps only, where processes synchronise anyway
+                if cfg.max_time_s is not None and self.step % cfg.log_interval == 0:
+                    time_up = self.out_of_time()
+                done = self.step == self.total_steps or time_up
                 if self.step % cfg.log_interval == 0 or done:
                     self.check_finite()  # syncs, so the window time below is real
                     last = self._log_train(time.perf_counter() - window_start, window_steps)
@@ -324,7 +343,10 @@ class Trainer:
                                              "val_ppl": math.exp(min(val, 50.0))})
                     if save_now:
                         self.save()
-                    window_start += time.perf_counter() - paused  # validation and saving are not training time
+                    # validation and saving are not training time
+                    paused = time.perf_counter() - paused
+                    window_start += paused
+                    clock += paused
         finally:
             if bar is not None:
                 bar.close()

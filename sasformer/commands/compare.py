@@ -1,0 +1,76 @@
+"""``sasformer compare --config configs/compare_tiny.yaml [--out DIR] [--KEY VALUE ...]``: train a grid of
+attention variants on the same data and budget, then write ``results.json``, ``results.md`` and plots.
+
+Any grid key can follow as an option, dotted for nested keys (``--budget.tokens 2e6``,
+``--seeds [0,1,2]``, ``--train.optim.lr 1e-3``); values are read as YAML. Re-running the same command
+resumes an interrupted grid: finished runs are kept, an unfinished one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="grid YAML file (configs/compare_tiny.yaml, compare_small.yaml)")
+    parser.add_argument("--out", help="grid folder (default: the grid's out_dir, else runs/compare/NAME)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print every run with its token budget and FLOPs/token, then exit without training")
+    parser.epilog = "grid overrides: --KEY VALUE for any key of the YAML file, e.g. --budget.tokens 2e6"
+    # override keys are open-ended (attention_args differ per variant), so unknown options go to run(),
+    # which checks every key against the grid schema
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
+        namespace, extra = parse_known(args, namespace)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + list(extra)
+        return namespace, []
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["--budget.tokens", "2e6", "--seeds=[0,1]"]`` -> ``{"budget.tokens": 2000000.0, "seeds": [0, 1]}``."""
+    from sasformer.train.config import parse_value
+
+    out, i = {}, 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) < 3:
+            raise ValueError(f"expected --KEY VALUE (a dotted grid key, e.g. --budget.tokens 2e6), got {item!r}")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ValueError(f"--{key} needs a value")
+            i += 1
+            value = items[i]
+        out[key] = parse_value(value)
+        i += 1
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from sasformer.compare.report import markdown_table
+    from sasformer.compare.runner import ensure_data, plan_runs, run_grid
+    from sasformer.compare.spec import load_grid
+
+    spec = load_grid(args.config, parse_overrides(getattr(args, "overrides", [])))
+    grid_dir = Path(args.out or spec.out_dir or Path("runs") / "compare" / spec.name)
+    if args.plan:
+        data_dir, meta = ensure_data(spec.data, spec.progress)
+        print("| run | params | train FLOPs/token | max tokens | max seconds |\n|---|---:|---:|---:|---:|")
+        for p in plan_runs(spec, data_dir, int(meta["vocab_size"]), grid_dir):
+            seconds = "-" if p.budget.max_time_s is None else f"{p.budget.max_time_s:g}"
+            print(f"| {p.id} | {p.params:,} | {p.train_flops_per_token:.4g} | {p.budget.max_tokens:,} | {seconds} |")
+        return 0
+    command = shlex.join(["sasformer", "compare", "--config", str(args.config)]
+                         + (["--out", str(args.out)] if args.out else []) + list(getattr(args, "overrides", [])))
+    results = run_grid(spec, grid_dir, command)
+    print(markdown_table(results["aggregates"]))
+    print(f"\nresults: {grid_dir / 'results.md'}, {grid_dir / 'results.json'}")
+    if results["plots"]:
+        print("plots: " + ", ".join(str(grid_dir / p) for p in results["plots"]))
+    return 0

@@ -1,0 +1,61 @@
+"""Validation-loss curves of a grid as PNG files (needs the optional ``plot`` extra: matplotlib)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# x axes: (file stem, key in a curve point, label)
+AXES = (
+    ("val_loss_vs_tokens", "tokens", "training tokens"),
+    ("val_loss_vs_flops", "flops", "training FLOPs"),
+    ("val_loss_vs_time", "train_seconds", "training time (s)"),
+)
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "") -> list[Path]:
+    """One PNG per x axis: each run's validation loss, one colour per grid entry, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = list(dict.fromkeys(r["entry"] for r in runs))
+    colours = {e: plt.get_cmap("tab10")(i % 10) for i, e in enumerate(entries)}
+    paths = []
+    for stem, key, label in AXES:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        labelled: set[str] = set()
+        for run in runs:
+            # the log-scaled FLOPs axis cannot show the step-0 point
+            points = [p for p in run["val_curve"] if p.get(key) is not None and (key != "flops" or p[key] > 0)]
+            if not points:
+                continue
+            entry = run["entry"]
+            ax.plot([p[key] for p in points], [p["val_loss"] for p in points], color=colours[entry], marker=".",
+                    linewidth=1.2, alpha=0.85, label=None if entry in labelled else entry)
+            labelled.add(entry)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (nats/token)")
+        if key == "flops":
+            ax.set_xscale("log")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{stem}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,152 @@
+"""Aggregating runs over seeds, and the Markdown report.
+
+Spread is the sample standard deviation over seeds (ddof=1); with one seed it is unknown (None,
+shown as "n/a"), never zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values that are not None; (None, None) if there are none."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return None, None
+    mean = sum(present) / len(present)
+    if len(present) == 1:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in present) / (len(present) - 1)
+    return mean, math.sqrt(var)
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per grid entry (in first-seen order) summarising its runs over seeds."""
+    order: list[str] = []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run["entry"] not in groups:
+            order.append(run["entry"])
+            groups[run["entry"]] = []
+        groups[run["entry"]].append(run)
+    rows = []
+    for entry in order:
+        group = groups[entry]
+        first = group[0]
+        row: dict[str, Any] = {
+            "entry": entry,
+            "attention": first["attention"],
+            "size": first.get("size"),
+            "seeds": [r["seed"] for r in group],
+            "diverged": [r["seed"] for r in group if r.get("diverged")],
+            "params": first["params"],
+            "train_flops_per_token": first["train_flops_per_token"],
+        }
+        for key in ("tokens_seen", "train_flops", "final_val_loss", "final_val_ppl", "zero_shot_avg",
+                    "mqar_accuracy", "tokens_per_s", "mfu", "train_seconds"):
+            row[key], row[key + "_std"] = mean_std([r.get(key) for r in group])
+        row["peak_mem_gib"] = max((r["peak_mem_gib"] for r in group if r.get("peak_mem_gib") is not None),
+                                  default=None)
+        rows.append(row)
+    return rows
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _pm(mean: float | None, std: float | None, fmt: str) -> str:
+    if mean is None:
+        return "n/a"
+    return format(mean, fmt) if std is None else f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _diverged(row: dict[str, Any]) -> str:
+    n = len(row.get("diverged") or [])
+    return f" ({n} diverged)" if n else ""
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-entry table: mean ± std over seeds where seeds vary."""
+    lines = [
+        ("| variant | seeds | params | train FLOPs/token | tokens seen | val loss | val ppl | zero-shot avg "
+         "| MQAR acc | tokens/s | MFU | peak mem GiB |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        lines.append(
+            f"| {r['entry']} | {len(r['seeds'])}{_diverged(r)} | {_si(r['params'])} | {_si(r['train_flops_per_token'])} | "
+            f"{_si(r['tokens_seen'])} | {_pm(r['final_val_loss'], r['final_val_loss_std'], '.4f')} | "
+            f"{_pm(r['final_val_ppl'], r['final_val_ppl_std'], '.2f')} | "
+            f"{_pm(r['zero_shot_avg'], r['zero_shot_avg_std'], '.3f')} | "
+            f"{_pm(r['mqar_accuracy'], r['mqar_accuracy_std'], '.3f')} | {_si(r['tokens_per_s'])} | "
+            f"{_num(mfu, '.1f') + ('%' if mfu is not None else '')} | {_num(r['peak_mem_gib'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def zero_shot_table(runs: Sequence[dict[str, Any]]) -> str | None:
+    """Per-task zero-shot accuracy (mean over seeds) per entry, or None when no run was evaluated."""
+    tasks = sorted({t for r in runs for t in (r.get("zero_shot") or {})})
+    if not tasks:
+        return None
+    lines = ["| variant | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        entries.setdefault(r["entry"], []).append(r)
+    for entry, group in entries.items():
+        cells = []
+        for task in tasks:
+            mean, std = mean_std([(r.get("zero_shot") or {}).get(task, {}).get("acc") for r in group])
+            cells.append(_pm(mean, std, ".3f"))
+        lines.append(f"| {entry} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """``results.md``: the table, the budget, and the provenance of the numbers."""
+    spec = results["spec"]
+    budget = spec["budget"]
+    if budget["kind"] == "flops":
+        budget_text = f"iso-FLOPs: {budget['flops']:.3g} training FLOPs per run (tokens = budget / FLOPs per token)"
+    elif budget["kind"] == "time":
+        budget_text = (f"iso-time: {budget['seconds']:g} s of training per run (schedule laid out over "
+                       f"{budget['tokens']:,} tokens)")
+    else:
+        budget_text = f"iso-tokens: {budget['tokens']:,} tokens per run"
+    env = results["environment"]
+    parts = [
+        f"# Comparison `{spec['name']}`",
+        "",
+        (f"Budget: {budget_text}. Seeds: {spec['seeds']}. Validation: the same {results['val_tokens']:,} tokens "
+         "for every run. Values are mean ± sample std over seeds (n/a: one seed, or not measured). "
+         f"A model that guesses uniformly scores ln({results['data']['vocab_size']}) = "
+         f"{math.log(results['data']['vocab_size']):.3f}."),
+        "",
+        markdown_table(results["aggregates"]),
+    ]
+    zs = zero_shot_table(results["runs"])
+    if zs is not None:
+        parts += ["", "Zero-shot accuracy per task:", "", zs]
+    parts += [
+        "",
+        f"Command: `{results['command']}`  ",
+        (f"Git revision: {env.get('git_revision') or 'unknown'}; device: {env.get('device')}; "
+         f"torch {env.get('torch')}, python {env.get('python')}."),
+    ]
+    if results.get("plots"):
+        parts += ["", "Plots: " + ", ".join(f"`{p}`" for p in results["plots"])]
+    return "\n".join(parts) + "\n"

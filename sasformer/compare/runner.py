@@ -1,0 +1,397 @@
+"""Running a grid: prepare the data once, train every (entry, seed) run, measure it, resume what is left.
+
+A run lives in ``GRID/runs/<entry>-s<seed>/`` (the trainer's checkpoints and metrics). It is finished
+when its ``result.json`` exists; that file is written atomically after training and evaluation, so an
+interrupted grid re-run skips finished runs and resumes an unfinished one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sasformer.compare.budget import RunBudget, run_budget
+from sasformer.compare.spec import DataSpec, GridSpec, VariantSpec
+
+RESULT_FILE = "result.json"
+# training-config keys that may differ between attempts of one run without changing its result
+# (out_dir: a grid folder may be moved)
+_VOLATILE_KEYS = ("progress", "resume", "tensorboard", "out_dir")
+
+Log = Callable[[str], None]
+# what summarize_metrics measures (None for a run that diverged)
+_SUMMARY_KEYS = ("steps", "tokens_seen", "train_flops", "train_seconds", "tokens_per_s", "tflops_per_s", "mfu",
+                 "peak_mem_gib", "final_train_loss", "initial_val_loss", "final_val_loss", "final_val_ppl")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunPlan:
+    """One training run of the grid, with its resolved training config (a ``TrainConfig`` dict)."""
+
+    id: str
+    entry: str
+    variant: VariantSpec
+    size: str | None
+    seed: int
+    train: dict[str, Any]
+    budget: RunBudget
+    train_flops_per_token: float
+    params: int
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train["out_dir"])
+
+
+def ensure_data(data: DataSpec, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The prepared folder and its metadata; prepares it first when ``data.inputs`` is set (a no-op if current)."""
+    from sasformer.data.prepare import PrepareOptions, prepare, read_meta
+
+    out = Path(data.dir)
+    if data.inputs is not None:
+        options = PrepareOptions(inputs=list(data.inputs), out=str(out), tokenizer=data.tokenizer,
+                                 vocab_size=data.vocab_size, val_fraction=data.val_fraction,
+                                 text_field=data.text_field, progress=progress)
+        return out, prepare(options)
+    meta = read_meta(out)
+    if meta is None:
+        raise ValueError(f"data.dir={str(out)!r} is not a complete prepared data folder; run `sasformer prepare` "
+                         "into it, or set data.inputs (and data.vocab_size or data.tokenizer) to prepare it here")
+    return out, meta
+
+
+def run_id(entry: str, seed: int) -> str:
+    return f"{entry}-s{seed}"
+
+
+def plan_runs(spec: GridSpec, data_dir: Path, vocab_size: int, grid_dir: Path) -> list[RunPlan]:
+    """Every run of the grid, entries in order and seeds inside each entry, with its budget resolved."""
+    from sasformer.models.flops import meta_model, train_flops_per_token
+    from sasformer.train.config import TrainConfig
+
+    plans = []
+    for entry, variant, size in spec.entries():
+        model = {**spec.model, **variant.model, "attention": variant.attention,
+                 "attention_args": dict(variant.attention_args)}
+        if size is not None:
+            model["size"] = size
+        for seed in spec.seeds:
+            train: dict[str, Any] = {"tensorboard": False, "progress": spec.progress, **spec.train}
+            train.update(model=model, data_dir=str(data_dir), out_dir=str(grid_dir / "runs" / run_id(entry, seed)),
+                         seed=seed, max_steps=None, max_tokens=1, max_time_s=None, resume="auto")
+            try:
+                config = TrainConfig.from_dict(train)
+                model_config = config.model.build(vocab_size, config.seq_len)
+            except ValueError as err:
+                raise ValueError(f"grid entry {entry!r}: {err}") from None
+            meta = meta_model(model_config)
+            flops = train_flops_per_token(model_config, config.seq_len, meta)
+            budget = run_budget(spec.budget, flops)
+            train.update(max_tokens=budget.max_tokens, max_time_s=budget.max_time_s)
+            TrainConfig.from_dict(train)  # the final config validates too
+            plans.append(RunPlan(run_id(entry, seed), entry, variant, size, seed, train, budget, flops,
+                                 meta.num_parameters()))
+    return plans
+
+
+def _comparable(train: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train.items() if k not in _VOLATILE_KEYS}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_finished(plan: RunPlan) -> dict[str, Any] | None:
+    """The run's saved result, or None if it has not finished; an error if it finished with another config."""
+    path = plan.run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    saved = json.loads(json.dumps(_comparable(result["train_config"]), default=str))
+    wanted = json.loads(json.dumps(_comparable(plan.train), default=str))
+    if saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(
+            f"{path} was made with another config (differs in {changed}); the grid changed since it ran. Use "
+            "another --out, or delete that run's folder to redo it"
+        )
+    return result
+
+
+def _interpolate(step: int, steps: list[int], values: list[float]) -> float | None:
+    """Linear interpolation of ``values`` (given at increasing ``steps``) at ``step``; 0 at step 0."""
+    points = [(0, 0.0)] + list(zip(steps, values))
+    for (s0, v0), (s1, v1) in itertools.pairwise(points):
+        if s0 <= step <= s1:
+            return v0 if s1 == s0 else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return None
+
+
+def summarize_metrics(metrics_path: Path, tokens_per_step: int, flops_per_token: float,
+                      peak_tflops: float | None) -> dict[str, Any]:
+    """Tokens seen, throughput, MFU, memory and the validation curve of one finished training run."""
+    from sasformer.train.metrics import read_metrics
+
+    train = read_metrics(metrics_path, "train")
+    val = read_metrics(metrics_path, "val")
+    if not train or not val:
+        raise ValueError(f"{metrics_path} has no {'train' if not train else 'validation'} records; the run did "
+                         "not finish (delete its folder to redo it)")
+    last = train[-1]
+    if val[-1]["step"] != last["step"]:
+        raise ValueError(f"{metrics_path}: the last validation (step {val[-1]['step']}) is not at the last "
+                         f"step ({last['step']})")
+    steps = [r["step"] for r in train]
+    seconds = [r["train_seconds"] for r in train]
+    # steady-state throughput: the first logged window holds warm-up (allocator, compilation)
+    if len(train) >= 2 and seconds[-1] > seconds[0]:
+        tokens_per_s = (last["tokens"] - train[0]["tokens"]) / (seconds[-1] - seconds[0])
+    else:
+        tokens_per_s = last["tokens"] / max(seconds[-1], 1e-9)
+    tflops = tokens_per_s * flops_per_token / 1e12
+    curve = []
+    for r in val:
+        tokens = r["step"] * tokens_per_step
+        curve.append({"step": r["step"], "tokens": tokens, "flops": tokens * flops_per_token,
+                      "train_seconds": _interpolate(r["step"], steps, seconds), "val_loss": r["val_loss"]})
+    memory = [r["peak_mem_gib"] for r in train if r.get("peak_mem_gib") is not None]
+    summary = {
+        "steps": last["step"],
+        "tokens_seen": last["tokens"],
+        "train_flops": last["tokens"] * flops_per_token,
+        "train_seconds": seconds[-1],
+        "tokens_per_s": tokens_per_s,
+        "tflops_per_s": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
+        "peak_mem_gib": max(memory) if memory else None,
+        "final_train_loss": last["loss"],
+        "initial_val_loss": val[0]["val_loss"] if val[0]["step"] == 0 else None,
+        "final_val_loss": val[-1]["val_loss"],
+        "final_val_ppl": math.exp(min(val[-1]["val_loss"], 50.0)),
+        "val_curve": curve,
+    }
+    return summary
+
+
+def _zero_shot(spec: GridSpec, tasks: dict[str, list], checkpoint: Path, data_dir: Path, device,
+               log: Log) -> tuple[dict[str, Any], float]:
+    from sasformer.data.loader import load_data_tokenizer
+    from sasformer.eval import evaluate_tasks
+    from sasformer.train.checkpoint import load_model
+
+    model = load_model(checkpoint, device)
+    metrics = evaluate_tasks(model, load_data_tokenizer(data_dir), tasks, max_len=model.config.max_seq_len,
+                             batch_size=spec.eval.zero_shot_batch_size, device=device, log=log)
+    return metrics, sum(m["acc"] for m in metrics.values()) / len(metrics)
+
+
+def _mqar(spec: GridSpec, plan: RunPlan, device) -> float:
+    from sasformer.eval.mqar import MQARConfig, train_mqar, variant_configs
+
+    m = spec.eval.mqar
+    task = MQARConfig(num_kv_pairs=m.num_kv_pairs, seq_len=m.seq_len, vocab_size=m.vocab_size,
+                      num_queries=m.num_queries)
+    attention = plan.variant.attention
+    config = variant_configs([attention], task, m.d_model, m.n_layers, m.n_heads,
+                             {attention: dict(plan.variant.attention_args)})[attention]
+    result = train_mqar(config, task, steps=m.steps, batch_size=m.batch_size, lr=m.lr, n_test=m.n_test,
+                        seed=plan.seed, device=device)
+    return result.accuracy
+
+
+def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, list] | None,
+                log: Log = _stderr) -> dict[str, Any]:
+    """Train (or resume) one run, evaluate it, and write its ``result.json`` atomically; returns the result."""
+    import torch
+
+    from sasformer.compare.env import environment
+    from sasformer.train.checkpoint import latest_checkpoint
+    from sasformer.train.config import TrainConfig
+    from sasformer.train.metrics import MetricsLogger
+    from sasformer.train.trainer import NonFiniteLossError, Trainer
+
+    config = TrainConfig.from_dict(plan.train)
+    start = time.perf_counter()
+    trainer = Trainer(config)
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak memory of this run only
+    if trainer.resumed_from is not None:
+        log(f"  resuming from {trainer.resumed_from}")
+    else:
+        # the curve starts at the initialised model; evaluation draws no random numbers, so training is unchanged
+        initial = trainer.evaluate()
+        logger = MetricsLogger(plan.run_dir, tensorboard=False)
+        logger.log({"kind": "val", "step": 0, "val_loss": initial, "val_ppl": math.exp(min(initial, 50.0))})
+        logger.close()
+    diverged = None
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:  # a result of the comparison, not a reason to stop the grid
+        diverged = str(err)
+        log(f"  {plan.id} diverged: {diverged}")
+    model_config, peak = trainer.model_config, trainer.peak
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    result: dict[str, Any] = {
+        "id": plan.id,
+        "entry": plan.entry,
+        "attention": plan.variant.attention,
+        "attention_args": model_config.resolved_attention_args().to_dict(),
+        "size": plan.size or config.model.size,
+        "seed": plan.seed,
+        "params": plan.params,
+        "train_flops_per_token": plan.train_flops_per_token,
+        "budget": {"max_tokens": plan.budget.max_tokens, "max_time_s": plan.budget.max_time_s},
+    }
+    result["diverged"] = diverged
+    result["zero_shot"], result["zero_shot_avg"], result["mqar_accuracy"] = None, None, None
+    if diverged is not None:
+        result.update({key: None for key in _SUMMARY_KEYS}, val_curve=[])
+    else:
+        result.update(summarize_metrics(plan.run_dir / "metrics.jsonl", config.batch_size * config.seq_len,
+                                        plan.train_flops_per_token, peak))
+    if tasks and diverged is None:
+        result["zero_shot"], result["zero_shot_avg"] = _zero_shot(
+            spec, tasks, latest_checkpoint(plan.run_dir / "checkpoints"), data_dir, device, log)
+    if spec.eval.mqar.enabled and diverged is None:
+        result["mqar_accuracy"] = _mqar(spec, plan, device)
+    result["wall_seconds_last_attempt"] = time.perf_counter() - start
+    result["environment"] = environment(device)  # each run's own: a resumed grid may span machines
+    result["model_config"] = model_config.to_dict()
+    result["train_config"] = plan.train
+    _write_json_atomic(plan.run_dir / RESULT_FILE, result)
+    return result
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def validation_tokens(plan: RunPlan) -> int:
+    """Target tokens of the fixed validation set the trainer scores (identical for every run of a grid)."""
+    from sasformer.train.config import TrainConfig
+    from sasformer.train.data import PreparedData
+
+    config = TrainConfig.from_dict(plan.train)
+    # the trainer's validation batches: micro-batch rows, single process (compare runs one process per run)
+    batches = PreparedData(config.data_dir).eval_batches(config.seq_len, config.micro_batch(1), config.eval_batches,
+                                                         0, 1, None)
+    return sum(int(targets.numel()) for _, targets in batches)
+
+
+@contextlib.contextmanager
+def grid_lock(grid_dir: Path) -> Iterator[None]:
+    """Refuse a second live ``compare`` process on the same grid folder (a stale lock is taken over)."""
+    path = grid_dir / "compare.lock"
+    if path.is_file():
+        try:
+            pid = int(path.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pid = None  # unreadable, or its process is gone
+        except PermissionError:
+            pass  # the process exists but belongs to someone else
+        if pid is not None and pid != os.getpid():
+            raise ValueError(f"{grid_dir} is in use by process {pid} (see {path}); wait for it, or use another --out")
+    path.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log = _stderr) -> dict[str, Any]:
+    """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``."""
+    grid_dir = Path(grid_dir)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    with grid_lock(grid_dir):
+        return _run_grid(spec, grid_dir, command, log)
+
+
+def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log) -> dict[str, Any]:
+    import torch
+
+    from sasformer.compare.env import environment
+    from sasformer.compare.plots import matplotlib_available, plot_curves
+    from sasformer.compare.report import aggregate, markdown_report
+
+    data_dir, meta = ensure_data(spec.data, spec.progress)
+    plans = plan_runs(spec, data_dir, int(meta["vocab_size"]), grid_dir)
+    _write_json_atomic(grid_dir / "grid.json", {"spec": spec.to_dict(), "command": command,
+                                                "runs": [{"id": p.id, "max_tokens": p.budget.max_tokens,
+                                                          "max_time_s": p.budget.max_time_s,
+                                                          "train_flops_per_token": p.train_flops_per_token,
+                                                          "params": p.params} for p in plans]})
+    tasks = None
+    if spec.eval.zero_shot_dir is not None:
+        from sasformer.eval import read_eval_dir
+
+        tasks = read_eval_dir(spec.eval.zero_shot_dir, spec.eval.zero_shot_tasks, spec.eval.zero_shot_limit)
+
+    runs: list[dict[str, Any]] = []
+    finished = [load_finished(p) for p in plans]
+    todo = sum(r is None for r in finished)
+    log(f"grid {spec.name}: {len(plans)} runs ({len(plans) - todo} already finished), results in {grid_dir}")
+    spent: list[float] = []
+    for index, (plan, result) in enumerate(zip(plans, finished), start=1):
+        if result is not None:
+            runs.append(result)
+            continue
+        left = todo - len(spent)
+        eta = f", ETA {_duration(sum(spent) / len(spent) * left)}" if spent else ""
+        limit = f" or {plan.budget.max_time_s:g} s" if plan.budget.max_time_s else ""
+        log(f"[run {index}/{len(plans)}] {plan.entry} seed {plan.seed}: {plan.budget.max_tokens:,} tokens{limit}, "
+            f"{plan.params / 1e6:.2f}M params{eta}")
+        start = time.perf_counter()
+        result = execute_run(spec, plan, data_dir, tasks, log)
+        spent.append(time.perf_counter() - start)
+        outcome = "diverged" if result["diverged"] else \
+            f"val loss {result['final_val_loss']:.4f} after {result['tokens_seen']:,} tokens"
+        log(f"[run {index}/{len(plans)}] {plan.entry} seed {plan.seed}: {outcome} ({_duration(spent[-1])})")
+        runs.append(result)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and plans[0].train.get("device", "auto") != "cpu"
+                          else "cpu")
+    results: dict[str, Any] = {
+        "command": command,
+        "environment": environment(device),
+        "spec": spec.to_dict(),
+        "data": {"dir": str(data_dir), "vocab_size": meta["vocab_size"],
+                 "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
+                 "train_tokens": meta["splits"]["train"]["tokens"], "val_split_tokens": meta["splits"]["val"]["tokens"]},
+        "val_tokens": validation_tokens(plans[0]),
+        "runs": runs,
+        "aggregates": aggregate(runs),
+        "plots": [],
+    }
+    if matplotlib_available():
+        paths = plot_curves(runs, grid_dir, title=f"{spec.name}: validation loss")
+        results["plots"] = [p.name for p in paths]
+    else:
+        log("matplotlib is not installed (pip install 'sasformer[plot]'): no plots written, everything else is")
+    _write_json_atomic(grid_dir / "results.json", results)
+    (grid_dir / "results.md").write_text(markdown_report(results))
+    return results

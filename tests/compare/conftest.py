@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+_WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "on", "under", "a", "mat", "tree", "house", "quickly", "slowly", "red", "blue", "green", "small", "big", "and", "then", "it", "was", "very", "happy", "sad", "with", "over", "near", "far", "to", "from"]
+
+
+def _documents(n_docs: int, seed: int = 0) -> list[str]:
+    """Short pseudo-English documents with a repeating structure a tiny model can start to learn."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(rng.randint(6, 12)):
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 9))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """A prepared folder (train and val shards, a 300-id BPE) built from generated text."""
+    from sasformer.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("compare_data")
+    inputs = root / "text"
+    inputs.mkdir()
+    for i, doc in enumerate(_documents(60)):
+        (inputs / f"doc{i:03d}.txt").write_text(doc)
+    out = root / "prepared"
+    prepare(PrepareOptions(inputs=[str(inputs)], out=str(out), vocab_size=300, val_fraction=0.2, workers=1,
+                           progress=False))
+    return out
+
+
+def grid_dict(data_dir: Path, out_dir: Path, variants=None, seeds=(0,), **sections) -> dict:
+    """A grid of very small runs: d=32, one layer, T=16, batch 4, six steps."""
+    grid = {
+        "name": "test",
+        "out_dir": str(out_dir),
+        "data": {"dir": str(data_dir)},
+        "model": {"size": "tiny", "d_model": 32, "n_layers": 1},
+        "variants": variants or [
+            {"name": "mha", "attention": "mha", "attention_args": {"n_heads": 2}},
+            {"name": "sas", "attention": "sas", "attention_args": {"n_heads": 2}},
+        ],
+        "seeds": list(seeds),
+        "budget": {"kind": "tokens", "tokens": 6 * 4 * 16},
+        "train": {"seq_len": 16, "batch_size": 4, "device": "cpu", "eval_interval": 3, "eval_batches": 2,
+                  "log_interval": 1, "checkpoint_interval": 2, "keep_last": 2,
+                  "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2}},
+        "progress": False,
+    }
+    for key, value in sections.items():
+        grid[key] = value
+    return grid

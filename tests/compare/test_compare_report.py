@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sasformer.compare.report import aggregate, markdown_table, mean_std
+
+
+def _run(entry: str, seed: int, loss: float, zero_shot: float | None = None) -> dict:
+    return {"entry": entry, "attention": entry, "size": "tiny", "seed": seed, "params": 1000,
+            "train_flops_per_token": 6000.0, "tokens_seen": 512, "train_flops": 512 * 6000.0,
+            "final_val_loss": loss, "final_val_ppl": math.exp(loss), "zero_shot_avg": zero_shot,
+            "mqar_accuracy": None, "tokens_per_s": 100.0 + seed, "mfu": None, "train_seconds": 5.0,
+            "peak_mem_gib": None}
+
+
+def test_mean_std_is_sample_std():
+    assert mean_std([2.0, 2.2, 2.4]) == (pytest.approx(2.2), pytest.approx(0.2))
+    assert mean_std([1.0, None, 3.0]) == (pytest.approx(2.0), pytest.approx(math.sqrt(2.0)))
+    assert mean_std([5.0]) == (5.0, None)
+    assert mean_std([None]) == (None, None)
+
+
+def test_aggregate_over_seeds():
+    runs = [_run("a", 0, 2.0, 0.25), _run("b", 0, 3.0), _run("a", 1, 2.2, 0.35), _run("a", 2, 2.4, 0.45)]
+    rows = aggregate(runs)
+    assert [r["entry"] for r in rows] == ["a", "b"]
+    a, b = rows
+    assert a["seeds"] == [0, 1, 2]
+    assert a["final_val_loss"] == pytest.approx(2.2) and a["final_val_loss_std"] == pytest.approx(0.2)
+    ppl = [math.exp(x) for x in (2.0, 2.2, 2.4)]
+    assert a["final_val_ppl"] == pytest.approx(sum(ppl) / 3)
+    assert a["zero_shot_avg"] == pytest.approx(0.35) and a["zero_shot_avg_std"] == pytest.approx(0.1)
+    assert a["tokens_per_s"] == pytest.approx(101.0)
+    assert b["final_val_loss"] == 3.0 and b["final_val_loss_std"] is None and b["zero_shot_avg"] is None
+    table = markdown_table(rows)
+    assert "| a | 3 |" in table and "2.2000 ± 0.2000" in table
+    assert "| b | 1 |" in table and "3.0000 |" in table and "n/a" in table
