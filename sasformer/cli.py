@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("sasformer.commands.prepare", "tokenize documents into train/val token shards"),
     "train": ("sasformer.commands.train", "train a model from configs/*.yaml with --key value overrides"),
     "eval": ("sasformer.commands.eval", "perplexity, zero-shot tasks and MQAR for a checkpoint or saved model"),
+    "compare": ("sasformer.commands.compare", "train a grid of variants x seeds on one budget and report the comparison"),
     "export": ("sasformer.commands.export", "convert a training checkpoint to a Hugging Face model directory"),
     "generate": ("sasformer.commands.generate", "continue a prompt with a trained model"),
     "lm-eval": ("sasformer.commands.lm_eval", "run lm-evaluation-harness with sasformer models registered"),
