@@ -213,8 +213,8 @@ def _mqar(spec: GridSpec, plan: RunPlan, device) -> float:
     attention = plan.variant.attention
     config = variant_configs([attention], task, m.d_model, m.n_layers, m.n_heads,
                              {attention: dict(plan.variant.attention_args)})[attention]
-    result = train_mqar(config, task, steps=m.steps, batch_size=m.batch_size, lr=m.lr, n_test=m.n_test,
-                        seed=plan.seed, device=device)
+    result = train_mqar(config, task, steps=m.steps, batch_size=m.batch_size, lr=m.lr, weight_decay=m.weight_decay,
+                        n_test=m.n_test, seed=plan.seed, device=device)
     return result.accuracy
 
 

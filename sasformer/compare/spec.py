@@ -137,17 +137,21 @@ class VariantSpec:
 
 @dataclass
 class MQARSpec:
-    """The synthetic recall probe (``sasformer.eval.mqar``): a small fresh model per variant and seed."""
+    """The synthetic recall probe (``sasformer.eval.mqar``): a small fresh model per variant and seed.
+
+    Defaults are the evaluation module's (measured there to learn the default task with MHA).
+    """
 
     enabled: bool = False
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    steps: int = 300
+    steps: int = 3000
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
     num_kv_pairs: int = 8
-    num_queries: int = 4
+    num_queries: int = 8
     seq_len: int = 64
     vocab_size: int = 64
     n_test: int = 512
