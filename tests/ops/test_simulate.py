@@ -56,32 +56,60 @@ def check(impl: str, N: int, H: int, HS: int, k: int, D: int, DS: int, features:
         torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
 
 
+PYTORCH_FAST = ["matmul", "banded"]
+
+
+@pytest.mark.parametrize("impl", PYTORCH_FAST)
 @pytest.mark.parametrize("N", [1, 7, 63])
 @pytest.mark.parametrize("H,HS", [(1, 3), (3, 6), (12, 24)])
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("D,DS", [(5, 9), (8, 12)])
-def test_matmul_qk_matches_naive(N, H, HS, k, D, DS):
-    check("matmul", N, H, HS, k, D, DS, True, torch.float64, 1e-10, 1e-10)
+def test_pytorch_qk_matches_naive(impl, N, H, HS, k, D, DS):
+    check(impl, N, H, HS, k, D, DS, True, torch.float64, 1e-10, 1e-10)
 
 
+@pytest.mark.parametrize("impl", PYTORCH_FAST)
 @pytest.mark.parametrize("N", [1, 7, 63])
 @pytest.mark.parametrize("H,HS", [(1, 3), (12, 24)])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_matmul_heads_matches_naive(N, H, HS, k):
-    check("matmul", N, H, HS, k, 7, 7, False, torch.float64, 1e-10, 1e-10)
+def test_pytorch_heads_matches_naive(impl, N, H, HS, k):
+    check(impl, N, H, HS, k, 7, 7, False, torch.float64, 1e-10, 1e-10)
 
 
-def test_matmul_fp32_and_gpt_small_head_shape():
-    check("matmul", 9, 12, 24, 3, 64, 128, True, torch.float32, 1e-4, 1e-4)
+@pytest.mark.parametrize("impl", PYTORCH_FAST)
+@pytest.mark.parametrize("N,k", [(9, 3), (4, 1)])
+def test_pytorch_fp32_at_gpt_small_head_shape(impl, N, k):
+    check(impl, N, 12, 24, k, 64, 128, True, torch.float32, 1e-4, 1e-4)
 
 
-def test_matmul_saves_only_compact_tensors():
-    x = torch.randn(2, 5, 3, 8, requires_grad=True)
-    ws = make_weights(3, 6, 3, 8, 16, torch.float32)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        simulate.simulate_qk(x, *ws, impl="matmul")
-    assert sorted(saved) == sorted([(10, 3, 8)] + [tuple(w.shape) for w in ws])
+def test_banded_kernel_wider_than_features():
+    # k > D: most taps fall into the padding for every feature
+    check("banded", 5, 2, 4, 7, 3, 4, True, torch.float64, 1e-10, 1e-10)
+
+
+def test_banded_conv_matrix_is_the_convolution():
+    from sasformer.ops.simulate.banded import banded_conv_matrix
+
+    w = torch.randn(4, 3, 5, dtype=torch.float64)
+    x = torch.randn(6, 3, 11, dtype=torch.float64)
+    conv = torch.nn.functional.conv1d(x, w, padding=2)
+    torch.testing.assert_close(x.reshape(6, -1) @ banded_conv_matrix(w, 11), conv.reshape(6, -1))
+
+
+@pytest.mark.parametrize("impl", PYTORCH_FAST)
+@pytest.mark.parametrize("features", [True, False])
+def test_pytorch_fast_saves_only_compact_tensors(impl, features):
+    ws = make_weights(3, 6, 3, 8, 16, torch.float32, features)
+
+    def saved_elements(T: int) -> int:
+        x = torch.randn(2, T, 3, 8, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            fast(x, ws, impl)
+        return sum(saved)
+
+    # what is kept for the backward pass grows with the tokens only by the compact input (H*D each)
+    assert saved_elements(9) - saved_elements(4) == 2 * 5 * 3 * 8
 
 
 triton_cases = [
@@ -114,7 +142,7 @@ def test_env_var_override(monkeypatch):
     with pytest.raises(ValueError, match="SASFORMER_SIMULATE"):
         simulate.resolve_impl(None, x)
     monkeypatch.delenv(simulate.ENV_VAR)
-    assert simulate.resolve_impl(None, x) == ("triton" if x.is_cuda else "matmul")
+    assert simulate.resolve_impl(None, x) == ("banded" if x.is_cuda else "matmul")
     with pytest.raises(ValueError, match="impl"):
         simulate.resolve_impl("conv", x)
 
@@ -143,7 +171,7 @@ def test_triton_refuses_float64():
         simulate.resolve_impl("triton", torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE))
 
 
-@pytest.mark.parametrize("impl", ["matmul", "triton"])
+@pytest.mark.parametrize("impl", ["matmul", "banded", "triton"])
 @pytest.mark.parametrize("B,T,per_batch", [(1, 1, False), (2, 7, True), (3, 5, False)])
 def test_rope_after_simulation(impl, B, T, per_batch, monkeypatch):
     if impl == "triton":
