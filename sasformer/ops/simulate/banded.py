@@ -27,13 +27,22 @@ import torch
 from torch import Tensor
 
 
-@functools.lru_cache(maxsize=32)
-def _shifts(k: int, D: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _build_shifts(k: int, D: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(k, D, D) 0/1 tensor: ``S[t, i, j] = 1`` where input feature i feeds output feature j via tap t."""
     pad = (k - 1) // 2
     i = torch.arange(D, device=device).view(D, 1)
     j = torch.arange(D, device=device).view(1, D)
     return torch.stack([(i == j + t - pad) for t in range(k)]).to(dtype)
+
+
+_cached_shifts = functools.lru_cache(maxsize=32)(_build_shifts)
+
+
+def _shifts(k: int, D: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # eager: build once per shape; under torch.compile the constant is folded into the graph
+    if torch.compiler.is_compiling():
+        return _build_shifts(k, D, dtype, device)
+    return _cached_shifts(k, D, dtype, device)
 
 
 def banded_conv_matrix(w: Tensor, D: int) -> Tensor:
@@ -47,7 +56,7 @@ class _BandedSimulate(torch.autograd.Function):
     """x (N, H*D) -> heads (N, H'*D), then optionally features (N*H', D'); all inputs one dtype."""
 
     @staticmethod
-    def forward(ctx, x, m1, b1, m2, b2, w3, b3, w4, b4, heads_out):  # type: ignore[override]
+    def forward(ctx, x, m1, b1, m2, b2, w3, b3, w4, b4):  # type: ignore[override]
         a1, y2 = _heads(x, m1, b1, m2, b2)
         del a1
         out = y2
@@ -55,7 +64,6 @@ class _BandedSimulate(torch.autograd.Function):
             z1 = torch.addmm(b3, y2.view(-1, w3.shape[1]), w3.t())
             out = torch.addmm(z1, torch.relu(z1), w4.t()).add_(b4)
         ctx.save_for_backward(x, m1, b1, m2, b2, *((w3, b3, w4) if w3 is not None else ()))
-        ctx.heads_out = heads_out
         return out
 
     @staticmethod
@@ -89,7 +97,7 @@ class _BandedSimulate(torch.autograd.Function):
         dm1 = x.t() @ da1
         db1 = da1.sum(0)
         dx = da1 @ m1.t()
-        return dx, dm1, db1, dm2, db2, dw3, db3, dw4, db4, None
+        return dx, dm1, db1, dm2, db2, dw3, db3, dw4, db4
 
 
 def _heads(x: Tensor, m1: Tensor, b1: Tensor, m2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,12 +129,12 @@ def simulate_qk_banded(
     dt = x_BTHD.dtype
     heads = _head_operands(x_BTHD, w1, b1, w2, b2)
     features = [w.to(dt) for w in (w3, b3, w4, b4)]
-    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, *features, w1.shape[0])
+    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, *features)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
 
 
 def simulate_heads_banded(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """Head simulation only, (..., H, D) -> (..., H', D)."""
     heads = _head_operands(x_BTHD, w1, b1, w2, b2)
-    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, None, None, None, None, w1.shape[0])
+    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, None, None, None, None)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], x_BTHD.shape[-1])
