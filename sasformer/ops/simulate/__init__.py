@@ -29,6 +29,7 @@ from sasformer.ops.rope import apply_rope
 from sasformer.ops.simulate.banded import simulate_heads_banded, simulate_qk_banded
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
+from sasformer.ops.simulate.rotate import rope_simulated
 
 IMPLS = ("naive", "matmul", "banded", "triton")
 ENV_VAR = "SASFORMER_SIMULATE"
@@ -100,13 +101,14 @@ def simulate_qk(
     which = resolve_impl(impl, x_BTHD)
     if which == "triton":
         return _qk_triton(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4, rope)
+    if which == "naive":
+        out = simulate_features_naive(simulate_heads_naive(x_BTHD, w1, b1, w2, b2), w3, b3, w4, b4)
+        return out if rope is None else apply_rope(out, *rope)
     if which == "matmul":
         out = simulate_qk_matmul(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
-    elif which == "banded":
-        out = simulate_qk_banded(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
     else:
-        out = simulate_features_naive(simulate_heads_naive(x_BTHD, w1, b1, w2, b2), w3, b3, w4, b4)
-    return out if rope is None else apply_rope(out, *rope)
+        out = simulate_qk_banded(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
+    return out if rope is None else rope_simulated(out, *rope)
 
 
 def simulate_heads(
