@@ -1,18 +1,23 @@
 """SAS speed and memory on one CUDA GPU: whole-model training, the SAS layer alone, SDPA backends.
 
-    python3 benchmarks/sas_speed.py --out DIR [--sections check,model,layer,sdpa,tiles] [--budget-s 420]
+    python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,profile,model,tiles,sdpa] [--budget-s 250]
 
-Sections (each wrapped so a failure is recorded in the JSON and the run goes on):
-Sections run in this order; once --budget-s seconds have passed, the remaining measurements are
-skipped (and recorded as skipped), so the whole run stays within about 8 minutes.
+Sections (each wrapped so a failure is recorded in the JSON and the run goes on) run in this
+order; once --budget-s seconds have passed, the remaining measurements are skipped (and recorded
+as skipped), so the whole run stays within about 5 minutes. Results are saved after every model
+row, so a crash in one variant keeps the rows measured before it.
 - check: fast simulation paths against the plain reference on the GPU (bf16, forward and every
   gradient, relative norm error); when it fails, no speed of a failing path is reported.
 - layer: one SAS layer (GPT-small shapes) forward+backward: fast paths vs the reference structure
   (Conv1d-style simulation over (B*T, H, D), per-group output projection then mean, default SDPA).
-- sdpa: attention with query/key size 128 and value size 64 on every backend.
+- profile: torch.profiler over a few forward+backward steps of one SAS layer per simulation path
+  and of an MHA layer: the top CUDA kernels by total time.
 - model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
-  compiled, random tokens, fused AdamW, bf16 autocast.
-- tiles: the Triton kernels' tile settings, swept on the Q simulation (each checked first).
+  compiled, random tokens, fused AdamW, bf16 autocast; SAS runs the automatic simulation path.
+- tiles: the Triton kernels' tile settings, each checked (output and every gradient, bf16 vs fp32)
+  on the Q simulation at GPT-small shapes and timed if it passes; runs even when the Triton path
+  failed the check, to show which settings are wrong.
+- sdpa: attention with query/key size 128 and value size 64 on every backend.
 Writes DIR/sas_speed.json and DIR/sas_speed.md and prints the tables.
 """
 
@@ -48,7 +53,7 @@ from sasformer.ops import attention as attention_ops  # noqa: E402
 from sasformer.ops import simulate  # noqa: E402
 from sasformer.ops.rope import RotaryTables  # noqa: E402
 
-SECTIONS = ("check", "model", "layer", "sdpa", "tiles")
+SECTIONS = ("check", "layer", "profile", "model", "tiles", "sdpa")
 SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
 SAS_MAIN = {"n_sim_heads": 24, "sim_head_dim": 128, "kernel_size": 3}
 SAS_SMALL = {"n_sim_heads": 24, "sim_head_dim": 64, "kernel_size": 3}
@@ -111,7 +116,12 @@ def structure_env(structure: str):
 
 def fast_impls() -> list[str]:
     kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return ["matmul"] + (["triton"] if kernels and simulate.triton_available() else [])
+    return ["matmul", "banded"] + (["triton"] if kernels and simulate.triton_available() else [])
+
+
+def auto_impl() -> str:
+    """The simulation path a model gets without being told (what the training rows measure)."""
+    return simulate.resolve_impl(None, torch.empty(0, device=DEV, dtype=torch.bfloat16))
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -288,59 +298,163 @@ def section_layer(opts, passed: dict[str, bool], deadline: float) -> dict:
     return out
 
 
+# (forward rows, backward rows, warps) per program; None warps = the module's own choice
+TILE_SETTINGS = ((128, 64, None), (128, 64, 4), (128, 128, 4), (128, 128, 8), (64, 64, 4), (64, 32, 4))
+
+
 def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
-    """Q simulation forward+backward for several tile sizes (forward/backward rows per program,
-    warps), each checked against ``matmul`` first. Defaults: ``fused.BLOCK_ROWS``/``BWD_BLOCK_ROWS``."""
-    if "triton" not in fast_impls() or not passed.get("triton", True):
-        return {"error": "triton path unavailable or failed the check"}
+    """Q simulation (H'=24, D'=128, k=3, RoPE) forward+backward per Triton tile setting: each setting
+    is checked first (output, input and every weight gradient, bf16 against the fp32 matmul path,
+    tolerance as in the check section) and timed only if it passes. Runs even when the Triton path
+    failed the check section, so that the run shows which settings compute wrong gradients."""
+    if "triton" not in fast_impls():
+        return {"error": "triton not available"}
     from sasformer.ops.simulate import fused
 
     B, T = opts.layer_shapes[0]
-    layer = sas_layer(SAS_MAIN, torch.bfloat16)
-    q = torch.randn(B, T, 12, 64, device=DEV, dtype=torch.bfloat16)
+    if opts.smoke:
+        B, T = 1, 5
+    layer = sas_layer(SAS_MAIN, torch.float32)
     hq, fq = layer.heads_q, layer.features_q
-    weights = (hq.w1, hq.b1, hq.w2, hq.b2, fq.w3, fq.b3, fq.w4, fq.b4)
-    x = q.detach().requires_grad_()
-    g = torch.randn(B, T, 24, 128, device=DEV, dtype=torch.bfloat16)
+    weights32 = [w.detach() for w in (hq.w1, hq.b1, hq.w2, hq.b2, fq.w3, fq.b3, fq.w4, fq.b4)]
+    names = ["out", "x", "w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"]
+    torch.manual_seed(0)
+    x32 = torch.randn(B, T, 12, 64, device=DEV)
+    g32 = torch.randn(B, T, 24, 128, device=DEV)
+    rope = layer_ctx(T).rotary(128)
 
-    def out_and_dx(impl: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        xx = x.detach().to(dtype).requires_grad_()
-        out = simulate.simulate_qk(xx, *(w.to(dtype) for w in weights), impl=impl)
-        return out, torch.autograd.grad(out, xx, g.to(dtype))[0]
+    def run(impl: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        x = x32.to(dtype).requires_grad_()
+        ws = [w.to(dtype).requires_grad_() for w in weights32]
+        out = simulate.simulate_qk(x, *ws, impl=impl, rope=rope)
+        return [out, *torch.autograd.grad(out, [x, *ws], g32.to(dtype))]
 
-    # tolerance as in the check section: a bf16 path against fp32, relative to the matmul path's error
-    gold = out_and_dx("matmul", torch.float32)
-    base = out_and_dx("matmul", torch.bfloat16)
-    tol = max(3 * max(rel_err(base[0], gold[0]), rel_err(base[1], gold[1])), CHECK_MIN_TOL)
-    rows: dict[str, Any] = {"tolerance": tol}
+    def errors(got: list[torch.Tensor], gold: list[torch.Tensor]) -> dict[str, float]:
+        return {n: rel_err(a, b) for n, a, b in zip(names, got, gold)}
+
+    gold = run("matmul", torch.float32)
+    base = errors(run("naive", torch.bfloat16), gold)
+    rows: dict[str, Any] = {"naive_bf16_errors": base}
+    # default tiles in fp32: tells a wrong kernel apart from a bf16 precision problem
+    try:
+        errs = errors(run("triton", torch.float32), gold)
+        worst = max(errs, key=lambda n: errs[n] if math.isfinite(errs[n]) else math.inf)
+        verdict = "ok" if errs[worst] <= 1e-3 else "WRONG"
+        rows["default_fp32"] = {"error": f"fp32 check {verdict}: worst {worst} rel. err {errs[worst]:.3g}",
+                                "errors": errs}
+        log(f"triton tiles default fp32: {verdict} (worst {worst} {errs[worst]:.3g})")
+    except Exception as err:  # noqa: BLE001
+        rows["default_fp32"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     default = (fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS)
     try:
-        for fwd_rows, bwd_rows in ((64, 64), (128, 64), (128, 128), (256, 128)):
-            for warps in (4, 8):
-                key = f"rows{fwd_rows}/{bwd_rows}_warps{warps}"
-                if time.time() > deadline:
-                    rows[key] = SKIPPED
+        for fwd_rows, bwd_rows, warps in TILE_SETTINGS:
+            key = f"rows{fwd_rows}/{bwd_rows}_warps{warps or 'auto'}"
+            if time.time() > deadline:
+                rows[key] = SKIPPED
+                continue
+            fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = fwd_rows, bwd_rows, warps
+            try:
+                errs = errors(run("triton", torch.bfloat16), gold)
+                bad = {n: e for n, e in errs.items() if not e <= max(3 * base[n], CHECK_MIN_TOL)}
+                if bad:
+                    worst = max(bad, key=lambda n: bad[n] if math.isfinite(bad[n]) else math.inf)
+                    rows[key] = {"error": f"refused: {len(bad)} of {len(errs)} wrong, worst {worst} "
+                                          f"rel. err {bad[worst]:.3g}", "errors": errs}
+                    log(f"triton tiles {key}: wrong ({', '.join(sorted(bad))})")
                     continue
-                fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = fwd_rows, bwd_rows, warps
-                try:
-                    out, dx = out_and_dx("triton", torch.bfloat16)
-                    err = max(rel_err(out, gold[0]), rel_err(dx, gold[1]))
-                    if err > tol:
-                        rows[key] = {"error": f"refused: relative error {err:.3g} vs fp32 (tolerance {tol:.3g})"}
-                        continue
+                x = x32.bfloat16().requires_grad_()
+                ws = [w.bfloat16() for w in weights32]
+                g = g32.bfloat16()
 
-                    def run():
-                        o = simulate.simulate_qk(x, *weights, impl="triton")
-                        torch.autograd.grad(o, x, g)
+                def step():
+                    o = simulate.simulate_qk(x, *ws, impl="triton", rope=rope)
+                    torch.autograd.grad(o, x, g)
 
-                    rows[key] = {"q_fwd_bwd_ms": cuda_time_ms(run, warmup=2, reps=opts.reps), "rel_err": err}
-                    log(f"triton tiles {key}: {rows[key]['q_fwd_bwd_ms']:.3f} ms")
-                except Exception as err:  # noqa: BLE001
-                    rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-                    log(f"triton tiles {key}: {type(err).__name__}")
+                rows[key] = {"q_fwd_bwd_ms": cuda_time_ms(step, warmup=2, reps=opts.reps),
+                             "rel_err": max(errs.values()), "errors": errs}
+                log(f"triton tiles {key}: {rows[key]['q_fwd_bwd_ms']:.3f} ms")
+            except Exception as err:  # noqa: BLE001
+                rows[key] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                log(f"triton tiles {key}: {type(err).__name__}")
     finally:
         fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = default
+    # the PyTorch paths on the same work, for comparison
+    for impl in ("naive", "matmul", "banded"):
+        x = x32.bfloat16().requires_grad_()
+        ws = [w.bfloat16() for w in weights32]
+        g = g32.bfloat16()
+
+        def step(impl=impl):
+            o = simulate.simulate_qk(x, *ws, impl=impl, rope=rope)
+            torch.autograd.grad(o, x, g)
+
+        rows[impl] = {"q_fwd_bwd_ms": cuda_time_ms(step, warmup=2, reps=opts.reps)}
     return {f"triton_tiles/T{T}": rows}
+
+
+def _profile_rows(prof, top: int) -> tuple[list[dict], float]:
+    """The ``top`` kernels by total device time (CPU ops on a CPU run), and the total in ms."""
+    cuda = DEV == "cuda"
+    events = [e for e in prof.key_averages()
+              if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda]
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    times = {e.key: getattr(e, attr) / 1e3 for e in events}
+    total = sum(times.values())
+    rows = [{"name": e.key, "calls": e.count, "total_ms": times[e.key],
+             "share": times[e.key] / total if total else 0.0} for e in events]
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:top], total
+
+
+def section_profile(opts, passed: dict[str, bool], deadline: float) -> dict:
+    """torch.profiler over ``opts.profile_steps`` forward+backward steps of one layer (GPT-small,
+    B x T of the first layer shape, bf16) per simulation path, and of MHA: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sasformer.layers.mha import MHAArgs, MultiHeadAttention
+
+    B, T = opts.layer_shapes[0]
+    out: dict[str, Any] = {"steps": opts.profile_steps, "B": B, "T": T}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    cases = [("mha", None)] + [(f"sas_24x128/{impl}", impl) for impl in ["naive", *fast_impls()]]
+    for name, impl in cases:
+        if time.time() > deadline:
+            out[name] = SKIPPED
+            continue
+        if impl in passed and not passed[impl]:
+            out[name] = {"error": "refused: correctness check failed"}
+            continue
+        try:
+            if impl is None:
+                torch.manual_seed(0)
+                layer = MultiHeadAttention(768, MHAArgs(n_heads=12)).to(DEV).to(torch.bfloat16)
+            else:
+                layer = sas_layer(SAS_MAIN, torch.bfloat16)
+                set_simulation_impl(layer, impl)
+            x = torch.randn(B, T, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            grad = torch.randn_like(x)
+
+            def step():
+                layer(x, layer_ctx(T)).backward(grad)
+
+            for _ in range(2):
+                step()
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                for _ in range(opts.profile_steps):
+                    step()
+                if DEV == "cuda":
+                    torch.cuda.synchronize()
+            rows, total = _profile_rows(prof, opts.profile_top)
+            out[name] = {"kernel_ms_per_step": total / opts.profile_steps, "top": rows}
+            log(f"profile {name}: {total / opts.profile_steps:.2f} ms of kernels per step")
+        except Exception as err:  # noqa: BLE001
+            out[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            log(f"profile {name}: {type(err).__name__}: {str(err)[:200]}")
+        finally:
+            fresh_memory()
+    return out
 
 
 def section_sdpa(opts, deadline: float) -> dict:
@@ -408,9 +522,10 @@ def train_step_fn(model: DecoderLM, opt: torch.optim.Optimizer, ids: torch.Tenso
     return step
 
 
-def section_model(opts, passed: dict[str, bool], deadline: float) -> dict:
-    out: dict[str, Any] = {}
-    auto_impl = "triton" if DEV == "cuda" and simulate.triton_available() else "matmul"
+def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, save: Callable[[], None]) -> dict:
+    """Training rows, written into ``out`` and saved after each one (a crash keeps earlier rows)."""
+    impl = auto_impl()
+    out["simulation_impl"] = impl
     for T in opts.seq_lens:
         B = max(1, opts.tokens_per_step // T)
         for mode in opts.modes:
@@ -421,8 +536,8 @@ def section_model(opts, passed: dict[str, bool], deadline: float) -> dict:
                     out[key] = SKIPPED
                     continue
                 attn, args, structure = VARIANTS[name]
-                if attn == "sas" and structure == "fast" and not passed.get(auto_impl, True):
-                    out[key] = {"error": "refused: simulation correctness check failed"}
+                if attn == "sas" and structure == "fast" and not passed.get(impl, True):
+                    out[key] = {"error": f"refused: simulation path {impl} failed the correctness check"}
                     continue
                 model = opt = None
                 try:
@@ -455,6 +570,7 @@ def section_model(opts, passed: dict[str, bool], deadline: float) -> dict:
                     if mode == "compiled":
                         torch._dynamo.reset()
                     fresh_memory()
+                    save()
             mha = out.get(f"T{T}/{mode}/mha", {})
             for name in variants:
                 row = out.get(f"T{T}/{mode}/{name}", {})
@@ -497,6 +613,8 @@ def markdown(res: dict) -> str:
     env_ = res["environment"]
     failed = [f"- {name}: {res[name]['error']}" for name in SECTIONS
               if isinstance(res.get(name), dict) and "error" in res[name]]
+    failed += [f"- {name} (rows before the failure are kept): {res[name]['section_error']['error']}"
+               for name in SECTIONS if isinstance(res.get(name), dict) and "section_error" in res[name]]
     res = {k: v for k, v in res.items() if not (isinstance(v, dict) and "error" in v and k in SECTIONS)}
     lines = ["# SAS speed", "", f"`{env_['command']}`", "",
              f"GPU {env_['gpu']}, torch {env_['torch']}, triton {env_['triton']}, CUDA {env_['cuda']}, "
@@ -510,9 +628,12 @@ def markdown(res: dict) -> str:
     model = res.get("model", {})
     if model:
         lines += ["## GPT-small training (random tokens, fused AdamW, bf16 autocast)", "",
+                  f"SAS rows use the automatic simulation path: `{model.get('simulation_impl')}`.", "",
                   "| T | mode | variant | tokens/s | vs MHA | peak GiB | vs MHA | params |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, row in model.items():
+            if not isinstance(row, dict) or key == "section_error":
+                continue
             T, mode, name = key.split("/")
             if "error" in row:
                 lines.append(f"| {T[1:]} | {mode} | {name} | {row['error']} | | | | |")
@@ -521,7 +642,7 @@ def markdown(res: dict) -> str:
                          f"{fmt(row.get('throughput_vs_mha'), '.2f')} | {row['peak_gib']:.1f} | "
                          f"{fmt(row.get('memory_vs_mha'), '.2f')} | {row['params'] / 1e6:.1f}M |")
         lines.append("")
-    layer = {**res.get("layer", {}), **res.get("tiles", {})}
+    layer = res.get("layer", {})
     if layer:
         lines += ["## SAS layer forward+backward (bf16)", "",
                   "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference |",
@@ -537,12 +658,12 @@ def markdown(res: dict) -> str:
                 elif "fwd_bwd_ms" in row:
                     lines.append(f"| {key} | {path} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | "
                                  f"{row['peak_gib']:.2f} | {fmt(row.get('speedup_vs_reference'), '.2f')} |")
-                elif "q_fwd_bwd_ms" in row:
-                    lines.append(f"| {key} (Q) | {path} | | {row['q_fwd_bwd_ms']:.3f} | | |")
                 elif "q_and_v_fwd_bwd_ms" in row:
                     lines.append(f"| {key} (Q+V) | {path} | | {row['q_and_v_fwd_bwd_ms']:.2f} | "
                                  f"{row['peak_gib']:.2f} | |")
         lines.append("")
+    lines += _profile_markdown(res.get("profile", {}))
+    lines += _tiles_markdown(res.get("tiles", {}))
     sdpa = res.get("sdpa", {})
     if sdpa:
         lines += ["## SDPA, 24 heads, q/k 128, v 64, causal, forward+backward (bf16)", "",
@@ -561,19 +682,60 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _profile_markdown(prof: dict) -> list[str]:
+    if not prof:
+        return []
+    lines = [f"## Profile: one layer forward+backward, B={prof.get('B')}, T={prof.get('T')}, bf16, "
+             f"top kernels over {prof.get('steps')} steps", ""]
+    for name, row in prof.items():
+        if not isinstance(row, dict):
+            continue
+        if "error" in row:
+            lines += [f"### {name}: {row['error']}", ""]
+            continue
+        lines += [f"### {name}: {row['kernel_ms_per_step']:.2f} ms of kernels per step", "",
+                  "| kernel | calls | total ms | share |", "|---|---|---|---|"]
+        for k in row["top"]:
+            kernel = k["name"].replace("|", "/")
+            kernel = kernel if len(kernel) <= 110 else kernel[:107] + "..."
+            lines.append(f"| `{kernel}` | {k['calls']} | {k['total_ms']:.3f} | {100 * k['share']:.1f}% |")
+        lines.append("")
+    return lines
+
+
+def _tiles_markdown(tiles: dict) -> list[str]:
+    lines: list[str] = []
+    for key, rows in tiles.items():
+        if not isinstance(rows, dict):
+            continue
+        lines += [f"## Q simulation forward+backward (H'=24, D'=128, k=3, RoPE), {key}, bf16", "",
+                  "| path / Triton tiles (fwd rows/bwd rows, warps) | ms | max rel. err vs fp32 |", "|---|---|---|"]
+        for path, row in rows.items():
+            if not isinstance(row, dict) or path == "naive_bf16_errors":
+                continue
+            if "error" in row:
+                lines.append(f"| {path} | {row['error']} | |")
+            else:
+                lines.append(f"| {path} | {row['q_fwd_bwd_ms']:.3f} | {fmt(row.get('rel_err'), '.2e')} |")
+        lines.append("")
+    return lines
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="directory for sas_speed.json and sas_speed.md")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
-    p.add_argument("--compiled-variants", default="mha,sas_24x128,sas_24x128_reference",
+    p.add_argument("--compiled-variants", default="mha,sas_24x128",
                    help="variants also timed under torch.compile (compilation is slow)")
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager,compiled")
     p.add_argument("--seq-lens", default="1024,4096", help="comma list of sequence lengths")
     p.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // T (16 x 1024)")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per model")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per layer/SDPA measurement")
-    p.add_argument("--budget-s", type=float, default=420,
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled forward+backward steps per layer")
+    p.add_argument("--profile-top", type=int, default=15, help="kernels listed per profiled layer")
+    p.add_argument("--budget-s", type=float, default=250,
                    help="skip remaining measurements after this many seconds (one in flight still finishes)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU: checks that every code path runs; the numbers mean nothing")
@@ -619,10 +781,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runners: dict[str, Callable[[], dict]] = {
         "check": lambda: section_check(opts),
-        "model": lambda: section_model(opts, passed, deadline),
         "layer": lambda: section_layer(opts, passed, deadline),
-        "sdpa": lambda: section_sdpa(opts, deadline),
+        "profile": lambda: section_profile(opts, passed, deadline),
+        "model": lambda: section_model(opts, passed, deadline, res.setdefault("model", {}), save),
         "tiles": lambda: section_tiles(opts, passed, deadline),
+        "sdpa": lambda: section_sdpa(opts, deadline),
     }
     for section in SECTIONS:
         if section not in opts.sections:
@@ -633,10 +796,14 @@ def main(argv: list[str] | None = None) -> int:
             if section == "check":
                 passed = res["check"]["passed"]
         except Exception as err:  # noqa: BLE001 - record and go on
-            res[section] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            failure = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            if res.get(section):  # rows measured before the failure stay
+                res[section]["section_error"] = failure
+            else:
+                res[section] = failure
             log(f"section {section} failed: {type(err).__name__}: {err}")
             if section == "check":
-                passed = {impl: False for impl in ("matmul", "triton")}
+                passed = {impl: False for impl in fast_impls()}
         fresh_memory()
         save()
     print()

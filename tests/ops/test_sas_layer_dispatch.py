@@ -26,7 +26,7 @@ CASES = [(1, 3, 3, True), (7, 1, 5, True), (63, 3, 1, False)]
 # the interpreter is slow: the kernels get the short sequences (the ops tests cover 63 tokens)
 @pytest.mark.parametrize(
     "impl,T,n_kv_heads,kernel_size,simulate_v",
-    [("matmul", *c) for c in CASES] + [("triton", *c) for c in CASES[:2]] + [("triton", 5, 3, 1, False)],
+    [(impl, *c) for impl in ("matmul", "banded") for c in CASES] + [("triton", *c) for c in CASES[:2]] + [("triton", 5, 3, 1, False)],
 )
 def test_layer_fast_equals_naive(impl, T, n_kv_heads, kernel_size, simulate_v):
     if impl == "triton":
@@ -35,12 +35,12 @@ def test_layer_fast_equals_naive(impl, T, n_kv_heads, kernel_size, simulate_v):
     args = SASArgs(n_heads=3, n_kv_heads=n_kv_heads, n_sim_heads=6, sim_head_dim=10,
                    kernel_size=kernel_size, simulate_v=simulate_v)
     # the kernels accumulate in fp32, so they are checked in fp32; the PyTorch path in fp64
-    dtype = torch.float64 if impl == "matmul" else torch.float32
+    dtype = torch.float32 if impl == "triton" else torch.float64
     layer = SimulatedAttention(24, args).to(dtype)
     x = torch.randn(2, T, 24, dtype=dtype)
     ref_out, ref_grads = run_layer(layer, x, "naive")
     out, grads = run_layer(layer, x, impl)
-    tol = 1e-10 if impl == "matmul" else 1e-4
+    tol = 1e-4 if impl == "triton" else 1e-10
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:

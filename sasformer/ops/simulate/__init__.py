@@ -1,15 +1,19 @@
-"""SAS head and feature simulation: a plain reference and two fast paths behind one dispatch.
+"""SAS head and feature simulation: a plain reference and three fast paths behind one dispatch.
 
 Implementations (all compute the same function; tests hold them to ``naive``):
 
 - ``naive``: ``F.conv1d`` + ``F.linear``, the method spec in code (:mod:`.naive`).
-- ``matmul``: the convolution over all tokens as one GEMM with a hand-written backward that
-  recomputes intermediates instead of saving them (:mod:`.matmul`); any device.
+- ``matmul``: the exact convolution over all tokens as one GEMM of inner size k*H, with a
+  hand-written backward that recomputes intermediates instead of saving them (:mod:`.matmul`).
+- ``banded``: each convolution as one dense GEMM against a banded (H*D, H'*D) matrix, inner size
+  H*D; more FLOPs than needed but at tensor-core speed, recomputing backward (:mod:`.banded`).
 - ``triton``: fused kernels that read the compact heads once and write the simulated tensor once
   (:mod:`.fused`); CUDA tensors with Triton installed.
 
 The choice is, in order: the ``impl`` argument, the ``SASFORMER_SIMULATE`` environment variable,
-then automatic (``triton`` on CUDA when importable, else ``matmul``).
+then automatic: ``banded`` for CUDA tensors, ``matmul`` otherwise. ``triton`` is never chosen
+automatically: its query/key backward failed the bf16 check on an H200 at GPT-small shapes (see
+docs/performance.md), so it runs only when asked for.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import torch
 from torch import Tensor
 
 from sasformer.ops.rope import apply_rope
+from sasformer.ops.simulate.banded import simulate_heads_banded, simulate_qk_banded
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
+from sasformer.ops.simulate.rotate import rope_simulated
 
-IMPLS = ("naive", "matmul", "triton")
+IMPLS = ("naive", "matmul", "banded", "triton")
 ENV_VAR = "SASFORMER_SIMULATE"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -40,7 +46,7 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
     choice = impl if impl is not None else os.environ.get(ENV_VAR, "").strip().lower() or None
     kernel_dtype = x.dtype in KERNEL_DTYPES
     if choice is None:
-        return "triton" if x.is_cuda and kernel_dtype and triton_available() else "matmul"
+        return default_impl(x)
     if choice not in IMPLS:
         source = "impl" if impl is not None else ENV_VAR
         raise ValueError(f"{source}={choice!r} is not a simulation implementation; choose one of {IMPLS}")
@@ -53,6 +59,11 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
         if not kernel_dtype:
             raise ValueError(f"simulation impl 'triton' supports {KERNEL_DTYPES}, got {x.dtype}; choose 'matmul'")
     return choice
+
+
+def default_impl(x: Tensor) -> str:
+    """The automatic choice: the fastest path that passed the GPU check for the device of ``x``."""
+    return "banded" if x.is_cuda else "matmul"
 
 
 def _triton_ops():
@@ -90,11 +101,14 @@ def simulate_qk(
     which = resolve_impl(impl, x_BTHD)
     if which == "triton":
         return _qk_triton(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4, rope)
+    if which == "naive":
+        out = simulate_features_naive(simulate_heads_naive(x_BTHD, w1, b1, w2, b2), w3, b3, w4, b4)
+        return out if rope is None else apply_rope(out, *rope)
     if which == "matmul":
         out = simulate_qk_matmul(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
     else:
-        out = simulate_features_naive(simulate_heads_naive(x_BTHD, w1, b1, w2, b2), w3, b3, w4, b4)
-    return out if rope is None else apply_rope(out, *rope)
+        out = simulate_qk_banded(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
+    return out if rope is None else rope_simulated(out, *rope)
 
 
 def simulate_heads(
@@ -106,6 +120,8 @@ def simulate_heads(
         return _heads_triton(x_BTHD, w1, b1, w2, b2)
     if which == "matmul":
         return simulate_heads_matmul(x_BTHD, w1, b1, w2, b2)
+    if which == "banded":
+        return simulate_heads_banded(x_BTHD, w1, b1, w2, b2)
     return simulate_heads_naive(x_BTHD, w1, b1, w2, b2)
 
 
@@ -122,6 +138,7 @@ __all__ = [
     "IMPLS",
     "ENV_VAR",
     "resolve_impl",
+    "default_impl",
     "simulate_qk",
     "simulate_heads",
     "simulate_features",

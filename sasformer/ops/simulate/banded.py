@@ -1,0 +1,140 @@
+"""SAS simulation as dense GEMMs with large inner sizes: the head convolution as a banded matrix.
+
+Per token, the first head convolution is a linear map from the flattened (H, D) heads to the
+flattened (H', D) simulated heads. Its matrix is banded:
+
+    M1[c*D + i, o*D + j] = w1[o, c, i - j + (k-1)/2]   (zero outside the kernel window)
+
+so the convolution over all N tokens is one GEMM (N, H*D) @ (H*D, H'*D) with inner size H*D = 768
+at GPT-small, and the second convolution one GEMM with a (H'*D, H'*D) banded matrix. Most entries
+are zero (a fraction k/D is used), but tensor cores run these GEMMs near peak, whereas the exact
+formulations (:mod:`.matmul`, cuDNN's conv1d) have an inner size of only k*H = 36 and run far
+below it. The feature MLP is a pair of GEMMs over (N*H', D) rows, which needs no reshaping copy:
+(N, H'*D) and (N*H', D) are the same buffer.
+
+The banded matrices are built from the conv weights at every call with one small einsum against
+constant shift matrices (differentiable, so autograd turns the dense matrix gradient back into
+the conv weight gradient). The autograd function saves only the compact input and the weights;
+its backward recomputes the intermediates (a few GEMMs) instead of keeping four tensors of
+simulated size per call alive until the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+def _build_shifts(k: int, D: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(k, D, D) 0/1 tensor: ``S[t, i, j] = 1`` where input feature i feeds output feature j via tap t."""
+    pad = (k - 1) // 2
+    i = torch.arange(D, device=device).view(D, 1)
+    j = torch.arange(D, device=device).view(1, D)
+    return torch.stack([(i == j + t - pad) for t in range(k)]).to(dtype)
+
+
+_cached_shifts = functools.lru_cache(maxsize=32)(_build_shifts)
+
+
+def _shifts(k: int, D: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # eager: build once per shape; under torch.compile the constant is folded into the graph
+    if torch.compiler.is_compiling():
+        return _build_shifts(k, D, dtype, device)
+    return _cached_shifts(k, D, dtype, device)
+
+
+def banded_conv_matrix(w: Tensor, D: int) -> Tensor:
+    """(O, C, k) conv weight -> (C*D, O*D) matrix of the same-padded convolution over D positions."""
+    O, C, k = w.shape
+    m = torch.einsum("oct,tij->cioj", w, _shifts(k, D, w.dtype, w.device))
+    return m.reshape(C * D, O * D)
+
+
+class _BandedSimulate(torch.autograd.Function):
+    """x (N, H*D) -> heads (N, H'*D), then optionally features (N*H', D'); all inputs one dtype."""
+
+    @staticmethod
+    def forward(ctx, x, m1, b1, m2, b2, w3, b3, w4, b4):  # type: ignore[override]
+        a1, y2 = _heads(x, m1, b1, m2, b2)
+        del a1
+        out = y2
+        if w3 is not None:
+            z1 = torch.addmm(b3, y2.view(-1, w3.shape[1]), w3.t())
+            out = torch.addmm(z1, torch.relu(z1), w4.t()).add_(b4)
+        ctx.save_for_backward(x, m1, b1, m2, b2, *((w3, b3, w4) if w3 is not None else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, m1, b1, m2, b2, *fw = ctx.saved_tensors
+        g = g.to(x.dtype)
+        a1, y2 = _heads(x, m1, b1, m2, b2)
+        dw3 = db3 = dw4 = db4 = None
+        if fw:
+            w3, b3, w4 = fw
+            u = y2.view(-1, w3.shape[1])
+            z1 = torch.addmm(b3, u, w3.t())
+            g2 = g.reshape(-1, w4.shape[0])
+            dw4 = g2.t() @ torch.relu(z1)
+            db4 = g2.sum(0)
+            # dz1 = g + (g W4) * relu'(z1), built in place in the product's buffer
+            dz1 = (g2 @ w4).masked_fill_(z1 <= 0, 0.0).add_(g2)
+            del z1
+            dw3 = dz1.t() @ u
+            db3 = dz1.sum(0)
+            dy2 = (dz1 @ w3).view_as(y2)
+            del dz1, u
+        else:
+            dy2 = g.reshape(y2.shape)
+        del y2
+        dm2 = torch.relu(a1).t() @ dy2
+        db2 = dy2.sum(0)
+        # da1 = dy2 + (dy2 M2^T) * relu'(a1)
+        da1 = (dy2 @ m2.t()).masked_fill_(a1 <= 0, 0.0).add_(dy2)
+        del a1, dy2
+        dm1 = x.t() @ da1
+        db1 = da1.sum(0)
+        dx = da1 @ m1.t()
+        return dx, dm1, db1, dm2, db2, dw3, db3, dw4, db4
+
+
+def _heads(x: Tensor, m1: Tensor, b1: Tensor, m2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+    """Y1 = X M1 + b1 and Y2 = Y1 + ReLU(Y1) M2 + b2, rows = tokens, columns = (head, feature)."""
+    a1 = torch.addmm(b1, x, m1)
+    y2 = torch.addmm(a1, torch.relu(a1), m2).add_(b2)
+    return a1, y2
+
+
+def _head_operands(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> list[Tensor]:
+    D = x_BTHD.shape[-1]
+    dt = x_BTHD.dtype
+    # biases repeat over the D features of each simulated head
+    return [
+        banded_conv_matrix(w1.to(dt), D), b1.to(dt).repeat_interleave(D),
+        banded_conv_matrix(w2.to(dt), D), b2.to(dt).repeat_interleave(D),
+    ]
+
+
+def _rows(x_BTHD: Tensor) -> Tensor:
+    return x_BTHD.reshape(-1, x_BTHD.shape[-2] * x_BTHD.shape[-1])
+
+
+def simulate_qk_banded(
+    x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor,
+) -> Tensor:
+    """Head then feature simulation, (..., H, D) -> (..., H', D'); equals the naive pair."""
+    dt = x_BTHD.dtype
+    heads = _head_operands(x_BTHD, w1, b1, w2, b2)
+    features = [w.to(dt) for w in (w3, b3, w4, b4)]
+    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, *features)
+    return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
+
+
+def simulate_heads_banded(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """Head simulation only, (..., H, D) -> (..., H', D)."""
+    heads = _head_operands(x_BTHD, w1, b1, w2, b2)
+    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, None, None, None, None)
+    return out.view(*x_BTHD.shape[:-2], w1.shape[0], x_BTHD.shape[-1])
