@@ -110,7 +110,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
     loss_impl: str = "chunked"  # chunked: fused LM head + cross-entropy without full logits | naive
-    loss_chunk_size: int = 4096  # tokens per chunk of the chunked loss
+    loss_chunk_size: int = 8192  # tokens per chunk of the chunked loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # ddp | fsdp (used when launched with torchrun on more than one process)

@@ -43,7 +43,7 @@ class LossModel(nn.Module):
     (tokens, vocab) logits; "naive" computes them in full (the reference).
     """
 
-    def __init__(self, model: DecoderLM, loss_impl: str = "chunked", chunk_size: int = 4096) -> None:
+    def __init__(self, model: DecoderLM, loss_impl: str = "chunked", chunk_size: int = 8192) -> None:
         super().__init__()
         self.model = model
         self.loss_impl = loss_impl

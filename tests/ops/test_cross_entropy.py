@@ -84,3 +84,11 @@ def test_bad_input_errors():
         linear_cross_entropy_chunked(h, w, targets, chunk_size=0)
     with pytest.raises(ValueError, match="impl"):
         linear_cross_entropy(h, w, targets, impl="fast")
+
+
+def test_no_grad_gives_the_same_loss():
+    h, w, targets = _inputs(63)
+    with torch.no_grad():
+        got = linear_cross_entropy_chunked(h, w, targets, chunk_size=16)
+    torch.testing.assert_close(got, linear_cross_entropy_naive(h, w, targets).detach())
+    assert not got.requires_grad

@@ -17,13 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK_SIZE = 4096
+# 8192 tokens: each chunk's (C, d) gradient matmul has enough output tiles to fill an H100/H200
+# (several waves at d=768), while a chunk's bf16 logits take 0.8 GB at vocabulary 50k
+DEFAULT_CHUNK_SIZE = 8192
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, ignore_index: int, chunk_size: int,
-                compute_dtype: torch.dtype) -> Tensor:
+                compute_dtype: torch.dtype, with_grad: bool) -> Tensor:
         with torch.autocast(h_ND.device.type, enabled=False):
             h_c = h_ND.to(compute_dtype)
             w_c = weight_VD.to(compute_dtype)
@@ -42,16 +44,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse_C = torch.logsumexp(logits_CV, dim=-1)
                 target_logit_C = logits_CV.gather(1, target_C.unsqueeze(1)).squeeze(1)
                 loss_sum = loss_sum + torch.where(valid_C, lse_C - target_logit_C, 0.0).sum()
+                if not with_grad:  # validation: the loss only, one matmul per chunk
+                    continue
                 # d(sum of losses)/d(logits): softmax minus the one-hot target, nothing for ignored rows
                 onehot_CV = vocab_V == target_C.unsqueeze(1)
                 grad_CV = torch.exp(logits_CV - lse_C.unsqueeze(1)) - onehot_CV.to(acc)
                 grad_CV = torch.where(valid_C.unsqueeze(1), grad_CV, 0.0).to(compute_dtype)
                 grad_h_chunks.append(grad_CV @ w_c)
                 grad_w = grad_w + (grad_CV.T @ h_CD).to(acc)
-            grad_h = torch.cat(grad_h_chunks) if len(grad_h_chunks) > 1 else grad_h_chunks[0]
             # like F.cross_entropy, no valid target gives 0 / 0 = NaN
             n_valid = valid_N.sum().to(acc)
-        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        if with_grad:
+            grad_h = torch.cat(grad_h_chunks) if len(grad_h_chunks) > 1 else grad_h_chunks[0]
+            ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.dtypes = (h_ND.dtype, weight_VD.dtype)
         return loss_sum / n_valid
 
@@ -60,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, n_valid = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         scale = grad_loss.to(n_valid.dtype) / n_valid
-        return (grad_h.to(scale.dtype) * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None, None
+        return (grad_h.to(scale.dtype) * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy_chunked(
@@ -90,4 +95,5 @@ def linear_cross_entropy_chunked(
         device_type = h_ND.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
             else h_ND.dtype
-    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, compute_dtype)
+    with_grad = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, compute_dtype, with_grad)
