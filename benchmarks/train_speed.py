@@ -193,9 +193,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Training step throughput ({meta['device']}, {meta['dtype']}, compile={meta['compile']})",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
-        f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
-        f"attention backend {meta['attention_backend']}",
+        (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
+         f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
+         f"attention backend {meta['attention_backend']}"),
         "",
         "| attention | params (M) | batch x T | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -261,8 +261,6 @@ def main() -> int:
         args.profile_steps = 0
     if args.attention_backend is not None:
         os.environ[ATTENTION_ENV] = args.attention_backend
-    if args.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = variant_names() if args.all else args.attention

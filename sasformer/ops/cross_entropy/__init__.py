@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from sasformer.ops.cross_entropy.chunked import DEFAULT_CHUNK_SIZE, linear_cross_entropy_chunked
