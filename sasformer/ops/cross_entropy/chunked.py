@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# 8192 tokens: each chunk's (C, d) gradient matmul has enough output tiles to fill an H100/H200
-# (several waves at d=768), while a chunk's bf16 logits take 0.8 GB at vocabulary 50k
+# 8192 tokens: a chunk's (C, d) hidden-state gradient at d=768 has a few hundred 128x128 output tiles,
+# several waves on an H100/H200, while its bf16 logits take 0.8 GB at vocabulary 50k
 DEFAULT_CHUNK_SIZE = 8192
 
 
