@@ -34,3 +34,16 @@ def test_chunked_loss_model_matches_full_logits(T):
 def test_targets_must_match_inputs():
     with pytest.raises(ValueError, match="targets must have the shape"):
         _model()(torch.zeros(2, 5, dtype=torch.long), targets=torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attention", ["mha", "sas"])
+def test_loss_model_traces_to_one_graph(attention):
+    # the trainer compiles LossModel as a whole; a graph break would split it and slow every step
+    from sasformer import preset
+
+    config = preset("small", attention).replace(d_model=96, n_layers=2, vocab_size=97)
+    inputs, targets = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 7))
+    explained = torch._dynamo.explain(LossModel(DecoderLM(config), chunk_size=5))(inputs, targets)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

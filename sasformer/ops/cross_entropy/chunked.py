@@ -34,7 +34,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid_N = targets_N != ignore_index
             vocab_V = torch.arange(w_c.shape[0], device=h_ND.device)
             loss_sum = h_ND.new_zeros((), dtype=acc)
-            grad_w = torch.zeros(w_c.shape, dtype=acc, device=h_ND.device)
+            grad_w: Tensor | None = None
             grad_h_chunks = []
             for start in range(0, h_ND.shape[0], chunk_size):
                 h_CD = h_c[start:start + chunk_size]
@@ -51,7 +51,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_CV = torch.exp(logits_CV - lse_C.unsqueeze(1)) - onehot_CV.to(acc)
                 grad_CV = torch.where(valid_C.unsqueeze(1), grad_CV, 0.0).to(compute_dtype)
                 grad_h_chunks.append(grad_CV @ w_c)
-                grad_w = grad_w + (grad_CV.T @ h_CD).to(acc)
+                grad_w_chunk = (grad_CV.T @ h_CD).to(acc)
+                grad_w = grad_w_chunk if grad_w is None else grad_w + grad_w_chunk
             # like F.cross_entropy, no valid target gives 0 / 0 = NaN
             n_valid = valid_N.sum().to(acc)
         if with_grad:
