@@ -6,6 +6,8 @@ data loading. On one GPU::
 
     python3 benchmarks/train_speed.py --out benchmarks/results/train_speed            # small: mha, sas
     python3 benchmarks/train_speed.py --all --out benchmarks/results/train_speed      # every variant
+    python3 benchmarks/train_speed.py --batch-size 32 64 --profile --out DIR          # + top CUDA kernels
+    python3 benchmarks/train_speed.py --loss-impl naive --out DIR                     # full-logits loss
 
 Writes ``train_speed.json`` and ``train_speed.md`` into ``--out`` and prints the table.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -28,7 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sasformer.layers.registry import variant_names
-from sasformer.train.config import TrainConfig
+from sasformer.ops.attention import BACKENDS
+from sasformer.ops.attention import ENV_VAR as ATTENTION_ENV
+from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE
+from sasformer.train.config import COMPILE_MODES, TrainConfig
 from sasformer.train.metrics import peak_memory_gib, throughput
 from sasformer.train.trainer import Trainer
 
@@ -68,21 +74,25 @@ class SyntheticData:
         return iter(())
 
 
-def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> dict:
+def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir: Path) -> dict:
+    """Time ``args.steps`` trainer steps of one (variant, batch size) after ``args.warmup`` untimed ones."""
     config = TrainConfig.from_dict({
         "model": {"size": args.size, "attention": attention},
         "data_dir": "synthetic",
         "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "micro_batch_size": args.micro_batch_size,
-        "max_steps": args.warmup + args.steps,
+        "max_steps": args.warmup + args.steps + args.profile_steps,
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
+        "compile_mode": args.compile_mode,
+        "loss_impl": args.loss_impl,
+        "loss_chunk_size": args.loss_chunk_size,
         "device": args.device,
         "eval_interval": 0,
         "checkpoint_interval": 0,
-        "log_interval": args.warmup + args.steps,
-        "out_dir": str(out_dir / f"run_{attention}"),
+        "log_interval": args.warmup + args.steps + args.profile_steps,
+        "out_dir": str(out_dir / f"run_{attention}_b{batch_size}"),
         "resume": "none",
         "tensorboard": False,
         "progress": False,
@@ -90,9 +100,11 @@ def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> di
     })
     trainer = Trainer(config, SyntheticData(args.vocab_size))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    began = time.perf_counter()
     for _ in range(args.warmup):  # compilation and allocator warm-up
         trainer.train_step()
     sync()
+    print(f"  warm-up ({args.warmup} steps, compilation included) took {time.perf_counter() - began:.0f} s", flush=True)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     start = time.perf_counter()
@@ -115,12 +127,65 @@ def bench_variant(args: argparse.Namespace, attention: str, out_dir: Path) -> di
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_tflops": trainer.peak,
     }
+    if args.profile:
+        row["profile"] = profile_steps(trainer, args.profile_steps, sync)
     del trainer
     gc.collect()
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # the next configuration compiles with static shapes of its own
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
+
+
+# kernel-name fragments -> category, first match wins (cuBLAS/CUTLASS GEMMs, attention, Inductor's Triton code)
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "cudnn", "attention")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "mm_")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("communication", ("nccl",)),
+    ("compiled elementwise", ("triton",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    lower = name.lower()
+    for category, fragments in CATEGORIES:
+        if any(f in lower for f in fragments):
+            return category
+    return "other"
+
+
+def profile_steps(trainer: Trainer, steps: int, sync) -> dict:
+    """Kernel time over ``steps`` trainer steps: the top-20 CUDA kernels (CPU ops on a CPU run) and a
+    breakdown by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        sync()
+    wall_ms = 1000 * (time.perf_counter() - start) / steps
+    kernels = []
+    for event in prof.key_averages():
+        if cuda:
+            # CPU-side ops also carry the device time of the kernels they launch: count kernels only
+            self_us = event.self_device_time_total if event.device_type == torch.autograd.DeviceType.CUDA else 0.0
+        else:
+            self_us = event.self_cpu_time_total
+        if self_us > 0:
+            kernels.append({"name": event.key, "calls_per_step": event.count / steps,
+                            "ms_per_step": self_us / 1000 / steps, "category": kernel_category(event.key)})
+    kernels.sort(key=lambda k: k["ms_per_step"], reverse=True)
+    total = sum(k["ms_per_step"] for k in kernels)
+    categories: dict[str, float] = {}
+    for k in kernels:
+        categories[k["category"]] = categories.get(k["category"], 0.0) + k["ms_per_step"]
+    return {"steps": steps, "kind": "CUDA kernels" if cuda else "CPU ops", "wall_ms_per_step": wall_ms,
+            "kernel_ms_per_step": total, "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top_kernels": kernels[:20]}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -128,7 +193,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Training step throughput ({meta['device']}, {meta['dtype']}, compile={meta['compile']})",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s",
+        (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
+         f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
+         f"attention backend {meta['attention_backend']}"),
         "",
         "| attention | params (M) | batch x T | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -140,6 +207,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {r['batch_size']}x{r['seq_len']} | "
             f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {mem} |"
         )
+    for r in rows:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        total = prof["kernel_ms_per_step"] or float("nan")
+        lines += [
+            "",
+            f"## Profile: {r['attention']}, batch {r['batch_size']} ({prof['steps']} steps)",
+            "",
+            f"Per step: {prof['wall_ms_per_step']:.1f} ms wall (profiler on), {prof['kernel_ms_per_step']:.1f} ms "
+            f"of {prof['kind']} (self time). By category: "
+            + ", ".join(f"{name} {ms:.1f} ms ({100 * ms / total:.0f}%)" for name, ms in prof["categories"].items()),
+            "",
+            f"| {prof['kind']} | category | calls/step | ms/step | % of total |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for k in prof["top_kernels"]:
+            name = k["name"].replace("|", "\\|")
+            name = name if len(name) <= 100 else name[:97] + "..."
+            lines.append(f"| `{name}` | {k['category']} | {k['calls_per_step']:.1f} | {k['ms_per_step']:.2f} | "
+                         f"{100 * k['ms_per_step'] / total:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,22 +238,40 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="every registered variant")
     parser.add_argument("--size", default="small")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per optimiser step")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32],
+                        help="sequences per optimiser step; several values are benchmarked in turn")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the whole batch at once")
     parser.add_argument("--vocab-size", type=int, default=50304)
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps (compilation)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--loss-impl", default="chunked", choices=("chunked", "naive"),
+                        help="LM head + cross-entropy: fused chunks, or full logits (the old path)")
+    parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--attention-backend", default=None, choices=BACKENDS,
+                        help=f"force an SDPA backend (sets {ATTENTION_ENV}); default: the library's choice")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile a few steps and add the top-20 CUDA kernels to the Markdown")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
     args = parser.parse_args()
+    if not args.profile:
+        args.profile_steps = 0
+    if args.attention_backend is not None:
+        os.environ[ATTENTION_ENV] = args.attention_backend
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = variant_names() if args.all else args.attention
     rows = []
     for attention in variants:
-        print(f"benchmarking {attention} ...", flush=True)
-        rows.append(bench_variant(args, attention, out))
+        for batch_size in args.batch_size:
+            print(f"benchmarking {attention}, batch {batch_size} ...", flush=True)
+            rows.append(bench_one(args, attention, batch_size, out))
+            r = rows[-1]
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"  {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}", flush=True)
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
     except OSError:
@@ -178,6 +284,10 @@ def main() -> int:
         "device": device,
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
+        "compile_mode": args.compile_mode,
+        "loss_impl": args.loss_impl,
+        "loss_chunk_size": args.loss_chunk_size,
+        "attention_backend": args.attention_backend or "auto",
         "peak_tflops": rows[0]["peak_tflops"] if rows else None,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,

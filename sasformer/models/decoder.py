@@ -10,6 +10,7 @@ from sasformer.layers.base import AttentionContext, LayerCache
 from sasformer.layers.registry import build_attention
 from sasformer.models.config import ModelConfig
 from sasformer.ops.attention import padded_causal_mask
+from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from sasformer.ops.rope import RotaryTables
 
 
@@ -68,7 +69,7 @@ class DecoderBlock(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """Causal language model. ``forward`` returns logits (B, T, vocab)."""
+    """Causal language model. ``forward`` returns logits (B, T, vocab), or the loss given ``targets``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -104,14 +105,29 @@ class DecoderLM(nn.Module):
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
         position_ids: Tensor | None = None,
+        targets: Tensor | None = None,
+        ignore_index: int = -100,
+        loss_impl: str = "chunked",
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> Tensor:
-        """Logits for ``input_ids`` (B, T).
+        """Logits for ``input_ids`` (B, T); with ``targets`` (B, T), the mean loss instead.
 
         ``attention_mask`` (B, S) marks real tokens (1) and padding (0) over the cached tokens plus
         this call's, S = cache length + T (Hugging Face convention; left padding for generation).
+        ``targets`` are already shifted (``targets[:, t]`` is the token after ``input_ids[:, t]``);
+        the loss is :func:`sasformer.ops.cross_entropy.linear_cross_entropy` (``loss_impl``
+        "chunked" never materialises the logits; "naive" is the plain reference). The loss is
+        computed inside ``forward`` so that wrappers hooking the call (FSDP, DDP) see the head too.
         """
         x = run_blocks(self.embed, self.blocks, self.config.rope_theta, input_ids, attention_mask, cache, position_ids)
-        return self.lm_head(self.norm(x))
+        h_BTd = self.norm(x)
+        if targets is None:
+            return self.lm_head(h_BTd)
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        return linear_cross_entropy(h_BTd.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index,
+                                    loss_impl, loss_chunk_size)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

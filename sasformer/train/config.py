@@ -82,6 +82,10 @@ class OptimSection:
     grad_clip: float | None = 1.0
 
 
+# CUDA graphs are left out: the trainer's step changes the learning rate and reuses no static buffers
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``batch_size`` is the global batch in sequences, whatever the world size.
@@ -104,6 +108,9 @@ class TrainConfig:
     max_time_s: float | None = None
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
+    loss_impl: str = "chunked"  # chunked: fused LM head + cross-entropy without full logits | naive
+    loss_chunk_size: int = 8192  # tokens per chunk of the chunked loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # ddp | fsdp (used when launched with torchrun on more than one process)
@@ -137,6 +144,9 @@ class TrainConfig:
         need(self.max_time_s is None or self.max_time_s > 0, f"max_time_s={self.max_time_s} must be > 0 or null")
         need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype={self.dtype!r}: use auto, bfloat16 or float32")
         need(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
+        need(self.compile_mode in COMPILE_MODES, f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
+        need(self.loss_impl in ("chunked", "naive"), f"loss_impl={self.loss_impl!r}: use chunked or naive")
+        need(self.loss_chunk_size >= 1, f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
         for name in ("eval_interval", "checkpoint_interval"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0 disables)")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sasformer.models.decoder import DecoderLM, lm_loss
+from sasformer.models.decoder import DecoderLM
 from sasformer.models.flops import train_flops_per_token
 from sasformer.train import checkpoint as ckpt
 from sasformer.train import distributed as D
@@ -37,14 +37,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 class LossModel(nn.Module):
-    """The model plus the loss, so one compiled graph covers the fp32 cross-entropy too."""
+    """The model plus the loss, so one compiled graph covers the LM head and cross-entropy too.
 
-    def __init__(self, model: DecoderLM) -> None:
+    ``loss_impl`` "chunked" fuses the head with the cross-entropy and never materialises the
+    (tokens, vocab) logits; "naive" computes them in full (the reference).
+    """
+
+    def __init__(self, model: DecoderLM, loss_impl: str = "chunked", chunk_size: int = 8192) -> None:
         super().__init__()
         self.model = model
+        self.loss_impl = loss_impl
+        self.chunk_size = chunk_size
 
     def forward(self, input_ids: Tensor, targets: Tensor) -> Tensor:
-        return lm_loss(self.model(input_ids), targets)
+        return self.model(input_ids, targets=targets, loss_impl=self.loss_impl, loss_chunk_size=self.chunk_size)
 
 
 StepHook = Callable[["Trainer", int], None]
@@ -154,13 +160,13 @@ class Trainer:
                 for block in model.blocks:
                     block.compile()
             D.apply_fsdp(model, model.blocks, self.autocast_dtype)
-            return LossModel(model), None
-        module: nn.Module = LossModel(model)
+            return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
+        module: nn.Module = LossModel(model, cfg.loss_impl, cfg.loss_chunk_size)
         ddp = None
         if self.dist.enabled:
             module = ddp = D.apply_ddp(module, self.device)
         if cfg.compile:
-            module = torch.compile(module)
+            module = torch.compile(module, mode=cfg.compile_mode)
         return module, ddp
 
     def _autocast(self) -> contextlib.AbstractContextManager:
