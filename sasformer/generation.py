@@ -104,6 +104,7 @@ def load_decoder(
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
     model.load_state_dict(state, strict=False, assign=True)
+    model.rotary.build()  # non-persistent RoPE tables are not in the weights
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.to(device=device, dtype=dtype).eval()
@@ -261,11 +262,10 @@ class StaticDecoder:
 
     def _step(self) -> Tensor:
         from sasformer.layers.base import AttentionContext
-        from sasformer.ops.rope import RotaryTables
 
         model = self.model
         mask = (self.key_positions <= self.position).view(1, 1, 1, self.capacity)
-        rotary = RotaryTables(self.position.view(1, 1), model.config.rope_theta)
+        rotary = model.rotary.tables(self.position.view(1, 1), self.capacity)
         ctx = AttentionContext(rotary, mask, None, self.key_positions)
         x = model.embed(self.token)
         for block, layer in zip(model.blocks, self.cache.layers):

@@ -144,6 +144,8 @@ class Attention(nn.Module, ABC):
     """Base class: subclasses set ``Args`` and implement ``forward`` and the cost model."""
 
     Args: ClassVar[type[AttentionArgs]]
+    # feature sizes this layer rotates with RoPE; the model precomputes tables for them
+    rope_dims: tuple[int, ...] = ()
 
     def __init__(self, d_model: int, args: AttentionArgs) -> None:
         super().__init__()

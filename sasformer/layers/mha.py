@@ -60,6 +60,7 @@ class MultiHeadAttention(Attention):
         self.k_proj = nn.Linear(d_model, Hkv * D, bias=False)
         self.v_proj = nn.Linear(d_model, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, d_model, bias=False)
+        self.rope_dims = (D,)
 
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x_BTd.shape

@@ -71,6 +71,7 @@ class MultiHeadLatentAttention(Attention):
         self.kv_norm = nn.RMSNorm(rkv, eps=args.norm_eps)
         self.kv_up = nn.Linear(rkv, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, d_model, bias=False)
+        self.rope_dims = (self.rope_dim,)
 
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x_BTd.shape

@@ -117,6 +117,7 @@ class SimulatedAttention(Attention):
         self.features_k = FeatureSimulation(D, Ds)
         o_in = H * D if args.peaa == "mean" else Hs * D
         self.o_proj = nn.Linear(o_in, d_model, bias=True)
+        self.rope_dims = {"after": (Ds,), "before": (D,), "none": ()}[args.rope]
         if args.sim_init == "identity":
             self.reset_simulation_identity()
 
@@ -170,7 +171,7 @@ class SimulatedAttention(Attention):
             full = cache.append(k=k, v=v)
             if ctx.key_positions is None:
                 raise ValueError("cache_mode='compact' needs AttentionContext.key_positions")
-            key_rotary = RotaryTables(ctx.key_positions, ctx.rotary.theta)
+            key_rotary = RotaryTables(ctx.key_positions, ctx.rotary.theta, ctx.rotary.precomputed)
             k, v = self.simulate_kv(full["k"], full["v"], key_rotary)
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.mask,
                    scale=1.0 / math.sqrt(self.sim_head_dim))

@@ -60,6 +60,7 @@ class TensorProductAttention(Attention):
         self.head_factors = nn.ModuleDict({n: nn.Linear(d_model, H * r, bias=False) for n, r in self.ranks.items()})
         self.feature_factors = nn.ModuleDict({n: nn.Linear(d_model, r * D, bias=False) for n, r in self.ranks.items()})
         self.o_proj = nn.Linear(H * D, d_model, bias=False)
+        self.rope_dims = (D,)
 
     def factors(self, name: str, x_BTd: Tensor) -> tuple[Tensor, Tensor]:
         """A (B, T, H, R) and B (B, T, R, D) for one of q, k, v."""

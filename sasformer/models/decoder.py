@@ -11,7 +11,7 @@ from sasformer.layers.registry import build_attention
 from sasformer.models.config import ModelConfig
 from sasformer.ops.attention import padded_causal_mask
 from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
-from sasformer.ops.rope import RotaryTables
+from sasformer.ops.rope import RotaryCache
 
 
 class KVCache:
@@ -76,6 +76,7 @@ class DecoderLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
+        self.rotary = rotary_cache(config, self.blocks)
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -119,7 +120,7 @@ class DecoderLM(nn.Module):
         "chunked" never materialises the logits; "naive" is the plain reference). The loss is
         computed inside ``forward`` so that wrappers hooking the call (FSDP, DDP) see the head too.
         """
-        x = run_blocks(self.embed, self.blocks, self.config.rope_theta, input_ids, attention_mask, cache, position_ids)
+        x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids)
         h_BTd = self.norm(x)
         if targets is None:
             return self.lm_head(h_BTd)
@@ -139,10 +140,16 @@ def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
 
+def rotary_cache(config: ModelConfig, blocks: nn.ModuleList) -> RotaryCache:
+    """Precomputed RoPE tables for every feature size the model's attention layers rotate."""
+    dims = {dim for block in blocks for dim in block.attn.rope_dims}
+    return RotaryCache(dims, config.max_seq_len, config.rope_theta)
+
+
 def run_blocks(
     embed: nn.Embedding,
     blocks: nn.ModuleList,
-    rope_theta: float,
+    rotary: RotaryCache,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     cache: KVCache | None = None,
@@ -172,7 +179,7 @@ def run_blocks(
         mask = padded_causal_mask(attention_mask, T)
     if position_ids is None:
         position_ids = key_positions[:, past:]
-    ctx = AttentionContext(RotaryTables(position_ids, rope_theta), mask, None, key_positions)
+    ctx = AttentionContext(rotary.tables(position_ids, S), mask, None, key_positions)
     x = embed(input_ids)
     for i, block in enumerate(blocks):
         x = block(x, ctx.for_layer(cache.layers[i] if cache is not None else None))

@@ -22,7 +22,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from sasformer.layers.sas import SimulatedAttention
 from sasformer.layers.simulation import FeatureSimulation, HeadSimulation
-from sasformer.models.decoder import DecoderBlock, DecoderLM, KVCache, lm_loss, run_blocks
+from sasformer.ops.rope import RotaryCache
+from sasformer.models.decoder import DecoderBlock, DecoderLM, KVCache, lm_loss, rotary_cache, run_blocks
 from sasformer.models.hf.configuration_sasformer import SASFormerConfig
 
 try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
@@ -95,6 +96,9 @@ class SASFormerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.RMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, RotaryCache):
+            # non-persistent tables are never in a checkpoint: recompute them where they live
+            module.reset_tables()
         elif isinstance(module, (HeadSimulation, FeatureSimulation)):
             if getattr(module, "_identity_init", False):
                 # sim_init="identity": a copy of the input (these in-place writes skip loaded weights by hand)
@@ -120,6 +124,7 @@ class SASFormerModel(SASFormerPreTrainedModel):
         model_config = config.to_model_config()
         self.embed = nn.Embedding(model_config.vocab_size, model_config.d_model)
         self.blocks = nn.ModuleList(DecoderBlock(model_config) for _ in range(model_config.n_layers))
+        self.rotary = rotary_cache(model_config, self.blocks)
         self.norm = nn.RMSNorm(model_config.d_model, eps=model_config.norm_eps)
         for name, module in self.named_modules():
             if name.endswith(("o_proj", "down_proj")):
@@ -160,7 +165,7 @@ class SASFormerModel(SASFormerPreTrainedModel):
             cache = self.new_cache()
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2-D (batch, cache length + seq), got {attention_mask.dim()}-D")
-        x = run_blocks(self.embed, self.blocks, self.config.rope_theta, input_ids, attention_mask, cache, position_ids)
+        x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids)
         hidden = self.norm(x)
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         if not return_dict:
