@@ -266,6 +266,7 @@ class SASFormerForCausalLM(SASFormerPreTrainedModel, GenerationMixin):
         with torch.device("meta"):
             decoder = DecoderLM(self.config.to_model_config())
         decoder.embed, decoder.blocks, decoder.norm = self.model.embed, self.model.blocks, self.model.norm
+        decoder.rotary = self.model.rotary
         decoder.lm_head = self.lm_head
         return decoder
 
