@@ -1,6 +1,6 @@
 """SAS speed and memory on one CUDA GPU: whole-model training, the SAS layer alone, SDPA backends.
 
-    python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,profile,model,tiles,sdpa] [--budget-s 250]
+    python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,profile,tiles,model,sdpa] [--budget-s 250]
 
 Sections (each wrapped so a failure is recorded in the JSON and the run goes on) run in this
 order; once --budget-s seconds have passed, the remaining measurements are skipped (and recorded
@@ -12,11 +12,11 @@ row, so a crash in one variant keeps the rows measured before it.
   (Conv1d-style simulation over (B*T, H, D), per-group output projection then mean, default SDPA).
 - profile: torch.profiler over a few forward+backward steps of one SAS layer per simulation path
   and of an MHA layer: the top CUDA kernels by total time.
-- model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
-  compiled, random tokens, fused AdamW, bf16 autocast; SAS runs the automatic simulation path.
 - tiles: the Triton kernels' tile settings, each checked (output and every gradient, bf16 vs fp32)
   on the Q simulation at GPT-small shapes and timed if it passes; runs even when the Triton path
-  failed the check, to show which settings are wrong.
+  failed the check, to show which settings are wrong; at most --tiles-budget-s seconds.
+- model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
+  compiled, random tokens, fused AdamW, bf16 autocast; SAS runs the automatic simulation path.
 - sdpa: attention with query/key size 128 and value size 64 on every backend.
 Writes DIR/sas_speed.json and DIR/sas_speed.md and prints the tables.
 """
@@ -53,7 +53,7 @@ from sasformer.ops import attention as attention_ops  # noqa: E402
 from sasformer.ops import simulate  # noqa: E402
 from sasformer.ops.rope import RotaryTables  # noqa: E402
 
-SECTIONS = ("check", "layer", "profile", "model", "tiles", "sdpa")
+SECTIONS = ("check", "layer", "profile", "tiles", "model", "sdpa")
 SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
 SAS_MAIN = {"n_sim_heads": 24, "sim_head_dim": 128, "kernel_size": 3}
 SAS_SMALL = {"n_sim_heads": 24, "sim_head_dim": 64, "kernel_size": 3}
@@ -340,7 +340,7 @@ def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
         errs = errors(run("triton", torch.float32), gold)
         worst = max(errs, key=lambda n: errs[n] if math.isfinite(errs[n]) else math.inf)
         verdict = "ok" if errs[worst] <= 1e-3 else "WRONG"
-        rows["default_fp32"] = {"error": f"fp32 check {verdict}: worst {worst} rel. err {errs[worst]:.3g}",
+        rows["default_fp32"] = {"note": f"fp32 check {verdict}: worst {worst} rel. err {errs[worst]:.3g}",
                                 "errors": errs}
         log(f"triton tiles default fp32: {verdict} (worst {worst} {errs[worst]:.3g})")
     except Exception as err:  # noqa: BLE001
@@ -713,8 +713,8 @@ def _tiles_markdown(tiles: dict) -> list[str]:
         for path, row in rows.items():
             if not isinstance(row, dict) or path == "naive_bf16_errors":
                 continue
-            if "error" in row:
-                lines.append(f"| {path} | {row['error']} | |")
+            if "error" in row or "note" in row:
+                lines.append(f"| {path} | {row.get('error') or row['note']} | |")
             else:
                 lines.append(f"| {path} | {row['q_fwd_bwd_ms']:.3f} | {fmt(row.get('rel_err'), '.2e')} |")
         lines.append("")
@@ -735,6 +735,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per layer/SDPA measurement")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled forward+backward steps per layer")
     p.add_argument("--profile-top", type=int, default=15, help="kernels listed per profiled layer")
+    p.add_argument("--tiles-budget-s", type=float, default=45, help="time cap of the tiles section")
     p.add_argument("--budget-s", type=float, default=250,
                    help="skip remaining measurements after this many seconds (one in flight still finishes)")
     p.add_argument("--smoke", action="store_true",
@@ -784,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer": lambda: section_layer(opts, passed, deadline),
         "profile": lambda: section_profile(opts, passed, deadline),
         "model": lambda: section_model(opts, passed, deadline, res.setdefault("model", {}), save),
-        "tiles": lambda: section_tiles(opts, passed, deadline),
+        "tiles": lambda: section_tiles(opts, passed, min(deadline, time.time() + opts.tiles_budget_s)),
         "sdpa": lambda: section_sdpa(opts, deadline),
     }
     for section in SECTIONS:
