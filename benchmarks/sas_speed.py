@@ -116,7 +116,7 @@ def structure_env(structure: str):
 
 def fast_impls() -> list[str]:
     kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return ["matmul", "banded"] + (["triton"] if kernels and simulate.triton_available() else [])
+    return ["matmul", "banded", "chunked"] + (["triton"] if kernels and simulate.triton_available() else [])
 
 
 def auto_impl() -> str:
@@ -379,7 +379,7 @@ def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
     finally:
         fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = default
     # the PyTorch paths on the same work, for comparison
-    for impl in ("naive", "matmul", "banded"):
+    for impl in ("naive", "matmul", "banded", "chunked"):
         x = x32.bfloat16().requires_grad_()
         ws = [w.bfloat16() for w in weights32]
         g = g32.bfloat16()
@@ -685,8 +685,9 @@ def markdown(res: dict) -> str:
 def _profile_markdown(prof: dict) -> list[str]:
     if not prof:
         return []
-    lines = [f"## Profile: one layer forward+backward, B={prof.get('B')}, T={prof.get('T')}, bf16, "
-             f"top kernels over {prof.get('steps')} steps", ""]
+    title = (f"## Profile: one layer forward+backward, B={prof.get('B')}, T={prof.get('T')}, bf16, "
+             f"top kernels over {prof.get('steps')} steps")
+    lines = [title, ""]
     for name, row in prof.items():
         if not isinstance(row, dict):
             continue
