@@ -57,7 +57,8 @@ SECTIONS = ("check", "layer", "profile", "tiles", "model", "sdpa")
 SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
 SAS_MAIN = {"n_sim_heads": 24, "sim_head_dim": 128, "kernel_size": 3}
 SAS_SMALL = {"n_sim_heads": 24, "sim_head_dim": 64, "kernel_size": 3}
-# name -> (preset attention, attention_args, structure)
+# name -> (preset attention, attention_args, structure): "fast" = the automatic simulation path,
+# "chunked" = the chunked path, "reference" = the straightforward structure
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "mha": ("mha", {}, "fast"),
     "gqa": ("gqa", {}, "fast"),
@@ -66,6 +67,7 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "tpa": ("tpa", {}, "fast"),
     "sas_24x128": ("sas", SAS_MAIN, "fast"),
     "sas_24x64": ("sas", SAS_SMALL, "fast"),
+    "sas_24x128_chunked": ("sas", SAS_MAIN, "chunked"),
     "sas_24x128_reference": ("sas", SAS_MAIN, "reference"),
 }
 CHECK_MIN_TOL = 1e-2  # bf16 relative-norm floor for the correctness check
@@ -536,8 +538,9 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     out[key] = SKIPPED
                     continue
                 attn, args, structure = VARIANTS[name]
-                if attn == "sas" and structure == "fast" and not passed.get(impl, True):
-                    out[key] = {"error": f"refused: simulation path {impl} failed the correctness check"}
+                path = {"fast": impl, "chunked": "chunked"}.get(structure)
+                if attn == "sas" and path is not None and not passed.get(path, True):
+                    out[key] = {"error": f"refused: simulation path {path} failed the correctness check"}
                     continue
                 model = opt = None
                 try:
@@ -546,6 +549,8 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     model = DecoderLM(cfg).to(DEV)
                     if structure == "reference":
                         make_reference(model)
+                    elif structure == "chunked":
+                        set_simulation_impl(model, "chunked")
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=DEV)
                     fwd = torch.compile(model) if mode == "compiled" else model
