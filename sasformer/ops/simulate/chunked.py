@@ -59,7 +59,9 @@ def _heads(x_NHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Ten
     c = chunk_size(D)
     a1 = _to_heads(torch.addmm(b1.repeat_interleave(c), _windows(x_NHD, c, k), chunk_conv_matrix(w1, c)), N, O, D, c)
     conv2 = torch.addmm(b2.repeat_interleave(c), _windows(torch.relu(a1), c, k), chunk_conv_matrix(w2, c))
-    return a1 + conv2.view(N, D // c, O, c).permute(0, 2, 1, 3).reshape(N, O, D)
+    # add in the chunk layout of conv2 read through a permuted view: one pass, no reshaping copy
+    y2 = a1.view(N, O, D // c, c) + conv2.view(N, D // c, O, c).permute(0, 2, 1, 3)
+    return y2.reshape(N, O, D)
 
 
 def _qk(x_NHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
