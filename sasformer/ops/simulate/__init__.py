@@ -65,7 +65,8 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
 
 
 def default_impl(x: Tensor) -> str:
-    """The automatic choice: the fastest path that passed the GPU check for the device of ``x``."""
+    """The automatic choice for the device of ``x``: on CUDA the PyTorch path with tensor-core-sized
+    GEMMs (``triton`` only on request, see the module docstring); elsewhere ``matmul``."""
     return "banded" if x.is_cuda else "matmul"
 
 
