@@ -1,6 +1,6 @@
 """SAS speed and memory on one CUDA GPU: whole-model training, the SAS layer alone, SDPA backends.
 
-    python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,profile,model,tiles,sdpa] [--budget-s 250]
+    python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,profile,tiles,model,sdpa] [--budget-s 250]
 
 Sections (each wrapped so a failure is recorded in the JSON and the run goes on) run in this
 order; once --budget-s seconds have passed, the remaining measurements are skipped (and recorded
@@ -12,11 +12,11 @@ row, so a crash in one variant keeps the rows measured before it.
   (Conv1d-style simulation over (B*T, H, D), per-group output projection then mean, default SDPA).
 - profile: torch.profiler over a few forward+backward steps of one SAS layer per simulation path
   and of an MHA layer: the top CUDA kernels by total time.
-- model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
-  compiled, random tokens, fused AdamW, bf16 autocast; SAS runs the automatic simulation path.
 - tiles: the Triton kernels' tile settings, each checked (output and every gradient, bf16 vs fp32)
   on the Q simulation at GPT-small shapes and timed if it passes; runs even when the Triton path
-  failed the check, to show which settings are wrong.
+  failed the check, to show which settings are wrong; at most --tiles-budget-s seconds.
+- model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
+  compiled, random tokens, fused AdamW, bf16 autocast; SAS runs the automatic simulation path.
 - sdpa: attention with query/key size 128 and value size 64 on every backend.
 Writes DIR/sas_speed.json and DIR/sas_speed.md and prints the tables.
 """
@@ -53,11 +53,12 @@ from sasformer.ops import attention as attention_ops  # noqa: E402
 from sasformer.ops import simulate  # noqa: E402
 from sasformer.ops.rope import RotaryTables  # noqa: E402
 
-SECTIONS = ("check", "layer", "profile", "model", "tiles", "sdpa")
+SECTIONS = ("check", "layer", "profile", "tiles", "model", "sdpa")
 SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
 SAS_MAIN = {"n_sim_heads": 24, "sim_head_dim": 128, "kernel_size": 3}
 SAS_SMALL = {"n_sim_heads": 24, "sim_head_dim": 64, "kernel_size": 3}
-# name -> (preset attention, attention_args, structure)
+# name -> (preset attention, attention_args, structure): "fast" = the automatic simulation path,
+# "chunked" = the chunked path, "reference" = the straightforward structure
 VARIANTS: dict[str, tuple[str, dict, str]] = {
     "mha": ("mha", {}, "fast"),
     "gqa": ("gqa", {}, "fast"),
@@ -66,6 +67,7 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "tpa": ("tpa", {}, "fast"),
     "sas_24x128": ("sas", SAS_MAIN, "fast"),
     "sas_24x64": ("sas", SAS_SMALL, "fast"),
+    "sas_24x128_chunked": ("sas", SAS_MAIN, "chunked"),
     "sas_24x128_reference": ("sas", SAS_MAIN, "reference"),
 }
 CHECK_MIN_TOL = 1e-2  # bf16 relative-norm floor for the correctness check
@@ -116,7 +118,7 @@ def structure_env(structure: str):
 
 def fast_impls() -> list[str]:
     kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return ["matmul", "banded"] + (["triton"] if kernels and simulate.triton_available() else [])
+    return ["matmul", "banded", "chunked"] + (["triton"] if kernels and simulate.triton_available() else [])
 
 
 def auto_impl() -> str:
@@ -340,7 +342,7 @@ def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
         errs = errors(run("triton", torch.float32), gold)
         worst = max(errs, key=lambda n: errs[n] if math.isfinite(errs[n]) else math.inf)
         verdict = "ok" if errs[worst] <= 1e-3 else "WRONG"
-        rows["default_fp32"] = {"error": f"fp32 check {verdict}: worst {worst} rel. err {errs[worst]:.3g}",
+        rows["default_fp32"] = {"note": f"fp32 check {verdict}: worst {worst} rel. err {errs[worst]:.3g}",
                                 "errors": errs}
         log(f"triton tiles default fp32: {verdict} (worst {worst} {errs[worst]:.3g})")
     except Exception as err:  # noqa: BLE001
@@ -379,7 +381,7 @@ def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
     finally:
         fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = default
     # the PyTorch paths on the same work, for comparison
-    for impl in ("naive", "matmul", "banded"):
+    for impl in ("naive", "matmul", "banded", "chunked"):
         x = x32.bfloat16().requires_grad_()
         ws = [w.bfloat16() for w in weights32]
         g = g32.bfloat16()
@@ -536,8 +538,9 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     out[key] = SKIPPED
                     continue
                 attn, args, structure = VARIANTS[name]
-                if attn == "sas" and structure == "fast" and not passed.get(impl, True):
-                    out[key] = {"error": f"refused: simulation path {impl} failed the correctness check"}
+                path = {"fast": impl, "chunked": "chunked"}.get(structure)
+                if attn == "sas" and path is not None and not passed.get(path, True):
+                    out[key] = {"error": f"refused: simulation path {path} failed the correctness check"}
                     continue
                 model = opt = None
                 try:
@@ -546,6 +549,8 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     model = DecoderLM(cfg).to(DEV)
                     if structure == "reference":
                         make_reference(model)
+                    elif structure == "chunked":
+                        set_simulation_impl(model, "chunked")
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=DEV)
                     fwd = torch.compile(model) if mode == "compiled" else model
@@ -685,8 +690,9 @@ def markdown(res: dict) -> str:
 def _profile_markdown(prof: dict) -> list[str]:
     if not prof:
         return []
-    lines = [f"## Profile: one layer forward+backward, B={prof.get('B')}, T={prof.get('T')}, bf16, "
-             f"top kernels over {prof.get('steps')} steps", ""]
+    title = (f"## Profile: one layer forward+backward, B={prof.get('B')}, T={prof.get('T')}, bf16, "
+             f"top kernels over {prof.get('steps')} steps")
+    lines = [title, ""]
     for name, row in prof.items():
         if not isinstance(row, dict):
             continue
@@ -713,8 +719,8 @@ def _tiles_markdown(tiles: dict) -> list[str]:
         for path, row in rows.items():
             if not isinstance(row, dict) or path == "naive_bf16_errors":
                 continue
-            if "error" in row:
-                lines.append(f"| {path} | {row['error']} | |")
+            if "error" in row or "note" in row:
+                lines.append(f"| {path} | {row.get('error') or row['note']} | |")
             else:
                 lines.append(f"| {path} | {row['q_fwd_bwd_ms']:.3f} | {fmt(row.get('rel_err'), '.2e')} |")
         lines.append("")
@@ -735,6 +741,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per layer/SDPA measurement")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled forward+backward steps per layer")
     p.add_argument("--profile-top", type=int, default=15, help="kernels listed per profiled layer")
+    p.add_argument("--tiles-budget-s", type=float, default=45, help="time cap of the tiles section")
     p.add_argument("--budget-s", type=float, default=250,
                    help="skip remaining measurements after this many seconds (one in flight still finishes)")
     p.add_argument("--smoke", action="store_true",
@@ -784,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer": lambda: section_layer(opts, passed, deadline),
         "profile": lambda: section_profile(opts, passed, deadline),
         "model": lambda: section_model(opts, passed, deadline, res.setdefault("model", {}), save),
-        "tiles": lambda: section_tiles(opts, passed, deadline),
+        "tiles": lambda: section_tiles(opts, passed, min(deadline, time.time() + opts.tiles_budget_s)),
         "sdpa": lambda: section_sdpa(opts, deadline),
     }
     for section in SECTIONS:

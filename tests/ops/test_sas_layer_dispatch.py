@@ -26,7 +26,8 @@ CASES = [(1, 3, 3, True), (7, 1, 5, True), (63, 3, 1, False)]
 # the interpreter is slow: the kernels get the short sequences (the ops tests cover 63 tokens)
 @pytest.mark.parametrize(
     "impl,T,n_kv_heads,kernel_size,simulate_v",
-    [(impl, *c) for impl in ("matmul", "banded") for c in CASES] + [("triton", *c) for c in CASES[:2]] + [("triton", 5, 3, 1, False)],
+    [(impl, *c) for impl in ("matmul", "banded", "chunked") for c in CASES]
+    + [("triton", *c) for c in CASES[:2]] + [("triton", 5, 3, 1, False)],
 )
 def test_layer_fast_equals_naive(impl, T, n_kv_heads, kernel_size, simulate_v):
     if impl == "triton":

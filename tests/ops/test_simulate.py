@@ -56,7 +56,7 @@ def check(impl: str, N: int, H: int, HS: int, k: int, D: int, DS: int, features:
         torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
 
 
-PYTORCH_FAST = ["matmul", "banded"]
+PYTORCH_FAST = ["matmul", "banded", "chunked"]
 
 
 @pytest.mark.parametrize("impl", PYTORCH_FAST)
@@ -96,12 +96,24 @@ def test_banded_conv_matrix_is_the_convolution():
     torch.testing.assert_close(x.reshape(6, -1) @ banded_conv_matrix(w, 11), conv.reshape(6, -1))
 
 
-def test_banded_traces_into_one_graph():
-    # the trainer compiles the model: the default CUDA path must not break the graph
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("features", [True, False])
+def test_chunked_several_chunks_per_token(chunk, k, features, monkeypatch):
+    from sasformer.ops.simulate import chunked
+
+    monkeypatch.setattr(chunked, "CHUNK", chunk)
+    assert chunked.chunk_size(8) == chunk
+    check("chunked", 7, 3, 6, k, 8, 10, features, torch.float64, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("impl", ["banded", "chunked"])
+def test_gemm_paths_trace_into_one_graph(impl):
+    # the trainer compiles the model: the CUDA paths must not break the graph
     torch._dynamo.reset()
     x = torch.randn(1, 7, 3, 8, requires_grad=True)
     ws = make_weights(3, 6, 3, 8, 12, torch.float32)
-    compiled = torch.compile(lambda *a: simulate.simulate_qk(*a, impl="banded"), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(lambda *a: simulate.simulate_qk(*a, impl=impl), backend="aot_eager", fullgraph=True)
     out, ref = compiled(x, *ws), reference(x, ws)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ref)

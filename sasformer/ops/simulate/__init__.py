@@ -7,6 +7,8 @@ Implementations (all compute the same function; tests hold them to ``naive``):
   hand-written backward that recomputes intermediates instead of saving them (:mod:`.matmul`).
 - ``banded``: each convolution as one dense GEMM against a banded (H*D, H'*D) matrix, inner size
   H*D; more FLOPs than needed but at tensor-core speed, recomputing backward (:mod:`.banded`).
+- ``chunked``: the band cut into chunks of features with a halo, GEMMs of inner size H*(c+k-1):
+  fewer wasted FLOPs than ``banded``, a few more copies (:mod:`.chunked`).
 - ``triton``: fused kernels that read the compact heads once and write the simulated tensor once
   (:mod:`.fused`); CUDA tensors with Triton installed.
 
@@ -27,11 +29,12 @@ from torch import Tensor
 
 from sasformer.ops.rope import apply_rope
 from sasformer.ops.simulate.banded import simulate_heads_banded, simulate_qk_banded
+from sasformer.ops.simulate.chunked import simulate_heads_chunked, simulate_qk_chunked
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
 from sasformer.ops.simulate.rotate import rope_simulated
 
-IMPLS = ("naive", "matmul", "banded", "triton")
+IMPLS = ("naive", "matmul", "banded", "chunked", "triton")
 ENV_VAR = "SASFORMER_SIMULATE"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -62,7 +65,8 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
 
 
 def default_impl(x: Tensor) -> str:
-    """The automatic choice: the fastest path that passed the GPU check for the device of ``x``."""
+    """The automatic choice for the device of ``x``: on CUDA the PyTorch path with tensor-core-sized
+    GEMMs (``triton`` only on request, see the module docstring); elsewhere ``matmul``."""
     return "banded" if x.is_cuda else "matmul"
 
 
@@ -106,6 +110,8 @@ def simulate_qk(
         return out if rope is None else apply_rope(out, *rope)
     if which == "matmul":
         out = simulate_qk_matmul(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
+    elif which == "chunked":
+        out = simulate_qk_chunked(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
     else:
         out = simulate_qk_banded(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
     return out if rope is None else rope_simulated(out, *rope)
@@ -122,6 +128,8 @@ def simulate_heads(
         return simulate_heads_matmul(x_BTHD, w1, b1, w2, b2)
     if which == "banded":
         return simulate_heads_banded(x_BTHD, w1, b1, w2, b2)
+    if which == "chunked":
+        return simulate_heads_chunked(x_BTHD, w1, b1, w2, b2)
     return simulate_heads_naive(x_BTHD, w1, b1, w2, b2)
 
 

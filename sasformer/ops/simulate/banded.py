@@ -57,9 +57,8 @@ class _BandedSimulate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m1, b1, m2, b2, w3, b3, w4, b4):  # type: ignore[override]
-        a1, y2 = _heads(x, m1, b1, m2, b2)
-        del a1
-        out = y2
+        a1 = torch.addmm(b1, x, m1)
+        out = y2 = _second_conv(a1, torch.relu(a1), m2, b2)
         if w3 is not None:
             z1 = torch.addmm(b3, y2.view(-1, w3.shape[1]), w3.t())
             out = torch.addmm(z1, torch.relu(z1), w4.t()).add_(b4)
@@ -70,11 +69,13 @@ class _BandedSimulate(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         x, m1, b1, m2, b2, *fw = ctx.saved_tensors
         g = g.to(x.dtype)
-        a1, y2 = _heads(x, m1, b1, m2, b2)
+        a1 = torch.addmm(b1, x, m1)
+        r1 = torch.relu(a1)
         dw3 = db3 = dw4 = db4 = None
         if fw:
+            # only the feature MLP needs Y2 again
             w3, b3, w4 = fw
-            u = y2.view(-1, w3.shape[1])
+            u = _second_conv(a1, r1, m2, b2).view(-1, w3.shape[1])
             z1 = torch.addmm(b3, u, w3.t())
             g2 = g.reshape(-1, w4.shape[0])
             dw4 = g2.t() @ torch.relu(z1)
@@ -84,12 +85,12 @@ class _BandedSimulate(torch.autograd.Function):
             del z1
             dw3 = dz1.t() @ u
             db3 = dz1.sum(0)
-            dy2 = (dz1 @ w3).view_as(y2)
+            dy2 = (dz1 @ w3).view_as(a1)
             del dz1, u
         else:
-            dy2 = g.reshape(y2.shape)
-        del y2
-        dm2 = torch.relu(a1).t() @ dy2
+            dy2 = g.reshape(a1.shape)
+        dm2 = r1.t() @ dy2
+        del r1
         db2 = dy2.sum(0)
         # da1 = dy2 + (dy2 M2^T) * relu'(a1)
         da1 = (dy2 @ m2.t()).masked_fill_(a1 <= 0, 0.0).add_(dy2)
@@ -100,11 +101,9 @@ class _BandedSimulate(torch.autograd.Function):
         return dx, dm1, db1, dm2, db2, dw3, db3, dw4, db4
 
 
-def _heads(x: Tensor, m1: Tensor, b1: Tensor, m2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
-    """Y1 = X M1 + b1 and Y2 = Y1 + ReLU(Y1) M2 + b2, rows = tokens, columns = (head, feature)."""
-    a1 = torch.addmm(b1, x, m1)
-    y2 = torch.addmm(a1, torch.relu(a1), m2).add_(b2)
-    return a1, y2
+def _second_conv(a1: Tensor, r1: Tensor, m2: Tensor, b2: Tensor) -> Tensor:
+    """Y2 = Y1 + ReLU(Y1) M2 + b2 from Y1 = X M1 + b1 and its ReLU; rows = tokens, columns = (head, feature)."""
+    return torch.addmm(a1, r1, m2).add_(b2)
 
 
 def _head_operands(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> list[Tensor]:
