@@ -13,7 +13,8 @@ Implementations (all compute the same function; tests hold them to ``naive``):
   (:mod:`.fused`); CUDA tensors with Triton installed.
 
 The choice is, in order: the ``impl`` argument, the ``SASFORMER_SIMULATE`` environment variable,
-then automatic: ``banded`` for CUDA tensors, ``matmul`` otherwise. ``triton`` is never chosen
+then automatic (:func:`default_impl`): ``banded`` for CUDA tensors of many tokens, ``naive``
+otherwise. ``triton`` is never chosen
 automatically: its query/key backward failed the bf16 check on an H200 at GPT-small shapes (see
 docs/performance.md), so it runs only when asked for.
 """
@@ -64,10 +65,23 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
     return choice
 
 
+# below this many tokens per call (decoding, short prompts) building the banded matrices costs more
+# than it saves: measured on an H200, batch-1 decode ran at 444 tok/s with ``naive`` against 301 with
+# ``banded`` (benchmarks/results/h200/decode_run2.md, decode_run4.md)
+BANDED_MIN_TOKENS = 2048
+
+
 def default_impl(x: Tensor) -> str:
-    """The automatic choice for the device of ``x``: on CUDA the PyTorch path with tensor-core-sized
-    GEMMs (``triton`` only on request, see the module docstring); elsewhere ``matmul``."""
-    return "banded" if x.is_cuda else "matmul"
+    """The automatic choice for ``x`` (B, T, H, D), from measurements (docs/performance.md).
+
+    CUDA: ``banded`` (tensor-core-sized GEMMs; 1.9x the reference layer at GPT-small) for at least
+    ``BANDED_MIN_TOKENS`` tokens, else ``naive``. CPU: ``naive`` (the fastest there: a tiny-preset SAS
+    training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2 cores).
+    ``triton`` only on request (see the module docstring).
+    """
+    if x.is_cuda and x.shape[0] * x.shape[1] >= BANDED_MIN_TOKENS:
+        return "banded"
+    return "naive"
 
 
 def _triton_ops():
