@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from sasformer.commands import accept_overrides
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="grid YAML file (configs/compare_tiny.yaml, compare_small.yaml)")
@@ -17,16 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true",
                         help="print every run with its token budget and FLOPs/token, then exit without training")
     parser.epilog = "grid overrides: --KEY VALUE for any key of the YAML file, e.g. --budget.tokens 2e6"
-    # override keys are open-ended (attention_args differ per variant), so unknown options go to run(),
-    # which checks every key against the grid schema
-    parse_known = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
-        namespace, extra = parse_known(args, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + list(extra)
-        return namespace, []
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    accept_overrides(parser)
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import argparse
 
+from sasformer.commands import accept_overrides
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file (configs/tiny.yaml, small.yaml, medium.yaml); default: built-in defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.epilog = "config overrides: --KEY VALUE for any key of the YAML file, e.g. --optim.lr 1e-3"
-    # the override keys are open-ended (attention_args differ per variant), so this parser hands the
-    # options it does not know to run() instead of rejecting them; run() validates every key
-    parse_known = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
-        namespace, extra = parse_known(args, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + list(extra)
-        return namespace, []
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    accept_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
