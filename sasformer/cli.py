@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ValueError as err:  # invalid input: say what is wrong and what to change, no traceback
+        if os.environ.get("SASFORMER_TRACEBACK"):
+            raise
+        parser.exit(2, f"sasformer {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":
