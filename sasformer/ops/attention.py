@@ -85,12 +85,14 @@ def attend(
     (None: the ``SASFORMER_ATTENTION`` variable, else ``auto``).
     """
     n_q, n_kv = q_BHTD.shape[1], k_BHSD.shape[1]
+    T, S = q_BHTD.shape[2], k_BHSD.shape[2]
     if n_q != n_kv:
-        # Grouped heads: query head i reads key/value head i // (n_q // n_kv).
+        # grouped heads: query head i reads key/value head i // (n_q // n_kv)
         rep = n_q // n_kv
+        if T < S:
+            return _attend_folded(q_BHTD, k_BHSD, v_BHSE, mask_BTS, scale, backend, rep)
         k_BHSD = k_BHSD.repeat_interleave(rep, dim=1)
         v_BHSE = v_BHSE.repeat_interleave(rep, dim=1)
-    T, S = q_BHTD.shape[2], k_BHSD.shape[2]
     which = resolve_backend(backend, q_BHTD, v_BHSE, causal_no_mask=mask_BTS is None and T == S)
     strict = (backend or os.environ.get(ENV_VAR, "").strip().lower() or "auto") != "auto"
     if mask_BTS is None:
@@ -100,6 +102,28 @@ def attend(
             return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, scale=scale)
         mask_BTS = causal_mask(T, S, q_BHTD.device)
     return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, attn_mask=mask_BTS, scale=scale)
+
+
+def _attend_folded(
+    q_BHTD: Tensor, k_BGSD: Tensor, v_BGSE: Tensor, mask_BTS: Tensor | None, scale: float | None,
+    backend: str | None, rep: int,
+) -> Tensor:
+    """Grouped-head attention with a KV cache (T < S) without copying keys/values per query head.
+
+    The ``rep`` query heads of one group become ``rep * T`` query rows of one key/value head, with
+    the mask repeated to match, so each cached key/value is read once per group instead of copied.
+    """
+    B, H, T, D = q_BHTD.shape
+    G, S = k_BGSD.shape[1], k_BGSD.shape[2]
+    q = q_BHTD.reshape(B, G, rep * T, D)
+    if mask_BTS is None and T > 1:
+        mask_BTS = causal_mask(T, S, q_BHTD.device)
+    # None: one query row per head with no padding, which sees every cached key
+    mask = None if mask_BTS is None else mask_BTS.repeat(1, 1, rep, 1)
+    which = resolve_backend(backend, q, v_BGSE, causal_no_mask=False)
+    strict = (backend or os.environ.get(ENV_VAR, "").strip().lower() or "auto") != "auto"
+    o = sdpa(q, k_BGSD, v_BGSE, which, strict, attn_mask=mask, scale=scale)
+    return o.reshape(B, H, T, -1)
 
 
 def _positions(T: int, S: int, device: torch.device) -> tuple[Tensor, Tensor]:
