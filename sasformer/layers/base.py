@@ -157,7 +157,7 @@ class Attention(nn.Module, ABC):
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor: ...
 
     @abstractmethod
-    def forward_flops_per_token(self, context_len: int) -> float:
+    def forward_flops_per_token(self, context_len: float) -> float:
         """Matmul FLOPs per token of one forward pass, with ``context_len`` keys per query.
 
         Counted as 2 FLOPs per multiply-add over dense (not causally halved) attention, the same
@@ -179,6 +179,6 @@ def linear_flops(in_features: int, out_features: int) -> float:
     return 2.0 * in_features * out_features
 
 
-def attention_core_flops(n_heads: int, qk_dim: int, v_dim: int, context_len: int) -> float:
+def attention_core_flops(n_heads: int, qk_dim: int, v_dim: int, context_len: float) -> float:
     """QK^T and PV for one query token against ``context_len`` keys."""
     return 2.0 * n_heads * context_len * (qk_dim + v_dim)

@@ -73,7 +73,7 @@ class MultiHeadAttention(Attention):
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_flops_per_token(self, context_len: int) -> float:
+    def forward_flops_per_token(self, context_len: float) -> float:
         H, Hkv, D, d = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
         proj = linear_flops(d, H * D) + 2 * linear_flops(d, Hkv * D) + linear_flops(H * D, d)
         return proj + attention_core_flops(H, D, D, context_len)

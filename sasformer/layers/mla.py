@@ -93,7 +93,7 @@ class MultiHeadLatentAttention(Attention):
                    scale=1.0 / math.sqrt(self.nope + self.rope_dim))
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def forward_flops_per_token(self, context_len: int) -> float:
+    def forward_flops_per_token(self, context_len: float) -> float:
         a, d, H = self.args, self.d_model, self.n_heads
         qk_dim = self.nope + self.rope_dim
         if a.q_lora_rank > 0:

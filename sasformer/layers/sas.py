@@ -186,7 +186,7 @@ class SimulatedAttention(Attention):
             flops += head_simulation_flops(Hkv, Hskv, k, D)
         return flops + feature_simulation_flops(Hs, D, Ds) + feature_simulation_flops(Hskv, D, Ds)
 
-    def forward_flops_per_token(self, context_len: int) -> float:
+    def forward_flops_per_token(self, context_len: float) -> float:
         H, Hkv, D, d = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
         proj = linear_flops(d, H * D) + 2 * linear_flops(d, Hkv * D) + linear_flops(self.o_proj.in_features, d)
         core = attention_core_flops(self.n_sim_heads, self.sim_head_dim, D, context_len)

@@ -87,7 +87,7 @@ class TensorProductAttention(Attention):
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_flops_per_token(self, context_len: int) -> float:
+    def forward_flops_per_token(self, context_len: float) -> float:
         H, D, d = self.n_heads, self.head_dim, self.d_model
         flops = linear_flops(H * D, d) + attention_core_flops(H, D, D, context_len)
         for r in self.ranks.values():
