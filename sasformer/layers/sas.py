@@ -127,7 +127,6 @@ class SimulatedAttention(Attention):
             if block is not None:
                 block.reset_identity()
 
-    # -- pieces -------------------------------------------------------------------------------
     def simulate_q(self, q_BTHD: Tensor, rotary: RotaryTables) -> Tensor:
         if self.args.rope == "before":
             q_BTHD = rotary.rotate(q_BTHD)
@@ -151,7 +150,6 @@ class SimulatedAttention(Attention):
             o = o_BTHD.reshape(B, T, self.n_sim_heads * self.head_dim)
         return self.o_proj(o)
 
-    # -- forward ------------------------------------------------------------------------------
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x_BTd.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -177,7 +175,6 @@ class SimulatedAttention(Attention):
                    scale=1.0 / math.sqrt(self.sim_head_dim))
         return self.aggregate(o.transpose(1, 2))
 
-    # -- cost model ---------------------------------------------------------------------------
     def simulation_flops_per_token(self) -> float:
         H, Hkv, Hs, Hskv = self.n_heads, self.n_kv_heads, self.n_sim_heads, self.n_sim_kv_heads
         D, Ds, k = self.head_dim, self.sim_head_dim, self.args.kernel_size
