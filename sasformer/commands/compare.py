@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="grid folder (default: the grid's out_dir, else runs/compare/NAME)")
     parser.add_argument("--plan", action="store_true",
                         help="print every run with its token budget and FLOPs/token, then exit without training")
+    parser.add_argument("--only", help="comma-separated entry names: run only these entries of the grid (e.g. mha,sas)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write results from the finished runs and list the missing ones")
     parser.epilog = "grid overrides: --KEY VALUE for any key of the YAML file, e.g. --budget.tokens 2e6"
     accept_overrides(parser)
 
@@ -42,6 +45,18 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def select_entries(spec, only: str):
+    """The grid restricted to the comma-separated entry names in ``only`` (an unknown name is an error)."""
+    import dataclasses
+
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    known = [v.name for v in spec.variants]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"--only {only!r}: unknown entry name(s) {unknown}; the grid has {known}")
+    return dataclasses.replace(spec, variants=[v for v in spec.variants if v.name in names])
+
+
 def run(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
@@ -51,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from sasformer.compare.spec import load_grid
 
     spec = load_grid(args.config, parse_overrides(getattr(args, "overrides", [])))
+    if args.only:
+        spec = select_entries(spec, args.only)
     grid_dir = Path(args.out or spec.out_dir or Path("runs") / "compare" / spec.name)
     if args.plan:
         data_dir, meta = ensure_data(spec.data, spec.progress)
@@ -60,8 +77,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"| {p.id} | {p.params:,} | {p.train_flops_per_token:.4g} | {p.budget.max_tokens:,} | {seconds} |")
         return 0
     command = shlex.join(["sasformer", "compare", "--config", str(args.config)]
-                         + (["--out", str(args.out)] if args.out else []) + list(getattr(args, "overrides", [])))
-    results = run_grid(spec, grid_dir, command)
+                         + (["--out", str(args.out)] if args.out else [])
+                         + (["--only", args.only] if args.only else []) + list(getattr(args, "overrides", [])))
+    results = run_grid(spec, grid_dir, command, report_only=args.report)
+    if results["missing_runs"]:
+        print(f"not run yet (left out of the tables): {', '.join(results['missing_runs'])}")
     print(markdown_table(results["aggregates"]))
     print(f"\nresults: {grid_dir / 'results.md'}, {grid_dir / 'results.json'}")
     if results["plots"]:

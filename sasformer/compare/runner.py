@@ -323,15 +323,20 @@ def grid_lock(grid_dir: Path) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log = _stderr) -> dict[str, Any]:
-    """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``."""
+def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log = _stderr,
+             report_only: bool = False) -> dict[str, Any]:
+    """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``.
+
+    ``report_only`` trains nothing: the results cover the finished runs and list the others as missing
+    (a grid run in parts, e.g. one device session at a time).
+    """
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     with grid_lock(grid_dir):
-        return _run_grid(spec, grid_dir, command, log)
+        return _run_grid(spec, grid_dir, command, log, report_only)
 
 
-def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log) -> dict[str, Any]:
+def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool) -> dict[str, Any]:
     import torch
 
     from sasformer.compare.env import environment
@@ -340,13 +345,14 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log) -> dict[st
 
     data_dir, meta = ensure_data(spec.data, spec.progress)
     plans = plan_runs(spec, data_dir, int(meta["vocab_size"]), grid_dir)
-    _write_json_atomic(grid_dir / "grid.json", {"spec": spec.to_dict(), "command": command,
+    if not report_only:
+        _write_json_atomic(grid_dir / "grid.json", {"spec": spec.to_dict(), "command": command,
                                                 "runs": [{"id": p.id, "max_tokens": p.budget.max_tokens,
                                                           "max_time_s": p.budget.max_time_s,
                                                           "train_flops_per_token": p.train_flops_per_token,
                                                           "params": p.params} for p in plans]})
     tasks = None
-    if spec.eval.zero_shot_dir is not None:
+    if spec.eval.zero_shot_dir is not None and not report_only:
         from sasformer.eval import read_eval_dir
 
         tasks = read_eval_dir(spec.eval.zero_shot_dir, spec.eval.zero_shot_tasks, spec.eval.zero_shot_limit)
@@ -356,9 +362,13 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log) -> dict[st
     todo = sum(r is None for r in finished)
     log(f"grid {spec.name}: {len(plans)} runs ({len(plans) - todo} already finished), results in {grid_dir}")
     spent: list[float] = []
+    missing: list[str] = []
     for index, (plan, result) in enumerate(zip(plans, finished), start=1):
         if result is not None:
             runs.append(result)
+            continue
+        if report_only:
+            missing.append(plan.id)
             continue
         left = todo - len(spent)
         eta = f", ETA {_duration(sum(spent) / len(spent) * left)}" if spent else ""
@@ -377,13 +387,16 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log) -> dict[st
                           else "cpu")
     results: dict[str, Any] = {
         "command": command,
-        "environment": environment(device),
+        # a report-only pass describes the machine the runs trained on, not the one writing the report
+        "environment": (runs[0]["environment"] if report_only and runs and runs[0].get("environment")
+                        else environment(device)),
         "spec": spec.to_dict(),
         "data": {"dir": str(data_dir), "vocab_size": meta["vocab_size"],
                  "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
                  "train_tokens": meta["splits"]["train"]["tokens"], "val_split_tokens": meta["splits"]["val"]["tokens"]},
         "val_tokens": validation_tokens(plans[0]),
         "runs": runs,
+        "missing_runs": missing,
         "aggregates": aggregate(runs),
         "plots": [],
     }

@@ -50,3 +50,25 @@ def test_command_rejects_unknown_keys(tmp_path, prepared_data):
         compare.run(_parse(["--config", str(config), "--budget.tokens"]))
     with pytest.raises(ValueError, match="--KEY VALUE"):
         compare.run(_parse(["--config", str(config), "--budget.tokens", "5", "stray"]))
+
+
+def test_only_runs_the_named_entries_and_report_lists_the_rest(tmp_path, prepared_data, capsys):
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid_dict(prepared_data, tmp_path / "unused")))
+    out = tmp_path / "grid"
+    assert compare.run(_parse(["--config", str(config), "--out", str(out), "--only", "sas"])) == 0
+    assert [r["id"] for r in yaml.safe_load((out / "results.json").read_text())["runs"]] == ["sas-s0"]
+    capsys.readouterr()
+
+    assert compare.run(_parse(["--config", str(config), "--out", str(out), "--report"])) == 0
+    assert "not run yet (left out of the tables): mha-s0" in capsys.readouterr().out
+    results = yaml.safe_load((out / "results.json").read_text())
+    assert [r["id"] for r in results["runs"]] == ["sas-s0"] and results["missing_runs"] == ["mha-s0"]
+    assert not (out / "runs" / "mha-s0").exists()
+
+
+def test_only_rejects_unknown_entry_names(tmp_path, prepared_data):
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid_dict(prepared_data, tmp_path / "grid")))
+    with pytest.raises(ValueError, match=r"unknown entry name\(s\) \['gqa'\]"):
+        compare.run(_parse(["--config", str(config), "--only", "mha,gqa"]))

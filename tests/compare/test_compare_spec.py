@@ -75,3 +75,18 @@ def test_override_through_a_list_is_a_clear_error(tmp_path):
         load_grid(path, {"variants.0.name": "x"})
     spec = load_grid(path, {"variants": ["mqa"]})
     assert [v.name for v in spec.variants] == ["mqa"]
+
+
+@pytest.mark.parametrize("name", ["compare_tiny", "compare_small", "compare_mini"])
+def test_shipped_grids_load_and_build(name):
+    from pathlib import Path
+
+    from sasformer.models.decoder import DecoderLM
+    from sasformer.models.presets import preset
+
+    spec = load_grid(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
+    for entry in spec.variants:
+        size = entry.model.get("size", spec.model.get("size"))
+        config = preset(size, entry.attention, attention_args=dict(entry.attention_args), n_layers=1,
+                        vocab_size=64)
+        DecoderLM(config)  # builds the variant with its arguments (an invalid one raises here)
