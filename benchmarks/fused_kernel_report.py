@@ -105,7 +105,9 @@ def run_check(opts) -> int:
 
     global DEV, DTYPE
     if opts.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke runs in Triton's interpreter: start with TRITON_INTERPRET=1")
+            return 2
         DEV, DTYPE = "cpu", torch.float32
     elif not torch.cuda.is_available() or not simulate.triton_available():
         print("the check needs a CUDA GPU and triton; use --registers for the compile-only report")
