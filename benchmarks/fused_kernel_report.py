@@ -1,89 +1,195 @@
-"""Compile the fused SAS simulation kernels for an NVIDIA target and report registers and spills.
+"""Check the fused (Triton) SAS simulation kernels on the GPU over a sweep of shapes, or report
+their registers and spills without a GPU.
 
-Needs no GPU: Triton compiles to PTX and its bundled ptxas assembles it. Use it to compare tile
-settings before spending GPU time:
+    python3 benchmarks/fused_kernel_report.py --out DIR [--full] [--tokens 1,7,189,1023,2005]
+    python3 benchmarks/fused_kernel_report.py --registers [--arch 90]
 
-    python3 benchmarks/fused_kernel_report.py [--arch 90] [--block-n 1,2,4] [--warps 4,8]
+Check (default, needs CUDA): for every shape, the Triton path in bf16 against the fp32 ``matmul``
+path, forward output and every gradient (input, w1, b1, w2, b2 and for queries/keys w3, b3, w4,
+b4), relative norm error; a tensor passes when its error is at most max(3 x the error of the plain
+reference run in bf16, 0.01), the rule of ``sas_speed.py``'s check. Output buffers start as NaN so
+an element a kernel does not write fails. Shapes: queries/keys (heads + features + RoPE) and values
+(heads only) for H' in {16, 24, 48} (H = H'/2), D' in {64, 96, 128, 256} with D = 64, k in {1, 3, 5},
+odd token counts. The default set covers every (H', D') pair with k chosen so that every (H', k)
+and (D', k) pair also occurs (12 query/key shapes, 3 value shapes, well under a minute on an H200,
+most of it compiling); ``--full`` runs the whole cross product. Writes DIR/fused_check.json and
+DIR/fused_check.md and prints one PASS/FAIL line per shape and a verdict. Exit status 1 if any
+shape fails.
+
+Registers (``--registers``, no GPU): compiles the kernels as the wrapper launches them at GPT-small
+shapes for sm_``--arch`` and prints ptxas' registers and spill bytes per thread.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import datetime
+import itertools
+import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JIT functions
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch  # noqa: E402
 
-from sasformer.ops.simulate import fused  # noqa: E402
+HS_VALUES = (16, 24, 48)
+DS_VALUES = (64, 96, 128, 256)
+K_VALUES = (1, 3, 5)
+D = 64
+MIN_TOL = 1e-2
+# --smoke: the CPU interpreter, in fp32 (its bf16 dots multiply raw bit patterns)
+DEV = "cuda"
+DTYPE = torch.bfloat16
+NAMES_QK = ["out", "x", "w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"]
 
 
-def ptxas_stats(ptx: str, arch: int) -> str:
-    tools = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas*")))
-    if not tools:
-        return "ptxas not found"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    suffix = "a" if arch >= 90 else ""
-    proc = subprocess.run([tools[0], "-v", f"--gpu-name=sm_{arch}{suffix}", f.name, "-o", os.devnull],
-                          capture_output=True, text=True)
-    os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", proc.stderr)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
-    if not regs:
-        return proc.stderr.strip()[-300:]
-    return f"{regs.group(1)} registers, spill stores/loads {spill.group(1)}/{spill.group(2)} bytes"
+def shapes(full: bool) -> list[tuple[int, int | None, int]]:
+    """(H', D' or None for values, k). Default: each (H', D') once, k by a Latin square."""
+    if full:
+        qk = list(itertools.product(HS_VALUES, DS_VALUES, K_VALUES))
+        v = list(itertools.product(HS_VALUES, [None], K_VALUES))
+    else:
+        qk = [(hs, ds, K_VALUES[(i + j) % 3]) for i, hs in enumerate(HS_VALUES) for j, ds in enumerate(DS_VALUES)]
+        v = [(hs, None, K_VALUES[i]) for i, hs in enumerate(HS_VALUES)]
+    return qk + v
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_shape(HS: int, DS: int | None, k: int, B: int, T: int, seed: int) -> dict:
+    from sasformer.ops import simulate
+    from sasformer.ops.rope import RotaryTables
+
+    H = HS // 2
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    dev = dict(device=DEV, dtype=torch.float32)
+    sizes = [(HS, H, k), (HS,), (HS, HS, k), (HS,)]
+    fans = [H * k, H * k, HS * k, HS * k]
+    if DS is not None:
+        sizes += [(DS, D), (DS,), (DS, DS), (DS,)]
+        fans += [D, D, DS, DS]
+    weights = [torch.randn(s, generator=g, **dev) / f**0.5 for s, f in zip(sizes, fans)]
+    x = torch.randn(B, T, H, D, generator=g, **dev)
+    out_shape = (B, T, HS, DS if DS is not None else D)
+    grad = torch.randn(out_shape, generator=g, **dev)
+    rope = RotaryTables(torch.arange(T, device=DEV).view(1, -1), 10000.0)(DS) if DS is not None else None
+
+    def run(impl: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        xx = x.to(dtype).requires_grad_()
+        ws = [w.to(dtype).requires_grad_() for w in weights]
+        if DS is not None:
+            out = simulate.simulate_qk(xx, *ws, impl=impl, rope=rope)
+        else:
+            out = simulate.simulate_heads(xx, *ws, impl=impl)
+        return [out, *torch.autograd.grad(out, [xx, *ws], grad.to(dtype))]
+
+    names = NAMES_QK[: 2 + len(weights)]
+    gold = run("matmul", torch.float32)
+    base = {n: rel_err(a, b) for n, a, b in zip(names, run("naive", DTYPE), gold)}
+    got = {n: rel_err(a, b) for n, a, b in zip(names, run("triton", DTYPE), gold)}
+    failing = {n: e for n, e in got.items() if not e <= max(3 * base[n], MIN_TOL)}
+    return {"H": H, "HS": HS, "D": D, "DS": DS, "k": k, "B": B, "T": T, "errors": got,
+            "naive_bf16_errors": base, "failing": failing, "ok": not failing}
+
+
+def run_check(opts) -> int:
+    from sasformer.ops import simulate
+    from sasformer.ops.simulate import fused
+
+    global DEV, DTYPE
+    if opts.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke runs in Triton's interpreter: start with TRITON_INTERPRET=1")
+            return 2
+        DEV, DTYPE = "cpu", torch.float32
+    elif not torch.cuda.is_available() or not simulate.triton_available():
+        print("the check needs a CUDA GPU and triton; use --registers for the compile-only report")
+        return 2
+    # every output buffer starts as NaN: an element a kernel does not write fails the check
+    fused._empty = lambda *shape, **kw: torch.full(shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
+                                                   else shape, float("nan"), **kw)
+    tokens = [int(t) for t in opts.tokens.split(",")]
+    start = time.time()
+    rows = []
+    todo = shapes(opts.full)
+    if opts.smoke:
+        tokens, todo = [3], [todo[0], todo[-1]]
+    for i, (HS, DS, k) in enumerate(todo):
+        n = tokens[i % len(tokens)]
+        # odd token counts as (B, T) with both odd where possible
+        B = next(b for b in (5, 3, 1) if n % b == 0)
+        try:
+            row = check_shape(HS, DS, k, B, n // B, seed=i)
+        except Exception as err:  # noqa: BLE001 - one broken shape is reported, the sweep goes on
+            row = {"HS": HS, "DS": DS, "k": k, "B": B, "T": n // B, "ok": False, "error": f"{type(err).__name__}: {err}"}
+        rows.append(row)
+        kind = f"qk D'={DS:<3}" if DS is not None else "v  D'=D  "
+        if "error" in row:
+            detail = row["error"][:200]
+        else:
+            worst = max(row["errors"], key=lambda n_: row["errors"][n_] if row["errors"][n_] == row["errors"][n_] else 1e9)
+            detail = f"worst {worst} {row['errors'][worst]:.3g} (naive bf16 {row['naive_bf16_errors'][worst]:.3g})"
+            if row["failing"]:
+                detail += " failing: " + ", ".join(f"{n_}={e:.3g}" for n_, e in row["failing"].items())
+        print(f"{'PASS' if row['ok'] else 'FAIL'}  {kind} H'={HS:<2} k={k} N={n:<5} {detail}  [{time.time() - start:.0f}s]",
+              flush=True)
+    failed = [r for r in rows if not r["ok"]]
+    verdict = f"{len(rows) - len(failed)} of {len(rows)} shapes passed" + (" -- FAILED" if failed else "")
+    print(verdict)
+    if opts.out:
+        out = Path(opts.out)
+        out.mkdir(parents=True, exist_ok=True)
+        env = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+               "triton": __import__("triton").__version__, "num_warps": fused.NUM_WARPS,
+               "elapsed_s": time.time() - start}
+        (out / "fused_check.json").write_text(json.dumps({"environment": env, "rule":
+            f"err(triton bf16) <= max(3 * err(naive bf16), {MIN_TOL}) vs fp32 matmul", "rows": rows,
+            "verdict": verdict}, indent=1))
+        lines = [f"# Fused kernel check ({env['gpu']}, torch {env['torch']}, triton {env['triton']})", "",
+                 f"`{env['command']}`", "", "| kind | H' | D' | k | B x T | result | worst tensor |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            errs = r.get("errors", {})
+            worst = max(errs, key=lambda n_: errs[n_] if errs[n_] == errs[n_] else 1e9) if errs else None
+            res = "pass" if r["ok"] else ("error: " + r["error"][:80] if "error" in r else "FAIL " + ", ".join(r["failing"]))
+            lines.append(f"| {'qk' if r['DS'] else 'v'} | {r['HS']} | {r['DS'] or D} | {r['k']} | {r['B']} x {r['T']} | "
+                         f"{res} | {f'{worst} {errs[worst]:.3g}' if worst else ''} |")
+        lines += ["", verdict, ""]
+        (out / "fused_check.md").write_text("\n".join(lines))
+    return 1 if failed else 0
+
+
+def run_registers(opts) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JIT functions
+    from sasformer.ops.simulate.fused_inspect import compile_launch, launch_configs, ptxas_stats
+
+    print(f"H=12 H'=24 D=64, k=3, bf16, sm_{opts.arch}, as launched by the wrapper")
+    for kind, DS in (("qk D'=128", 128), ("qk D'=64 ", 64), ("v        ", None)):
+        for launch in launch_configs(12, 24, 3, 64, DS):
+            stats = ptxas_stats(compile_launch(launch, opts.arch).asm["ptx"], opts.arch)
+            rows = launch.constexprs["BLOCK_N"] * launch.constexprs["DP"]
+            print(f"{kind} {launch.name:21s} rows={rows:<3} warps={launch.num_warps} {stats}", flush=True)
+    return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="folder for fused_check.json and fused_check.md")
+    p.add_argument("--full", action="store_true", help="every (H', D', k) combination (slower: one compile each)")
+    p.add_argument("--tokens", default="1,7,189,1023,2005", help="token counts B*T, used in turn")
+    p.add_argument("--registers", action="store_true", help="compile-only register/spill report (no GPU)")
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--block-n", default="1,2,4", help="tokens per program (rows = block_n * padded D)")
-    p.add_argument("--warps", default="4,8")
-    p.add_argument("--heads", default="12,24", help="H,H'")
-    p.add_argument("--dims", default="64,128", help="D,D'")
-    p.add_argument("--kernel-size", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="two tiny shapes, fp32, in the CPU interpreter (TRITON_INTERPRET=1 must be set before start)")
     opts = p.parse_args()
-    H, HS = (int(v) for v in opts.heads.split(","))
-    D, DS = (int(v) for v in opts.dims.split(","))
-    pow2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
-    print(f"H={H} H'={HS} D={D} D'={DS} k={opts.kernel_size}, sm_{opts.arch}")
-    for features in (True, False):
-        ds = DS if features else D
-        for block_n in (int(v) for v in opts.block_n.split(",")):
-            for warps in (int(v) for v in opts.warps.split(",")):
-                consts = dict(H=H, HS=HS, D=D, DS=ds, K=opts.kernel_size, HP=pow2(H), HSP=pow2(HS), DP=pow2(D),
-                              DSP=pow2(ds), BLOCK_N=block_n, FEATURES=features, ROPE=features, PREC="tf32")
-                for kernel in (fused._simulate_fwd_kernel, fused._simulate_bwd_kernel):
-                    sig = {}
-                    for name in kernel.arg_names:
-                        if name in consts:
-                            sig[name] = "constexpr"
-                        elif name.endswith("_ptr") and name.startswith(("dw", "db", "scratch", "cos", "sin")):
-                            sig[name] = "*fp32"
-                        elif name.endswith("_ptr"):
-                            sig[name] = "*bf16"
-                        else:
-                            sig[name] = "i32"
-                    try:
-                        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                                  target=GPUTarget("cuda", opts.arch, 32),
-                                                  options={"num_warps": warps})
-                        stats = ptxas_stats(compiled.asm["ptx"], opts.arch)
-                    except Exception as err:  # noqa: BLE001 - reported per configuration
-                        stats = f"compile error: {type(err).__name__}: {str(err)[:200]}"
-                    kind = "qk" if features else "v "
-                    print(f"{kind} block_n={block_n} warps={warps} {kernel.__name__:22s} {stats}", flush=True)
-    return 0
+    return run_registers(opts) if opts.registers else run_check(opts)
 
 
 if __name__ == "__main__":

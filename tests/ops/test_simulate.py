@@ -295,3 +295,43 @@ def test_triton_bf16_close_to_fp32_reference(features, B, T, H, HS, k, D, DS, mo
         err = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
         err_naive = ((n.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
         assert err <= 3 * err_naive + 5e-3, f"{name}: relative error {err:.3g} (naive bf16: {err_naive:.3g})"
+
+
+@pytest.mark.parametrize("DS", [64, 96, 128, 256, None])
+def test_triton_launches_use_one_warp_group(DS):
+    # regression: at D' >= 128 the kernels ran with 8 warps (two Hopper warp groups), where Triton 3.6
+    # races on shared memory read by wgmma; the H200 gave NaN w3/w4 and wrong upstream gradients
+    pytest.importorskip("triton")
+    from sasformer.ops.simulate.fused_inspect import launch_configs
+
+    launches = launch_configs(12, 24, 3, 64, DS, dtype=torch.float32, tokens=7)
+    assert [launch.name for launch in launches] == (
+        ["_simulate_fwd_kernel", "_simulate_fwd_kernel", "_heads_bwd_kernel"] if DS else
+        ["_simulate_fwd_kernel", "_heads_bwd_kernel"])
+    assert all(launch.num_warps <= 4 for launch in launches)
+
+
+@pytest.mark.parametrize("N,k,DS", [(7, 3, 128), (5, 5, 96), (3, 1, 256)])
+def test_triton_failing_shape_class(N, k, DS, monkeypatch):
+    # the class that failed on the H200: D' != D with D' a 128-class block, odd token counts, more
+    # blocks than backward programs (the interpreter runs 3 persistent programs)
+    pytest.importorskip("triton")
+    from sasformer.ops.simulate import fused
+
+    monkeypatch.setattr(fused, "_empty", nan_empty)
+    check("triton", N, 12, 24, k, 64, DS, True, torch.float32, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("has_triton", [True, False])
+@pytest.mark.parametrize("flag", [True, False])
+def test_default_impl_rule(has_triton, flag, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(simulate, "triton_available", lambda: has_triton)
+    monkeypatch.setattr(simulate, "TRITON_DEFAULT", flag)
+    big = simulate.BANDED_MIN_TOKENS
+    cuda = SimpleNamespace(is_cuda=True, shape=(2, big // 2, 12, 64), dtype=torch.bfloat16)
+    assert simulate.default_impl(cuda) == ("triton" if has_triton and flag else "banded")
+    assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(1, big - 1, 12, 64), dtype=torch.bfloat16)) == "naive"
+    assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(2, big, 12, 64), dtype=torch.float64)) == "banded"
+    assert simulate.default_impl(torch.randn(2, big, 1, 1)) == "naive"

@@ -13,10 +13,8 @@ Implementations (all compute the same function; tests hold them to ``naive``):
   (:mod:`.fused`); CUDA tensors with Triton installed.
 
 The choice is, in order: the ``impl`` argument, the ``SASFORMER_SIMULATE`` environment variable,
-then automatic (:func:`default_impl`): ``banded`` for CUDA tensors of many tokens, ``naive``
-otherwise. ``triton`` is never chosen
-automatically: its query/key backward failed the bf16 check on an H200 at GPT-small shapes (see
-docs/performance.md), so it runs only when asked for.
+then automatic (:func:`default_impl`): for CUDA tensors of many tokens ``triton`` when Triton is
+installed (``TRITON_DEFAULT``), else ``banded``; ``naive`` otherwise.
 """
 
 from __future__ import annotations
@@ -71,17 +69,31 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
 BANDED_MIN_TOKENS = 2048
 
 
+# the fused kernels are the CUDA default for training-size inputs; set False to fall back to
+# ``banded`` (the rule is kept to one flag so that a GPU check or benchmark can flip it)
+TRITON_DEFAULT = True
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 def default_impl(x: Tensor) -> str:
     """The automatic choice for ``x`` (B, T, H, D), from measurements (docs/performance.md).
 
-    CUDA: ``banded`` (tensor-core-sized GEMMs; 1.9x the reference layer at GPT-small) for at least
-    ``BANDED_MIN_TOKENS`` tokens, else ``naive``. CPU: ``naive`` (the fastest there: a tiny-preset SAS
-    training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2 cores).
-    ``triton`` only on request (see the module docstring).
+    CUDA, at least ``BANDED_MIN_TOKENS`` tokens: ``triton`` (reads the compact heads once, writes
+    the simulated tensor once) when Triton is installed, the dtype is one the kernels take and
+    ``TRITON_DEFAULT`` is set, else ``banded`` (tensor-core-sized GEMMs; 1.9x the reference layer at
+    GPT-small). Under ``torch.compile`` ``banded``: the fused op is a graph break there, while the
+    banded GEMMs trace into the graph. Fewer tokens (decoding, short prompts): ``naive``. CPU: ``naive`` (the fastest there:
+    a tiny-preset SAS training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2 cores).
     """
-    if x.is_cuda and x.shape[0] * x.shape[1] >= BANDED_MIN_TOKENS:
-        return "banded"
-    return "naive"
+    if not (x.is_cuda and x.shape[0] * x.shape[1] >= BANDED_MIN_TOKENS):
+        return "naive"
+    if TRITON_DEFAULT and triton_available() and x.dtype in KERNEL_DTYPES and not _compiling():
+        return "triton"
+    return "banded"
 
 
 def _triton_ops():
@@ -161,6 +173,7 @@ __all__ = [
     "ENV_VAR",
     "resolve_impl",
     "default_impl",
+    "TRITON_DEFAULT",
     "simulate_qk",
     "simulate_heads",
     "simulate_features",

@@ -1,21 +1,24 @@
 """Triton kernels for SAS simulation: read the compact heads once, write the simulated tensor once.
 
-One program handles BLOCK_N tokens. The head convolutions work on rows (token, feature) x columns
-(heads), as in :mod:`.matmul`, but instead of materialising padded, shifted copies the kernel loads
-the input at shifted feature offsets (masked to zero outside the token); the values of Y1 at the
-neighbouring features that the second convolution needs are recomputed from shifted loads (k^2
-tiny dots; H is small). Y2 is permuted in registers to rows (token, simulated head) x columns
-(feature) for the feature MLP; for queries and keys with RoPE after the simulation the rotation is
-applied before the single write of (N, H', D').
+Forward (one kernel). A program handles BLOCK_N tokens. The head convolutions work on rows (token,
+feature) x columns (heads), as in :mod:`.matmul`, but instead of materialising padded, shifted
+copies the kernel loads the input at shifted feature offsets (masked to zero outside the token);
+the values of Y1 at the neighbouring features that the second convolution needs are recomputed
+from shifted loads (k^2 tiny dots; H is small). Y2 is permuted in registers to rows (token,
+simulated head) x columns (feature) for the feature MLP; for queries and keys with RoPE after the
+simulation the rotation is applied before the single write of (N, H', D').
 
-The backward kernel recomputes the forward from the compact input. The gradients of Y2 and Y1 are
-written once to a small per-program scratch (L2 resident) and read back at shifted rows for the
-transposed convolutions. Weight gradients are accumulated by a fixed number of persistent programs,
-each in its own slice (fp32 registers for the feature MLP, uncontended atomics for the conv taps),
-and summed over programs in PyTorch: deterministic.
+Backward. Nothing but the compact input is saved. For queries and keys, the forward kernel runs
+again without the feature MLP to give Y2 (N, H', D), and the feature MLP's gradients are four GEMMs
+over (N*H') rows (tensor-core work cuBLAS does best; Z1 is recomputed, not saved). The head
+simulation's backward is one kernel: it recomputes Y1 from the compact input, writes dY1 once to
+a small per-program scratch (L2 resident) and reads it back at shifted rows for the transposed
+convolution. Its weight gradients are accumulated by a fixed number of persistent programs, each
+in its own slice, and summed over programs in PyTorch: deterministic.
 
 Every size is padded to a power of two (at least 16, the smallest ``tl.dot`` tile) by zero-padding
-the weights and masking loads and stores; any odd kernel size works.
+the weights and masking loads and stores; any odd kernel size works. Kernels run with one warp
+group (4 warps); see ``NUM_WARPS``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sasformer.ops.simulate.matmul import conv_weight_matrix
+from sasformer.ops.simulate.rotate import rotate_transposed
 
 
 @triton.jit
@@ -156,36 +160,33 @@ def _load_rows(base_ptr, r, n, j, u, N, HS: tl.constexpr, D: tl.constexpr, HSP: 
 
 
 @triton.jit
-def _dy1_at(dy2_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, u, N,
-            H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
-            HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
-            LOCAL: tl.constexpr, PREC: tl.constexpr):
-    """Gradient of Y1 at features j + u: dY2 + (transposed conv2 of dY2) * relu'(Y1)."""
+def _dy1(g_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, N,
+         H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+         HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of Y1 from dY2 (N, H', D): dY2 + (transposed conv2 of dY2) * relu'(Y1)."""
     PAD: tl.constexpr = (K - 1) // 2
     co = tl.arange(0, HSP)
     dt = x_ptr.dtype.element_ty
     dr = tl.zeros((ROWS, HSP), dtype=tl.float32)
     for t in tl.static_range(K):
-        dy2 = _load_rows(dy2_ptr, r, n, j, u - t + PAD, N, HS, D, HSP, LOCAL)
+        dy2 = _load_rows(g_ptr, r, n, j, PAD - t, N, HS, D, HSP, False)
         w2t = tl.load(w2_ptr + t * HSP * HSP + co[None, :] * HSP + co[:, None])
         dr = tl.dot(dy2.to(dt), w2t, dr, input_precision=PREC)
-    y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, u, N, H, D, K, HP, HSP, ROWS, PREC)
-    dy2c = _load_rows(dy2_ptr, r, n, j, u, N, HS, D, HSP, LOCAL)
+    y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, H, D, K, HP, HSP, ROWS, PREC)
+    dy2c = _load_rows(g_ptr, r, n, j, 0, N, HS, D, HSP, False)
     return dy2c + tl.where(y1 > 0, dr, 0.0)
 
 
 @triton.jit
-def _simulate_bwd_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, g_ptr, dx_ptr, scratch_ptr,
-    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, dw4_ptr, db4_ptr,
-    rot_ptr, cos_ptr, sin_ptr, N, n_blocks, T, cos_stride_b,
-    H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
-    HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
-    BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
+def _heads_bwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, g_ptr, dx_ptr, scratch_ptr,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, N, n_blocks,
+    H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+    HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Backward of the head simulation: dY2 (N, H', D) -> dX and the conv weight gradients."""
     PAD: tl.constexpr = (K - 1) // 2
     ROWS: tl.constexpr = BLOCK_N * DP
-    R2: tl.constexpr = BLOCK_N * HSP
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     dt = x_ptr.dtype.element_ty
@@ -193,63 +194,21 @@ def _simulate_bwd_kernel(
     j = r % DP
     ci = tl.arange(0, HP)
     co = tl.arange(0, HSP)
-    jj = tl.arange(0, DP)
-    e = tl.arange(0, DSP)
-    r2 = tl.arange(0, R2)
-    h2 = r2 % HSP
-    # this program's scratch: dY2 then dY1 of the current block, rows (local token, feature);
-    # written once, then read at shifted rows (a block-wide barrier makes the writes visible)
-    dy2_scr = scratch_ptr + pid * 2 * ROWS * HSP
-    dy1_scr = dy2_scr + ROWS * HSP
+    # this program's scratch: dY1 of the current block, rows (local token, feature); written once,
+    # then read at shifted rows (block-wide barriers order the writes and the reads)
+    dy1_scr = scratch_ptr + pid * ROWS * HSP
     scr_offs = r[:, None] * HSP + co[None, :]
 
     db1 = tl.zeros((HSP,), dtype=tl.float32)
     db2 = tl.zeros((HSP,), dtype=tl.float32)
-    db3 = tl.zeros((DSP,), dtype=tl.float32)
-    db4 = tl.zeros((DSP,), dtype=tl.float32)
-    dw3 = tl.zeros((DSP, DP), dtype=tl.float32)
-    dw4 = tl.zeros((DSP, DSP), dtype=tl.float32)
     blk = pid
     while blk < n_blocks:
         n = (blk * BLOCK_N + r // DP).to(tl.int64)
-        if FEATURES:
-            y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
-            y2t = _rows_to_heads(y2, BLOCK_N, DP, HSP).to(dt)
-            z1 = tl.dot(y2t, tl.load(w3_ptr + jj[:, None] * DSP + e[None, :]), input_precision=PREC)
-            z1 += tl.load(b3_ptr + e)[None, :]
-            n2 = (blk * BLOCK_N + r2 // HSP).to(tl.int64)
-            ok2 = ((n2 < N) & (h2 < HS))[:, None] & (e < DS)[None, :]
-            g = tl.load(g_ptr + n2[:, None] * (HS * DS) + h2[:, None] * DS + e[None, :], mask=ok2, other=0.0)
-            if ROPE:
-                # out = z2 cos + (z2 P) sin  =>  dz2 = g cos + (g sin) P^T
-                cos, sin = _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS)
-                rot_t = tl.load(rot_ptr + e[None, :] * DSP + e[:, None])
-                gf = g.to(tl.float32)
-                g = (gf * cos + tl.dot((gf * sin).to(dt), rot_t, input_precision=PREC)).to(dt)
-            # w4 and w3 are stored transposed; read them back un-transposed
-            w4 = tl.load(w4_ptr + e[None, :] * DSP + e[:, None])
-            # accumulate inside the dot: no (D', D') temporary next to the accumulator
-            dw4 = tl.dot(tl.trans(g), tl.maximum(z1, 0.0).to(dt), dw4, input_precision=PREC)
-            db4 += tl.sum(g.to(tl.float32), axis=0)
-            dz1f = g.to(tl.float32) + tl.where(z1 > 0, tl.dot(g, w4, input_precision=PREC), 0.0)
-            dz1 = dz1f.to(dt)
-            dw3 = tl.dot(tl.trans(dz1), y2t, dw3, input_precision=PREC)
-            db3 += tl.sum(dz1f, axis=0)
-            w3 = tl.load(w3_ptr + jj[None, :] * DSP + e[:, None])
-            dy2t = tl.dot(dz1, w3, input_precision=PREC)
-            tl.debug_barrier()  # the previous block's readers are done with the scratch
-            tl.store(dy2_scr + scr_offs, _heads_to_rows(dy2t, BLOCK_N, DP, HSP))
-            tl.debug_barrier()
-            dy2 = _load_rows(dy2_scr, r, n, j, 0, N, HS, D, HSP, True)
-            dy1 = _dy1_at(dy2_scr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, 0, N, H, HS, D, K,
-                          HP, HSP, DP, ROWS, True, PREC)
-        else:
-            dy2 = _load_rows(g_ptr, r, n, j, 0, N, HS, D, HSP, False)
-            dy1 = _dy1_at(g_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, 0, N, H, HS, D, K,
-                          HP, HSP, DP, ROWS, False, PREC)
+        dy2 = _load_rows(g_ptr, r, n, j, 0, N, HS, D, HSP, False)
+        dy1 = _dy1(g_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, N, H, HS, D, K, HP, HSP, ROWS, PREC)
         db2 += tl.sum(dy2, axis=0)
         db1 += tl.sum(dy1, axis=0)
-        tl.debug_barrier()
+        tl.debug_barrier()  # the previous block's readers are done with the scratch
         tl.store(dy1_scr + scr_offs, dy1)
         tl.debug_barrier()
         dx = tl.zeros((ROWS, HP), dtype=tl.float32)
@@ -271,21 +230,24 @@ def _simulate_bwd_kernel(
         blk += n_prog
     tl.store(db1_ptr + pid * HSP + co, db1)
     tl.store(db2_ptr + pid * HSP + co, db2)
-    if FEATURES:
-        tl.store(dw3_ptr + pid * DSP * DP + e[:, None] * DP + jj[None, :], dw3)
-        tl.store(db3_ptr + pid * DSP + e, db3)
-        tl.store(dw4_ptr + pid * DSP * DSP + e[:, None] * DSP + e[None, :], dw4)
-        tl.store(db4_ptr + pid * DSP + e, db4)
 
 
 # output allocator; tests swap in a NaN-filled one to catch elements a kernel fails to write
 _empty = torch.empty
-# tile sizes (rows of (token, feature) per program; the backward kernel holds more live tiles, so
-# it gets smaller ones) and warps (None: 8 when D' >= 128, else 4); module settings so that
-# benchmarks can sweep them
-BLOCK_ROWS = 128
+# rows of (token, feature) per program (None: 128 for the head simulation alone, 64 when the feature
+# MLP runs in the forward kernel at D' > 64, the most that fits in registers without spilling) and
+# warps per program; module settings so that benchmarks can sweep them
+BLOCK_ROWS: int | None = None
 BWD_BLOCK_ROWS = 64
-NUM_WARPS: int | None = None
+# one warp group: with 8 warps Triton 3.6 lets one Hopper warp group reuse shared memory that the
+# other group's asynchronous wgmma still reads (triton-lang/triton#11047), which gave NaN and wrong
+# query/key gradients on an H200 at D' = 128; a single group waits for its own wgmma reads
+NUM_WARPS = 4
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """Every kernel launch goes through here (tools record the launch settings by replacing it)."""
+    kernel[grid](*args, **meta)
 
 
 def _pow2(n: int) -> int:
@@ -299,30 +261,43 @@ def _pad_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 class _Sizes:
-    def __init__(self, x: Tensor, w1: Tensor, w3: Tensor | None, block_rows: int) -> None:
+    def __init__(self, x: Tensor, w1: Tensor, w3: Tensor | None, block_rows: int | None) -> None:
         self.N, self.H, self.D = x.shape
         self.HS, self.K = w1.shape[0], w1.shape[-1]
         self.DS = w3.shape[0] if w3 is not None else self.D
         self.HP, self.HSP, self.DP, self.DSP = _pow2(self.H), _pow2(self.HS), _pow2(self.D), _pow2(self.DS)
+        if block_rows is None:
+            block_rows = 64 if w3 is not None and self.DSP > 64 else 128
         self.BLOCK_N = max(1, block_rows // self.DP)
         self.n_blocks = triton.cdiv(self.N, self.BLOCK_N)
 
-    def constexprs(self, features: bool, rope: bool, dtype: torch.dtype) -> dict:
-        return dict(H=self.H, HS=self.HS, D=self.D, DS=self.DS, K=self.K, HP=self.HP, HSP=self.HSP,
-                    DP=self.DP, DSP=self.DSP, BLOCK_N=self.BLOCK_N, FEATURES=features, ROPE=rope,
-                    PREC="tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee",
-                    num_warps=NUM_WARPS or (8 if self.DSP >= 128 else 4))
+    def heads(self) -> dict:
+        return dict(H=self.H, HS=self.HS, D=self.D, K=self.K, HP=self.HP, HSP=self.HSP, DP=self.DP,
+                    BLOCK_N=self.BLOCK_N, num_warps=NUM_WARPS)
+
+    def forward(self, features: bool, rope: bool) -> dict:
+        return dict(self.heads(), DS=self.DS, DSP=self.DSP, FEATURES=features, ROPE=rope)
 
 
-def _kernel_weights(s: _Sizes, dt: torch.dtype, w1, b1, w2, b2, w3, b3, w4, b4) -> list[Tensor]:
-    """Zero-padded, kernel-friendly copies: conv taps as (K, C_in, C_out), w3 and w4 transposed."""
+def _precision(dtype: torch.dtype) -> str:
+    # half-precision inputs ignore it; fp32 inputs get exact fp32 products, as the reference
+    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
+
+
+def _head_weights(s: _Sizes, dt: torch.dtype, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> list[Tensor]:
+    """Zero-padded conv taps as (K, C_in, C_out) and biases, in the kernel's dtype."""
     w1m = _pad_to(conv_weight_matrix(w1.to(dt)).view(s.K, s.H, s.HS), (s.K, s.HP, s.HSP))
     w2m = _pad_to(conv_weight_matrix(w2.to(dt)).view(s.K, s.HS, s.HS), (s.K, s.HSP, s.HSP))
-    out = [w1m, _pad_to(b1.to(dt), (s.HSP,)), w2m, _pad_to(b2.to(dt), (s.HSP,))]
+    return [w1m, _pad_to(b1.to(dt), (s.HSP,)), w2m, _pad_to(b2.to(dt), (s.HSP,))]
+
+
+def _feature_weights(s: _Sizes, x: Tensor, w3, b3, w4, b4) -> list[Tensor]:
+    """Zero-padded w3 (transposed, (DP, DSP)), w4 (transposed, (DSP, DSP)) and biases; placeholders
+    for the head simulation alone."""
+    dt = x.dtype
     if w3 is None:
-        dummy = w1m.new_zeros(1)
-        return out + [dummy] * 4
-    return out + [
+        return [x.new_zeros(1)] * 4
+    return [
         _pad_to(w3.to(dt).t(), (s.DP, s.DSP)), _pad_to(b3.to(dt), (s.DSP,)),
         _pad_to(w4.to(dt).t(), (s.DSP, s.DSP)), _pad_to(b4.to(dt), (s.DSP,)),
     ]
@@ -359,62 +334,89 @@ def _rope_args(s: _Sizes, T: int, rope: tuple[Tensor, Tensor] | None, dt: torch.
     return [_rotation(s.DS, s.DSP, dt, device), cos, sin], T, (0 if cos.shape[0] == 1 else T * s.DS)
 
 
+def _forward(x: Tensor, w1, b1, w2, b2, w3, b3, w4, b4, T: int, rope) -> Tensor:
+    """One launch of the forward kernel: (N, H, D) -> (N, H', D') with features, else (N, H', D)."""
+    s = _Sizes(x, w1, w3, BLOCK_ROWS)
+    rope_ptrs, T_arg, cos_stride = _rope_args(s, T, rope, x.dtype, x.device)
+    out = _empty(s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+    _launch(
+        _simulate_fwd_kernel, (s.n_blocks,), x, *_head_weights(s, x.dtype, w1, b1, w2, b2), *_feature_weights(s, x, w3, b3, w4, b4), out,
+        *rope_ptrs, s.N, T_arg, cos_stride, PREC=_precision(x.dtype), **s.forward(w3 is not None, rope is not None),
+    )
+    return out
+
+
+def _heads_backward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, dy2: Tensor):
+    """Gradients of the head simulation given dY2 (N, H', D): dx and the conv weights and biases."""
+    s = _Sizes(x, w1, None, BWD_BLOCK_ROWS)
+    P = _backward_programs(s, x.device)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = _empty(x.shape, device=x.device, dtype=x.dtype)
+    # per-program slices: no contended atomics, and the sum over programs is deterministic
+    dw1 = torch.zeros(P, s.K, s.HP, s.HSP, **f32)
+    dw2 = torch.zeros(P, s.K, s.HSP, s.HSP, **f32)
+    db1, db2 = _empty(P, s.HSP, **f32), _empty(P, s.HSP, **f32)
+    w1m, b1p, w2m, _ = _head_weights(s, x.dtype, w1, b1, w2, b2)
+    scratch = torch.empty(P, s.BLOCK_N * s.DP, s.HSP, **f32)
+    _launch(
+        _heads_bwd_kernel, (P,), x, w1m, b1p, w2m, dy2, dx, scratch, dw1, db1, dw2, db2, s.N, s.n_blocks,
+        PREC=_precision(x.dtype), **s.heads(),
+    )
+    # (K, C_in, C_out) taps back to the (C_out, C_in, K) conv layout
+    gw1 = dw1.sum(0)[:, : s.H, : s.HS].permute(2, 1, 0).to(w1.dtype)
+    gw2 = dw2.sum(0)[:, : s.HS, : s.HS].permute(2, 1, 0).to(w2.dtype)
+    return dx, gw1, db1.sum(0)[: s.HS].to(b1.dtype), gw2, db2.sum(0)[: s.HS].to(b2.dtype)
+
+
+def _features_backward(y2: Tensor, g: Tensor, w3: Tensor, b3: Tensor, w4: Tensor):
+    """Gradients of the feature MLP as GEMMs over (N*H') rows, from Y2 (N, H', D) and dZ2 (N, H', D').
+
+    Returns dY2 (N, H', D) and dW3, db3, dW4, db4 in the input's dtype. Z1 is recomputed here and
+    freed before dY2 is made, so at most about 3.5 tensors the size of Q~ are alive at once.
+    """
+    dt = y2.dtype
+    D, DS = w3.shape[1], w3.shape[0]
+    y2r, g2 = y2.view(-1, D), g.reshape(-1, DS)
+    w3_, w4_ = w3.to(dt), w4.to(dt)
+    r1 = torch.addmm(b3.to(dt), y2r, w3_.t()).relu_()
+    dw4 = g2.t() @ r1
+    # dZ1 = dZ2 + (dZ2 W4) * relu'(Z1), built in the product's buffer (relu(Z1) > 0 iff Z1 > 0)
+    dz1 = (g2 @ w4_).masked_fill_(r1 <= 0, 0.0).add_(g2)
+    del r1
+    dw3 = dz1.t() @ y2r
+    dy2 = (dz1 @ w3_).view(y2.shape)
+    return dy2, dw3, dz1.sum(0), dw4, g2.sum(0)
+
+
 class _SimulateTriton(torch.autograd.Function):
+    """Forward: one fused kernel. Backward: the head simulation again (fused kernel, Y2 only), the
+    feature MLP's gradients as GEMMs, then the fused head-simulation backward kernel."""
+
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin):  # type: ignore[override]
-        features = w3 is not None
         rope = (cos, sin) if cos is not None else None
-        s = _Sizes(x, w1, w3, BLOCK_ROWS)
-        kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
-        rope_ptrs, T_arg, cos_stride = _rope_args(s, T, rope, x.dtype, x.device)
-        out = _empty(s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
-        _simulate_fwd_kernel[(s.n_blocks,)](
-            x, *kw, out, *rope_ptrs, s.N, T_arg, cos_stride, **s.constexprs(features, rope is not None, x.dtype),
-        )
+        out = _forward(x, w1, b1, w2, b2, w3, b3, w4, b4, T, rope)
         ctx.save_for_backward(x, w1, b1, w2, b2, *(t for t in (w3, b3, w4, b4) if t is not None),
                               *(rope if rope is not None else ()))
-        ctx.features, ctx.rope, ctx.T = features, rope is not None, T
+        ctx.features, ctx.rope, ctx.T = w3 is not None, rope is not None, T
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, w1, b1, w2, b2, *rest = ctx.saved_tensors
-        features = ctx.features
-        w3, b3, w4, b4 = rest[:4] if features else (None, None, None, None)
-        rope = tuple(rest[-2:]) if ctx.rope else None
-        s = _Sizes(x, w1, w3, BWD_BLOCK_ROWS)
-        kw = _kernel_weights(s, x.dtype, w1, b1, w2, b2, w3, b3, w4, b4)
-        rope_ptrs, T_arg, cos_stride = _rope_args(s, ctx.T, rope, x.dtype, x.device)
         g = g.to(x.dtype).contiguous()
-        P = _backward_programs(s, x.device)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        dx = _empty(x.shape, device=x.device, dtype=x.dtype)
-        dw1 = torch.zeros(P, s.K, s.HP, s.HSP, **f32)
-        dw2 = torch.zeros(P, s.K, s.HSP, s.HSP, **f32)
-        db1, db2 = _empty(P, s.HSP, **f32), _empty(P, s.HSP, **f32)
-        if features:
-            dw3, dw4 = _empty(P, s.DSP, s.DP, **f32), _empty(P, s.DSP, s.DSP, **f32)
-            db3, db4 = _empty(P, s.DSP, **f32), _empty(P, s.DSP, **f32)
-        else:  # never written
-            dw3 = dw4 = db3 = db4 = torch.empty(1, **f32)
-        w1m, b1p, w2m, b2p, w3t, b3p, w4t, _ = kw
-        rows = s.BLOCK_N * s.DP
-        _simulate_bwd_kernel[(P,)](
-            x, w1m, b1p, w2m, b2p, w3t, b3p, w4t, g, dx, torch.empty(P, 2, rows, s.HSP, **f32),
-            dw1, db1, dw2, db2, dw3, db3, dw4, db4, *rope_ptrs, s.N, s.n_blocks, T_arg, cos_stride,
-            **s.constexprs(features, rope is not None, x.dtype),
-        )
-        # (K, C_in, C_out) taps back to the (C_out, C_in, K) conv layout
-        gw1 = dw1.sum(0)[:, : s.H, : s.HS].permute(2, 1, 0).to(w1.dtype)
-        gw2 = dw2.sum(0)[:, : s.HS, : s.HS].permute(2, 1, 0).to(w2.dtype)
-        head = (gw1, db1.sum(0)[: s.HS].to(b1.dtype), gw2, db2.sum(0)[: s.HS].to(b2.dtype))
         feat: tuple = (None, None, None, None)
-        if features:
-            feat = (
-                dw3.sum(0)[: s.DS, : s.D].to(w3.dtype), db3.sum(0)[: s.DS].to(b3.dtype),
-                dw4.sum(0)[: s.DS, : s.DS].to(w4.dtype), db4.sum(0)[: s.DS].to(b4.dtype),
-            )
-        return (dx, *head, *feat, None, None, None)
+        if ctx.features:
+            w3, b3, w4, b4 = rest[:4]
+            if ctx.rope:
+                cos, sin = rest[-2:]
+                g = rotate_transposed(g.view(-1, ctx.T, *g.shape[1:]), cos, sin).view(g.shape)
+            y2 = _forward(x, w1, b1, w2, b2, None, None, None, None, 1, None)
+            g, dw3, db3, dw4, db4 = _features_backward(y2, g, w3, b3, w4)
+            del y2
+            feat = (dw3.to(w3.dtype), db3.to(b3.dtype), dw4.to(w4.dtype), db4.to(b4.dtype))
+        head = _heads_backward(x, w1, b1, w2, b2, g.contiguous())
+        return (*head, *feat, None, None, None)
 
 
 def _flatten(x_BTHD: Tensor) -> Tensor:

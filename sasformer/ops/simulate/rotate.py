@@ -59,3 +59,10 @@ def rope_simulated(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor) -> Tensor:
     cos = cos_BTD.detach().unsqueeze(2).to(x_BTHD.dtype)
     sin = sin_BTD.detach().unsqueeze(2).to(x_BTHD.dtype)
     return _Rope.apply(x_BTHD, cos, sin)
+
+
+def rotate_transposed(g_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor) -> Tensor:
+    """The transposed RoPE rotation (the gradient of :func:`rope_simulated` with respect to its input)."""
+    cos = cos_BTD.unsqueeze(2).to(g_BTHD.dtype)
+    sin = sin_BTD.unsqueeze(2).to(g_BTHD.dtype)
+    return _rotate(g_BTHD.contiguous(), cos, sin, -1.0)
