@@ -117,7 +117,7 @@ class DecoderLM(nn.Module):
         this call's, S = cache length + T (Hugging Face convention; left padding for generation).
         ``targets`` are already shifted (``targets[:, t]`` is the token after ``input_ids[:, t]``);
         the loss is :func:`sasformer.ops.cross_entropy.linear_cross_entropy` (``loss_impl``
-        "chunked" never materialises the logits; "naive" is the plain reference). The loss is
+        "chunked" and its forced variants never materialise the logits; "naive" is the plain reference). The loss is
         computed inside ``forward`` so that wrappers hooking the call (FSDP, DDP) see the head too.
         """
         x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids)
