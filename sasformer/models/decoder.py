@@ -11,6 +11,7 @@ from sasformer.layers.registry import build_attention
 from sasformer.models.config import ModelConfig
 from sasformer.ops.attention import padded_causal_mask
 from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
+from sasformer.ops.linear import linear_split
 from sasformer.ops.rope import RotaryCache
 
 
@@ -45,6 +46,8 @@ class KVCache:
 
 
 class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; gate and up run as one matmul (:func:`linear_split`)."""
+
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
@@ -52,7 +55,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_split(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):
