@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -27,9 +26,8 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "IMPLS", "linear_cross_entropy", "linear_cross_
            "linear_cross_entropy_fused", "linear_cross_entropy_naive", "resolve_impl"]
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# looked up once at import: a plain constant, which torch.compile traces without a cached call
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def resolve_impl(impl: str, h_ND: Tensor) -> str:
@@ -38,9 +36,9 @@ def resolve_impl(impl: str, h_ND: Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not a cross-entropy implementation; choose one of {IMPLS}")
     if impl == "chunked":
-        return "chunked_triton" if h_ND.is_cuda and triton_available() else "chunked_torch"
+        return "chunked_triton" if h_ND.is_cuda and TRITON_AVAILABLE else "chunked_torch"
     if impl == "chunked_triton":
-        if not triton_available():
+        if not TRITON_AVAILABLE:
             raise ValueError("loss impl 'chunked_triton' needs the triton package; install it or use 'chunked_torch'")
         if not (h_ND.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError("loss impl 'chunked_triton' needs CUDA tensors (or TRITON_INTERPRET=1); "
