@@ -208,8 +208,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
          f"attention backend {meta['attention_backend']}"),
         "",
-        "| attention | params (M) | micro-batch x T x accum | loss | step (ms) | tokens/s | TFLOP/s | MFU "
-        "| peak mem (GiB) |",
+        "| attention | params (M) | micro-batch x T x accum | loss | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -15,14 +15,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from sasformer.ops.cross_entropy import (  # noqa: E402 - after the importorskip
+from sasformer.ops.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_fused,
     linear_cross_entropy_naive,
     resolve_impl,
 )
-from sasformer.ops.cross_entropy.kernel import block_and_warps, cross_entropy_rows_  # noqa: E402
-from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive  # noqa: E402
+from sasformer.ops.cross_entropy.kernel import block_and_warps, cross_entropy_rows_
+from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB, D = 97, 24
@@ -177,7 +177,8 @@ def test_kernel_compiles_for_sm90():
     # the interpreter does not type-check loop-carried values or layouts; the real compiler does
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's ptxas is not available here")
     assert proc.returncode == 0, proc.stderr[-3000:]

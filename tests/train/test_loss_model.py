@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sasformer.models.config import ModelConfig
-from sasformer.ops.cross_entropy import IMPLS
 from sasformer.models.decoder import DecoderLM, lm_loss
+from sasformer.ops.cross_entropy import IMPLS
 from sasformer.train.trainer import LossModel
 
 
