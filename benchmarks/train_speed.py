@@ -8,6 +8,7 @@ data loading. On one GPU::
     python3 benchmarks/train_speed.py --all --out benchmarks/results/train_speed      # every variant
     python3 benchmarks/train_speed.py --batch-size 32 64 --profile --out DIR          # + top CUDA kernels
     python3 benchmarks/train_speed.py --loss-impl naive --out DIR                     # full-logits loss
+    python3 benchmarks/train_speed.py --attention mha --batch-size 32 --grad-accum 16 --out DIR  # 0.5M-token steps
 
 Writes ``train_speed.json`` and ``train_speed.md`` into ``--out`` and prints the table.
 """
@@ -33,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from sasformer.layers.registry import variant_names
 from sasformer.ops.attention import BACKENDS
 from sasformer.ops.attention import ENV_VAR as ATTENTION_ENV
-from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE
+from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, IMPLS, resolve_impl
 from sasformer.train.config import COMPILE_MODES, TrainConfig
 from sasformer.train.metrics import peak_memory_gib, throughput
 from sasformer.train.trainer import Trainer
@@ -75,13 +76,20 @@ class SyntheticData:
 
 
 def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir: Path) -> dict:
-    """Time ``args.steps`` trainer steps of one (variant, batch size) after ``args.warmup`` untimed ones."""
+    """Time ``args.steps`` trainer steps of one (variant, batch size) after ``args.warmup`` untimed ones.
+
+    With ``--grad-accum N`` a step is N micro-batches of ``batch_size`` sequences (the trainer's own
+    accumulation: one optimiser step, clipping and zero_grad per N forward/backward passes).
+    """
+    micro_batch_size = args.micro_batch_size
+    if args.grad_accum > 1:
+        micro_batch_size, batch_size = batch_size, batch_size * args.grad_accum
     config = TrainConfig.from_dict({
         "model": {"size": args.size, "attention": attention},
         "data_dir": "synthetic",
         "seq_len": args.seq_len,
         "batch_size": batch_size,
-        "micro_batch_size": args.micro_batch_size,
+        "micro_batch_size": micro_batch_size,
         "max_steps": args.warmup + args.steps + args.profile_steps,
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
@@ -121,7 +129,9 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "train_flops_per_token": trainer.flops_per_token,
         "batch_size": config.batch_size,
         "micro_batch_size": trainer.micro,
+        "grad_accum": trainer.accum,
         "seq_len": config.seq_len,
+        "loss_impl": resolve_impl(config.loss_impl, torch.empty(0, device=trainer.device)),
         "step_ms": 1000 * seconds / args.steps,
         **throughput(tokens, seconds, trainer.flops_per_token, 1, trainer.peak),
         "peak_mem_gib": peak_memory_gib(trainer.device),
@@ -139,6 +149,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
 
 # kernel-name fragments -> category, first match wins (cuBLAS/CUTLASS GEMMs, attention, Inductor's Triton code)
 CATEGORIES = (
+    ("cross-entropy", ("cross_entropy",)),
     ("attention", ("flash", "fmha", "cudnn", "attention")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "mm_")),
     ("optimizer", ("multi_tensor", "adam", "foreach")),
@@ -197,15 +208,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
          f"attention backend {meta['attention_backend']}"),
         "",
-        "| attention | params (M) | batch x T | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| attention | params (M) | micro-batch x T x accum | loss | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(
-            f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {r['batch_size']}x{r['seq_len']} | "
-            f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {mem} |"
+            f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {r['micro_batch_size']}x{r['seq_len']}"
+            f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {mem} |"
         )
     for r in rows:
         prof = r.get("profile")
@@ -239,15 +250,19 @@ def main() -> int:
     parser.add_argument("--size", default="small")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32],
-                        help="sequences per optimiser step; several values are benchmarked in turn")
+                        help="sequences per optimiser step (per micro-batch with --grad-accum); several values "
+                             "are benchmarked in turn")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the whole batch at once")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches of --batch-size sequences per optimiser step (global batch N x batch)")
     parser.add_argument("--vocab-size", type=int, default=50304)
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps (compilation)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
-    parser.add_argument("--loss-impl", default="chunked", choices=("chunked", "naive"),
-                        help="LM head + cross-entropy: fused chunks, or full logits (the old path)")
+    parser.add_argument("--loss-impl", default="chunked", choices=IMPLS,
+                        help="LM head + cross-entropy: fused chunks (Triton kernel on CUDA, or forced "
+                             "chunked_triton / chunked_torch), or full logits (naive)")
     parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--attention-backend", default=None, choices=BACKENDS,
                         help=f"force an SDPA backend (sets {ATTENTION_ENV}); default: the library's choice")
@@ -259,6 +274,11 @@ def main() -> int:
     args = parser.parse_args()
     if not args.profile:
         args.profile_steps = 0
+    if args.grad_accum < 1:
+        parser.error(f"--grad-accum {args.grad_accum} must be >= 1")
+    if args.grad_accum > 1 and args.micro_batch_size is not None:
+        parser.error("give --grad-accum or --micro-batch-size, not both (--grad-accum N makes --batch-size the "
+                     "micro-batch)")
     if args.attention_backend is not None:
         os.environ[ATTENTION_ENV] = args.attention_backend
     out = Path(args.out)
@@ -288,6 +308,7 @@ def main() -> int:
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
         "attention_backend": args.attention_backend or "auto",
+        "grad_accum": args.grad_accum,
         "peak_tflops": rows[0]["peak_tflops"] if rows else None,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,

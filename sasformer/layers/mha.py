@@ -21,6 +21,7 @@ from sasformer.layers.base import (
     require,
 )
 from sasformer.ops.attention import attend
+from sasformer.ops.linear import linear_split
 
 
 @dataclass
@@ -64,9 +65,10 @@ class MultiHeadAttention(Attention):
 
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x_BTd.shape
-        q = ctx.rotary.rotate(self.q_proj(x_BTd).view(B, T, self.n_heads, self.head_dim))
-        k = ctx.rotary.rotate(self.k_proj(x_BTd).view(B, T, self.n_kv_heads, self.head_dim))
-        v = self.v_proj(x_BTd).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = linear_split(x_BTd, self.q_proj, self.k_proj, self.v_proj)
+        q = ctx.rotary.rotate(q.view(B, T, self.n_heads, self.head_dim))
+        k = ctx.rotary.rotate(k.view(B, T, self.n_kv_heads, self.head_dim))
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if ctx.cache is not None:
             full = ctx.cache.append(k=k, v=v)
             k, v = full["k"], full["v"]

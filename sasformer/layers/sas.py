@@ -37,6 +37,7 @@ from sasformer.layers.simulation import (
     simulate_qk,
 )
 from sasformer.ops.attention import attend
+from sasformer.ops.linear import linear_split
 from sasformer.ops.rope import RotaryTables
 
 ROPE_PLACEMENTS = ("after", "before", "none")
@@ -153,9 +154,10 @@ class SimulatedAttention(Attention):
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x_BTd.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.simulate_q(self.q_proj(x_BTd).view(B, T, H, D), ctx.rotary)
-        k = self.k_proj(x_BTd).view(B, T, Hkv, D)
-        v = self.v_proj(x_BTd).view(B, T, Hkv, D)
+        q, k, v = linear_split(x_BTd, self.q_proj, self.k_proj, self.v_proj)
+        q = self.simulate_q(q.view(B, T, H, D), ctx.rotary)
+        k = k.view(B, T, Hkv, D)
+        v = v.view(B, T, Hkv, D)
         if self.args.rope == "before":
             k = ctx.rotary.rotate(k)
         cache = ctx.cache

@@ -11,6 +11,7 @@ from sasformer.layers.registry import build_attention
 from sasformer.models.config import ModelConfig
 from sasformer.ops.attention import padded_causal_mask
 from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
+from sasformer.ops.linear import linear_split
 from sasformer.ops.rope import RotaryCache
 
 
@@ -45,6 +46,8 @@ class KVCache:
 
 
 class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; gate and up run as one matmul (:func:`linear_split`)."""
+
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
@@ -52,7 +55,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_split(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):
@@ -117,7 +121,7 @@ class DecoderLM(nn.Module):
         this call's, S = cache length + T (Hugging Face convention; left padding for generation).
         ``targets`` are already shifted (``targets[:, t]`` is the token after ``input_ids[:, t]``);
         the loss is :func:`sasformer.ops.cross_entropy.linear_cross_entropy` (``loss_impl``
-        "chunked" never materialises the logits; "naive" is the plain reference). The loss is
+        "chunked" and its forced variants never materialise the logits; "naive" is the plain reference). The loss is
         computed inside ``forward`` so that wrappers hooking the call (FSDP, DDP) see the head too.
         """
         x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids)

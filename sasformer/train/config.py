@@ -82,6 +82,9 @@ class OptimSection:
     grad_clip: float | None = 1.0
 
 
+# the choices of sasformer.ops.cross_entropy.IMPLS (not imported: this module imports no torch)
+LOSS_IMPLS = ("chunked", "chunked_torch", "chunked_triton", "naive")
+
 # CUDA graphs are left out: the trainer's step changes the learning rate and reuses no static buffers
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -109,7 +112,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
-    loss_impl: str = "chunked"  # chunked: fused LM head + cross-entropy without full logits | naive
+    # chunked: fused LM head + cross-entropy without full logits (Triton kernel on CUDA when installed, else
+    # PyTorch) | chunked_triton | chunked_torch (either forced) | naive (full logits, the reference)
+    loss_impl: str = "chunked"
     loss_chunk_size: int = 8192  # tokens per chunk of the chunked loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -145,7 +150,7 @@ class TrainConfig:
         need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype={self.dtype!r}: use auto, bfloat16 or float32")
         need(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
         need(self.compile_mode in COMPILE_MODES, f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
-        need(self.loss_impl in ("chunked", "naive"), f"loss_impl={self.loss_impl!r}: use chunked or naive")
+        need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
         need(self.loss_chunk_size >= 1, f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
         for name in ("eval_interval", "checkpoint_interval"):

@@ -39,8 +39,9 @@ class NonFiniteLossError(RuntimeError):
 class LossModel(nn.Module):
     """The model plus the loss, so one compiled graph covers the LM head and cross-entropy too.
 
-    ``loss_impl`` "chunked" fuses the head with the cross-entropy and never materialises the
-    (tokens, vocab) logits; "naive" computes them in full (the reference).
+    ``loss_impl`` (one of :data:`sasformer.ops.cross_entropy.IMPLS`) "chunked" fuses the head with
+    the cross-entropy and never materialises the (tokens, vocab) logits (Triton kernel on CUDA,
+    PyTorch elsewhere); "naive" computes them in full (the reference).
     """
 
     def __init__(self, model: DecoderLM, loss_impl: str = "chunked", chunk_size: int = 8192) -> None:

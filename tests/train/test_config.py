@@ -56,7 +56,7 @@ def test_unknown_key_in_file(tmp_path):
         ({"dtype": "fp16"}, "dtype"),
         ({"optim.min_lr": 1.0}, "min_lr"),
         ({"parallel": "tp"}, "parallel"),
-        ({"loss_impl": "fast"}, "loss_impl='fast': use chunked or naive"),
+        ({"loss_impl": "fast"}, "loss_impl='fast': use one of"),
         ({"loss_chunk_size": 0}, "loss_chunk_size=0 must be >= 1"),
         ({"compile_mode": "reduce-overhead"}, "compile_mode='reduce-overhead'"),
     ],
@@ -122,3 +122,12 @@ def test_print_config(capsys):
     args = argparse.Namespace(config=None, print_config=True, overrides=["--seq_len", "7"])
     assert command.run(args) == 0
     assert "seq_len: 7" in capsys.readouterr().out
+
+
+def test_loss_impls_match_the_ops():
+    from sasformer.ops.cross_entropy import IMPLS
+    from sasformer.train.config import LOSS_IMPLS
+
+    assert LOSS_IMPLS == IMPLS
+    for impl in IMPLS:
+        assert TrainConfig(loss_impl=impl).loss_impl == impl

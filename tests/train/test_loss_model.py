@@ -7,6 +7,7 @@ import torch
 
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM, lm_loss
+from sasformer.ops.cross_entropy import IMPLS
 from sasformer.train.trainer import LossModel
 
 
@@ -23,7 +24,7 @@ def test_chunked_loss_model_matches_full_logits(T):
     targets[0, -1] = -100
     want = lm_loss(model(inputs), targets)
     want_grads = torch.autograd.grad(want, list(model.parameters()))
-    for impl in ("chunked", "naive"):
+    for impl in IMPLS:
         got = LossModel(model, impl, chunk_size=5)(inputs, targets)
         got_grads = torch.autograd.grad(got, list(model.parameters()))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -47,3 +48,22 @@ def test_loss_model_traces_to_one_graph(attention):
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_loss_model_with_the_triton_loss_traces_to_one_graph_and_matches():
+    # the kernel sits in a custom op, so the compiled step keeps the head and the loss in its graph
+    pytest.importorskip("triton")
+    model = _model()
+    inputs, targets = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 7))
+    explained = torch._dynamo.explain(LossModel(model, "chunked_triton", chunk_size=5))(inputs, targets)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    compiled = torch.compile(LossModel(model, "chunked_triton", chunk_size=5), backend="aot_eager", fullgraph=True)
+    got = compiled(inputs, targets)
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    torch._dynamo.reset()
+    want = lm_loss(model(inputs), targets)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

@@ -82,6 +82,14 @@ def linear_cross_entropy_chunked(
     ``compute_dtype`` is the dtype of the matrix multiplies (None: the autocast dtype when autocast
     is on, else ``h``'s dtype); the softmax is always fp32. Gradients flow to ``h`` and ``weight``.
     """
+    check_inputs(h_ND, weight_VD, targets_N, chunk_size)
+    compute_dtype = compute_dtype or default_compute_dtype(h_ND)
+    with_grad = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, compute_dtype, with_grad)
+
+
+def check_inputs(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, chunk_size: int) -> None:
+    """ValueError naming the mismatch for inputs no LM-head cross-entropy can take."""
     if h_ND.dim() != 2 or weight_VD.dim() != 2 or targets_N.dim() != 1:
         raise ValueError(f"expected h (N, d), weight (V, d), targets (N,); got {tuple(h_ND.shape)}, "
                          f"{tuple(weight_VD.shape)}, {tuple(targets_N.shape)}")
@@ -92,9 +100,9 @@ def linear_cross_entropy_chunked(
         raise ValueError("linear_cross_entropy needs at least one token")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    if compute_dtype is None:
-        device_type = h_ND.device.type
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
-            else h_ND.dtype
-    with_grad = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
-    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, compute_dtype, with_grad)
+
+
+def default_compute_dtype(h_ND: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``h``'s device, else ``h``'s dtype."""
+    device_type = h_ND.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h_ND.dtype
