@@ -29,6 +29,7 @@ from sasformer.layers.base import (
     linear_flops,
     require,
 )
+from sasformer.layers.sas_decode import decode_forward, decode_plan, use_decode_path
 from sasformer.layers.simulation import (
     FeatureSimulation,
     HeadSimulation,
@@ -151,6 +152,10 @@ class SimulatedAttention(Attention):
         return self.o_proj(o)
 
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
+        if use_decode_path(self, x_BTd, ctx):
+            plan, _ = decode_plan(self)
+            if plan is not None:
+                return decode_forward(self, plan, x_BTd, ctx)
         B, T, _ = x_BTd.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.simulate_q(self.q_proj(x_BTd).view(B, T, H, D), ctx.rotary)
