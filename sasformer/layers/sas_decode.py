@@ -123,7 +123,9 @@ def build_plan(attn: SimulatedAttention) -> DecodePlan:
         groups.append(group)
     o_weight = None
     if attn.args.peaa == "mean":
-        o_weight = (attn.o_proj.weight.float().repeat(1, attn.groups) / attn.groups).to(attn.o_proj.weight.dtype)
+        w = attn.o_proj.weight
+        wide = torch.promote_types(w.dtype, torch.float32)
+        o_weight = (w.to(wide).repeat(1, attn.groups) / attn.groups).to(w.dtype)
     return DecodePlan(_weights_key(attn), folded, groups, o_weight)
 
 

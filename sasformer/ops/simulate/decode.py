@@ -33,9 +33,10 @@ def conv_operands(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, D: int) -> tup
 
 
 def fold_projection(w_proj: Tensor, m1: Tensor) -> Tensor:
-    """``x @ w_proj.T @ m1`` as one (d, O) matrix, formed in fp32: an ``nn.Linear`` weight (H*D, d)
-    followed by the first convolution's banded matrix (H*D, O)."""
-    return (w_proj.float().t() @ m1.float()).to(m1.dtype)
+    """``x @ w_proj.T @ m1`` as one (d, O) matrix, formed in at least fp32: an ``nn.Linear`` weight
+    (H*D, d) followed by the first convolution's banded matrix (H*D, O)."""
+    wide = torch.promote_types(m1.dtype, torch.float32)
+    return (w_proj.to(wide).t() @ m1.to(wide)).to(m1.dtype)
 
 
 def first_conv(x_GNI: Tensor, m1_GIO: Tensor, b1_GO: Tensor) -> Tensor:
