@@ -184,9 +184,11 @@ def clear_decode_plans(model: nn.Module) -> None:
 
 def use_decode_path(attn: SimulatedAttention, x_BTd: Tensor, ctx: AttentionContext) -> bool:
     """Whether this call takes the decode path (see the module docstring)."""
+    # a compiled step (StaticDecoder) always follows an eager prefill; reading the host-side length
+    # there would make the compiler specialise on it and recompile every step
     return (
         ctx.cache is not None
-        and ctx.cache.seq_len > 0
+        and (torch.compiler.is_compiling() or ctx.cache.seq_len > 0)
         and attn.args.cache_mode == "simulated"
         and not torch.is_grad_enabled()
         and x_BTd.shape[0] * x_BTd.shape[1] <= DECODE_MAX_TOKENS

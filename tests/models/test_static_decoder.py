@@ -49,11 +49,9 @@ def test_compiled_step_equals_eager_step() -> None:
                                                  ("sas", {**SAS_ARGS, "n_kv_heads": 1, "rope": "before"})])
 @torch.no_grad()
 def test_step_traces_as_one_graph(attention: str, args: dict) -> None:
-    # dynamo only (no inductor): the whole step is one graph, and SAS's goes through the decode path
+    # dynamo only (no inductor): every step replays one graph, and SAS's goes through the decode path
     model = tiny(attention, args, n_layers=2)
-    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
-    decoder.prefill(ids(1, 3))
-    decoder.step(ids(1, 1))  # builds the SAS decode operands outside the compiled function
+    tokens = ids(1, 7)
     graphs: list[torch.fx.GraphModule] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs):
@@ -61,8 +59,10 @@ def test_step_traces_as_one_graph(attention: str, args: dict) -> None:
         return gm.forward
 
     torch._dynamo.reset()
-    step = torch.compile(decoder._step, backend=record, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(step(), decoder._step(), atol=1e-6, rtol=1e-6)
+    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
+    decoder._step_fn = torch.compile(decoder._step, backend=record, fullgraph=True, dynamic=False)
+    traced = run_static(decoder, tokens, 3)
+    torch.testing.assert_close(traced, model(tokens)[:, 2:], atol=1e-5, rtol=1e-5)
     assert len(graphs) == 1
     targets = {str(node.target) for node in graphs[0].graph.nodes}
     assert any("baddbmm" in t for t in targets) == (attention == "sas")
