@@ -11,6 +11,9 @@ shared d x d output projection (``peaa="mean"``), or projects all H' heads at on
     x -> k_proj -> (Hkv, D)  -> heads_k -> (H'kv, D)  -> features_k -> (H'kv, D') -- attend -> (H', D)
     x -> v_proj -> (Hkv, D)  -> heads_v -> (H'kv, D) ---------------------------/        |
                                                                mean over G groups -> o_proj -> d
+
+Cached decoding of a few tokens without gradients takes a shorter route with the same result
+(:mod:`sasformer.layers.sas_decode`): precomputed dense operands, Q, K and V stacked per GEMM.
 """
 
 from __future__ import annotations
