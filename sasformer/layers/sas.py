@@ -122,6 +122,8 @@ class SimulatedAttention(Attention):
         o_in = H * D if args.peaa == "mean" else Hs * D
         self.o_proj = nn.Linear(o_in, d_model, bias=True)
         self.rope_dims = {"after": (Ds,), "before": (D,), "none": ()}[args.rope]
+        # when cached decoding takes the decode path: "auto" (CUDA), "on", "off" (sas_decode.set_decode_path)
+        self.decode_path = "auto"
         if args.sim_init == "identity":
             self.reset_simulation_identity()
 

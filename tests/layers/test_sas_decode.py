@@ -30,7 +30,9 @@ def tiny_sas(args: dict, seed: int = 0) -> DecoderLM:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=VOCAB, d_model=24, n_layers=2, max_seq_len=96, attention="sas",
                          attention_args=dict(args), init_std=0.1)
-    return DecoderLM(config).eval()
+    model = DecoderLM(config).eval()
+    sas_decode.set_decode_path(model, "on")  # "auto" takes it on CUDA only
+    return model
 
 
 def ids(B: int, T: int) -> torch.Tensor:
@@ -117,10 +119,17 @@ def test_ordinary_path_when_not_decoding(decode_calls: list[int], monkeypatch) -
         monkeypatch.delenv("SASFORMER_SIMULATE")
         compact = tiny_sas({**CONFIGS["mha-base"], "cache_mode": "compact"})
         cached_logits(compact, tokens, [3, 1])
+        sas_decode.set_decode_path(model, "off")
+        cached_logits(model, tokens, [3, 1])
+        sas_decode.set_decode_path(model, "auto")
+        cached_logits(model, tokens, [3, 1])  # CPU tensors
     assert decode_calls == []
     with torch.no_grad():
+        sas_decode.set_decode_path(model, "on")
         cached_logits(model, tokens, [3, 1])
     assert decode_calls == [1, 1]
+    with pytest.raises(ValueError, match="decode path mode"):
+        sas_decode.set_decode_path(model, "cuda")
 
 
 @torch.no_grad()

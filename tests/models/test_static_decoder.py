@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sasformer.generation import StaticDecoder
+from sasformer.layers.sas_decode import set_decode_path
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
 
@@ -19,7 +20,9 @@ def tiny(attention: str, args: dict, n_layers: int = 1) -> DecoderLM:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB, d_model=24, n_layers=n_layers, max_seq_len=64, attention=attention,
                          attention_args=dict(args), init_std=0.1)
-    return DecoderLM(config).eval()
+    model = DecoderLM(config).eval()
+    set_decode_path(model, "on")  # the SAS decode path, which "auto" takes on CUDA only
+    return model
 
 
 def ids(B: int, T: int) -> torch.Tensor:
