@@ -166,7 +166,8 @@ def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device
             # each compiled decoder adds guards to the same code object; start clean so no limit is hit
             torch._dynamo.reset()
         decoder = StaticDecoder(model, batch, capacity, cuda_graph=device.type == "cuda",
-                                compile=mode == "compile", compile_mode=args.compile_mode)
+                                compile=mode == "compile",
+                                compile_mode=args.compile_mode if mode == "compile" else None)
         cache, prefill, step = decoder.cache, decoder.prefill, decoder.step
     else:
         cache = model.new_cache(capacity)

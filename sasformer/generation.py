@@ -245,6 +245,10 @@ class StaticDecoder:
 
     def __init__(self, model: DecoderLM, batch: int, capacity: int, cuda_graph: bool = True,
                  compile: bool = False, compile_mode: str | None = None) -> None:
+        if cuda_graph and compile_mode in ("reduce-overhead", "max-autotune"):
+            # those modes capture CUDA graphs of their own, which cannot nest inside ours
+            raise ValueError(f"compile_mode={compile_mode!r} captures its own CUDA graphs; with cuda_graph=True use "
+                             "None or 'max-autotune-no-cudagraphs'")
         device = model.embed.weight.device
         if cuda_graph and device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")

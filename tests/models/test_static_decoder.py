@@ -93,3 +93,9 @@ def test_weight_changes_between_compiled_steps_are_seen() -> None:
 def test_compile_mode_needs_compile() -> None:
     with pytest.raises(ValueError, match="compile=True"):
         StaticDecoder(tiny("mha", {"n_heads": 3}), 1, 8, cuda_graph=False, compile_mode="max-autotune-no-cudagraphs")
+
+
+def test_compile_modes_with_their_own_cuda_graphs_are_refused() -> None:
+    # checked before the device, so this runs on CPU too
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        StaticDecoder(tiny("mha", {"n_heads": 3}), 1, 8, compile=True, compile_mode="reduce-overhead")
