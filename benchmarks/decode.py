@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sasformer.generation import StaticDecoder
+from sasformer.layers.sas_decode import set_decode_path
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
@@ -48,7 +49,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "tpa": ("tpa", {}),
     "sas": ("sas", {"cache_mode": "simulated"}),
     "sas-compact": ("sas", {"cache_mode": "compact"}),
+    # SAS simulated without its decode path (sasformer.layers.sas_decode): the "before" number
+    "sas-ordinary": ("sas", {"cache_mode": "simulated"}),
 }
+DECODE_PATH_OFF = {"sas-ordinary"}
 MODES = ("eager", "graph", "compile")
 # rows of the batch compared with the plain forward pass (the check needs only a few)
 CHECK_ROWS = 2
@@ -155,6 +159,8 @@ def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device
     with torch.device(device):
         model = DecoderLM(config)
     model = model.to(dtype).eval()
+    if name in DECODE_PATH_OFF:
+        set_decode_path(model, "off")
     capacity = args.context + args.warmup + args.new_tokens
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -253,8 +259,9 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
 def bytes_markdown(rows: list[dict], size: str, dtype: str) -> str:
     lines = [f"| variant | cache bytes/token/layer ({dtype}) | whole model ({size}) | vs MHA |", "|---|---:|---:|---:|"]
     for r in rows:
+        ratio = f"{r['vs_mha']:.2f}x" if r["vs_mha"] is not None else "-"
         lines.append(f"| {r['variant']} | {r['bytes_per_token_per_layer']:,} | {r['bytes_per_token_model']:,} | "
-                     f"{r['vs_mha']:.2f}x |")
+                     f"{ratio} |")
     return "\n".join(lines)
 
 
