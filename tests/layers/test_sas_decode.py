@@ -143,3 +143,21 @@ def test_inference_mode_weights_and_clearing() -> None:
     assert all("_decode_plan" not in m.__dict__ for m in model.modules())
     assert sas_decode.prepare_decode(model)  # built anew: new storage
     assert not sas_decode.prepare_decode(model)  # unchanged weights: nothing to do
+
+
+@pytest.mark.parametrize("name", ["mha-base", "gqa-base-k1"])
+@torch.no_grad()
+def test_decode_path_with_left_padding(name: str, decode_calls: list[int]) -> None:
+    model = tiny_sas(CONFIGS[name])
+    tokens = ids(3, 12)
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    cache = model.new_cache(12)
+    out = [model(tokens[:, :8], attention_mask=mask[:, :8], cache=cache)]
+    for t in range(8, 12):
+        out.append(model(tokens[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache))
+    assert decode_calls == [1] * 8
+    full = model(tokens, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(out, dim=1)[real], full[real], **TOL)
