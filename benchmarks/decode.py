@@ -1,6 +1,6 @@
 """Decode benchmark: tokens/s and KV-cache bytes per token for every attention variant.
 
-    python3 benchmarks/decode.py --out runs/decode            # GPU: small preset, bf16, batch 1 and 32, context 2048
+    python3 benchmarks/decode.py --out runs/decode --compile  # GPU: small preset, bf16, batch 1 and 32, context 2048
     python3 benchmarks/decode.py --bytes-only                 # CPU: the cache-size table only (no timing)
 
 For each variant, batch size and mode: random weights (speed does not depend on them), a prefill of
@@ -292,7 +292,8 @@ def write_results(out: Path, env: dict, args: argparse.Namespace, byte_rows: lis
               f"{env['device']}, {args.dtype}, {args.size} preset, context {args.context}, "
               f"{args.new_tokens} timed steps after {args.warmup} warm-up steps; modes: {args.modes}; "
               f"static decode checked against the plain forward (prefill + {args.check_steps} steps, "
-              f"tolerance {args.check_tol:g} of the largest logit).\n\n")
+              f"tolerance {args.check_tol:g} of the largest logit). ms/step is the time per generated token of "
+              f"each sequence; vs MHA compares tokens/s in the same mode and batch.\n\n")
     byte_table = bytes_markdown(byte_rows, args.size, args.dtype)
     (out / "decode.md").write_text(header + speed_markdown(rows) + "\n\n" + byte_table + "\n")
 

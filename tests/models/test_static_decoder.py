@@ -48,8 +48,19 @@ def test_compiled_step_equals_eager_step() -> None:
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
 
 
-@pytest.mark.parametrize(("attention", "args"), [("sas", SAS_ARGS), ("mha", {"n_heads": 3}),
-                                                 ("sas", {**SAS_ARGS, "n_kv_heads": 1, "rope": "before"})])
+TRACED = [
+    ("sas", SAS_ARGS),
+    ("sas", {**SAS_ARGS, "n_kv_heads": 1, "rope": "before"}),
+    ("sas", {**SAS_ARGS, "cache_mode": "compact"}),
+    ("mha", {"n_heads": 3}),
+    ("gqa", {"n_heads": 4, "n_kv_heads": 2, "head_dim": 6}),
+    ("mla", {"n_heads": 3, "q_lora_rank": 12, "kv_lora_rank": 8, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4,
+             "v_head_dim": 5}),
+    ("tpa", {"n_heads": 3, "head_dim": 8, "q_rank": 3, "k_rank": 2, "v_rank": 2}),
+]
+
+
+@pytest.mark.parametrize(("attention", "args"), TRACED)
 @torch.no_grad()
 def test_step_traces_as_one_graph(attention: str, args: dict) -> None:
     # dynamo only (no inductor): every step replays one graph, and SAS's goes through the decode path
@@ -68,7 +79,8 @@ def test_step_traces_as_one_graph(attention: str, args: dict) -> None:
     torch.testing.assert_close(traced, model(tokens)[:, 2:], atol=1e-5, rtol=1e-5)
     assert len(graphs) == 1
     targets = {str(node.target) for node in graphs[0].graph.nodes}
-    assert any("baddbmm" in t for t in targets) == (attention == "sas")
+    decode_path = attention == "sas" and args.get("cache_mode", "simulated") == "simulated"
+    assert any("baddbmm" in t for t in targets) == decode_path
 
 
 @torch.no_grad()
