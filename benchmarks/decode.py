@@ -291,7 +291,7 @@ def write_results(out: Path, env: dict, args: argparse.Namespace, byte_rows: lis
     header = (f"# Decode benchmark\n\n`{env['command']}` at git {env['git']}, torch {env['torch']}, "
               f"{env['device']}, {args.dtype}, {args.size} preset, context {args.context}, "
               f"{args.new_tokens} timed steps after {args.warmup} warm-up steps; modes: {args.modes}; "
-              f"static decode checked against the plain forward (prefill + {args.check_steps} steps, "
+              f"decoded logits checked against the plain forward (prefill + {args.check_steps} steps, "
               f"tolerance {args.check_tol:g} of the largest logit). ms/step is the time per generated token of "
               f"each sequence; vs MHA compares tokens/s in the same mode and batch.\n\n")
     byte_table = bytes_markdown(byte_rows, args.size, args.dtype)
