@@ -1,14 +1,22 @@
 """Decode benchmark: tokens/s and KV-cache bytes per token for every attention variant.
 
-    python3 benchmarks/decode.py --out runs/decode            # GPU: small preset, bf16, batch 1 and 32, context 2048
+    python3 benchmarks/decode.py --out runs/decode --compile  # GPU: small preset, bf16, batch 1 and 32, context 2048
     python3 benchmarks/decode.py --bytes-only                 # CPU: the cache-size table only (no timing)
 
-For each variant and batch size: random weights (speed does not depend on them), a prefill of
+For each variant, batch size and mode: random weights (speed does not depend on them), a prefill of
 ``--context`` random tokens into a preallocated cache, then ``--new-tokens`` greedy decode steps fed
-back on the device (no host sync inside the loop). Reported: decode tokens/s (all sequences),
-milliseconds per step, prefill time, peak memory, and cache bytes per token per layer as declared
-by the layer (``cache_bytes_per_token``) and as measured in the filled cache. Writes
-``decode.json`` and ``decode.md`` (with the command, git revision, versions and device).
+back on the device (no host sync inside the loop). Modes: ``eager`` (growing views of the cache, one
+launch per op), ``graph`` (``StaticDecoder``: static shapes, one CUDA graph per step) and ``compile``
+(the same step compiled with ``torch.compile`` first, then captured; ``--compile`` adds it).
+
+Before timing, the logits of the prefill and of the first ``--check-steps`` decode steps are compared
+with the model's plain forward pass over the same tokens; a variant that differs by more than
+``--check-tol`` (relative to the largest logit) is reported as an error, not timed. Reported:
+decode tokens/s (all sequences), milliseconds per step, the ratio to MHA in the same mode and batch,
+prefill time, peak memory, the check's error, and cache bytes per token per layer as declared by the
+layer (``cache_bytes_per_token``) and as measured in the filled cache. Writes ``decode.json`` and
+``decode.md`` (with the command, git revision, versions and device) after every row, so a run cut
+short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sasformer.generation import StaticDecoder
+from sasformer.layers.sas_decode import set_decode_path
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
@@ -39,7 +49,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "tpa": ("tpa", {}),
     "sas": ("sas", {"cache_mode": "simulated"}),
     "sas-compact": ("sas", {"cache_mode": "compact"}),
+    # SAS simulated without its decode path (sasformer.layers.sas_decode): the "before" number
+    "sas-ordinary": ("sas", {"cache_mode": "simulated"}),
 }
+DECODE_PATH_OFF = {"sas-ordinary"}
+MODES = ("eager", "graph", "compile")
+# rows of the batch compared with the plain forward pass (the check needs only a few)
+CHECK_ROWS = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,17 +70,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modes", default="eager,graph",
-                   help="eager: growing-view cache, one launch per op; graph: static shapes over the whole "
-                        "preallocated cache, one CUDA graph per step (sasformer.generation.StaticDecoder)")
+    p.add_argument("--modes", default="graph",
+                   help="comma-separated from " + ",".join(MODES) + ": eager: growing-view cache, one launch per "
+                        "op; graph: static shapes over the whole preallocated cache, one CUDA graph per step "
+                        "(sasformer.generation.StaticDecoder); compile: that step compiled, then captured")
+    p.add_argument("--compile", action="store_true", help="add the 'compile' mode (torch.compile + CUDA graph)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for the compile mode, e.g. max-autotune-no-cudagraphs (default: inductor's)")
+    p.add_argument("--check-steps", type=int, default=4,
+                   help="decode steps (after the prefill) compared with the plain forward pass before timing")
+    p.add_argument("--check-tol", type=float, default=None,
+                   help="largest allowed |static - forward| / max|forward| of the logits "
+                        "(default 0.05 for 16-bit dtypes, 1e-3 for float32)")
     p.add_argument("--bytes-only", action="store_true", help="only the cache-size table (CPU, meta tensors)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    bad_modes = sorted(set(args.modes.split(",")) - {"eager", "graph"})
+    modes = [m for m in args.modes.split(",") if m]
+    bad_modes = sorted(set(modes) - set(MODES))
     if bad_modes:
-        p.error(f"unknown modes {bad_modes}; choose from ['eager', 'graph']")
+        p.error(f"unknown modes {bad_modes}; choose from {list(MODES)}")
+    if args.compile and "compile" not in modes:
+        modes.append("compile")
+    args.modes = ",".join(modes)
+    if not 0 <= args.check_steps <= args.warmup:
+        p.error(f"--check-steps={args.check_steps} must be between 0 and --warmup={args.warmup}")
+    if args.check_tol is None:
+        args.check_tol = 1e-3 if args.dtype == "float32" else 0.05
     return args
 
 
@@ -99,6 +132,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class CheckFailed(RuntimeError):
+    """The static decode's logits differ from the plain forward pass."""
+
+
+def check_against_forward(model: DecoderLM, fed: list[torch.Tensor], got: list[torch.Tensor], tol: float) -> dict:
+    """Compare the logits returned by prefill + decode steps (``got``: (B, V) each) with one forward
+    pass over the tokens fed (``fed``: the prompt, then one (B, 1) token per step)."""
+    rows = min(CHECK_ROWS, fed[0].shape[0])
+    ids = torch.cat(fed, dim=1)[:rows]
+    n = len(got)
+    reference = model(ids)[:, -n:].float()
+    static = torch.stack(got, dim=1)[:rows].float()
+    err = ((static - reference).abs().max() / reference.abs().max()).item()
+    agree = (static.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    if not err <= tol:
+        raise CheckFailed(f"static decode differs from the plain forward: max rel err {err:.3g} > {tol:g}")
+    return {"check_rel_err": err, "check_top1_agreement": agree, "check_positions": n, "check_rows": rows}
+
+
 @torch.inference_mode()
 def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device: torch.device,
               dtype: torch.dtype) -> dict:
@@ -107,15 +159,21 @@ def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device
     with torch.device(device):
         model = DecoderLM(config)
     model = model.to(dtype).eval()
+    if name in DECODE_PATH_OFF:
+        set_decode_path(model, "off")
     capacity = args.context + args.warmup + args.new_tokens
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     prompt = torch.randint(0, config.vocab_size, (batch, args.context), device=device)
 
-    graph = mode == "graph"
-    if graph:
-        decoder = StaticDecoder(model, batch, capacity, cuda_graph=device.type == "cuda")
+    if mode in ("graph", "compile"):
+        if mode == "compile":
+            # each compiled decoder adds guards to the same code object; start clean so no limit is hit
+            torch._dynamo.reset()
+        decoder = StaticDecoder(model, batch, capacity, cuda_graph=device.type == "cuda",
+                                compile=mode == "compile",
+                                compile_mode=args.compile_mode if mode == "compile" else None)
         cache, prefill, step = decoder.cache, decoder.prefill, decoder.step
     else:
         cache = model.new_cache(capacity)
@@ -132,10 +190,20 @@ def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device
     sync(device)
     prefill_s = time.perf_counter() - t0
 
+    # warm-up (includes compilation and graph capture); its first steps are checked
+    fed, got = [prompt], [logits.clone()]
     token = logits.argmax(-1, keepdim=True)
-    for _ in range(args.warmup):  # includes the graph capture
-        token = step(token).argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        logits = step(token)
+        if i < args.check_steps:
+            fed.append(token)
+            got.append(logits.clone())  # a CUDA graph's output buffer is overwritten by the next step
+        token = logits.argmax(-1, keepdim=True)
     sync(device)
+    warmup_s = time.perf_counter() - t0
+    check = check_against_forward(model, fed, got, args.check_tol)
+
     t0 = time.perf_counter()
     for _ in range(args.new_tokens):
         token = step(token).argmax(-1, keepdim=True)
@@ -155,6 +223,8 @@ def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device
         "decode_tokens_per_s": batch * args.new_tokens / decode_s,
         "ms_per_step": 1e3 * decode_s / args.new_tokens,
         "prefill_s": prefill_s,
+        "warmup_s": warmup_s,
+        **check,
         "cache_bytes_per_token_per_layer": declared,
         "cache_bytes_per_token_per_layer_measured": measured[0],
         "cache_gib_at_end": sum(measured) * batch * cache.seq_len / 2**30,
@@ -181,32 +251,51 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
         "dtype": args.dtype,
         "size": args.size,
         "seed": args.seed,
+        "compile_mode": args.compile_mode,
+        "check_tol": args.check_tol,
     }
 
 
 def bytes_markdown(rows: list[dict], size: str, dtype: str) -> str:
     lines = [f"| variant | cache bytes/token/layer ({dtype}) | whole model ({size}) | vs MHA |", "|---|---:|---:|---:|"]
     for r in rows:
+        ratio = f"{r['vs_mha']:.2f}x" if r["vs_mha"] is not None else "-"
         lines.append(f"| {r['variant']} | {r['bytes_per_token_per_layer']:,} | {r['bytes_per_token_model']:,} | "
-                     f"{r['vs_mha']:.2f}x |")
+                     f"{ratio} |")
     return "\n".join(lines)
 
 
 def speed_markdown(rows: list[dict]) -> str:
-    lines = ["| variant | batch | mode | decode tok/s | ms/step | vs MHA | prefill s | cache B/tok/layer | peak GiB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | batch | mode | decode tok/s | ms/step | vs MHA | check rel err | prefill s | "
+             "cache B/tok/layer | peak GiB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     mha = {(r["batch"], r["mode"]): r.get("decode_tokens_per_s") for r in rows if r["variant"] == "mha"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {r['error']} | | | | | | |")
             continue
         base = mha.get((r["batch"], r["mode"]))
         ratio = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
         peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {r['decode_tokens_per_s']:,.0f} | "
-                     f"{r['ms_per_step']:.2f} | {ratio} | {r['prefill_s']:.3f} | "
+                     f"{r['ms_per_step']:.2f} | {ratio} | {r['check_rel_err']:.1e} | {r['prefill_s']:.3f} | "
                      f"{r['cache_bytes_per_token_per_layer']:,} | {peak} |")
     return "\n".join(lines)
+
+
+def write_results(out: Path, env: dict, args: argparse.Namespace, byte_rows: list[dict], rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": env, "context": args.context, "new_tokens": args.new_tokens,
+              "cache_bytes": byte_rows, "decode": rows}
+    (out / "decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    header = (f"# Decode benchmark\n\n`{env['command']}` at git {env['git']}, torch {env['torch']}, "
+              f"{env['device']}, {args.dtype}, {args.size} preset, context {args.context}, "
+              f"{args.new_tokens} timed steps after {args.warmup} warm-up steps; modes: {args.modes}; "
+              f"decoded logits checked against the plain forward (prefill + {args.check_steps} steps, "
+              f"tolerance {args.check_tol:g} of the largest logit). ms/step is the time per generated token of "
+              f"each sequence; vs MHA compares tokens/s in the same mode and batch.\n\n")
+    byte_table = bytes_markdown(byte_rows, args.size, args.dtype)
+    (out / "decode.md").write_text(header + speed_markdown(rows) + "\n\n" + byte_table + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,30 +321,21 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(bench_one(name, mode, args, batch, device, dtype))
                 except torch.cuda.OutOfMemoryError:
                     rows.append({"variant": name, "mode": mode, "batch": batch, "error": "out of memory"})
-                except RuntimeError as err:  # e.g. a graph capture failure: keep the other results
+                except RuntimeError as err:  # a failed check or graph capture: keep the other results
                     rows.append({"variant": name, "mode": mode, "batch": batch,
-                                 "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"})
+                                 "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 done += 1
                 elapsed = time.perf_counter() - start
                 r = rows[-1]
-                status = r.get("error") or f"{r['decode_tokens_per_s']:,.0f} tok/s"
+                status = r.get("error") or (f"{r['decode_tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.2f} ms/step, "
+                                            f"check {r['check_rel_err']:.1e}")
                 print(f"[{done}/{total}] {name} batch={batch} {mode}: {status}  "
                       f"(eta {elapsed / done * (total - done):.0f}s)", flush=True)
-    result = {"environment": env, "context": args.context, "new_tokens": args.new_tokens,
-              "cache_bytes": byte_rows, "decode": rows}
-    table = speed_markdown(rows)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "decode.json").write_text(json.dumps(result, indent=2) + "\n")
-        header = (f"# Decode benchmark\n\n`{env['command']}` at git {env['git']}, torch {env['torch']}, "
-                  f"{env['device']}, {args.dtype}, {args.size} preset, context {args.context}, "
-                  f"{args.new_tokens} timed steps after {args.warmup} warm-up steps; modes: {args.modes}.\n\n")
-        byte_table = bytes_markdown(byte_rows, args.size, args.dtype)
-        (out / "decode.md").write_text(header + table + "\n\n" + byte_table + "\n")
-    print(table)
+                if args.out:
+                    write_results(Path(args.out), env, args, byte_rows, rows)
+    print(speed_markdown(rows))
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sasformer.layers.base import AttentionContext
+from sasformer.layers.sas_decode import prepare_decode
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
 
@@ -235,12 +237,23 @@ class StaticDecoder:
     slots written so far, writes the new keys/values at a device-side position, and rebuilds
     nothing on the host, so one captured CUDA graph replays every step. Prompts are unpadded
     (one length for the batch). ``cuda_graph=False`` runs the same static step eagerly (any device).
+
+    ``compile=True`` compiles the step with ``torch.compile`` (whole graph, static shapes, ``mode``
+    ``compile_mode``) before it is captured, so that elementwise work between GEMMs fuses into few
+    kernels. The first step then pays the compilation (seconds to minutes).
     """
 
-    def __init__(self, model: DecoderLM, batch: int, capacity: int, cuda_graph: bool = True) -> None:
+    def __init__(self, model: DecoderLM, batch: int, capacity: int, cuda_graph: bool = True,
+                 compile: bool = False, compile_mode: str | None = None) -> None:
+        if cuda_graph and compile_mode in ("reduce-overhead", "max-autotune"):
+            # those modes capture CUDA graphs of their own, which cannot nest inside ours
+            raise ValueError(f"compile_mode={compile_mode!r} captures its own CUDA graphs; with cuda_graph=True use "
+                             "None or 'max-autotune-no-cudagraphs'")
         device = model.embed.weight.device
         if cuda_graph and device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        if compile_mode is not None and not compile:
+            raise ValueError(f"compile_mode={compile_mode!r} needs compile=True")
         self.model, self.capacity, self.cuda_graph = model, capacity, cuda_graph
         self.cache = model.new_cache(capacity)
         self.key_positions = torch.arange(capacity, device=device).unsqueeze(0)
@@ -248,6 +261,9 @@ class StaticDecoder:
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: Any = None
         self.logits: Tensor | None = None
+        self._step_fn = self._step
+        if compile:
+            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor) -> Tensor:
@@ -261,8 +277,6 @@ class StaticDecoder:
         return logits
 
     def _step(self) -> Tensor:
-        from sasformer.layers.base import AttentionContext
-
         model = self.model
         mask = (self.key_positions <= self.position).view(1, 1, 1, self.capacity)
         rotary = model.rotary.tables(self.position.view(1, 1), self.capacity)
@@ -279,11 +293,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                self._step_fn()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.logits = self._step_fn()
 
     @torch.no_grad()
     def step(self, token_B1: Tensor) -> Tensor:
@@ -293,13 +307,17 @@ class StaticDecoder:
         if self.cache.seq_len >= self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded; create the decoder with a larger capacity")
         self.token.copy_(token_B1)
+        # weights may have changed since the last step: refresh the SAS decode operands (in place, which
+        # a captured graph sees; new storage means capturing again)
+        if prepare_decode(self.model):
+            self.graph = None
         if self.cuda_graph:
             if self.graph is None:
                 self._capture()
             self.graph.replay()
             logits = self.logits
         else:
-            logits = self._step()
+            logits = self._step_fn()
         self.position += 1
         for layer in self.cache.layers:
             layer.length += 1

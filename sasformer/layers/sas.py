@@ -11,6 +11,9 @@ shared d x d output projection (``peaa="mean"``), or projects all H' heads at on
     x -> k_proj -> (Hkv, D)  -> heads_k -> (H'kv, D)  -> features_k -> (H'kv, D') -- attend -> (H', D)
     x -> v_proj -> (Hkv, D)  -> heads_v -> (H'kv, D) ---------------------------/        |
                                                                mean over G groups -> o_proj -> d
+
+Cached decoding of a few tokens without gradients takes a shorter route with the same result
+(:mod:`sasformer.layers.sas_decode`): precomputed dense operands, Q, K and V stacked per GEMM.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sasformer.layers.base import (
     linear_flops,
     require,
 )
+from sasformer.layers.sas_decode import decode_forward, decode_plan, use_decode_path
 from sasformer.layers.simulation import (
     FeatureSimulation,
     HeadSimulation,
@@ -119,6 +123,8 @@ class SimulatedAttention(Attention):
         o_in = H * D if args.peaa == "mean" else Hs * D
         self.o_proj = nn.Linear(o_in, d_model, bias=True)
         self.rope_dims = {"after": (Ds,), "before": (D,), "none": ()}[args.rope]
+        # when cached decoding takes the decode path: "auto" (CUDA), "on", "off" (sas_decode.set_decode_path)
+        self.decode_path = "auto"
         if args.sim_init == "identity":
             self.reset_simulation_identity()
 
@@ -152,6 +158,10 @@ class SimulatedAttention(Attention):
         return self.o_proj(o)
 
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
+        if use_decode_path(self, x_BTd, ctx):
+            plan, _ = decode_plan(self)
+            if plan is not None:
+                return decode_forward(self, plan, x_BTd, ctx)
         B, T, _ = x_BTd.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = linear_split(x_BTd, self.q_proj, self.k_proj, self.v_proj)

@@ -1,0 +1,113 @@
+"""StaticDecoder: the compiled static step against the eager one, and the SAS decode path inside it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sasformer.generation import StaticDecoder
+from sasformer.layers.sas_decode import set_decode_path
+from sasformer.models.config import ModelConfig
+from sasformer.models.decoder import DecoderLM
+
+torch.set_num_threads(2)
+
+VOCAB = 47
+SAS_ARGS = {"n_heads": 3, "n_sim_heads": 6, "sim_head_dim": 10}
+
+
+def tiny(attention: str, args: dict, n_layers: int = 1) -> DecoderLM:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB, d_model=24, n_layers=n_layers, max_seq_len=64, attention=attention,
+                         attention_args=dict(args), init_std=0.1)
+    model = DecoderLM(config).eval()
+    set_decode_path(model, "on")  # the SAS decode path, which "auto" takes on CUDA only
+    return model
+
+
+def ids(B: int, T: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(2))
+
+
+def run_static(decoder: StaticDecoder, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+    out = [decoder.prefill(tokens[:, :prompt])]
+    for t in range(prompt, tokens.shape[1]):
+        out.append(decoder.step(tokens[:, t : t + 1]).clone())
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def test_compiled_step_equals_eager_step() -> None:
+    # one inductor compilation on CPU (about 10 s): SAS, whose step holds the most distinct ops
+    model = tiny("sas", SAS_ARGS)
+    tokens = ids(2, 9)
+    eager = run_static(StaticDecoder(model, 2, 11, cuda_graph=False), tokens, 3)
+    compiled = run_static(StaticDecoder(model, 2, 11, cuda_graph=False, compile=True), tokens, 3)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager, model(tokens)[:, 2:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+
+
+TRACED = [
+    ("sas", SAS_ARGS),
+    ("sas", {**SAS_ARGS, "n_kv_heads": 1, "rope": "before"}),
+    ("sas", {**SAS_ARGS, "cache_mode": "compact"}),
+    ("mha", {"n_heads": 3}),
+    ("gqa", {"n_heads": 4, "n_kv_heads": 2, "head_dim": 6}),
+    ("mla", {"n_heads": 3, "q_lora_rank": 12, "kv_lora_rank": 8, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4,
+             "v_head_dim": 5}),
+    ("tpa", {"n_heads": 3, "head_dim": 8, "q_rank": 3, "k_rank": 2, "v_rank": 2}),
+]
+
+
+@pytest.mark.parametrize(("attention", "args"), TRACED)
+@torch.no_grad()
+def test_step_traces_as_one_graph(attention: str, args: dict) -> None:
+    # dynamo only (no inductor): every step replays one graph, and SAS's goes through the decode path
+    model = tiny(attention, args, n_layers=2)
+    tokens = ids(1, 7)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
+    decoder._step_fn = torch.compile(decoder._step, backend=record, fullgraph=True, dynamic=False)
+    traced = run_static(decoder, tokens, 3)
+    torch.testing.assert_close(traced, model(tokens)[:, 2:], atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1
+    targets = {str(node.target) for node in graphs[0].graph.nodes}
+    decode_path = attention == "sas" and args.get("cache_mode", "simulated") == "simulated"
+    assert any("baddbmm" in t for t in targets) == decode_path
+
+
+@torch.no_grad()
+def test_weight_changes_between_compiled_steps_are_seen() -> None:
+    # a compiled step does not check the weights itself: StaticDecoder.step refreshes the operands
+    model = tiny("sas", SAS_ARGS, n_layers=2)
+    tokens = ids(1, 6)
+    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
+    torch._dynamo.reset()
+    decoder._step_fn = torch.compile(decoder._step, backend="eager", fullgraph=True, dynamic=False)
+    decoder.prefill(tokens[:, :4])
+    decoder.step(tokens[:, 4:5])
+    plan = model.blocks[1].attn.__dict__["_decode_plan"]
+    # the last layer's query side and output projection: the cached keys and values stay valid
+    model.blocks[1].attn.heads_q.w2.mul_(3.0)
+    model.blocks[1].attn.o_proj.weight.mul_(-1.0)
+    after = decoder.step(tokens[:, 5:6])
+    assert model.blocks[1].attn.__dict__["_decode_plan"] is plan  # refreshed in place
+    torch.testing.assert_close(after, model(tokens)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_compile_mode_needs_compile() -> None:
+    with pytest.raises(ValueError, match="compile=True"):
+        StaticDecoder(tiny("mha", {"n_heads": 3}), 1, 8, cuda_graph=False, compile_mode="max-autotune-no-cudagraphs")
+
+
+def test_compile_modes_with_their_own_cuda_graphs_are_refused() -> None:
+    # checked before the device, so this runs on CPU too
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        StaticDecoder(tiny("mha", {"n_heads": 3}), 1, 8, compile=True, compile_mode="reduce-overhead")
