@@ -21,22 +21,28 @@ import torch
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
-SETTINGS = {  # name: (compile, bf16, SASFORMER_SIMULATE, SASFORMER_ATTENTION)
-    "eager bf16, auto paths": (False, True, "", ""),
-    "eager bf16, naive simulation": (False, True, "naive", ""),
-    "eager bf16, math attention": (False, True, "", "math"),
-    "compiled bf16, auto paths": (True, True, "", ""),
-    "compiled bf16, math attention": (True, True, "", "math"),
-    "compiled bf16, naive simulation": (True, True, "naive", ""),
-    "compiled bf16, default attention": (True, True, "", "default"),
-    "compiled fp32, auto paths": (True, False, "", ""),
-    "compiled fp32, math attention": (True, False, "", "math"),
+SETTINGS = {  # name: (compile, bf16, environment)
+    "eager bf16, auto paths": (False, True, {}),
+    "eager bf16, naive simulation": (False, True, {"SASFORMER_SIMULATE": "naive"}),
+    "eager bf16, math attention": (False, True, {"SASFORMER_ATTENTION": "math"}),
+    "compiled bf16, auto paths": (True, True, {}),
+    "compiled bf16, math attention": (True, True, {"SASFORMER_ATTENTION": "math"}),
+    "compiled bf16, naive simulation": (True, True, {"SASFORMER_SIMULATE": "naive"}),
+    "compiled bf16, default attention": (True, True, {"SASFORMER_ATTENTION": "default"}),
+    "compiled fp32, auto paths": (True, False, {}),
+    "compiled fp32, math attention": (True, False, {"SASFORMER_ATTENTION": "math"}),
+    # SAS layers traced into the compiled graph (they leave it by default; sasformer/layers/sas.py)
+    "compiled bf16, SAS traced": (True, True, {"SASFORMER_COMPILE_SAS": "1"}),
+    "compiled fp32, SAS traced, math attention": (True, False, {"SASFORMER_COMPILE_SAS": "1",
+                                                                "SASFORMER_ATTENTION": "math"}),
 }
+ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_COMPILE_SAS")
 
 
 def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, compiled: bool, bf16: bool,
-              simulate: str, attention: str) -> tuple[float, dict[str, torch.Tensor]]:
-    os.environ["SASFORMER_SIMULATE"], os.environ["SASFORMER_ATTENTION"] = simulate, attention
+              env: dict[str, str]) -> tuple[float, dict[str, torch.Tensor]]:
+    for name in ENV_VARS:
+        os.environ[name] = env.get(name, "")
     torch._dynamo.reset()
     model.zero_grad(set_to_none=True)
     step = torch.compile(model) if compiled else model
@@ -60,7 +66,9 @@ def main() -> None:
     parser.add_argument("--size", default="mini")
     parser.add_argument("--attention", nargs="+", default=["mha", "sas"],
                         help="variants, optionally with arguments: sas:rope=none,kernel_size=1")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS)[:5], choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["eager bf16, auto paths", "compiled bf16, auto paths",
+                                                        "compiled bf16, SAS traced", "compiled fp32, math attention"],
+                        choices=list(SETTINGS))
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
@@ -78,14 +86,15 @@ def main() -> None:
         T = model.config.max_seq_len
         x = torch.randint(0, model.config.vocab_size, (args.batch, T), device="cuda")
         y = torch.roll(x, -1, dims=1)
-        ref_loss, ref = gradients(model, x, y, False, False, "naive", "math")
+        ref_loss, ref = gradients(model, x, y, False, False, {"SASFORMER_SIMULATE": "naive",
+                                                                  "SASFORMER_ATTENTION": "math"})
         report[spec] = {"reference_loss": ref_loss, "settings": {}}
         lines += [f"## {spec} (reference loss {ref_loss:.5f})", "",
                   "| setting | loss diff | worst parameters (relative gradient error) |", "|---|---:|---|"]
         for name in args.settings:
-            compiled, bf16, simulate, backend = SETTINGS[name]
+            compiled, bf16, env = SETTINGS[name]
             try:
-                loss, grads = gradients(model, x, y, compiled, bf16, simulate, backend)
+                loss, grads = gradients(model, x, y, compiled, bf16, env)
             except Exception as error:  # report and go on: one broken setting must not hide the others
                 lines.append(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | |")
                 continue

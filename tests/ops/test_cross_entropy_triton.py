@@ -144,6 +144,8 @@ def test_dispatch(monkeypatch):
     want = linear_cross_entropy_naive(h, w, targets)
     for impl in ("chunked", "chunked_torch", "chunked_triton", "naive"):
         torch.testing.assert_close(linear_cross_entropy(h, w, targets, impl=impl, chunk_size=3), want)
+    assert resolve_impl("chunked", h) == "chunked_torch"  # the Triton kernel is opt-in (TRITON_DEFAULT)
+    monkeypatch.setattr("sasformer.ops.cross_entropy.TRITON_DEFAULT", True)
     assert resolve_impl("chunked", h) == ("chunked_triton" if h.is_cuda else "chunked_torch")
     with pytest.raises(ValueError, match="impl='fast'"):
         resolve_impl("fast", h)

@@ -30,13 +30,20 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "IMPLS", "linear_cross_entropy", "linear_cross_
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
+TRITON_DEFAULT = False
+
+
 def resolve_impl(impl: str, h_ND: Tensor) -> str:
     """The implementation that runs for ``impl`` on ``h``: ``chunked`` becomes ``chunked_triton`` or
-    ``chunked_torch``; raises ValueError for an unknown impl or a ``chunked_triton`` that cannot run."""
+    ``chunked_torch``; raises ValueError for an unknown impl or a ``chunked_triton`` that cannot run.
+
+    ``chunked`` takes the Triton kernel only when ``TRITON_DEFAULT`` is set: on the H200 the step with it
+    (and fused projections) ran at 41.5% MFU against 43.8% with the PyTorch chunks before
+    (docs/performance.md), so the kernel is opt-in (``chunked_triton``) until a profile says otherwise."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not a cross-entropy implementation; choose one of {IMPLS}")
     if impl == "chunked":
-        return "chunked_triton" if h_ND.is_cuda and TRITON_AVAILABLE else "chunked_torch"
+        return "chunked_triton" if TRITON_DEFAULT and h_ND.is_cuda and TRITON_AVAILABLE else "chunked_torch"
     if impl == "chunked_triton":
         if not TRITON_AVAILABLE:
             raise ValueError("loss impl 'chunked_triton' needs the triton package; install it or use 'chunked_torch'")
