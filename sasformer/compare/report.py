@@ -99,7 +99,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def zero_shot_table(runs: Sequence[dict[str, Any]]) -> str | None:
-    """Per-task zero-shot accuracy (mean over seeds) per entry, or None when no run was evaluated."""
+    """Per-task zero-shot accuracy (mean over seeds, ± their std) with its standard error over the items in
+    brackets (mean over seeds) per entry, or None when no run was evaluated."""
     tasks = sorted({t for r in runs for t in (r.get("zero_shot") or {})})
     if not tasks:
         return None
@@ -110,8 +111,10 @@ def zero_shot_table(runs: Sequence[dict[str, Any]]) -> str | None:
     for entry, group in entries.items():
         cells = []
         for task in tasks:
-            mean, std = mean_std([(r.get("zero_shot") or {}).get(task, {}).get("acc") for r in group])
-            cells.append(_pm(mean, std, ".3f"))
+            scores = [(r.get("zero_shot") or {}).get(task, {}) for r in group]
+            mean, std = mean_std([score.get("acc") for score in scores])
+            stderr, _ = mean_std([score.get("acc_stderr") for score in scores])
+            cells.append(_pm(mean, std, ".3f") + ("" if stderr is None else f" ({stderr:.3f})"))
         lines.append(f"| {entry} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -140,7 +143,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     ]
     zs = zero_shot_table(results["runs"])
     if zs is not None:
-        parts += ["", "Zero-shot accuracy per task:", "", zs]
+        parts += ["", "Zero-shot accuracy per task (in brackets: its standard error over the items):", "", zs]
     parts += [
         "",
         f"Command: `{results['command']}`  ",

@@ -37,3 +37,14 @@ def test_aggregate_over_seeds():
     table = markdown_table(rows)
     assert "| a | 3 |" in table and "2.2000 ± 0.2000" in table
     assert "| b | 1 |" in table and "3.0000 |" in table and "n/a" in table
+
+
+def test_zero_shot_table_shows_mean_std_and_standard_error():
+    from sasformer.compare.report import zero_shot_table
+
+    runs = [{"entry": "mha", "zero_shot": {"piqa": {"acc": 0.50, "acc_stderr": 0.02}}},
+            {"entry": "mha", "zero_shot": {"piqa": {"acc": 0.54, "acc_stderr": 0.04}}},
+            {"entry": "sas", "zero_shot": {"piqa": {"acc": 0.6}}}]
+    table = zero_shot_table(runs).splitlines()
+    assert table[2] == "| mha | 0.520 ± 0.028 (0.030) |"
+    assert table[3] == "| sas | 0.600 |"
