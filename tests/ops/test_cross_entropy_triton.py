@@ -23,6 +23,7 @@ from sasformer.ops.cross_entropy import (
 )
 from sasformer.ops.cross_entropy.kernel import block_and_warps, cross_entropy_rows_
 from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive
+from tests.ops.test_cross_entropy import _loss_and_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB, D = 97, 24
@@ -85,13 +86,6 @@ def _inputs(n: int, ignore_every: int | None = 3):
     if ignore_every is not None and n > 1:
         targets[::ignore_every] = -100
     return h, w, targets
-
-
-def _loss_and_grads(fn, h, w, targets, **kwargs):
-    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    loss = fn(h, w, targets, **kwargs)
-    (2.5 * loss).backward()  # a non-unit upstream gradient
-    return loss.detach(), h.grad, w.grad
 
 
 @pytest.mark.parametrize("n", [1, 7, 63])
