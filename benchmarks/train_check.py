@@ -21,34 +21,42 @@ import torch
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
-SETTINGS = {  # name: (compile, bf16, environment)
-    "eager bf16, auto paths": (False, True, {}),
-    "eager bf16, naive simulation": (False, True, {"SASFORMER_SIMULATE": "naive"}),
-    "eager bf16, math attention": (False, True, {"SASFORMER_ATTENTION": "math"}),
-    "compiled bf16, auto paths": (True, True, {}),
-    "compiled bf16, math attention": (True, True, {"SASFORMER_ATTENTION": "math"}),
-    "compiled bf16, naive simulation": (True, True, {"SASFORMER_SIMULATE": "naive"}),
-    "compiled bf16, default attention": (True, True, {"SASFORMER_ATTENTION": "default"}),
-    "compiled fp32, auto paths": (True, False, {}),
-    "compiled fp32, math attention": (True, False, {"SASFORMER_ATTENTION": "math"}),
-    # SAS layers traced into the compiled graph (they leave it by default; sasformer/layers/sas.py)
-    "compiled bf16, SAS traced": (True, True, {"SASFORMER_COMPILE_SAS": "1"}),
-    "compiled fp32, SAS traced, math attention": (True, False, {"SASFORMER_COMPILE_SAS": "1",
-                                                                "SASFORMER_ATTENTION": "math"}),
+TRACED = {"SASFORMER_COMPILE_SAS": "1"}
+SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, inductor config overrides)
+    "eager bf16, auto paths": (None, True, {}),
+    "eager bf16, naive simulation": (None, True, {"SASFORMER_SIMULATE": "naive"}),
+    "eager bf16, math attention": (None, True, {"SASFORMER_ATTENTION": "math"}),
+    "compiled bf16, auto paths": ("inductor", True, {}),
+    "compiled bf16, math attention": ("inductor", True, {"SASFORMER_ATTENTION": "math"}),
+    "compiled bf16, naive simulation": ("inductor", True, {"SASFORMER_SIMULATE": "naive"}),
+    "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),
+    "compiled fp32, auto paths": ("inductor", False, {}),
+    "compiled fp32, math attention": ("inductor", False, {"SASFORMER_ATTENTION": "math"}),
+    # SAS layers traced into the compiled graph (they leave it by default; sasformer/layers/sas.py), and
+    # where the fault could sit: Dynamo alone, Dynamo + AOTAutograd, Inductor without its CUDA-side passes
+    "compiled bf16, SAS traced": ("inductor", True, TRACED),
+    "compiled fp32, SAS traced, math attention": ("inductor", False, {**TRACED, "SASFORMER_ATTENTION": "math"}),
+    "SAS traced, eager backend": ("eager", True, TRACED),
+    "SAS traced, aot_eager backend": ("aot_eager", True, TRACED),
+    "SAS traced, inductor without pattern matcher": ("inductor", True, TRACED, {"pattern_matcher": False}),
+    "SAS traced, inductor without padding": ("inductor", True, TRACED, {"shape_padding": False,
+                                                                        "comprehensive_padding": False}),
 }
 ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_COMPILE_SAS")
 
 
-def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, compiled: bool, bf16: bool,
-              env: dict[str, str]) -> tuple[float, dict[str, torch.Tensor]]:
+def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, backend: str | None, bf16: bool,
+              env: dict[str, str], inductor: dict | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    import torch._inductor.config as inductor_config
+
     for name in ENV_VARS:
         os.environ[name] = env.get(name, "")
     torch._dynamo.reset()
     model.zero_grad(set_to_none=True)
-    step = torch.compile(model) if compiled else model
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+    step = model if backend is None else torch.compile(model, backend=backend)
+    with inductor_config.patch(inductor or {}), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = step(x, targets=y)
-    loss.backward()
+        loss.backward()
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -71,30 +79,30 @@ def main() -> None:
                         choices=list(SETTINGS))
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda", help="cuda (the point of the check), or cpu for a smoke run")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     report: dict = {}
     lines = ["# Whole-model gradient check", "", f"`benchmarks/train_check.py {' '.join(sys.argv[1:])}` "
-             f"on {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
+             f"on {torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, torch {torch.__version__}", ""]
     for spec in args.attention:
         attention, _, arg_text = spec.partition(":")
         attention_args = {k: _value(v) for k, v in (item.split("=") for item in arg_text.split(",") if item)}
         overrides = {"n_layers": args.layers} if args.layers else {}
         torch.manual_seed(0)
-        model = DecoderLM(preset(args.size, attention, attention_args=attention_args, **overrides)).cuda()
+        model = DecoderLM(preset(args.size, attention, attention_args=attention_args, **overrides)).to(args.device)
         T = model.config.max_seq_len
-        x = torch.randint(0, model.config.vocab_size, (args.batch, T), device="cuda")
+        x = torch.randint(0, model.config.vocab_size, (args.batch, T), device=args.device)
         y = torch.roll(x, -1, dims=1)
-        ref_loss, ref = gradients(model, x, y, False, False, {"SASFORMER_SIMULATE": "naive",
+        ref_loss, ref = gradients(model, x, y, None, False, {"SASFORMER_SIMULATE": "naive",
                                                                   "SASFORMER_ATTENTION": "math"})
         report[spec] = {"reference_loss": ref_loss, "settings": {}}
         lines += [f"## {spec} (reference loss {ref_loss:.5f})", "",
                   "| setting | loss diff | worst parameters (relative gradient error) |", "|---|---:|---|"]
         for name in args.settings:
-            compiled, bf16, env = SETTINGS[name]
             try:
-                loss, grads = gradients(model, x, y, compiled, bf16, env)
+                loss, grads = gradients(model, x, y, *SETTINGS[name])
             except Exception as error:  # report and go on: one broken setting must not hide the others
                 lines.append(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | |")
                 continue

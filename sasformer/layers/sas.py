@@ -221,10 +221,11 @@ def _run_eagerly_in_graph() -> bool:
 
     A compiled SAS layer gave wrong gradients on the H200 (torch 2.11: every parameter upstream of the
     attention off by a relative error of 1, with the forward right; ``benchmarks/train_check.py``,
-    docs/performance.md) while the same code compiled on CPU and run eagerly on the GPU is right. Until
-    the cause is found, a layer that needs gradients runs eagerly inside a compiled model (a graph break);
-    inference (no gradients: decoding, evaluation) stays in the graph. ``SASFORMER_COMPILE_SAS=1`` traces
-    it anyway, to reproduce the fault.
+    docs/performance.md). The same fault shows on CPU as NaN key gradients in bf16, and comes from
+    Inductor's handling of attention with value size < query/key size, which ``attend`` now avoids while
+    compiling (V zero-padded; ``tests/ops/test_attention_compiled.py``). Until that is confirmed on the
+    GPU, a layer that needs gradients still runs eagerly inside a compiled model (a graph break);
+    inference stays in the graph. ``SASFORMER_COMPILE_SAS=1`` traces it.
     """
     if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
         return False
