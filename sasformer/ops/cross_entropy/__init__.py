@@ -6,12 +6,12 @@
 - ``chunked_triton``: the same chunks, with a Triton kernel that reads each chunk's logits once for
   the loss and overwrites them with their gradient (:mod:`.fused`, :mod:`.kernel`); CUDA tensors
   with Triton installed (or ``TRITON_INTERPRET=1``).
-- ``chunked``: ``chunked_triton`` for CUDA tensors when Triton is installed, else ``chunked_torch``.
+- ``chunked``: ``chunked_torch``, or ``chunked_triton`` for CUDA tensors when Triton is installed and
+  ``TRITON_DEFAULT`` is set (off: the kernel has not yet beaten the PyTorch chunks on the H200).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from torch import Tensor
@@ -19,15 +19,12 @@ from torch import Tensor
 from sasformer.ops.cross_entropy.chunked import DEFAULT_CHUNK_SIZE, linear_cross_entropy_chunked
 from sasformer.ops.cross_entropy.fused import linear_cross_entropy_fused
 from sasformer.ops.cross_entropy.naive import linear_cross_entropy_naive
+from sasformer.ops.triton_support import TRITON_AVAILABLE
 
 IMPLS = ("chunked", "chunked_torch", "chunked_triton", "naive")
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "IMPLS", "linear_cross_entropy", "linear_cross_entropy_chunked",
            "linear_cross_entropy_fused", "linear_cross_entropy_naive", "resolve_impl"]
-
-
-# looked up once at import: a plain constant, which torch.compile traces without a cached call
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 TRITON_DEFAULT = False

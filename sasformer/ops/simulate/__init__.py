@@ -19,8 +19,6 @@ installed (``TRITON_DEFAULT``), else ``banded``; ``naive`` otherwise.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
@@ -32,15 +30,15 @@ from sasformer.ops.simulate.chunked import simulate_heads_chunked, simulate_qk_c
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
 from sasformer.ops.simulate.rotate import rope_simulated
+from sasformer.ops.triton_support import TRITON_AVAILABLE
 
 IMPLS = ("naive", "matmul", "banded", "chunked", "triton")
 ENV_VAR = "SASFORMER_SIMULATE"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_AVAILABLE
 
 
 def resolve_impl(impl: str | None, x: Tensor) -> str:
@@ -74,11 +72,6 @@ BANDED_MIN_TOKENS = 2048
 TRITON_DEFAULT = True
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
 def default_impl(x: Tensor) -> str:
     """The automatic choice for ``x`` (B, T, H, D), from measurements (docs/performance.md).
 
@@ -91,7 +84,7 @@ def default_impl(x: Tensor) -> str:
     """
     if not (x.is_cuda and x.shape[0] * x.shape[1] >= BANDED_MIN_TOKENS):
         return "naive"
-    if TRITON_DEFAULT and triton_available() and x.dtype in KERNEL_DTYPES and not _compiling():
+    if TRITON_DEFAULT and triton_available() and x.dtype in KERNEL_DTYPES and not torch.compiler.is_compiling():
         return "triton"
     return "banded"
 
@@ -103,17 +96,12 @@ def _triton_ops():
 
 
 # the fused kernels run outside torch.compile's graph (a graph break), so compiled models keep them
-def _compiler_disable(fn):
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-@_compiler_disable
+@torch.compiler.disable
 def _qk_triton(*args) -> Tensor:
     return _triton_ops().simulate_qk_triton(*args)
 
 
-@_compiler_disable
+@torch.compiler.disable
 def _heads_triton(*args: Tensor) -> Tensor:
     return _triton_ops().simulate_heads_triton(*args)
 
