@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -84,8 +85,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     report: dict = {}
-    lines = ["# Whole-model gradient check", "", f"`benchmarks/train_check.py {' '.join(sys.argv[1:])}` "
-             f"on {torch.cuda.get_device_name() if args.device == 'cuda' else args.device}, torch {torch.__version__}", ""]
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    command = f"`{shlex.join(['benchmarks/train_check.py', *sys.argv[1:]])}`"
+    lines = ["# Whole-model gradient check", "", f"{command} on {machine}, torch {torch.__version__}", ""]
     for spec in args.attention:
         attention, _, arg_text = spec.partition(":")
         attention_args = {k: _value(v) for k, v in (item.split("=") for item in arg_text.split(",") if item)}
@@ -103,7 +105,7 @@ def main() -> None:
         for name in args.settings:
             try:
                 loss, grads = gradients(model, x, y, *SETTINGS[name])
-            except Exception as error:  # report and go on: one broken setting must not hide the others
+            except Exception as error:  # noqa: BLE001 -- report and go on: one broken setting must not hide the others
                 lines.append(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | |")
                 continue
             errors = {n: ((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() for n in ref}
