@@ -221,8 +221,8 @@ def _run_eagerly_in_graph() -> bool:
 
     A compiled SAS layer gave wrong gradients on the H200 (torch 2.11: every parameter upstream of the
     attention off by a relative error of 1, with the forward right; ``benchmarks/train_check.py``,
-    docs/performance.md). The same fault shows on CPU as NaN key gradients in bf16, and comes from
-    Inductor's handling of attention with value size < query/key size, which ``attend`` now avoids while
+    docs/performance.md). The same fault shows on CPU as NaN key gradients in bf16, where it needs the
+    simulated keys feeding attention with value size < query/key size; ``attend`` now avoids that while
     compiling (V zero-padded; ``tests/ops/test_attention_compiled.py``). Until that is confirmed on the
     GPU, a layer that needs gradients still runs eagerly inside a compiled model (a graph break);
     inference stays in the graph. ``SASFORMER_COMPILE_SAS=1`` traces it.

@@ -1,8 +1,8 @@
-"""Attention with value size < query/key size inside an Inductor graph.
+"""SAS attention (value size < query/key size) inside an Inductor graph.
 
-Traced as-is, Inductor (torch 2.11 on the H200, 2.13 on CPU) gets the key gradient of such an SDPA
-call wrong: NaN on CPU in bf16 at D' = 2D, wrong values on the GPU. ``attend`` therefore pads V to the
-query size while compiling. This test compiles a SAS model with its layers traced and would see NaN
+Traced as-is, Inductor (torch 2.11 on the H200, 2.13 on CPU) got the key gradient of a SAS layer
+wrong: NaN on CPU in bf16 at D' = 2D, wrong values on the GPU. ``attend`` therefore pads V to the
+query size while compiling. This test compiles a SAS model with its layers traced and sees NaN
 without that padding.
 """
 
