@@ -22,7 +22,6 @@ import torch
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
-TRACED = {"SASFORMER_COMPILE_SAS": "1"}
 SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, inductor config overrides)
     "eager bf16, auto paths": (None, True, {}),
     "eager bf16, naive simulation": (None, True, {"SASFORMER_SIMULATE": "naive"}),
@@ -30,20 +29,18 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, auto paths": ("inductor", True, {}),
     "compiled bf16, math attention": ("inductor", True, {"SASFORMER_ATTENTION": "math"}),
     "compiled bf16, naive simulation": ("inductor", True, {"SASFORMER_SIMULATE": "naive"}),
+    "compiled bf16, banded simulation": ("inductor", True, {"SASFORMER_SIMULATE": "banded"}),
     "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),
     "compiled fp32, auto paths": ("inductor", False, {}),
     "compiled fp32, math attention": ("inductor", False, {"SASFORMER_ATTENTION": "math"}),
-    # SAS layers traced into the compiled graph (they leave it by default; sasformer/layers/sas.py), and
-    # where the fault could sit: Dynamo alone, Dynamo + AOTAutograd, Inductor without its CUDA-side passes
-    "compiled bf16, SAS traced": ("inductor", True, TRACED),
-    "compiled fp32, SAS traced, math attention": ("inductor", False, {**TRACED, "SASFORMER_ATTENTION": "math"}),
-    "SAS traced, eager backend": ("eager", True, TRACED),
-    "SAS traced, aot_eager backend": ("aot_eager", True, TRACED),
-    "SAS traced, inductor without pattern matcher": ("inductor", True, TRACED, {"pattern_matcher": False}),
-    "SAS traced, inductor without padding": ("inductor", True, TRACED, {"shape_padding": False,
-                                                                        "comprehensive_padding": False}),
+    # where a fault could sit: Dynamo alone, Dynamo + AOTAutograd, Inductor without some of its passes
+    "compiled bf16, eager backend": ("eager", True, {}),
+    "compiled bf16, aot_eager backend": ("aot_eager", True, {}),
+    "compiled bf16, inductor without pattern matcher": ("inductor", True, {}, {"pattern_matcher": False}),
+    "compiled bf16, inductor without padding": ("inductor", True, {}, {"shape_padding": False,
+                                                                      "comprehensive_padding": False}),
 }
-ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_COMPILE_SAS")
+ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION")
 
 
 def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, backend: str | None, bf16: bool,
@@ -76,7 +73,7 @@ def main() -> None:
     parser.add_argument("--attention", nargs="+", default=["mha", "sas"],
                         help="variants, optionally with arguments: sas:rope=none,kernel_size=1")
     parser.add_argument("--settings", nargs="+", default=["eager bf16, auto paths", "compiled bf16, auto paths",
-                                                        "compiled bf16, SAS traced", "compiled fp32, math attention"],
+                                                        "compiled fp32, math attention"],
                         choices=list(SETTINGS))
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--batch", type=int, default=8)

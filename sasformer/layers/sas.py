@@ -19,7 +19,6 @@ Cached decoding of a few tokens without gradients takes a shorter route with the
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -159,11 +158,6 @@ class SimulatedAttention(Attention):
         return self.o_proj(o)
 
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
-        if _run_eagerly_in_graph():
-            return _eager_forward(self, x_BTd, ctx)
-        return self._forward(x_BTd, ctx)
-
-    def _forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         if use_decode_path(self, x_BTd, ctx):
             plan, _ = decode_plan(self)
             if plan is not None:
@@ -211,27 +205,3 @@ class SimulatedAttention(Attention):
         if self.args.cache_mode == "compact":
             return 2 * self.n_kv_heads * self.head_dim * dtype.itemsize
         return self.n_sim_kv_heads * (self.sim_head_dim + self.head_dim) * dtype.itemsize
-
-
-COMPILE_ENV_VAR = "SASFORMER_COMPILE_SAS"
-
-
-def _run_eagerly_in_graph() -> bool:
-    """Whether this forward, being traced by ``torch.compile`` for training, should leave the graph.
-
-    A compiled SAS layer gave wrong gradients on the H200 (torch 2.11: every parameter upstream of the
-    attention off by a relative error of 1, with the forward right; ``benchmarks/train_check.py``,
-    docs/performance.md). The same fault shows on CPU as NaN key gradients in bf16, where it needs the
-    simulated keys feeding attention with value size < query/key size; ``attend`` now avoids that while
-    compiling (V zero-padded; ``tests/ops/test_attention_compiled.py``). Until that is confirmed on the
-    GPU, a layer that needs gradients still runs eagerly inside a compiled model (a graph break);
-    inference stays in the graph. ``SASFORMER_COMPILE_SAS=1`` traces it.
-    """
-    if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
-        return False
-    return os.environ.get(COMPILE_ENV_VAR, "") != "1"
-
-
-@torch.compiler.disable
-def _eager_forward(layer: SimulatedAttention, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
-    return layer._forward(x_BTd, ctx)

@@ -107,6 +107,25 @@ def test_chunked_several_chunks_per_token(chunk, k, features, monkeypatch):
     check("chunked", 7, 3, 6, k, 8, 10, features, torch.float64, 1e-10, 1e-10)
 
 
+@pytest.mark.parametrize("features", [True, False])
+def test_banded_traced_form_equals_the_autograd_function(features):
+    # under torch.compile the banded path runs as plain ops (the Function lost its gradients when traced
+    # on the H200); both forms must be the same function with the same gradients
+    from sasformer.ops.simulate.banded import _BandedSimulate, _banded_traced, _head_operands, _rows
+
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    ws = make_weights(3, 7, 3, 8, 10, torch.float64, features)
+    def operands():
+        return [*_head_operands(x, *ws[:4]), *(ws[4:] if features else [None] * 4)]
+
+    a = _BandedSimulate.apply(_rows(x), *operands())
+    b = _banded_traced(_rows(x), *operands())
+    torch.testing.assert_close(b, a)
+    grad = torch.randn_like(a)
+    for ga, gb in zip(torch.autograd.grad(a, [x, *ws], grad), torch.autograd.grad(b, [x, *ws], grad)):
+        torch.testing.assert_close(gb, ga)
+
+
 @pytest.mark.parametrize("impl", ["banded", "chunked"])
 def test_gemm_paths_trace_into_one_graph(impl):
     # the trainer compiles the model: the CUDA paths must not break the graph

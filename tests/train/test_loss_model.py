@@ -38,12 +38,10 @@ def test_targets_must_match_inputs():
 
 
 @pytest.mark.parametrize("attention", ["mha", "sas"])
-def test_loss_model_traces_to_one_graph(attention, monkeypatch):
-    # the trainer compiles LossModel as a whole; a graph break would split it and slow every step.
-    # SAS layers leave the graph on purpose (tests/layers/test_sas_compile.py); traced in, nothing else breaks
+def test_loss_model_traces_to_one_graph(attention):
+    # the trainer compiles LossModel as a whole; a graph break would split it and slow every step
     from sasformer import preset
 
-    monkeypatch.setenv("SASFORMER_COMPILE_SAS", "1")
     config = preset("small", attention).replace(d_model=96, n_layers=2, vocab_size=97)
     inputs, targets = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 7))
     explained = torch._dynamo.explain(LossModel(DecoderLM(config), chunk_size=5))(inputs, targets)

@@ -120,6 +120,27 @@ def _rows(x_BTHD: Tensor) -> Tensor:
     return x_BTHD.reshape(-1, x_BTHD.shape[-2] * x_BTHD.shape[-1])
 
 
+def _banded_traced(x, m1, b1, m2, b2, w3, b3, w4, b4) -> Tensor:
+    """The same function as ``_BandedSimulate`` in plain differentiable ops, for ``torch.compile``.
+
+    Traced by Dynamo on the H200 (torch 2.11), ``_BandedSimulate`` returned zero gradients for every
+    input, even with the ``eager`` backend, while the forward was right; on CPU it was right. Here
+    AOTAutograd derives the backward and its partitioner decides what to recompute.
+    """
+    a1 = torch.addmm(b1, x, m1)
+    out = torch.addmm(a1, torch.relu(a1), m2) + b2
+    if w3 is not None:
+        z1 = torch.addmm(b3, out.view(-1, w3.shape[1]), w3.t())
+        out = torch.addmm(z1, torch.relu(z1), w4.t()) + b4
+    return out
+
+
+def _simulate(x: Tensor, *operands: Tensor | None) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _banded_traced(x, *operands)
+    return _BandedSimulate.apply(x, *operands)
+
+
 def simulate_qk_banded(
     x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor,
@@ -128,12 +149,12 @@ def simulate_qk_banded(
     dt = x_BTHD.dtype
     heads = _head_operands(x_BTHD, w1, b1, w2, b2)
     features = [w.to(dt) for w in (w3, b3, w4, b4)]
-    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, *features)
+    out = _simulate(_rows(x_BTHD), *heads, *features)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
 
 
 def simulate_heads_banded(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """Head simulation only, (..., H, D) -> (..., H', D)."""
     heads = _head_operands(x_BTHD, w1, b1, w2, b2)
-    out = _BandedSimulate.apply(_rows(x_BTHD), *heads, None, None, None, None)
+    out = _simulate(_rows(x_BTHD), *heads, None, None, None, None)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], x_BTHD.shape[-1])
