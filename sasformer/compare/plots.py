@@ -1,4 +1,5 @@
-"""Validation-loss curves of a grid as PNG files (needs the optional ``plot`` extra: matplotlib)."""
+"""Validation-loss plots of a grid, and loss against compute across grids, as PNG files (needs the optional
+``plot`` extra: matplotlib)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,48 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str 
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_frontier(frontier: dict[str, Any], path: str | Path) -> Path:
+    """Final validation loss against training FLOPs: one line per entry through its budget points (seed
+    std as error bars), over each run's faint validation curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    entries = frontier["entries"]
+    colours = {e: plt.get_cmap("tab10")(i % 10) for i, e in enumerate(entries)}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for run in frontier["runs"]:
+        if run["curve"]:
+            flops, loss = zip(*run["curve"])
+            ax.plot(flops, loss, color=colours[run["entry"]], linewidth=0.8, alpha=0.3)
+    if any(run["curve"] for run in frontier["runs"]):
+        ax.plot([], [], color="grey", linewidth=0.8, alpha=0.5,
+                label="validation along each run (mid-schedule checkpoints)")
+    for entry in entries:
+        points = sorted((p for p in frontier["points"] if p["entry"] == entry), key=lambda p: p["flops"])
+        ax.errorbar([p["flops"] for p in points], [p["loss"] for p in points],
+                    yerr=[p["loss_std"] or 0.0 for p in points], color=colours[entry], marker="o", linewidth=1.6,
+                    capsize=3, label=f"{entry}: final loss per budget")
+    # the curves start near ln(vocab); keep the axis on the region the budget points occupy
+    finals = [p["loss"] for p in frontier["points"]]
+    spread = max(finals) - min(finals)
+    lowest = min([min(finals)] + [loss for run in frontier["runs"] for _, loss in run["curve"]])
+    top = max(finals) + max(0.7, 2 * spread)
+    ax.set_ylim(lowest - 0.05 - 0.1 * spread, top)
+    ax.set_xscale("log")
+    shown = [f for run in frontier["runs"] for f, loss in run["curve"] if loss <= top]
+    shown += [p["flops"] for p in frontier["points"]]
+    ax.set_xlim(min(shown) / 1.15, max(shown) * 1.15)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"loss against training compute (baseline {frontier['baseline']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
