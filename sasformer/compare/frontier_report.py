@@ -30,9 +30,9 @@ def points_table(points: list[dict[str, Any]]) -> str:
 
 
 def comparisons_table(comparisons: list[dict[str, Any]], baseline: str) -> str:
-    lines = [f"| entry | training FLOPs | val loss | {baseline} at these FLOPs | difference | "
-             f"{baseline} FLOPs for this loss | compute multiplier |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    header = (f"| entry | training FLOPs | val loss | {baseline} at these FLOPs | difference | "
+              f"{baseline} FLOPs for this loss | compute multiplier |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for c in comparisons:
         at = _pm(c["baseline_loss"], c["baseline_loss_std"], ".4f") if c["baseline_loss"] is not None \
             else "not bracketed"
@@ -89,8 +89,8 @@ def markdown_frontier(frontier: dict[str, Any]) -> str:
     parts += ["", f"Command: `{frontier.get('command', '')}`  ",
               f"Git revision: {frontier.get('git_revision') or 'unknown'}."]
     if frontier.get("plot"):
-        parts += ["", f"Plot: `{frontier['plot']}` (thin faint lines: each run's validation loss at its checkpoints, "
-                  "mid-schedule, so not finished runs at those budgets)."]
+        parts += ["", (f"Plot: `{frontier['plot']}` (thin faint lines: each run's validation loss at its "
+                       "checkpoints, mid-schedule, so not finished runs at those budgets).")]
     return "\n".join(parts) + "\n"
 
 
