@@ -59,6 +59,7 @@ class FrontierPoint:
     attention: str | None
     n: int
     seeds: list[int]
+    folders: list[str]
     run_dirs: list[str]
     tokens: float
     flops: float
@@ -176,10 +177,10 @@ def load_run(run_dir: Path, folder: Path, grid: dict[str, Any] | None) -> Fronti
     if isinstance(train, dict):
         settings = {k: v for k, v in _flatten(json.loads(json.dumps(_comparable(train), default=str))).items()
                     if k != "seed"}
-    budget = {k: (settings or {}).get(k) for k in BUDGET_KEYS} if settings else result.get("budget") or {}
-    same_config = {k: v for k, v in (settings or {}).items() if k not in BUDGET_KEYS}
-    # with no training config, runs of one entry count as one budget when their tokens per run match
-    budget_key = json.dumps([budget or tokens, same_config], sort_keys=True, default=str)
+    # runs of one entry are seeds of one point when everything but the seed matches; without a training
+    # config, when their recorded budget (else the tokens they saw) matches
+    budget_key = json.dumps(settings if settings is not None else result.get("budget") or {"tokens_seen": tokens},
+                            sort_keys=True, default=str)
     signature = json.dumps([result["entry"], seed, settings, result.get("model_config"), tokens], sort_keys=True,
                            default=str)
     epochs = None
@@ -222,7 +223,8 @@ def collect_runs(folders: Sequence[str | Path]) -> dict[str, Any]:
             info["finished"] += 1
             key = (run.id, run.signature)
             if key in kept:
-                duplicates.append({"id": run.id, "run_dir": run.run_dir, "same_as": kept[key].run_dir})
+                duplicates.append({"id": run.id, "entry": run.entry, "run_dir": run.run_dir,
+                                   "same_as": kept[key].run_dir})
                 continue
             kept[key] = run
             runs.append(run)
@@ -253,7 +255,7 @@ def seed_points(runs: Sequence[FrontierRun], entries: Sequence[str]) -> list[Fro
         epochs = None if any(r.epochs is None for r in group) else sum(r.epochs for r in group) / len(group)
         points.append(FrontierPoint(
             entry=entry, attention=group[0].attention, n=len(group), seeds=sorted(r.seed for r in group),
-            run_dirs=[r.run_dir for r in group], tokens=sum(r.tokens for r in group) / len(group),
+            folders=list(dict.fromkeys(r.folder for r in group)), run_dirs=[r.run_dir for r in group], tokens=sum(r.tokens for r in group) / len(group),
             flops=sum(r.flops for r in group) / len(group), loss=loss, loss_std=loss_std, epochs=epochs))
     order = {e: i for i, e in enumerate(entries)}
     return sorted(points, key=lambda p: (order[p.entry], p.flops))
@@ -394,7 +396,7 @@ def build_frontier(folders: Sequence[str | Path], only: Sequence[str] | None = N
         "points": [asdict(p) for p in points],
         "comparisons": [asdict(c) for c in compare_points(points, baseline)],
         "skipped": skipped,
-        "duplicates": [d for d in collected["duplicates"] if any(d["id"] == r.id for r in runs)],
+        "duplicates": [d for d in collected["duplicates"] if d["entry"] in entries],
         "notes": _notes(runs, points, baseline, collected["folders"]),
         "runs": [{"id": r.id, "entry": r.entry, "seed": r.seed, "run_dir": r.run_dir, "tokens": r.tokens,
                   "flops": r.flops, "final_val_loss": r.final_val_loss, "epochs": r.epochs,

@@ -21,11 +21,12 @@ def _epochs(value: float | None) -> str:
 
 
 def points_table(points: list[dict[str, Any]]) -> str:
-    lines = ["| entry | training FLOPs | tokens | epochs | seeds | final val loss |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| entry | training FLOPs | tokens | epochs | seeds | final val loss | from |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for p in points:
+        folders = ", ".join(Path(f).name for f in p["folders"])
         lines.append(f"| {p['entry']} | {p['flops']:.3e} | {_si(p['tokens'])} | {_epochs(p['epochs'])} | "
-                     f"{p['n']} | {_pm(p['loss'], p['loss_std'], '.4f')} |")
+                     f"{p['n']} | {_pm(p['loss'], p['loss_std'], '.4f')} | {folders} |")
     return "\n".join(lines)
 
 
@@ -76,8 +77,10 @@ def markdown_frontier(frontier: dict[str, Any]) -> str:
     parts += ["", "## Folders read", ""]
     for f in frontier["folders"]:
         budget = f.get("budget") or {}
-        budget_text = {"tokens": f"tokens {budget.get('tokens')}", "flops": f"flops {budget.get('flops')}",
-                       "time": f"time {budget.get('seconds')} s"}.get(budget.get("kind"), "budget unknown")
+        budget_text = {"tokens": f"iso-tokens: {budget.get('tokens')} tokens per run",
+                       "flops": f"iso-FLOPs: {budget.get('flops')} training FLOPs per run",
+                       "time": f"iso-time: {budget.get('seconds')} s per run"}.get(budget.get("kind"),
+                                                                                    "budget unknown")
         parts.append(f"- `{f['folder']}` ({f['kind']}, {budget_text}): {f['finished']} of {f['runs']} runs finished")
     if frontier["skipped"]:
         parts += ["", "Skipped runs:", ""] + [f"- `{s['run_dir']}`: {s['reason']}" for s in frontier["skipped"]]

@@ -61,6 +61,15 @@ def test_points_average_seeds_per_entry_and_budget(tmp_path):
     assert result["skipped"] == [] and result["duplicates"] == [] and result["notes"] == []
 
 
+def test_seeds_of_one_budget_in_two_folders_form_one_point(tmp_path):
+    small, large = two_grids(tmp_path)
+    more = tmp_path / "grid-small-more"
+    write_run(more, "mha", 2, 100.0, 1000, 3.3)
+    mha = [p for p in build_frontier([small, large, more])["points"] if p["entry"] == "mha"]
+    assert mha[0]["n"] == 3 and mha[0]["seeds"] == [0, 1, 2] and mha[0]["loss"] == pytest.approx(3.1)
+    assert [Path(f).name for f in mha[0]["folders"]] == ["grid-small", "grid-small-more"]
+
+
 def test_interpolation_in_log_flops_matches_a_hand_computation(tmp_path):
     result = build_frontier(two_grids(tmp_path), baseline="mha")
     inside, outside = result["comparisons"]
@@ -84,7 +93,7 @@ def test_interpolation_in_log_flops_matches_a_hand_computation(tmp_path):
 
 
 def _point(flops: float, loss: float, std: float | None = None) -> FrontierPoint:
-    return FrontierPoint("a", "a", 1, [0], [], 0.0, flops, loss, std, None)
+    return FrontierPoint("a", "a", 1, [0], [], [], 0.0, flops, loss, std, None)
 
 
 def test_interpolation_helpers_never_extrapolate():
@@ -162,6 +171,27 @@ def test_settings_that_differ_beyond_the_budget_are_noted(tmp_path):
     assert notes == ["the entries differ in more than attention and budget: ['optim.lr']"]
 
 
+def test_runs_without_a_training_config_are_grouped_by_budget_and_noted(tmp_path):
+    grid = tmp_path / "grid"
+    for seed, tokens, loss in ((0, 1000, 3.0), (1, 1000, 3.2), (0, 10000, 2.0)):
+        run_dir = write_run(grid / str(tokens), "mha", seed, 100.0, tokens, loss)
+        result = json.loads((run_dir / "result.json").read_text())
+        del result["train_config"]
+        result["budget"] = {"max_tokens": tokens, "max_time_s": None}
+        (run_dir / "result.json").write_text(json.dumps(result))
+    result = build_frontier([grid / "1000", grid / "10000"])
+    assert [(p["n"], p["loss"]) for p in result["points"]] == [(2, pytest.approx(3.1)), (1, 2.0)]
+    assert len(result["notes"]) == 1 and result["notes"][0].startswith("no training config in ")
+
+
+def test_a_baseline_whose_loss_rises_with_compute_is_noted(tmp_path):
+    grid = tmp_path / "grid"
+    write_run(grid, "mha", 0, 100.0, 1000, 3.0)
+    write_run(grid / "more", "mha", 0, 100.0, 2000, 3.1)
+    notes = build_frontier([grid, grid / "more"])["notes"]
+    assert len(notes) == 1 and notes[0].startswith("mha's final loss does not fall with every step up in FLOPs")
+
+
 def test_errors_name_what_to_fix(tmp_path):
     small, large = two_grids(tmp_path)
     with pytest.raises(ValueError, match="no folder given"):
@@ -195,7 +225,7 @@ def test_command_writes_the_report(tmp_path, capsys):
     assert "skipped" in printed and "mha-s9" in printed
     report = (out / "frontier.md").read_text()
     assert f"`{small.resolve()}` (grid, budget unknown): 3 of 4 runs finished" in report
-    assert "| mha | 1.000e+05 | 1k | n/a | 2 | 3.0000 ± 0.1414 |" in report
+    assert "| mha | 1.000e+05 | 1k | n/a | 2 | 3.0000 ± 0.1414 | grid-small |" in report
     assert "not bracketed: the baseline's points span 1.000e+05 to 1.000e+06 FLOPs" in report
     assert "mha-s9`: not finished" in report
     data = json.loads((out / "frontier.json").read_text())
