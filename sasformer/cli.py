@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sasformer.commands.train", "train a model from configs/*.yaml with --key value overrides"),
     "eval": ("sasformer.commands.eval", "perplexity, zero-shot tasks and MQAR for a checkpoint or saved model"),
     "compare": ("sasformer.commands.compare", "train a grid of variants x seeds on one budget and report the comparison"),
+    "frontier": ("sasformer.commands.frontier", "final loss against training FLOPs across grid folders, each entry against a baseline at equal compute"),
     "export": ("sasformer.commands.export", "convert a training checkpoint to a Hugging Face model directory"),
     "generate": ("sasformer.commands.generate", "continue a prompt with a trained model"),
     "lm-eval": ("sasformer.commands.lm_eval", "run lm-evaluation-harness with sasformer models registered"),
