@@ -208,7 +208,7 @@ def collect_runs(folders: Sequence[str | Path]) -> dict[str, Any]:
     read: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], FrontierRun] = {}
     for given in folders:
-        folder = Path(given).resolve()
+        folder = Path(given)  # as given: reports name the folders the way the user did
         kind, dirs = run_dirs(folder)
         grid = _grid_results(folder, kind)
         info = {"folder": str(folder), "kind": kind, "runs": len(dirs), "finished": 0,
