@@ -272,12 +272,19 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     else:
         result.update(summarize_metrics(plan.run_dir / "metrics.jsonl", config.batch_size * config.seq_len,
                                         plan.train_flops_per_token, peak))
+    # where a run's wall time goes (setup and compilation count as training), to plan device time
+    seconds = {"training": time.perf_counter() - start, "zero_shot": None, "mqar": None}
     if tasks and diverged is None:
+        began = time.perf_counter()
         result["zero_shot"], result["zero_shot_avg"] = _zero_shot(
             spec, tasks, latest_checkpoint(plan.run_dir / "checkpoints"), data_dir, device, log)
+        seconds["zero_shot"] = time.perf_counter() - began
     if spec.eval.mqar.enabled and diverged is None:
+        began = time.perf_counter()
         result["mqar_accuracy"] = _mqar(spec, plan, device)
+        seconds["mqar"] = time.perf_counter() - began
     result["wall_seconds_last_attempt"] = time.perf_counter() - start
+    result["wall_seconds_split"] = seconds
     result["environment"] = environment(device)  # each run's own: a resumed grid may span machines
     result["model_config"] = model_config.to_dict()
     result["train_config"] = plan.train

@@ -36,6 +36,9 @@ def test_two_run_grid_end_to_end(tmp_path, prepared_data):
         assert run["tokens_per_s"] > 0 and run["train_seconds"] > 0 and run["params"] > 0
         assert run["mfu"] is None and run["peak_mem_gib"] is None  # CPU: no peak to compare against
         assert run["zero_shot"] is None and run["mqar_accuracy"] is None
+        split = run["wall_seconds_split"]
+        assert split["zero_shot"] is None and split["mqar"] is None
+        assert 0 < split["training"] <= run["wall_seconds_last_attempt"]
         assert (grid / "runs" / run["id"] / "result.json").is_file()
     sas = saved["runs"][1]
     assert sas["train_flops_per_token"] > saved["runs"][0]["train_flops_per_token"]
@@ -139,6 +142,9 @@ def test_zero_shot_and_mqar_after_each_run(tmp_path, prepared_data):
     assert run["zero_shot_avg"] == pytest.approx(run["zero_shot"]["toy"]["acc"])
     assert run["zero_shot_avg"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert 0.0 <= run["mqar_accuracy"] <= 1.0
+    split = run["wall_seconds_split"]
+    assert split["zero_shot"] > 0 and split["mqar"] > 0
+    assert sum(split.values()) <= run["wall_seconds_last_attempt"]
     assert "Zero-shot accuracy per task" in (tmp_path / "grid" / "results.md").read_text()
 
 
