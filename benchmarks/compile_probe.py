@@ -7,6 +7,7 @@ fault sits. It compiles the SAS layer (each simulation implementation, and with 
 backend), then the simulation ops, RoPE and attention alone, with Dynamo's ``eager`` backend (graph
 capture only) and ``aot_eager`` (plus AOTAutograd), and prints, per input, the relative L2 error of the
 traced gradient against the eager one, in fp32: about 1e-7 is right; 1 means the gradient was lost.
+Exits 1 when a case exceeds ``--max-error``.
 (Inductor is left out on purpose: it changes the arithmetic, and ``train_check`` covers it.)
 """
 
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512, help="8 x 512 tokens reach the CUDA 'banded' default")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--max-error", type=float, default=1e-3,
+                        help="fail above this (fp32 rounding gives about 1e-6; the faults this finds gave 1)")
     args = parser.parse_args()
     dev, B, T = args.device, args.batch, args.seq_len
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -90,19 +93,26 @@ def main() -> None:
 
     name = torch.cuda.get_device_name() if dev == "cuda" else dev
     lines = [f"`{shlex.join(['benchmarks/compile_probe.py', *sys.argv[1:]])}` on {name}, torch {torch.__version__}",
-             "", "| case | backend | relative gradient error per input |", "|---|---|---|"]
+             "", "| case | backend | result | relative gradient error per input |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    failures = 0
     for label, fn, inputs, env in cases:
         for backend in args.backends:
             try:
                 with mock.patch.dict(os.environ, env):
-                    errors = " ".join(f"{e:.2g}" for e in gradient_errors(fn, inputs, backend))
+                    values = gradient_errors(fn, inputs, backend)
+                ok = all(e <= args.max_error for e in values)  # NaN fails
+                errors = " ".join(f"{e:.2g}" for e in values)
             except Exception as error:  # noqa: BLE001 -- one failing case must not hide the others
-                errors = f"failed: {type(error).__name__}: {str(error)[:80]}"
-            lines.append(f"| {label} | {backend} | {errors} |")
+                ok, errors = False, f"{type(error).__name__}: {str(error)[:80]}"
+            failures += not ok
+            lines.append(f"| {label} | {backend} | {'pass' if ok else 'FAIL'} | {errors} |")
             print(lines[-1], flush=True)
+    lines += ["", f"Limit {args.max_error}: " + ("every case passed." if not failures else f"{failures} case(s) FAILED.")]
+    print(lines[-1])
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":
