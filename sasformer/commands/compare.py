@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", help="comma-separated entry names: run only these entries of the grid (e.g. mha,sas)")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write results from the finished runs and list the missing ones")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start a run only if it should end within SECONDS of this command's start (judged by "
+                             "the longest run so far; the first always starts), e.g. for a job time limit; re-run "
+                             "the command later for the rest")
     parser.epilog = "grid overrides: --KEY VALUE for any key of the YAML file, e.g. --budget.tokens 2e6"
     accept_overrides(parser)
 
@@ -78,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     command = shlex.join(["sasformer", "compare", "--config", str(args.config)]
                          + (["--out", str(args.out)] if args.out else [])
-                         + (["--only", args.only] if args.only else []) + list(getattr(args, "overrides", [])))
-    results = run_grid(spec, grid_dir, command, report_only=args.report)
+                         + (["--only", args.only] if args.only else [])
+                         + (["--time-limit", f"{args.time_limit:g}"] if args.time_limit else [])
+                         + list(getattr(args, "overrides", [])))
+    results = run_grid(spec, grid_dir, command, report_only=args.report, time_limit_s=args.time_limit)
     if results["missing_runs"]:
         print(f"not run yet (left out of the tables): {', '.join(results['missing_runs'])}")
     print(markdown_table(results["aggregates"]))

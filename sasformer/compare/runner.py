@@ -331,19 +331,24 @@ def grid_lock(grid_dir: Path) -> Iterator[None]:
 
 
 def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log = _stderr,
-             report_only: bool = False) -> dict[str, Any]:
+             report_only: bool = False, time_limit_s: float | None = None) -> dict[str, Any]:
     """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``.
 
     ``report_only`` trains nothing: the results cover the finished runs and list the others as missing
-    (a grid run in parts, e.g. one device session at a time).
+    (a grid run in parts, e.g. one device session at a time). ``time_limit_s``: start a run only if it
+    should end within that many seconds of this call's start, judged by the longest run of this call so
+    far (the first run always starts); the runs left out are listed as missing, for the next call.
     """
+    if time_limit_s is not None and not time_limit_s > 0:
+        raise ValueError(f"time limit {time_limit_s} s must be > 0")
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     with grid_lock(grid_dir):
-        return _run_grid(spec, grid_dir, command, log, report_only)
+        return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s)
 
 
-def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool) -> dict[str, Any]:
+def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool,
+              time_limit_s: float | None) -> dict[str, Any]:
     import torch
 
     from sasformer.compare.env import environment
@@ -364,6 +369,7 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
 
         tasks = read_eval_dir(spec.eval.zero_shot_dir, spec.eval.zero_shot_tasks, spec.eval.zero_shot_limit)
 
+    called = time.perf_counter()
     runs: list[dict[str, Any]] = []
     finished = [load_finished(p) for p in plans]
     todo = sum(r is None for r in finished)
@@ -375,6 +381,11 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
             runs.append(result)
             continue
         if report_only:
+            missing.append(plan.id)
+            continue
+        if time_limit_s is not None and spent and time.perf_counter() - called + max(spent) > time_limit_s:
+            log(f"[run {index}/{len(plans)}] {plan.id} not started: it would likely end after the time limit "
+                f"of {time_limit_s:g} s (longest run so far {_duration(max(spent))})")
             missing.append(plan.id)
             continue
         left = todo - len(spent)

@@ -109,6 +109,21 @@ def test_interrupted_grid_resumes_without_redoing_finished_runs(tmp_path, prepar
     assert steps_done == {}
 
 
+def test_time_limit_leaves_runs_that_would_overrun_for_the_next_call(tmp_path, prepared_data):
+    spec = GridSpec.from_dict(grid_dict(prepared_data, tmp_path / "grid", variants=["mha"], seeds=(0, 1)))
+    logged: list[str] = []
+    # the first run always starts; after it, any run would end past a 1 ms limit
+    results = run_grid(spec, tmp_path / "grid", log=logged.append, time_limit_s=1e-3)
+    assert [r["id"] for r in results["runs"]] == ["mha-s0"] and results["missing_runs"] == ["mha-s1"]
+    assert any("mha-s1 not started" in line for line in logged)
+    assert not (tmp_path / "grid" / "runs" / "mha-s1").exists()
+    # the next call without a limit finishes the grid and keeps the first run
+    results = run_grid(spec, tmp_path / "grid", log=lambda _: None)
+    assert [r["id"] for r in results["runs"]] == ["mha-s0", "mha-s1"] and results["missing_runs"] == []
+    with pytest.raises(ValueError, match="must be > 0"):
+        run_grid(spec, tmp_path / "grid", log=lambda _: None, time_limit_s=0)
+
+
 def test_finished_run_with_another_config_is_an_error(tmp_path, prepared_data):
     _run(tmp_path, prepared_data, variants=["mha"])
     grid = grid_dict(prepared_data, tmp_path / "grid", variants=["mha"])
