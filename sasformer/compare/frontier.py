@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sasformer.compare.report import mean_std
-from sasformer.compare.runner import RESULT_FILE, _comparable
+from sasformer.compare.runner import RESULT_FILE, comparable_train_config
 
 METRICS_FILE = "metrics.jsonl"
 # what a run's result.json must hold to become a point
@@ -175,7 +175,7 @@ def load_run(run_dir: Path, folder: Path, grid: dict[str, Any] | None) -> Fronti
     train = result.get("train_config")
     settings = None
     if isinstance(train, dict):
-        settings = {k: v for k, v in _flatten(json.loads(json.dumps(_comparable(train), default=str))).items()
+        settings = {k: v for k, v in _flatten(json.loads(json.dumps(comparable_train_config(train), default=str))).items()
                     if k != "seed"}
     # runs of one entry are seeds of one point when everything but the seed matches; without a training
     # config, when their recorded budget (else the tokens they saw) matches

@@ -107,7 +107,8 @@ def plan_runs(spec: GridSpec, data_dir: Path, vocab_size: int, grid_dir: Path) -
     return plans
 
 
-def _comparable(train: dict[str, Any]) -> dict[str, Any]:
+def comparable_train_config(train: dict[str, Any]) -> dict[str, Any]:
+    """A run's training config without the keys that may differ between calls of one grid (output, progress)."""
     return {k: v for k, v in train.items() if k not in _VOLATILE_KEYS}
 
 
@@ -126,8 +127,8 @@ def load_finished(plan: RunPlan) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    saved = json.loads(json.dumps(_comparable(result["train_config"]), default=str))
-    wanted = json.loads(json.dumps(_comparable(plan.train), default=str))
+    saved = json.loads(json.dumps(comparable_train_config(result["train_config"]), default=str))
+    wanted = json.loads(json.dumps(comparable_train_config(plan.train), default=str))
     if saved != wanted:
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(
