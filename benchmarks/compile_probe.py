@@ -75,10 +75,11 @@ def main() -> None:
     qs, ks = (torch.randn(B, 16, T, 128, device=dev) for _ in range(2))
     vs = torch.randn(B, 16, T, 64, device=dev)
     cases: list[tuple[str, Callable, list[torch.Tensor], dict[str, str]]] = []
-    for impl in (None, "naive", "matmul", "banded", "chunked"):
+    impls = ["naive", "matmul", "banded", "chunked"] + (["triton"] if dev == "cuda" and simulate.triton_available() else [])
+    for impl in (None, *impls):
         cases.append((f"layer, simulation {impl or 'auto'}", run_layer, [x], {"SASFORMER_SIMULATE": impl or ""}))
     cases.append(("layer, math attention", run_layer, [x], {"SASFORMER_ATTENTION": "math"}))
-    for impl in ("naive", "matmul", "banded", "chunked"):
+    for impl in impls:
         cases.append((f"simulate_qk {impl}", lambda q, *w, i=impl: simulate.simulate_qk(q, *w, impl=i), [q, *ws], {}))
         cases.append((f"simulate_qk {impl} + rope", lambda q, *w, i=impl: simulate.simulate_qk(
             q, *w, impl=i, rope=(cos, sin)), [q, *ws], {}))

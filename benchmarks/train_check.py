@@ -33,6 +33,7 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, math attention": ("inductor", True, {"SASFORMER_ATTENTION": "math"}),
     "compiled bf16, naive simulation": ("inductor", True, {"SASFORMER_SIMULATE": "naive"}),
     "compiled bf16, banded simulation": ("inductor", True, {"SASFORMER_SIMULATE": "banded"}),
+    "compiled bf16, triton simulation": ("inductor", True, {"SASFORMER_SIMULATE": "triton"}),
     "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),
     "compiled fp32, auto paths": ("inductor", False, {}),
     "compiled fp32, math attention": ("inductor", False, {"SASFORMER_ATTENTION": "math"}),

@@ -354,3 +354,42 @@ def test_default_impl_rule(has_triton, flag, monkeypatch):
     assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(1, big - 1, 12, 64), dtype=torch.bfloat16)) == "naive"
     assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(2, big, 12, 64), dtype=torch.float64)) == "banded"
     assert simulate.default_impl(torch.randn(2, big, 1, 1)) == "naive"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_triton_impl_traces_into_one_graph_with_eager_gradients(monkeypatch):
+    # the fused kernels are custom ops: a compiled SAS model that forces them keeps one graph, and its
+    # gradients are those of eager (Inductor calls the ops as they are)
+    import copy
+
+    from sasformer.models.decoder import DecoderLM
+    from sasformer.models.presets import preset
+
+    monkeypatch.setenv(simulate.ENV_VAR, "triton")
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", "sas", n_layers=1, vocab_size=61, max_seq_len=16)).to(DEVICE)
+    ids = torch.randint(0, 61, (2, 7), device=DEVICE)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, targets=ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    eager = copy.deepcopy(model)
+    eager(ids, targets=ids).backward()
+    torch._dynamo.reset()
+    torch.compile(model)(ids, targets=ids).backward()
+    torch._dynamo.reset()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+@pytest.mark.parametrize("features", [True, False])
+def test_fused_custom_ops_pass_opcheck(features):
+    from sasformer.ops.simulate import fused
+
+    x = torch.randn(5, 3, 8, device=DEVICE)
+    ws = [w.detach() for w in make_weights(3, 6, 3, 8, 12, torch.float32, features)]
+    feats = ws[4:] if features else [None] * 4
+    cos, sin = (torch.randn(1, 5, 12, device=DEVICE) for _ in range(2)) if features else (None, None)
+    torch.library.opcheck(fused.simulate_fused_op, (x, *ws[:4], *feats, 5, cos, sin))
+    dy2 = torch.randn(5, 6, 8, device=DEVICE)
+    torch.library.opcheck(fused.heads_backward_op, (x, *ws[:4], dy2))

@@ -78,9 +78,11 @@ def default_impl(x: Tensor) -> str:
     CUDA, at least ``BANDED_MIN_TOKENS`` tokens: ``triton`` (reads the compact heads once, writes
     the simulated tensor once) when Triton is installed, the dtype is one the kernels take and
     ``TRITON_DEFAULT`` is set, else ``banded`` (tensor-core-sized GEMMs; 1.9x the reference layer at
-    GPT-small). Under ``torch.compile`` ``banded``: the fused op is a graph break there, while the
-    banded GEMMs trace into the graph. Fewer tokens (decoding, short prompts): ``naive``. CPU: ``naive`` (the fastest there:
-    a tiny-preset SAS training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2 cores).
+    GPT-small). Under ``torch.compile`` ``banded``, until the fused kernels (custom ops, traced into
+    the graph) are measured compiled against it; ``impl="triton"`` or ``SASFORMER_SIMULATE=triton``
+    picks them there. Fewer tokens (decoding, short prompts): ``naive``. CPU: ``naive`` (the fastest
+    there: a tiny-preset SAS training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2
+    cores).
     """
     if not (x.is_cuda and x.shape[0] * x.shape[1] >= BANDED_MIN_TOKENS):
         return "naive"
@@ -95,13 +97,11 @@ def _triton_ops():
     return fused
 
 
-# the fused kernels run outside torch.compile's graph (a graph break), so compiled models keep them
-@torch.compiler.disable
+# the fused kernels are custom ops: torch.compile traces them as opaque calls, in one graph
 def _qk_triton(*args) -> Tensor:
     return _triton_ops().simulate_qk_triton(*args)
 
 
-@torch.compiler.disable
 def _heads_triton(*args: Tensor) -> Tensor:
     return _triton_ops().simulate_heads_triton(*args)
 

@@ -363,8 +363,8 @@ def _heads_backward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, d
         PREC=_precision(x.dtype), **s.heads(),
     )
     # (K, C_in, C_out) taps back to the (C_out, C_in, K) conv layout
-    gw1 = dw1.sum(0)[:, : s.H, : s.HS].permute(2, 1, 0).to(w1.dtype)
-    gw2 = dw2.sum(0)[:, : s.HS, : s.HS].permute(2, 1, 0).to(w2.dtype)
+    gw1 = dw1.sum(0)[:, : s.H, : s.HS].permute(2, 1, 0).to(w1.dtype).contiguous()
+    gw2 = dw2.sum(0)[:, : s.HS, : s.HS].permute(2, 1, 0).to(w2.dtype).contiguous()
     return dx, gw1, db1.sum(0)[: s.HS].to(b1.dtype), gw2, db2.sum(0)[: s.HS].to(b2.dtype)
 
 
@@ -388,17 +388,43 @@ def _features_backward(y2: Tensor, g: Tensor, w3: Tensor, b3: Tensor, w4: Tensor
     return dy2, dw3, dz1.sum(0), dw4, g2.sum(0)
 
 
+# The kernels are custom ops, so that torch.compile keeps a model that uses them in one graph (each op
+# is an opaque call there); the fake implementations give the compiler the output shapes.
+@torch.library.custom_op("sasformer::simulate_fused", mutates_args=())
+def simulate_fused_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor | None,
+                      b3: Tensor | None, w4: Tensor | None, b4: Tensor | None, T: int, cos: Tensor | None,
+                      sin: Tensor | None) -> Tensor:
+    """Forward kernel: x (N, H, D) -> (N, H', D') with the feature MLP (``w3`` given), else (N, H', D)."""
+    return _forward(x, w1, b1, w2, b2, w3, b3, w4, b4, T, (cos, sin) if cos is not None else None)
+
+
+@simulate_fused_op.register_fake
+def _(x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin):
+    return x.new_empty(x.shape[0], w1.shape[0], w3.shape[0] if w3 is not None else x.shape[-1])
+
+
+@torch.library.custom_op("sasformer::simulate_heads_fused_backward", mutates_args=())
+def heads_backward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                      dy2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward kernel of the head simulation: dx, dw1, db1, dw2, db2 from dY2 (N, H', D)."""
+    return _heads_backward(x, w1, b1, w2, b2, dy2)
+
+
+@heads_backward_op.register_fake
+def _(x, w1, b1, w2, b2, dy2):
+    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2)
+
+
 class _SimulateTriton(torch.autograd.Function):
     """Forward: one fused kernel. Backward: the head simulation again (fused kernel, Y2 only), the
     feature MLP's gradients as GEMMs, then the fused head-simulation backward kernel."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin):  # type: ignore[override]
-        rope = (cos, sin) if cos is not None else None
-        out = _forward(x, w1, b1, w2, b2, w3, b3, w4, b4, T, rope)
+        out = simulate_fused_op(x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin)
         ctx.save_for_backward(x, w1, b1, w2, b2, *(t for t in (w3, b3, w4, b4) if t is not None),
-                              *(rope if rope is not None else ()))
-        ctx.features, ctx.rope, ctx.T = w3 is not None, rope is not None, T
+                              *((cos, sin) if cos is not None else ()))
+        ctx.features, ctx.rope, ctx.T = w3 is not None, cos is not None, T
         return out
 
     @staticmethod
@@ -411,11 +437,11 @@ class _SimulateTriton(torch.autograd.Function):
             if ctx.rope:
                 cos, sin = rest[-2:]
                 g = rotate_transposed(g.view(-1, ctx.T, *g.shape[1:]), cos, sin).view(g.shape)
-            y2 = _forward(x, w1, b1, w2, b2, None, None, None, None, 1, None)
+            y2 = simulate_fused_op(x, w1, b1, w2, b2, None, None, None, None, 1, None, None)
             g, dw3, db3, dw4, db4 = _features_backward(y2, g, w3, b3, w4)
             del y2
             feat = (dw3.to(w3.dtype), db3.to(b3.dtype), dw4.to(w4.dtype), db4.to(b4.dtype))
-        head = _heads_backward(x, w1, b1, w2, b2, g.contiguous())
+        head = heads_backward_op(x, w1, b1, w2, b2, g.contiguous())
         return (*head, *feat, None, None, None)
 
 
