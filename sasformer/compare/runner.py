@@ -8,6 +8,7 @@ interrupted grid re-run skips finished runs and resumes an unfinished one from i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -205,15 +206,23 @@ def _zero_shot(spec: GridSpec, tasks: dict[str, list], checkpoint: Path, data_di
     return metrics, sum(m["acc"] for m in metrics.values()) / len(metrics)
 
 
-def _mqar(spec: GridSpec, plan: RunPlan, device) -> float:
-    from sasformer.eval.mqar import MQARConfig, train_mqar, variant_configs
+def _mqar(spec: GridSpec, plan: RunPlan, model_config, device) -> float:
+    from sasformer.eval.mqar import MQARConfig, probe_attention_args, train_mqar, variant_configs
+    from sasformer.models.presets import SIZES, Size
+    from sasformer.train.config import TrainConfig
 
     m = spec.eval.mqar
     task = MQARConfig(num_kv_pairs=m.num_kv_pairs, seq_len=m.seq_len, vocab_size=m.vocab_size,
                       num_queries=m.num_queries)
     attention = plan.variant.attention
-    config = variant_configs([attention], task, m.d_model, m.n_layers, m.n_heads,
-                             {attention: dict(plan.variant.attention_args)})[attention]
+    probe = Size(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, max_seq_len=task.seq_len,
+                 vocab_size=task.vocab_size)
+    # the entry's overrides were written for the trained model: carry them to the probe's size
+    preset_size = SIZES[TrainConfig.from_dict(plan.train).model.size]
+    main = dataclasses.replace(preset_size, d_model=model_config.d_model, n_layers=model_config.n_layers,
+                               max_seq_len=model_config.max_seq_len, vocab_size=model_config.vocab_size)
+    args = probe_attention_args(attention, dict(plan.variant.attention_args), main, probe)
+    config = variant_configs([attention], task, m.d_model, m.n_layers, m.n_heads, {attention: args})[attention]
     result = train_mqar(config, task, steps=m.steps, batch_size=m.batch_size, lr=m.lr, weight_decay=m.weight_decay,
                         n_test=m.n_test, seed=plan.seed, device=device)
     return result.accuracy
@@ -282,7 +291,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
         seconds["zero_shot"] = time.perf_counter() - began
     if spec.eval.mqar.enabled and diverged is None:
         began = time.perf_counter()
-        result["mqar_accuracy"] = _mqar(spec, plan, device)
+        result["mqar_accuracy"] = _mqar(spec, plan, model_config, device)
         seconds["mqar"] = time.perf_counter() - began
     result["wall_seconds_last_attempt"] = time.perf_counter() - start
     result["wall_seconds_split"] = seconds

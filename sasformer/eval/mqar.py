@@ -172,6 +172,36 @@ def train_mqar(
     return MQARResult(accuracy, sum(tail) / len(tail), losses, steps, seconds, model.num_parameters())
 
 
+def _resolved_base(size: Any, attention: str) -> dict[str, Any]:
+    from sasformer.models.config import ModelConfig
+    from sasformer.models.presets import matched_attention_args
+
+    config = ModelConfig(vocab_size=size.vocab_size, d_model=size.d_model, n_layers=size.n_layers,
+                         max_seq_len=size.max_seq_len, attention=attention,
+                         attention_args=matched_attention_args(size, attention))
+    return config.resolved_attention_args().to_dict()
+
+
+def probe_attention_args(attention: str, overrides: dict[str, Any], main: Any, probe: Any) -> dict[str, Any]:
+    """Attention overrides written for a model of size ``main``, carried to the probe's size ``probe``
+    (both :class:`~sasformer.models.presets.Size`).
+
+    A size given in absolute numbers means something else on the probe: 16 heads of 32 on an 8-head,
+    d=512 model is "twice the heads at half the size", but on the 4-head, d=64 probe it would be an
+    attention 8x wider than the probe's. So each integer override is scaled by the ratio of that
+    argument's value without overrides, probe over main (16 heads -> 8 on the 4-head probe; a head size
+    of 32 -> 8); an argument equal at both sizes (a kernel size) and every non-integer (flags, modes)
+    passes as it is.
+    """
+    base_main, base_probe = _resolved_base(main, attention), _resolved_base(probe, attention)
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        a, b = base_main.get(key), base_probe.get(key)
+        numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in (value, a, b))
+        out[key] = max(1, round(value * b / a)) if numeric and a else value
+    return out
+
+
 def variant_configs(
     variants: Sequence[str],
     task: MQARConfig,

@@ -68,3 +68,23 @@ def test_tiny_mha_learns_recall_beyond_copying_a_value():
         torch.set_num_threads(threads)
     assert result.final_loss < 0.5 * result.losses[0]
     assert result.accuracy > 0.4
+
+
+@pytest.mark.parametrize("attention, overrides, expected", [
+    # twice the heads at half the size stays that on the 4-head, d=64 probe (not an 8x wider attention)
+    ("mha", {"n_heads": 16, "head_dim": 32}, {"n_heads": 8, "head_dim": 8}),
+    ("sas", {"n_sim_heads": 32}, {"n_sim_heads": 16}),  # 4H
+    ("sas", {"sim_head_dim": 64}, {"sim_head_dim": 16}),  # D' = D
+    ("sas", {"n_kv_heads": 2}, {"n_kv_heads": 1}),  # a quarter of the heads
+    ("sas", {"kernel_size": 1, "rope": "before", "peaa": "full"}, {"kernel_size": 1, "rope": "before", "peaa": "full"}),
+])
+def test_probe_attention_args_keep_the_ratios_of_the_trained_model(attention, overrides, expected):
+    from sasformer.eval.mqar import probe_attention_args, variant_configs
+    from sasformer.models.presets import SIZES, Size
+
+    probe = Size(d_model=64, n_layers=2, n_heads=4, max_seq_len=64, vocab_size=64)
+    args = probe_attention_args(attention, overrides, SIZES["mini"], probe)
+    assert args == expected
+    task = MQARConfig(seq_len=64, vocab_size=64)
+    config = variant_configs([attention], task, 64, 2, 4, {attention: args})[attention]
+    config.resolved_attention_args()  # a valid probe model
