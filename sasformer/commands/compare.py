@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start a run only if it should end within SECONDS of this command's start (judged by "
                              "the longest run so far; the first always starts), e.g. for a job time limit; re-run "
                              "the command later for the rest")
+    parser.add_argument("--redo-mqar", action="store_true",
+                        help="run the MQAR probe of every finished run again and update its result (after a change "
+                             "to the probe); with --report nothing else trains")
     parser.epilog = "grid overrides: --KEY VALUE for any key of the YAML file, e.g. --budget.tokens 2e6"
     accept_overrides(parser)
 
@@ -84,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
                          + (["--out", str(args.out)] if args.out else [])
                          + (["--only", args.only] if args.only else [])
                          + (["--time-limit", f"{args.time_limit:g}"] if args.time_limit else [])
+                         + (["--redo-mqar"] if args.redo_mqar else [])
                          + list(getattr(args, "overrides", [])))
-    results = run_grid(spec, grid_dir, command, report_only=args.report, time_limit_s=args.time_limit)
+    results = run_grid(spec, grid_dir, command, report_only=args.report, time_limit_s=args.time_limit,
+                       redo_mqar=args.redo_mqar)
     if results["missing_runs"]:
         print(f"not run yet (left out of the tables): {', '.join(results['missing_runs'])}")
     print(markdown_table(results["aggregates"]))

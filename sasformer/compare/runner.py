@@ -341,24 +341,44 @@ def grid_lock(grid_dir: Path) -> Iterator[None]:
 
 
 def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log = _stderr,
-             report_only: bool = False, time_limit_s: float | None = None) -> dict[str, Any]:
+             report_only: bool = False, time_limit_s: float | None = None, redo_mqar: bool = False) -> dict[str, Any]:
     """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``.
 
     ``report_only`` trains nothing: the results cover the finished runs and list the others as missing
     (a grid run in parts, e.g. one device session at a time). ``time_limit_s``: start a run only if it
     should end within that many seconds of this call's start, judged by the longest run of this call so
     far (the first run always starts); the runs left out are listed as missing, for the next call.
+    ``redo_mqar`` runs the MQAR probe of every finished run again (after a change to the probe) and
+    rewrites its ``result.json``, noting the previous value and the device.
     """
     if time_limit_s is not None and not time_limit_s > 0:
         raise ValueError(f"time limit {time_limit_s} s must be > 0")
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     with grid_lock(grid_dir):
-        return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s)
+        return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s, redo_mqar)
+
+
+def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) -> dict[str, Any]:
+    import torch
+
+    from sasformer.compare.env import environment
+    from sasformer.models.config import ModelConfig
+
+    if result.get("diverged") is not None:
+        return result
+    device = torch.device("cuda" if torch.cuda.is_available() and plan.train.get("device", "auto") != "cpu" else "cpu")
+    previous = result.get("mqar_accuracy")
+    accuracy = _mqar(spec, plan, ModelConfig.from_dict(result["model_config"]), device)
+    log(f"  {plan.id}: MQAR {previous} -> {accuracy:.4f} ({device.type})")
+    result = {**result, "mqar_accuracy": accuracy,
+              "mqar_redone": {"previous": previous, "device": device.type, "environment": environment(device)}}
+    _write_json_atomic(plan.run_dir / RESULT_FILE, result)
+    return result
 
 
 def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool,
-              time_limit_s: float | None) -> dict[str, Any]:
+              time_limit_s: float | None, redo_mqar: bool = False) -> dict[str, Any]:
     import torch
 
     from sasformer.compare.env import environment
@@ -388,6 +408,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
     missing: list[str] = []
     for index, (plan, result) in enumerate(zip(plans, finished), start=1):
         if result is not None:
+            if redo_mqar and spec.eval.mqar.enabled:
+                result = _redo_mqar(spec, plan, result, log)
             runs.append(result)
             continue
         if report_only:

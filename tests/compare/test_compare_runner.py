@@ -163,6 +163,23 @@ def test_zero_shot_and_mqar_after_each_run(tmp_path, prepared_data):
     assert "Zero-shot accuracy per task" in (tmp_path / "grid" / "results.md").read_text()
 
 
+def test_redo_mqar_reruns_the_probe_of_finished_runs(tmp_path, prepared_data):
+    mqar = {"enabled": True, "d_model": 32, "n_layers": 1, "n_heads": 2, "steps": 3, "batch_size": 4, "n_test": 8,
+            "seq_len": 16, "vocab_size": 16, "num_kv_pairs": 2, "num_queries": 2}
+    spec, results = _run(tmp_path, prepared_data, variants=["mha"], eval={"mqar": mqar})
+    first = results["runs"][0]["mqar_accuracy"]
+    path = tmp_path / "grid" / "runs" / "mha-s0" / "result.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "mqar_accuracy": 2.0}))  # as if made by another probe
+    steps = saved["steps"]
+    results = run_grid(spec, tmp_path / "grid", log=lambda _: None, report_only=True, redo_mqar=True)
+    run = results["runs"][0]
+    # the probe is seeded: the same accuracy again, the old value kept beside it, nothing retrained
+    assert run["mqar_accuracy"] == first and run["mqar_redone"]["previous"] == 2.0
+    assert run["mqar_redone"]["device"] == "cpu" and run["steps"] == steps
+    assert json.loads(path.read_text())["mqar_accuracy"] == first
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     spec = GridSpec.from_dict(grid_dict(tmp_path / "nowhere", tmp_path / "grid"))
     with pytest.raises(ValueError, match="not a complete prepared data folder"):
