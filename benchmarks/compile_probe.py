@@ -75,7 +75,9 @@ def main() -> None:
     qs, ks = (torch.randn(B, 16, T, 128, device=dev) for _ in range(2))
     vs = torch.randn(B, 16, T, 64, device=dev)
     cases: list[tuple[str, Callable, list[torch.Tensor], dict[str, str]]] = []
-    impls = ["naive", "matmul", "banded", "chunked"] + (["triton"] if dev == "cuda" and simulate.triton_available() else [])
+    impls = ["naive", "matmul", "banded", "chunked"]
+    if dev == "cuda" and simulate.triton_available():
+        impls.append("triton")
     for impl in (None, *impls):
         cases.append((f"layer, simulation {impl or 'auto'}", run_layer, [x], {"SASFORMER_SIMULATE": impl or ""}))
     cases.append(("layer, math attention", run_layer, [x], {"SASFORMER_ATTENTION": "math"}))
@@ -85,7 +87,8 @@ def main() -> None:
             q, *w, impl=i, rope=(cos, sin)), [q, *ws], {}))
         cases.append((f"simulate_heads {impl}", lambda q, *w, i=impl: simulate.simulate_heads(q, *w, impl=i),
                       [q, *ws[:4]], {}))
-    cases.append(("rope_simulated", lambda y: rope_simulated(y, cos, sin), [torch.randn(B, T, 16, 128, device=dev)], {}))
+    y = torch.randn(B, T, 16, 128, device=dev)
+    cases.append(("rope_simulated", lambda y: rope_simulated(y, cos, sin), [y], {}))
     for backend in ("auto", "math", "default"):
         cases.append((f"attend q/k 128, v 64, {backend}", lambda a, b, c, be=backend: attend(
             a, b, c, None, scale=0.1, backend=be), [qs, ks, vs], {}))

@@ -638,7 +638,8 @@ def markdown(res: dict) -> str:
     model = res.get("model", {})
     if model:
         lines += ["## GPT-small training (random tokens, fused AdamW, bf16 autocast)", "",
-                  f"SAS rows without a path in their name use the automatic simulation path: `{model.get('simulation_impl')}`.", "",
+                  ("SAS rows without a path in their name use the automatic simulation path: "
+                   f"`{model.get('simulation_impl')}`."), "",
                   "| T | mode | variant | tokens/s | vs MHA | peak GiB | vs MHA | params |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, row in model.items():

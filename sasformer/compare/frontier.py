@@ -175,7 +175,8 @@ def load_run(run_dir: Path, folder: Path, grid: dict[str, Any] | None) -> Fronti
     train = result.get("train_config")
     settings = None
     if isinstance(train, dict):
-        settings = {k: v for k, v in _flatten(json.loads(json.dumps(comparable_train_config(train), default=str))).items()
+        comparable = json.loads(json.dumps(comparable_train_config(train), default=str))
+        settings = {k: v for k, v in _flatten(comparable).items()
                     if k != "seed"}
     # runs of one entry are seeds of one point when everything but the seed matches; without a training
     # config, when their recorded budget (else the tokens they saw) matches
