@@ -1,8 +1,7 @@
 """SAS attention (value size < query/key size) inside an Inductor graph.
 
-Traced as-is, Inductor (torch 2.11 on the H200, 2.13 on CPU) got the key gradient of a SAS layer
-wrong: NaN on CPU in bf16 at D' = 2D, wrong values on the GPU. ``attend`` therefore pads V to the
-query size while compiling. This test compiles a SAS model and sees NaN without that padding.
+Traced as-is, Inductor on CPU (torch 2.13) got the key gradient of a SAS layer wrong: NaN in bf16 at
+D' = 2D. ``attend`` therefore pads V to the query size while compiling. This test compiles a SAS model and sees NaN without that padding.
 """
 
 from __future__ import annotations
