@@ -14,6 +14,6 @@ python3 benchmarks/fused_kernel_report.py --out "$out/fused" || status=1
 python3 benchmarks/compile_probe.py --out "$out/compile_probe.md" || status=1
 python3 benchmarks/train_check.py --out "$out/train" --layers 2 --attention mha gqa mqa mla tpa sas sas:rope=none || status=1
 python3 benchmarks/train_check.py --out "$out/train-triton" --layers 2 --attention sas \
-    --settings "compiled bf16, triton simulation" "compiled bf16, auto paths" || status=1
+    --settings "compiled bf16, triton simulation" "compiled bf16, banded recompute" || status=1
 echo "gpu checks: $([ $status = 0 ] && echo passed || echo FAILED)"
 exit $status

@@ -34,6 +34,7 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, naive simulation": ("inductor", True, {"SASFORMER_SIMULATE": "naive"}),
     "compiled bf16, banded simulation": ("inductor", True, {"SASFORMER_SIMULATE": "banded"}),
     "compiled bf16, triton simulation": ("inductor", True, {"SASFORMER_SIMULATE": "triton"}),
+    "compiled bf16, banded recompute": ("inductor", True, {"SASFORMER_BANDED_RECOMPUTE": "1"}),
     "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),
     "compiled fp32, auto paths": ("inductor", False, {}),
     "compiled fp32, math attention": ("inductor", False, {"SASFORMER_ATTENTION": "math"}),
@@ -44,7 +45,7 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, inductor without padding": ("inductor", True, {}, {"shape_padding": False,
                                                                       "comprehensive_padding": False}),
 }
-ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION")
+ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_BANDED_RECOMPUTE")
 
 
 def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, backend: str | None, bf16: bool,

@@ -45,3 +45,21 @@ def test_traced_gradients_match_eager(model_and_batch, impl):
     torch._dynamo.reset()
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_traced_banded_with_recompute_matches_eager(model_and_batch, monkeypatch):
+    # SASFORMER_BANDED_RECOMPUTE=1: the traced banded form is checkpointed (recomputed in the backward)
+    from sasformer.layers.simulation import set_simulation_impl
+
+    model, x, y = model_and_batch
+    set_simulation_impl(model, "banded")
+    monkeypatch.setenv("SASFORMER_BANDED_RECOMPUTE", "1")
+    explained = _graphs(model, x, targets=y)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    eager = copy.deepcopy(model)
+    eager(x, targets=y).backward()
+    torch._dynamo.reset()
+    torch.compile(model)(x, targets=y).backward()
+    torch._dynamo.reset()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
