@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 
+from sasformer.layers.simulation import set_simulation_impl
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
@@ -32,34 +34,38 @@ def test_training_and_inference_trace_to_one_graph(model_and_batch):
         assert _graphs(model, x).graph_count == 1
 
 
-@pytest.mark.parametrize("impl", [None, "naive", "banded", "matmul", "chunked"])
-def test_traced_gradients_match_eager(model_and_batch, impl):
-    from sasformer.layers.simulation import set_simulation_impl
-
-    model, x, y = model_and_batch
-    set_simulation_impl(model, impl)
-    eager = copy.deepcopy(model)
-    eager(x, targets=y).backward()
-    torch._dynamo.reset()
-    torch.compile(model, backend="aot_eager")(x, targets=y).backward()
-    torch._dynamo.reset()
-    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_traced_banded_with_recompute_matches_eager(model_and_batch, monkeypatch):
-    # SASFORMER_BANDED_RECOMPUTE=1: the traced banded form is checkpointed (recomputed in the backward)
-    from sasformer.layers.simulation import set_simulation_impl
-
-    model, x, y = model_and_batch
-    set_simulation_impl(model, "banded")
-    monkeypatch.setenv("SASFORMER_BANDED_RECOMPUTE", "1")
+def _compiled_matches_eager(model, x, y, backend: str = "inductor") -> None:
+    """One graph with no break, and the compiled model's gradients equal eager's."""
     explained = _graphs(model, x, targets=y)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     eager = copy.deepcopy(model)
     eager(x, targets=y).backward()
     torch._dynamo.reset()
-    torch.compile(model)(x, targets=y).backward()
+    torch.compile(model, backend=backend)(x, targets=y).backward()
     torch._dynamo.reset()
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("impl", [None, "naive", "banded", "matmul", "chunked"])
+def test_traced_gradients_match_eager(model_and_batch, impl):
+    model, x, y = model_and_batch
+    set_simulation_impl(model, impl)
+    _compiled_matches_eager(model, x, y, backend="aot_eager")
+
+
+def test_traced_banded_with_recompute_matches_eager(model_and_batch, monkeypatch):
+    # SASFORMER_BANDED_RECOMPUTE=1: the traced banded form is checkpointed (recomputed in the backward)
+    model, x, y = model_and_batch
+    set_simulation_impl(model, "banded")
+    monkeypatch.setenv("SASFORMER_BANDED_RECOMPUTE", "1")
+    _compiled_matches_eager(model, x, y)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_fused_kernels_trace_as_custom_ops(model_and_batch):
+    # a compiled model that forces the fused kernels keeps one graph (they are custom ops; the CPU runs
+    # them in Triton's interpreter) and Inductor calls them as they are
+    model, x, y = model_and_batch
+    set_simulation_impl(model, "triton")
+    _compiled_matches_eager(model, x, y)
