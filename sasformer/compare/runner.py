@@ -98,6 +98,11 @@ def plan_runs(spec: GridSpec, data_dir: Path, vocab_size: int, grid_dir: Path) -
                 model_config = config.model.build(vocab_size, config.seq_len)
             except ValueError as err:
                 raise ValueError(f"grid entry {entry!r}: {err}") from None
+            if spec.eval.mqar.enabled:  # fail now, not after training, if the probe cannot be built
+                try:
+                    mqar_probe_config(spec, train, variant, model_config)[1].resolved_attention_args()
+                except ValueError as err:
+                    raise ValueError(f"grid entry {entry!r}: its MQAR probe model is invalid: {err}") from None
             meta = meta_model(model_config)
             flops = train_flops_per_token(model_config, config.seq_len, meta)
             budget = run_budget(spec.budget, flops)
@@ -206,23 +211,32 @@ def _zero_shot(spec: GridSpec, tasks: dict[str, list], checkpoint: Path, data_di
     return metrics, sum(m["acc"] for m in metrics.values()) / len(metrics)
 
 
-def _mqar(spec: GridSpec, plan: RunPlan, model_config, device) -> float:
-    from sasformer.eval.mqar import MQARConfig, probe_attention_args, train_mqar, variant_configs
+def mqar_probe_config(spec: GridSpec, entry_train: dict[str, Any], variant, model_config):
+    """The MQAR task and the probe model for a grid entry whose trained model is ``model_config``."""
+    from sasformer.eval.mqar import MQARConfig, probe_attention_args, variant_configs
     from sasformer.models.presets import SIZES, Size
     from sasformer.train.config import TrainConfig
 
     m = spec.eval.mqar
     task = MQARConfig(num_kv_pairs=m.num_kv_pairs, seq_len=m.seq_len, vocab_size=m.vocab_size,
                       num_queries=m.num_queries)
-    attention = plan.variant.attention
     probe = Size(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, max_seq_len=task.seq_len,
                  vocab_size=task.vocab_size)
     # the entry's overrides were written for the trained model: carry them to the probe's size
-    preset_size = SIZES[TrainConfig.from_dict(plan.train).model.size]
+    preset_size = SIZES[TrainConfig.from_dict(entry_train).model.size]
     main = dataclasses.replace(preset_size, d_model=model_config.d_model, n_layers=model_config.n_layers,
                                max_seq_len=model_config.max_seq_len, vocab_size=model_config.vocab_size)
-    args = probe_attention_args(attention, dict(plan.variant.attention_args), main, probe)
-    config = variant_configs([attention], task, m.d_model, m.n_layers, m.n_heads, {attention: args})[attention]
+    args = probe_attention_args(variant.attention, dict(variant.attention_args), main, probe)
+    config = variant_configs([variant.attention], task, m.d_model, m.n_layers, m.n_heads,
+                             {variant.attention: args})[variant.attention]
+    return task, config
+
+
+def _mqar(spec: GridSpec, plan: RunPlan, model_config, device) -> float:
+    from sasformer.eval.mqar import train_mqar
+
+    m = spec.eval.mqar
+    task, config = mqar_probe_config(spec, plan.train, plan.variant, model_config)
     result = train_mqar(config, task, steps=m.steps, batch_size=m.batch_size, lr=m.lr, weight_decay=m.weight_decay,
                         n_test=m.n_test, seed=plan.seed, device=device)
     return result.accuracy
@@ -351,12 +365,13 @@ def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log =
     ``redo_mqar`` runs the MQAR probe of every finished run again (after a change to the probe) and
     rewrites its ``result.json``, noting the previous value and the device.
     """
+    called = time.perf_counter()  # the time limit counts from here: preparing the data is part of it
     if time_limit_s is not None and not time_limit_s > 0:
         raise ValueError(f"time limit {time_limit_s} s must be > 0")
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     with grid_lock(grid_dir):
-        return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s, redo_mqar)
+        return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s, redo_mqar, called)
 
 
 def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) -> dict[str, Any]:
@@ -378,7 +393,7 @@ def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) 
 
 
 def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool,
-              time_limit_s: float | None, redo_mqar: bool = False) -> dict[str, Any]:
+              time_limit_s: float | None, redo_mqar: bool, called: float) -> dict[str, Any]:
     import torch
 
     from sasformer.compare.env import environment
@@ -399,7 +414,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
 
         tasks = read_eval_dir(spec.eval.zero_shot_dir, spec.eval.zero_shot_tasks, spec.eval.zero_shot_limit)
 
-    called = time.perf_counter()
+    if redo_mqar and not spec.eval.mqar.enabled:
+        log("--redo-mqar: the grid's MQAR probe is disabled (eval.mqar.enabled), so there is nothing to redo")
     runs: list[dict[str, Any]] = []
     finished = [load_finished(p) for p in plans]
     todo = sum(r is None for r in finished)

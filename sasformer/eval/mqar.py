@@ -199,6 +199,17 @@ def probe_attention_args(attention: str, overrides: dict[str, Any], main: Any, p
         a, b = base_main.get(key), base_probe.get(key)
         numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in (value, a, b))
         out[key] = max(1, round(value * b / a)) if numeric and a else value
+    # rounding each alone can break what ties them: head counts must stay multiples (query heads of the
+    # key/value heads, simulated heads of the heads), and feature sizes even (RoPE rotates pairs)
+    kv = out.get("n_kv_heads", base_probe.get("n_kv_heads"))
+    if isinstance(out.get("n_heads"), int) and isinstance(kv, int) and kv > 0:
+        out["n_heads"] = max(kv, round(out["n_heads"] / kv) * kv)
+    heads = out.get("n_heads", base_probe.get("n_heads"))
+    if isinstance(out.get("n_sim_heads"), int) and isinstance(heads, int) and heads > 0:
+        out["n_sim_heads"] = max(heads, round(out["n_sim_heads"] / heads) * heads)
+    for key, value in list(out.items()):
+        if key.endswith("_dim") and key in base_probe and isinstance(value, int) and value != overrides[key]:
+            out[key] = max(2, 2 * round(value / 2))
     return out
 
 

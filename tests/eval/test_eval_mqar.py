@@ -77,6 +77,10 @@ def test_tiny_mha_learns_recall_beyond_copying_a_value():
     ("sas", {"sim_head_dim": 64}, {"sim_head_dim": 16}),  # D' = D
     ("sas", {"n_kv_heads": 2}, {"n_kv_heads": 1}),  # a quarter of the heads
     ("sas", {"kernel_size": 1, "rope": "before", "peaa": "full"}, {"kernel_size": 1, "rope": "before", "peaa": "full"}),
+    # rounded alone, 16 query heads over 2 key/value heads would become 7 over 2: kept a multiple
+    ("gqa", {"n_heads": 16}, {"n_heads": 8}),
+    # 100 / 4 = 25 would break RoPE, which rotates feature pairs: kept even
+    ("sas", {"sim_head_dim": 100}, {"sim_head_dim": 24}),
 ])
 def test_probe_attention_args_keep_the_ratios_of_the_trained_model(attention, overrides, expected):
     from sasformer.eval.mqar import probe_attention_args, variant_configs

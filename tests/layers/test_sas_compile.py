@@ -60,6 +60,11 @@ def test_traced_banded_with_recompute_matches_eager(model_and_batch, monkeypatch
     set_simulation_impl(model, "banded")
     monkeypatch.setenv("SASFORMER_BANDED_RECOMPUTE", "1")
     _compiled_matches_eager(model, x, y)
+    # the setting must reach the graph: Dynamo records a checkpointed region as its own operator
+    code = " ".join(g.code for g in _graphs(model, x, targets=y).graphs)
+    assert "checkpoint" in code
+    monkeypatch.delenv("SASFORMER_BANDED_RECOMPUTE")
+    assert "checkpoint" not in " ".join(g.code for g in _graphs(model, x, targets=y).graphs)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")

@@ -59,11 +59,7 @@ class _BandedSimulate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, m1, b1, m2, b2, w3, b3, w4, b4):  # type: ignore[override]
-        a1 = torch.addmm(b1, x, m1)
-        out = y2 = _second_conv(a1, torch.relu(a1), m2, b2)
-        if w3 is not None:
-            z1 = torch.addmm(b3, y2.view(-1, w3.shape[1]), w3.t())
-            out = torch.addmm(z1, torch.relu(z1), w4.t()).add_(b4)
+        out = _banded_traced(x, m1, b1, m2, b2, w3, b3, w4, b4)  # one definition of the function
         ctx.save_for_backward(x, m1, b1, m2, b2, *((w3, b3, w4) if w3 is not None else ()))
         return out
 
@@ -123,7 +119,8 @@ def _rows(x_BTHD: Tensor) -> Tensor:
 
 
 def _banded_traced(x, m1, b1, m2, b2, w3, b3, w4, b4) -> Tensor:
-    """The same function as ``_BandedSimulate`` in plain differentiable ops, for ``torch.compile``.
+    """The banded simulation in plain differentiable ops: ``_BandedSimulate``'s forward, and under
+    ``torch.compile`` the whole op (autograd then derives the backward).
 
     Traced by Dynamo on the H200 (torch 2.11), ``_BandedSimulate`` returned zero gradients for every
     input, even with the ``eager`` backend, while the forward was right; on CPU it was right. Here

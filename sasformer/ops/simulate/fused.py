@@ -395,7 +395,8 @@ def simulate_fused_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                       b3: Tensor | None, w4: Tensor | None, b4: Tensor | None, T: int, cos: Tensor | None,
                       sin: Tensor | None) -> Tensor:
     """Forward kernel: x (N, H, D) -> (N, H', D') with the feature MLP (``w3`` given), else (N, H', D)."""
-    return _forward(x, w1, b1, w2, b2, w3, b3, w4, b4, T, (cos, sin) if cos is not None else None)
+    # the kernels index their inputs as contiguous
+    return _forward(x.contiguous(), w1, b1, w2, b2, w3, b3, w4, b4, T, (cos, sin) if cos is not None else None)
 
 
 @simulate_fused_op.register_fake
@@ -407,12 +408,13 @@ def _(x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin):
 def heads_backward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                       dy2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward kernel of the head simulation: dx, dw1, db1, dw2, db2 from dY2 (N, H', D)."""
-    return _heads_backward(x, w1, b1, w2, b2, dy2)
+    return _heads_backward(x.contiguous(), w1, b1, w2, b2, dy2.contiguous())
 
 
 @heads_backward_op.register_fake
 def _(x, w1, b1, w2, b2, dy2):
-    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2)
+    # contiguous, as the real op returns them (empty_like would copy the inputs' strides)
+    return tuple(t.new_empty(t.shape) for t in (x, w1, b1, w2, b2))
 
 
 class _SimulateTriton(torch.autograd.Function):
