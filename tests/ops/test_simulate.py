@@ -361,10 +361,13 @@ def test_default_impl_rule(has_triton, flag, monkeypatch):
 def test_fused_custom_ops_pass_opcheck(features):
     from sasformer.ops.simulate import fused
 
-    x = torch.randn(5, 3, 8, device=DEVICE)
-    ws = [w.detach() for w in make_weights(3, 6, 3, 8, 12, torch.float32, features)]
+    # inputs that need gradients: opcheck also checks the backward registered on the forward op
+    x = torch.randn(5, 3, 8, device=DEVICE, requires_grad=True)
+    ws = make_weights(3, 6, 3, 8, 12, torch.float32, features)
     feats = ws[4:] if features else [None] * 4
     cos, sin = (torch.randn(1, 5, 12, device=DEVICE) for _ in range(2)) if features else (None, None)
     torch.library.opcheck(fused.simulate_fused_op, (x, *ws[:4], *feats, 5, cos, sin))
+    ws = [w.detach() for w in ws]
+    x = x.detach()
     dy2 = torch.randn(5, 6, 8, device=DEVICE)
     torch.library.opcheck(fused.heads_backward_op, (x, *ws[:4], dy2))

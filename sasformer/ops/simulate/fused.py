@@ -417,34 +417,31 @@ def _(x, w1, b1, w2, b2, dy2):
     return tuple(t.new_empty(t.shape) for t in (x, w1, b1, w2, b2))
 
 
-class _SimulateTriton(torch.autograd.Function):
-    """Forward: one fused kernel. Backward: the head simulation again (fused kernel, Y2 only), the
-    feature MLP's gradients as GEMMs, then the fused head-simulation backward kernel."""
+# Backward of the forward op, registered on it (rather than an autograd.Function around it), so that
+# autograd and torch.compile both see one differentiable op: the head simulation again (fused kernel,
+# Y2 only), the feature MLP's gradients as GEMMs, then the fused head-simulation backward kernel.
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, w4, b4, cos, sin)
+    ctx.T = T
 
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin):  # type: ignore[override]
-        out = simulate_fused_op(x, w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin)
-        ctx.save_for_backward(x, w1, b1, w2, b2, *(t for t in (w3, b3, w4, b4) if t is not None),
-                              *((cos, sin) if cos is not None else ()))
-        ctx.features, ctx.rope, ctx.T = w3 is not None, cos is not None, T
-        return out
 
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x, w1, b1, w2, b2, *rest = ctx.saved_tensors
-        g = g.to(x.dtype).contiguous()
-        feat: tuple = (None, None, None, None)
-        if ctx.features:
-            w3, b3, w4, b4 = rest[:4]
-            if ctx.rope:
-                cos, sin = rest[-2:]
-                g = rotate_transposed(g.view(-1, ctx.T, *g.shape[1:]), cos, sin).view(g.shape)
-            y2 = simulate_fused_op(x, w1, b1, w2, b2, None, None, None, None, 1, None, None)
-            g, dw3, db3, dw4, db4 = _features_backward(y2, g, w3, b3, w4)
-            del y2
-            feat = (dw3.to(w3.dtype), db3.to(b3.dtype), dw4.to(w4.dtype), db4.to(b4.dtype))
-        head = heads_backward_op(x, w1, b1, w2, b2, g.contiguous())
-        return (*head, *feat, None, None, None)
+def _backward(ctx, g):
+    x, w1, b1, w2, b2, w3, b3, w4, b4, cos, sin = ctx.saved_tensors
+    g = g.to(x.dtype).contiguous()
+    feat: tuple = (None, None, None, None)
+    if w3 is not None:
+        if cos is not None:
+            g = rotate_transposed(g.view(-1, ctx.T, *g.shape[1:]), cos, sin).view(g.shape)
+        y2 = simulate_fused_op(x, w1, b1, w2, b2, None, None, None, None, 1, None, None)
+        g, dw3, db3, dw4, db4 = _features_backward(y2, g, w3, b3, w4)
+        del y2
+        feat = (dw3.to(w3.dtype), db3.to(b3.dtype), dw4.to(w4.dtype), db4.to(b4.dtype))
+    head = heads_backward_op(x, w1, b1, w2, b2, g.contiguous())
+    return (*head, *feat, None, None, None)
+
+
+simulate_fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _flatten(x_BTHD: Tensor) -> Tensor:
@@ -461,11 +458,11 @@ def simulate_qk_triton(
         raise ValueError(f"rope tables {tuple(rope[0].shape)} do not match input {tuple(x_BTHD.shape)} (B, T, H, D)")
     T = x_BTHD.shape[1] if x_BTHD.dim() == 4 else 1
     cos, sin = rope if rope is not None else (None, None)
-    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin)
+    out = simulate_fused_op(_flatten(x_BTHD), w1, b1, w2, b2, w3, b3, w4, b4, T, cos, sin)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
 
 
 def simulate_heads_triton(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """Fused head simulation, (..., H, D) -> (..., H', D)."""
-    out = _SimulateTriton.apply(_flatten(x_BTHD), w1, b1, w2, b2, None, None, None, None, 1, None, None)
+    out = simulate_fused_op(_flatten(x_BTHD), w1, b1, w2, b2, None, None, None, None, 1, None, None)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], x_BTHD.shape[-1])
