@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from benchmarks.checks import relative_error  # noqa: E402
 
 HS_VALUES = (16, 24, 48)
 DS_VALUES = (64, 96, 128, 256)
@@ -56,11 +57,6 @@ def shapes(full: bool) -> list[tuple[int, int | None, int]]:
         qk = [(hs, ds, K_VALUES[(i + j) % 3]) for i, hs in enumerate(HS_VALUES) for j, ds in enumerate(DS_VALUES)]
         v = [(hs, None, K_VALUES[i]) for i, hs in enumerate(HS_VALUES)]
     return qk + v
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def check_shape(HS: int, DS: int | None, k: int, B: int, T: int, seed: int) -> dict:
@@ -92,8 +88,8 @@ def check_shape(HS: int, DS: int | None, k: int, B: int, T: int, seed: int) -> d
 
     names = NAMES_QK[: 2 + len(weights)]
     gold = run("matmul", torch.float32)
-    base = {n: rel_err(a, b) for n, a, b in zip(names, run("naive", DTYPE), gold)}
-    got = {n: rel_err(a, b) for n, a, b in zip(names, run("triton", DTYPE), gold)}
+    base = {n: relative_error(a, b) for n, a, b in zip(names, run("naive", DTYPE), gold)}
+    got = {n: relative_error(a, b) for n, a, b in zip(names, run("triton", DTYPE), gold)}
     failing = {n: e for n, e in got.items() if not e <= max(3 * base[n], MIN_TOL)}
     return {"H": H, "HS": HS, "D": D, "DS": DS, "k": k, "B": B, "T": T, "errors": got,
             "naive_bf16_errors": base, "failing": failing, "ok": not failing}

@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.checks import relative_error  # noqa: E402
 from sasformer import DecoderLM, lm_loss, preset  # noqa: E402
 from sasformer.layers.base import AttentionContext  # noqa: E402
 from sasformer.layers.sas import SASArgs, SimulatedAttention  # noqa: E402
@@ -173,11 +174,6 @@ def gib(n_bytes: float) -> float:
     return n_bytes / 2**30
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 # -- layer helpers -------------------------------------------------------------------------------
 def sas_layer(args: dict, dtype: torch.dtype, seed: int = 0) -> SimulatedAttention:
     torch.manual_seed(seed)
@@ -214,8 +210,8 @@ def section_check(opts) -> dict:
             layer = sas_layer(args, torch.bfloat16)
             set_simulation_impl(layer, impl)
             out, dx, grads = layer_fwd_bwd(layer, x, grad)
-            errs = {"out": rel_err(out, gold[0]), "x": rel_err(dx, gold[1])}
-            errs.update({n: rel_err(g, gold[2][n]) for n, g in grads.items()})
+            errs = {"out": relative_error(out, gold[0]), "x": relative_error(dx, gold[1])}
+            errs.update({n: relative_error(g, gold[2][n]) for n, g in grads.items()})
             rows[impl] = errs
         verdict = {}
         for impl in impls:
@@ -226,7 +222,7 @@ def section_check(opts) -> dict:
         make_reference(ref_layer)
         with env(attention_ops.ENV_VAR, "math"):
             ref_out = layer_fwd_bwd(ref_layer, x.float(), grad.float())[0]
-        res[name] = {"errors": rows, "verdict": verdict, "reference_structure_err": rel_err(ref_out, gold[0])}
+        res[name] = {"errors": rows, "verdict": verdict, "reference_structure_err": relative_error(ref_out, gold[0])}
         log(f"check {name}: " + ", ".join(f"{k}={'ok' if v['ok'] else 'FAIL'}" for k, v in verdict.items()))
     res["passed"] = {impl: all(res[n]["verdict"][impl]["ok"] for n in res if isinstance(res[n], dict)
                                and "verdict" in res[n]) for impl in impls}
@@ -337,7 +333,7 @@ def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
         return [out, *torch.autograd.grad(out, [x, *ws], g32.to(dtype))]
 
     def errors(got: list[torch.Tensor], gold: list[torch.Tensor]) -> dict[str, float]:
-        return {n: rel_err(a, b) for n, a, b in zip(names, got, gold)}
+        return {n: relative_error(a, b) for n, a, b in zip(names, got, gold)}
 
     gold = run("matmul", torch.float32)
     base = errors(run("naive", torch.bfloat16), gold)
@@ -499,7 +495,7 @@ def section_sdpa(opts, deadline: float) -> dict:
                 continue
             try:
                 with torch.no_grad():
-                    err = rel_err(fn()[:1, :2], gold)
+                    err = relative_error(fn()[:1, :2], gold)
                 if err > 2e-2:
                     rows[name] = {"error": f"refused: relative error {err:.3g} vs math fp32"}
                     continue

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.checks import relative_error
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
@@ -69,8 +70,7 @@ BASELINE = "eager bf16, auto paths"
 
 def relative_errors(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per parameter ``|g - ref| / |ref|`` (L2 norms); a gradient that is missing altogether is inf."""
-    return {n: ((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() if n in grads else math.inf
-            for n in ref}
+    return {n: relative_error(grads[n], ref[n]) if n in grads else math.inf for n in ref}
 
 
 def judged_parameters(ref: dict[str, torch.Tensor]) -> list[str]:
