@@ -359,7 +359,7 @@ def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log =
     """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``.
 
     ``report_only`` trains nothing: the results cover the finished runs and list the others as missing
-    (a grid run in parts, e.g. one device session at a time). ``time_limit_s``: start a run only if it
+    (a grid run in parts, e.g. one job at a time). ``time_limit_s``: start a run only if it
     should end within that many seconds of this call's start, judged by the longest run of this call so
     far (the first run always starts); the runs left out are listed as missing, for the next call.
     ``redo_mqar`` runs the MQAR probe of every finished run again (after a change to the probe) and
@@ -374,15 +374,20 @@ def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log =
         return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s, redo_mqar, called)
 
 
-def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) -> dict[str, Any]:
+def _host_device(plan: RunPlan):
+    """The device this process gives a run's work that is not the trainer's (the first GPU unless told CPU)."""
     import torch
 
+    return torch.device("cuda" if torch.cuda.is_available() and plan.train.get("device", "auto") != "cpu" else "cpu")
+
+
+def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) -> dict[str, Any]:
     from sasformer.compare.env import environment
     from sasformer.models.config import ModelConfig
 
     if result.get("diverged") is not None:
         return result
-    device = torch.device("cuda" if torch.cuda.is_available() and plan.train.get("device", "auto") != "cpu" else "cpu")
+    device = _host_device(plan)
     previous = result.get("mqar_accuracy")
     accuracy = _mqar(spec, plan, ModelConfig.from_dict(result["model_config"]), device)
     log(f"  {plan.id}: MQAR {previous} -> {accuracy:.4f} ({device.type})")
@@ -394,8 +399,6 @@ def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) 
 
 def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool,
               time_limit_s: float | None, redo_mqar: bool, called: float) -> dict[str, Any]:
-    import torch
-
     from sasformer.compare.env import environment
     from sasformer.compare.plots import matplotlib_available, plot_curves
     from sasformer.compare.report import aggregate, markdown_report
@@ -449,8 +452,7 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         log(f"[run {index}/{len(plans)}] {plan.entry} seed {plan.seed}: {outcome} ({_duration(spent[-1])})")
         runs.append(result)
 
-    device = torch.device("cuda" if torch.cuda.is_available() and plans[0].train.get("device", "auto") != "cpu"
-                          else "cpu")
+    device = _host_device(plans[0])
     results: dict[str, Any] = {
         "command": command,
         # a report-only pass describes the machine the runs trained on, not the one writing the report
