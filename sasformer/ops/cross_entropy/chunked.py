@@ -82,10 +82,17 @@ def linear_cross_entropy_chunked(
     ``compute_dtype`` is the dtype of the matrix multiplies (None: the autocast dtype when autocast
     is on, else ``h``'s dtype); the softmax is always fp32. Gradients flow to ``h`` and ``weight``.
     """
-    check_inputs(h_ND, weight_VD, targets_N, chunk_size)
-    compute_dtype = compute_dtype or default_compute_dtype(h_ND)
-    with_grad = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
+    compute_dtype, with_grad = prepare_call(h_ND, weight_VD, targets_N, chunk_size, compute_dtype)
     return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, compute_dtype, with_grad)
+
+
+def prepare_call(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, chunk_size: int,
+                 compute_dtype: torch.dtype | None) -> tuple[torch.dtype, bool]:
+    """What every LM-head cross-entropy does first: check the inputs, then pick the matmul dtype and
+    whether gradients are needed (computed in the forward when they are)."""
+    check_inputs(h_ND, weight_VD, targets_N, chunk_size)
+    with_grad = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
+    return compute_dtype or default_compute_dtype(h_ND), with_grad
 
 
 def check_inputs(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, chunk_size: int) -> None:

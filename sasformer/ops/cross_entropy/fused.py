@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sasformer.ops.cross_entropy.chunked import DEFAULT_CHUNK_SIZE, check_inputs, default_compute_dtype
+from sasformer.ops.cross_entropy.chunked import DEFAULT_CHUNK_SIZE, prepare_call
 
 
 @torch.library.custom_op("sasformer::linear_cross_entropy_fused", mutates_args=())
@@ -97,8 +97,6 @@ def linear_cross_entropy_fused(
     (``compute_dtype`` None: the autocast dtype, else ``h``'s); needs Triton and CUDA tensors, or
     ``TRITON_INTERPRET=1``. Gradients flow to ``h`` and ``weight``.
     """
-    check_inputs(h_ND, weight_VD, targets_N, chunk_size)
-    compute_dtype = compute_dtype or default_compute_dtype(h_ND)
-    with_grad = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
+    compute_dtype, with_grad = prepare_call(h_ND, weight_VD, targets_N, chunk_size, compute_dtype)
     return _FusedLinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, compute_dtype,
                                           with_grad)
