@@ -26,14 +26,18 @@ def _loss_and_grads(fn, h, w, targets, **kwargs):
     return loss.detach(), h.grad, w.grad
 
 
+def assert_matches_naive_fp32(fn, h, w, targets, **kwargs):
+    """Loss and both gradients of ``fn`` equal the full-logits reference's, in fp32."""
+    want = _loss_and_grads(linear_cross_entropy_naive, h, w, targets)
+    got = _loss_and_grads(fn, h, w, targets, **kwargs)
+    for g, r, name in zip(got, want, ("loss", "grad h", "grad weight")):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("n", [1, 7, 63])
 @pytest.mark.parametrize("chunk_size", [1, 5, 4096])
 def test_matches_reference_fp32(n, chunk_size):
-    h, w, targets = _inputs(n)
-    want = _loss_and_grads(linear_cross_entropy_naive, h, w, targets)
-    got = _loss_and_grads(linear_cross_entropy_chunked, h, w, targets, chunk_size=chunk_size)
-    for g, r, name in zip(got, want, ("loss", "grad h", "grad weight")):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
+    assert_matches_naive_fp32(linear_cross_entropy_chunked, *_inputs(n), chunk_size=chunk_size)
 
 
 def test_gradcheck_float64():

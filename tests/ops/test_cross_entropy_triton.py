@@ -23,7 +23,7 @@ from sasformer.ops.cross_entropy import (
 )
 from sasformer.ops.cross_entropy.kernel import block_and_warps, cross_entropy_rows_
 from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive
-from tests.ops.test_cross_entropy import _loss_and_grads
+from tests.ops.test_cross_entropy import _loss_and_grads, assert_matches_naive_fp32
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB, D = 97, 24
@@ -91,11 +91,7 @@ def _inputs(n: int, ignore_every: int | None = 3):
 @pytest.mark.parametrize("n", [1, 7, 63])
 @pytest.mark.parametrize("chunk_size", [1, 5, 4096])
 def test_fused_matches_reference_fp32(n, chunk_size):
-    h, w, targets = _inputs(n)
-    want = _loss_and_grads(linear_cross_entropy_naive, h, w, targets)
-    got = _loss_and_grads(linear_cross_entropy_fused, h, w, targets, chunk_size=chunk_size)
-    for g, r, name in zip(got, want, ("loss", "grad h", "grad weight")):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
+    assert_matches_naive_fp32(linear_cross_entropy_fused, *_inputs(n), chunk_size=chunk_size)
 
 
 def test_fused_bf16_autocast_matches_autocast_reference():
