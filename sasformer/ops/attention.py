@@ -102,7 +102,7 @@ def attend(
         k_BHSD = k_BHSD.repeat_interleave(rep, dim=1)
         v_BHSE = v_BHSE.repeat_interleave(rep, dim=1)
     which = resolve_backend(backend, q_BHTD, v_BHSE, causal_no_mask=mask_BTS is None and T == S)
-    strict = (backend or os.environ.get(ENV_VAR, "").strip().lower() or "auto") != "auto"
+    strict = _forced(backend)
     if mask_BTS is None:
         if T == S:
             return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, is_causal=True, scale=scale)
@@ -110,6 +110,11 @@ def attend(
             return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, scale=scale)
         mask_BTS = causal_mask(T, S, q_BHTD.device)
     return sdpa(q_BHTD, k_BHSD, v_BHSE, which, strict, attn_mask=mask_BTS, scale=scale)
+
+
+def _forced(backend: str | None) -> bool:
+    """Whether a backend was named (argument or environment): then a refused backend is an error."""
+    return (backend or os.environ.get(ENV_VAR, "").strip().lower() or "auto") != "auto"
 
 
 def _attend_folded(
@@ -129,7 +134,7 @@ def _attend_folded(
     # None: one query row per head with no padding, which sees every cached key
     mask = None if mask_BTS is None else mask_BTS.repeat(1, 1, rep, 1)
     which = resolve_backend(backend, q, v_BGSE, causal_no_mask=False)
-    strict = (backend or os.environ.get(ENV_VAR, "").strip().lower() or "auto") != "auto"
+    strict = _forced(backend)
     o = sdpa(q, k_BGSD, v_BGSE, which, strict, attn_mask=mask, scale=scale)
     return o.reshape(B, H, T, -1)
 
