@@ -104,14 +104,17 @@ def _second_conv(a1: Tensor, r1: Tensor, m2: Tensor, b2: Tensor) -> Tensor:
     return torch.addmm(a1, r1, m2).add_(b2)
 
 
+def conv_operands(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, D: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Dense GEMM operands of one head block over ``D`` features: (H*D, H'*D), (H'*D,), (H'*D, H'*D), (H'*D,).
+
+    Biases repeat over the D features of each simulated head. Entries are copies of the conv weights
+    (no arithmetic), so any dtype is exact."""
+    return (banded_conv_matrix(w1, D), b1.repeat_interleave(D), banded_conv_matrix(w2, D), b2.repeat_interleave(D))
+
+
 def _head_operands(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> list[Tensor]:
-    D = x_BTHD.shape[-1]
     dt = x_BTHD.dtype
-    # biases repeat over the D features of each simulated head
-    return [
-        banded_conv_matrix(w1.to(dt), D), b1.to(dt).repeat_interleave(D),
-        banded_conv_matrix(w2.to(dt), D), b2.to(dt).repeat_interleave(D),
-    ]
+    return list(conv_operands(w1.to(dt), b1.to(dt), w2.to(dt), b2.to(dt), x_BTHD.shape[-1]))
 
 
 def _rows(x_BTHD: Tensor) -> Tensor:

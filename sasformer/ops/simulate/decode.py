@@ -21,15 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sasformer.ops.simulate.banded import banded_conv_matrix
+from sasformer.ops.simulate.banded import conv_operands
 from sasformer.ops.simulate.rotate import _rotate
-
-
-def conv_operands(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, D: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Dense GEMM operands of one head block over ``D`` features: (H*D, H'*D), (H'*D,), (H'*D, H'*D), (H'*D,).
-
-    Entries are copies of the conv weights (no arithmetic), so any dtype is exact."""
-    return (banded_conv_matrix(w1, D), b1.repeat_interleave(D), banded_conv_matrix(w2, D), b2.repeat_interleave(D))
 
 
 def fold_projection(w_proj: Tensor, m1: Tensor) -> Tensor:
