@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from sasformer.layers.base import AttentionContext
-from sasformer.layers.sas_decode import prepare_decode
+from sasformer.layers.sas_decode import prepare_decode, sas_layers
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
 
@@ -261,6 +261,7 @@ class StaticDecoder:
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: Any = None
         self.logits: Tensor | None = None
+        self._sas_layers = sas_layers(model)
         self._step_fn = self._step
         if compile:
             self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
@@ -309,7 +310,7 @@ class StaticDecoder:
         self.token.copy_(token_B1)
         # weights may have changed since the last step: refresh the SAS decode operands (in place, which
         # a captured graph sees; new storage means capturing again)
-        if prepare_decode(self.model):
+        if self._sas_layers and prepare_decode(self.model, self._sas_layers):
             self.graph = None
         if self.cuda_graph:
             if self.graph is None:

@@ -169,13 +169,21 @@ def decode_plan(attn: SimulatedAttention) -> tuple[DecodePlan | None, bool]:
     return fresh, True
 
 
-def prepare_decode(model: nn.Module) -> bool:
-    """Build or refresh the decode plan of every SAS layer in ``model``; True if any plan got new storage."""
+def sas_layers(model: nn.Module) -> list[SimulatedAttention]:
+    """The SAS attention layers of ``model``."""
     from sasformer.layers.sas import SimulatedAttention
 
+    return [m for m in model.modules() if isinstance(m, SimulatedAttention)]
+
+
+def prepare_decode(model: nn.Module, layers: list[SimulatedAttention] | None = None) -> bool:
+    """Build or refresh the decode plan of every SAS layer in ``model``; True if any plan got new storage.
+
+    ``layers``: the model's :func:`sas_layers`, when a caller that runs this before every step has
+    them already (walking the modules each step would cost host time in a launch-bound loop)."""
     reallocated = False
-    for module in model.modules():
-        if isinstance(module, SimulatedAttention) and module.args.cache_mode == "simulated":
+    for module in sas_layers(model) if layers is None else layers:
+        if module.args.cache_mode == "simulated":
             mode = module.decode_path
             if mode == "on" or (mode == "auto" and module.o_proj.weight.is_cuda):
                 reallocated |= decode_plan(module)[1]
@@ -262,6 +270,7 @@ __all__ = [
     "build_plan",
     "decode_plan",
     "prepare_decode",
+    "sas_layers",
     "clear_decode_plans",
     "use_decode_path",
     "decode_forward",
