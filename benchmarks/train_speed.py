@@ -261,7 +261,7 @@ def main() -> int:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--loss-impl", default="chunked", choices=IMPLS,
-                        help="LM head + cross-entropy: fused chunks (Triton kernel on CUDA, or forced "
+                        help="LM head + cross-entropy: fused chunks (the library's choice, or forced "
                              "chunked_triton / chunked_torch), or full logits (naive)")
     parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--attention-backend", default=None, choices=BACKENDS,
