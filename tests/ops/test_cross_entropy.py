@@ -57,16 +57,19 @@ def test_other_ignore_index_and_all_ignored_is_nan_like_reference():
     assert linear_cross_entropy_naive(h, w, all_ignored).isnan()
 
 
-def test_bf16_autocast_matches_autocast_reference():
-    # under autocast both run the matmuls in bf16 and the softmax in fp32; gradients keep input dtypes
-    h, w, targets = _inputs(63)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def assert_matches_naive_under_bf16_autocast(fn, h, w, targets, **kwargs):
+    """Under autocast both run the matmuls in bf16 and the softmax in fp32; gradients keep input dtypes."""
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
         want = _loss_and_grads(linear_cross_entropy_naive, h, w, targets)
-        got = _loss_and_grads(linear_cross_entropy_chunked, h, w, targets, chunk_size=16)
+        got = _loss_and_grads(fn, h, w, targets, **kwargs)
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
     for g, r in zip(got[1:], want[1:]):
         torch.testing.assert_close(g, r, rtol=5e-2, atol=2e-3)
+
+
+def test_bf16_autocast_matches_autocast_reference():
+    assert_matches_naive_under_bf16_autocast(linear_cross_entropy_chunked, *_inputs(63), chunk_size=16)
 
 
 def test_compiles_in_one_graph_and_matches():

@@ -23,7 +23,11 @@ from sasformer.ops.cross_entropy import (
 )
 from sasformer.ops.cross_entropy.kernel import block_and_warps, cross_entropy_rows_
 from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive
-from tests.ops.test_cross_entropy import _loss_and_grads, assert_matches_naive_fp32
+from tests.ops.test_cross_entropy import (
+    _loss_and_grads,
+    assert_matches_naive_fp32,
+    assert_matches_naive_under_bf16_autocast,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB, D = 97, 24
@@ -95,15 +99,7 @@ def test_fused_matches_reference_fp32(n, chunk_size):
 
 
 def test_fused_bf16_autocast_matches_autocast_reference():
-    # under autocast both run the matmuls in bf16 and the softmax in fp32; gradients keep input dtypes
-    h, w, targets = _inputs(63)
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        want = _loss_and_grads(linear_cross_entropy_naive, h, w, targets)
-        got = _loss_and_grads(linear_cross_entropy_fused, h, w, targets, chunk_size=16)
-    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
-    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
-    for g, r in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g, r, rtol=5e-2, atol=2e-3)
+    assert_matches_naive_under_bf16_autocast(linear_cross_entropy_fused, *_inputs(63), chunk_size=16)
 
 
 def test_fused_other_ignore_index_all_ignored_and_no_grad():
