@@ -353,6 +353,8 @@ def test_default_impl_rule(has_triton, flag, monkeypatch):
     assert simulate.default_impl(cuda) == ("triton" if has_triton and flag else "banded")
     assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(1, big - 1, 12, 64), dtype=torch.bfloat16)) == "naive"
     assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(2, big, 12, 64), dtype=torch.float64)) == "banded"
+    # fp32 would make the kernels multiply without tensor cores
+    assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(2, big, 12, 64), dtype=torch.float32)) == "banded"
     assert simulate.default_impl(torch.randn(2, big, 1, 1)) == "naive"
 
 

@@ -13,8 +13,8 @@ Implementations (all compute the same function; tests hold them to ``naive``):
   (:mod:`.fused`); CUDA tensors with Triton installed.
 
 The choice is, in order: the ``impl`` argument, the ``SASFORMER_SIMULATE`` environment variable,
-then automatic (:func:`default_impl`): for CUDA tensors of many tokens ``triton`` when Triton is
-installed (``TRITON_DEFAULT``), else ``banded``; ``naive`` otherwise.
+then automatic (:func:`default_impl`): for CUDA tensors of many tokens ``banded`` (``triton`` when
+``TRITON_DEFAULT`` is set); ``naive`` otherwise.
 """
 
 from __future__ import annotations
@@ -67,26 +67,28 @@ def resolve_impl(impl: str | None, x: Tensor) -> str:
 BANDED_MIN_TOKENS = 2048
 
 
-# the fused kernels are the CUDA default for training-size inputs; set False to fall back to
-# ``banded`` (the rule is kept to one flag so that a GPU check or benchmark can flip it)
-TRITON_DEFAULT = True
+# off: on the H200 the fused kernels lost to ``banded`` at GPT-small (eager training 99.2k vs 103.6k
+# tokens/s, compiled 119.9k vs 167.0k; layer fwd+bwd 11.87 vs 11.25 ms; sas_speed_run9.md). The rule
+# is kept to one flag so that a GPU check or benchmark can flip it.
+TRITON_DEFAULT = False
+# fp32 inputs make the kernels take exact fp32 products (no tensor cores): never the automatic choice
+TRITON_AUTO_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def default_impl(x: Tensor) -> str:
     """The automatic choice for ``x`` (B, T, H, D), from measurements (docs/performance.md).
 
-    CUDA, at least ``BANDED_MIN_TOKENS`` tokens: ``triton`` (reads the compact heads once, writes
-    the simulated tensor once) when Triton is installed, the dtype is one the kernels take and
-    ``TRITON_DEFAULT`` is set, else ``banded`` (tensor-core-sized GEMMs; 1.9x the reference layer at
-    GPT-small). Under ``torch.compile`` ``banded``, until the fused kernels (custom ops, traced into
-    the graph) are measured compiled against it; ``impl="triton"`` or ``SASFORMER_SIMULATE=triton``
-    picks them there. Fewer tokens (decoding, short prompts): ``naive``. CPU: ``naive`` (the fastest
-    there: a tiny-preset SAS training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2
+    CUDA, at least ``BANDED_MIN_TOKENS`` tokens: ``banded`` (tensor-core-sized GEMMs; 1.7x the
+    reference layer at GPT-small), or ``triton`` (reads the compact heads once, writes the simulated
+    tensor once) when ``TRITON_DEFAULT`` is set, Triton is installed, the dtype is 16-bit and the call
+    is not being compiled. ``impl="triton"`` or ``SASFORMER_SIMULATE=triton`` picks the kernels
+    anywhere (they are custom ops, traced into a compiled graph). Fewer tokens (decoding, short
+    prompts): ``naive``. CPU: ``naive`` (the fastest there: a tiny-preset SAS training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2
     cores).
     """
     if not (x.is_cuda and x.shape[0] * x.shape[1] >= BANDED_MIN_TOKENS):
         return "naive"
-    if TRITON_DEFAULT and triton_available() and x.dtype in KERNEL_DTYPES and not torch.compiler.is_compiling():
+    if TRITON_DEFAULT and triton_available() and x.dtype in TRITON_AUTO_DTYPES and not torch.compiler.is_compiling():
         return "triton"
     return "banded"
 
