@@ -19,6 +19,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -114,10 +115,11 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     report: dict = {}
     failures = 0
+    began = time.perf_counter()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     command = f"`{shlex.join(['benchmarks/train_check.py', *sys.argv[1:]])}`"
     lines = ["# Whole-model gradient check", "", f"{command} on {machine}, torch {torch.__version__}", ""]
-    for spec in args.attention:
+    for checked, spec in enumerate(args.attention, 1):
         attention, _, arg_text = spec.partition(":")
         attention_args = {k: _value(v) for k, v in (item.split("=") for item in arg_text.split(",") if item)}
         overrides = {"n_layers": args.layers} if args.layers else {}
@@ -166,17 +168,23 @@ def main() -> None:
             lines += ["", "Not judged (reference gradient below 1e-2 of the median parameter's, so only rounding "
                       "noise): " + ", ".join(f"`{n}`" for n in unjudged)]
         lines.append("")
-    out = Path(args.out)
+        # saved after every variant, so a run cut off by a time limit keeps what it checked
+        write_report(Path(args.out), report, lines, failures, args, f"{checked} of {len(args.attention)} variants checked")
+        print(f"[{checked}/{len(args.attention)}] {spec} checked at {time.perf_counter() - began:.0f} s", flush=True)
+    print((Path(args.out) / "train_check.md").read_text())
+    sys.exit(1 if failures else 0)
+
+
+def write_report(out: Path, report: dict, lines: list[str], failures: int, args: argparse.Namespace,
+                 progress: str) -> None:
+    """Write train_check.json / .md with the verdict so far."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_check.json").write_text(json.dumps(report, indent=1))
     verdict = "every setting passed" if not failures else f"{failures} setting(s) FAILED"
-    lines.append(f"Limits: `{BASELINE}` passes when every judged parameter's error is <= {args.baseline_max}; "
-                 f"another bf16 setting when <= max({args.bf16_factor} x its error under `{BASELINE}`, "
-                 f"{args.bf16_min}); an fp32 one when <= {args.max_error_fp32}. {verdict}.")
-    (out / "train_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    sys.exit(1 if failures else 0)
-
+    footer = (f"Limits: `{BASELINE}` passes when every judged parameter's error is <= {args.baseline_max}; "
+              f"another bf16 setting when <= max({args.bf16_factor} x its error under `{BASELINE}`, "
+              f"{args.bf16_min}); an fp32 one when <= {args.max_error_fp32}. {progress}: {verdict}.")
+    (out / "train_check.md").write_text("\n".join([*lines, footer]) + "\n")
 
 if __name__ == "__main__":
     main()
