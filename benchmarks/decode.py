@@ -55,11 +55,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sas-ordinary": ("sas", {"cache_mode": "simulated"}),
 }
 DECODE_PATH_OFF = {"sas-ordinary"}
-# SAS simulated with its attention on a named SDPA backend (sasformer.ops.attention.BACKENDS) instead of
-# the automatic choice, which for one query row over cached keys of size 128 and values of 64 is PyTorch's
-# default (the memory-efficient kernel); padded flash can split the keys across the GPU
-ATTENTION_BACKEND = {"sas-flash-pad": "flash_pad", "sas-cudnn": "cudnn"}
-VARIANTS.update({name: ("sas", {"cache_mode": "simulated"}) for name in ATTENTION_BACKEND})
+# SAS simulated under environment settings, set for the whole row:
+# - its attention on a named SDPA backend (sasformer.ops.attention.BACKENDS) instead of the automatic
+#   choice, which for one query row over cached keys of size 128 and values of 64 is PyTorch's default
+#   (the memory-efficient kernel); padded flash can split the keys across the GPU;
+# - the new token simulated by the fused Triton kernels (one launch per tensor, from the convolutions'
+#   own weights) instead of the decode path's dense GEMMs (a forced implementation turns that path off)
+ROW_ENVIRONMENT = {
+    "sas-flash-pad": {"SASFORMER_ATTENTION": "flash_pad"},
+    "sas-cudnn": {"SASFORMER_ATTENTION": "cudnn"},
+    "sas-triton": {"SASFORMER_SIMULATE": "triton"},
+}
+VARIANTS.update({name: ("sas", {"cache_mode": "simulated"}) for name in ROW_ENVIRONMENT})
 MODES = ("eager", "graph", "compile")
 # rows of the batch compared with the plain forward pass (the check needs only a few)
 CHECK_ROWS = 2
@@ -160,9 +167,8 @@ def check_against_forward(model: DecoderLM, fed: list[torch.Tensor], got: list[t
 
 def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device: torch.device,
               dtype: torch.dtype) -> dict:
-    backend = ATTENTION_BACKEND.get(name)
     # read when the step is traced or captured and by the check's plain forward, so set for the whole row
-    with mock.patch.dict(os.environ, {"SASFORMER_ATTENTION": backend} if backend else {}):
+    with mock.patch.dict(os.environ, ROW_ENVIRONMENT.get(name, {})):
         return _bench_one(name, mode, args, batch, device, dtype)
 
 
