@@ -52,6 +52,7 @@ from sasformer.layers.sas import SASArgs, SimulatedAttention  # noqa: E402
 from sasformer.layers.simulation import set_simulation_impl  # noqa: E402
 from sasformer.ops import attention as attention_ops  # noqa: E402
 from sasformer.ops import simulate  # noqa: E402
+from sasformer.ops.simulate import banded as banded_ops  # noqa: E402
 from sasformer.ops.rope import RotaryTables  # noqa: E402
 
 SECTIONS = ("check", "layer", "profile", "tiles", "model", "sdpa")
@@ -72,6 +73,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     # the two candidates for compiled training: banded GEMMs (traced) and the fused kernels (custom ops)
     "sas_24x128_banded": ("sas", SAS_MAIN, "banded"),
     "sas_24x128_triton": ("sas", SAS_MAIN, "triton"),
+    # banded with the traced simulation checkpointed (recomputed in the backward): memory against time
+    "sas_24x128_banded_recompute": ("sas", SAS_MAIN, "banded_recompute"),
     "sas_24x128_reference": ("sas", SAS_MAIN, "reference"),
 }
 CHECK_MIN_TOL = 1e-2  # bf16 relative-norm floor for the correctness check
@@ -115,9 +118,18 @@ def env(name: str, value: str | None):
             os.environ[name] = old
 
 
+# structures that are a simulation implementation plus an environment setting
+STRUCTURE_IMPL = {"banded_recompute": "banded"}
+
+
+@contextlib.contextmanager
 def structure_env(structure: str):
-    """The reference structure also uses PyTorch's default SDPA choice, as it was first measured."""
-    return env(attention_ops.ENV_VAR, "default" if structure == "reference" else None)
+    """The reference structure also uses PyTorch's default SDPA choice, as it was first measured;
+    ``banded_recompute`` sets the banded path's recompute switch."""
+    recompute = "1" if structure == "banded_recompute" else None
+    with env(attention_ops.ENV_VAR, "default" if structure == "reference" else None), \
+            env(banded_ops.RECOMPUTE_ENV_VAR, recompute):
+        yield
 
 
 def fast_impls() -> list[str]:
@@ -539,7 +551,8 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     out[key] = SKIPPED
                     continue
                 attn, args, structure = VARIANTS[name]
-                path = impl if structure == "fast" else structure if structure in simulate.IMPLS else None
+                forced = STRUCTURE_IMPL.get(structure, structure)
+                path = impl if structure == "fast" else forced if forced in simulate.IMPLS else None
                 if attn == "sas" and path is not None and not passed.get(path, True):
                     out[key] = {"error": f"refused: simulation path {path} failed the correctness check"}
                     continue
@@ -550,8 +563,8 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     model = DecoderLM(cfg).to(DEV)
                     if structure == "reference":
                         make_reference(model)
-                    elif structure in simulate.IMPLS:
-                        set_simulation_impl(model, structure)
+                    elif forced in simulate.IMPLS:
+                        set_simulation_impl(model, forced)
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
                     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=DEV)
                     fwd = torch.compile(model) if mode == "compiled" else model
