@@ -70,6 +70,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "sas_24x128": ("sas", SAS_MAIN, "fast"),
     "sas_24x64": ("sas", SAS_SMALL, "fast"),
     "sas_24x128_chunked": ("sas", SAS_MAIN, "chunked"),
+    # exact convolution FLOPs (inner size k*H), hand-written backward
+    "sas_24x128_matmul": ("sas", SAS_MAIN, "matmul"),
     # the two candidates for compiled training: banded GEMMs (traced) and the fused kernels (custom ops)
     "sas_24x128_banded": ("sas", SAS_MAIN, "banded"),
     "sas_24x128_triton": ("sas", SAS_MAIN, "triton"),
