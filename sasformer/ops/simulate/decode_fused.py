@@ -28,6 +28,8 @@ class PreparedSimulation:
     """Operands of one simulated tensor (queries, keys or values) for the forward kernel."""
 
     weights: list[Tensor]  # 4 (head simulation) or 8 (+ feature MLP) padded operands
+    n_heads: int
+    head_dim: int
     n_sim_heads: int
     sim_dim: int | None  # D' with the feature MLP, else None (the output keeps D)
     rot: Tensor | None  # RoPE operand when RoPE follows the feature MLP in the kernel
@@ -51,7 +53,7 @@ def prepare_simulation(
     weights = prepare_forward(w1, b1, w2, b2, w3, b3, w4, b4, head_dim, dtype)
     sim_dim = w3.shape[0] if w3 is not None else None
     rot = rotation_matrix(sim_dim, dtype, w1.device) if rope else None
-    return PreparedSimulation(weights, w1.shape[0], sim_dim, rot)
+    return PreparedSimulation(weights, w1.shape[1], head_dim, w1.shape[0], sim_dim, rot)
 
 
 @torch.library.custom_op("sasformer::simulate_prepared", mutates_args=())
@@ -79,8 +81,9 @@ def simulate_prepared(x_NHD: Tensor, prepared: PreparedSimulation, T: int = 1,
                          "torch.inference_mode(), or train with simulate_qk/simulate_heads(impl='triton')")
     if rope is not None and prepared.rot is None:
         raise ValueError("rope tables given, but the weights were prepared without rope=True")
-    if x_NHD.dim() != 3:
-        raise ValueError(f"x must be (N, H, D), got shape {tuple(x_NHD.shape)}")
+    if x_NHD.dim() != 3 or tuple(x_NHD.shape[1:]) != (prepared.n_heads, prepared.head_dim):
+        raise ValueError(f"x must be (N, H={prepared.n_heads}, D={prepared.head_dim}) for these prepared weights, "
+                         f"got shape {tuple(x_NHD.shape)}")
     cos, sin = rope if rope is not None else (None, None)
     return simulate_prepared_op(x_NHD, prepared.weights, prepared.rot if rope is not None else None, cos, sin,
                                 prepared.n_sim_heads, prepared.sim_dim, T)
