@@ -1,4 +1,4 @@
-"""The decode path of SAS: a few tokens per call through precomputed dense operands.
+"""The decode path of SAS: a few tokens per call through operands precomputed from the weights.
 
 Used by :class:`~sasformer.layers.sas.SimulatedAttention` on CUDA (its ``decode_path`` attribute, see
 :func:`set_decode_path`: on CPU the dense operands' extra FLOPs cost more than the launches they
