@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ from sasformer.ops.simulate.decode import (
 
 if TYPE_CHECKING:
     from sasformer.layers.sas import SimulatedAttention
+    from sasformer.ops.simulate.decode_fused import PreparedSimulation
 
 # above this many tokens per call the dense banded GEMMs waste more than the launches they save
 DECODE_MAX_TOKENS = 128
@@ -98,7 +99,7 @@ class DecodePlan:
     qkv_weight: Tensor | None = None  # "triton": the q, k, v projections concatenated, (H*D + 2*Hkv*D, d)
     qkv_bias: Tensor | None = None
     # "triton": the fused kernel's operands per simulated tensor ("q", "k" and, if simulated, "v")
-    fused: dict[str, Any] = field(default_factory=dict)
+    fused: dict[str, PreparedSimulation] = field(default_factory=dict)
 
     def tensors(self) -> list[Tensor]:
         extra = [t for t in (self.o_weight, self.qkv_weight, self.qkv_bias) if t is not None]
@@ -381,20 +382,20 @@ def decode_forward(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ct
 
 
 __all__ = [
+    "DECODE_KERNELS",
     "DECODE_MAX_TOKENS",
     "DECODE_PATH_MODES",
-    "DECODE_KERNELS",
     "KERNEL_ENV_VAR",
-    "set_decode_path",
-    "set_decode_kernel",
-    "resolve_decode_kernel",
     "DecodePlan",
     "HeadGroup",
     "build_plan",
+    "clear_decode_plans",
+    "decode_forward",
     "decode_plan",
     "prepare_decode",
+    "resolve_decode_kernel",
     "sas_layers",
-    "clear_decode_plans",
+    "set_decode_kernel",
+    "set_decode_path",
     "use_decode_path",
-    "decode_forward",
 ]

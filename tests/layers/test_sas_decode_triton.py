@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("triton")
 
-import sasformer.layers.sas as sas_module  # noqa: E402
-from sasformer.generation import StaticDecoder  # noqa: E402
-from sasformer.layers import sas_decode  # noqa: E402
-from sasformer.models.config import ModelConfig  # noqa: E402
-from sasformer.models.decoder import DecoderLM  # noqa: E402
+import sasformer.layers.sas as sas_module
+from sasformer.generation import StaticDecoder
+from sasformer.layers import sas_decode
+from sasformer.models.config import ModelConfig
+from sasformer.models.decoder import DecoderLM
 
 torch.set_num_threads(2)
 

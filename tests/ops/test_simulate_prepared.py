@@ -7,13 +7,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from sasformer.ops.rope import apply_rope  # noqa: E402
-from sasformer.ops.simulate import fused  # noqa: E402
-from sasformer.ops.simulate.decode_fused import prepare_simulation, simulate_prepared, simulate_prepared_op  # noqa: E402
-from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive  # noqa: E402
+from sasformer.ops.rope import apply_rope
+from sasformer.ops.simulate import fused
+from sasformer.ops.simulate.decode_fused import prepare_simulation, simulate_prepared, simulate_prepared_op
+from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def weights(H: int, HS: int, k: int, D: int, DS: int) -> list[torch.Tensor]:
