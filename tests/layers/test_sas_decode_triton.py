@@ -175,3 +175,21 @@ def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
     after = decoder.step(tokens[:, 5:6])
     assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and len(graphs) == 1
     assert rel_err(after, model(tokens[:, :6])[:, -1]) <= 1e-5
+
+
+@torch.no_grad()
+def test_left_padded_rows_get_their_own_positions(kernels: list[str]) -> None:
+    # per-row RoPE tables (B, T, D') inside the kernel
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(3, 9)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    cache = model.new_cache(9)
+    out = [model(tokens[:, :6], attention_mask=mask[:, :6], cache=cache)]
+    out.append(model(tokens[:, 6:8], attention_mask=mask[:, :8], cache=cache))
+    out.append(model(tokens[:, 8:9], attention_mask=mask, cache=cache))
+    assert kernels == ["triton"] * 4
+    real = mask.bool()
+    assert rel_err(torch.cat(out, dim=1)[real], model(tokens, attention_mask=mask)[real]) <= 1e-5
