@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sasformer.generation import StaticDecoder
-from sasformer.layers.sas_decode import set_decode_path
+from sasformer.layers.sas_decode import KERNEL_ENV_VAR, sas_layers, set_decode_path
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
@@ -60,11 +60,14 @@ DECODE_PATH_OFF = {"sas-ordinary"}
 #   choice, which for one query row over cached keys of size 128 and values of 64 is PyTorch's default
 #   (the memory-efficient kernel); padded flash can split the keys across the GPU;
 # - the new token simulated by the fused Triton kernels (one launch per tensor, from the convolutions'
-#   own weights) instead of the decode path's dense GEMMs (a forced implementation turns that path off)
+#   own weights) instead of the decode path's dense GEMMs (a forced implementation turns that path off);
+# - the decode path kept, with its "triton" kernel: one GEMM for the q, k, v projections, then one launch
+#   of the fused forward kernel per tensor on weights prepared once (sasformer.layers.sas_decode)
 ROW_ENVIRONMENT = {
     "sas-flash-pad": {"SASFORMER_ATTENTION": "flash_pad"},
     "sas-cudnn": {"SASFORMER_ATTENTION": "cudnn"},
     "sas-triton": {"SASFORMER_SIMULATE": "triton"},
+    "sas-decode-triton": {"SASFORMER_DECODE_KERNEL": "triton"},
 }
 VARIANTS.update({name: ("sas", {"cache_mode": "simulated"}) for name in ROW_ENVIRONMENT})
 MODES = ("eager", "graph", "compile")
@@ -146,6 +149,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def decode_kernels(model: DecoderLM) -> list[str]:
+    """The kernels of the SAS layers' decode plans (empty where no layer took the decode path)."""
+    plans = [layer.__dict__.get("_decode_plan") for layer in sas_layers(model)]
+    return sorted({plan.kernel for plan in plans if plan is not None})
+
+
 class CheckFailed(RuntimeError):
     """The static decode's logits differ from the plain forward pass."""
 
@@ -182,6 +191,8 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     model = model.to(dtype).eval()
     if name in DECODE_PATH_OFF:
         set_decode_path(model, "off")
+    elif KERNEL_ENV_VAR in ROW_ENVIRONMENT.get(name, {}):
+        set_decode_path(model, "on")  # what "auto" does on CUDA; on a CPU it needs TRITON_INTERPRET=1
     capacity = args.context + args.warmup + args.new_tokens
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -224,6 +235,10 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     sync(device)
     warmup_s = time.perf_counter() - t0
     check = check_against_forward(model, fed, got, args.check_tol)
+    kernels = decode_kernels(model)
+    wanted = ROW_ENVIRONMENT.get(name, {}).get(KERNEL_ENV_VAR)
+    if wanted and kernels != [wanted]:
+        raise RuntimeError(f"{name}: the SAS layers decoded with kernels {kernels}, not {wanted!r}")
 
     t0 = time.perf_counter()
     for _ in range(args.new_tokens):
@@ -246,6 +261,7 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
         "prefill_s": prefill_s,
         "warmup_s": warmup_s,
         **check,
+        "decode_kernels": kernels,
         "cache_bytes_per_token_per_layer": declared,
         "cache_bytes_per_token_per_layer_measured": measured[0],
         "cache_gib_at_end": sum(measured) * batch * cache.seq_len / 2**30,

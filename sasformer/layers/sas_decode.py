@@ -1,4 +1,4 @@
-"""The decode path of SAS: a few tokens per call through precomputed dense operands.
+"""The decode path of SAS: a few tokens per call through operands precomputed from the weights.
 
 Used by :class:`~sasformer.layers.sas.SimulatedAttention` on CUDA (its ``decode_path`` attribute, see
 :func:`set_decode_path`: on CPU the dense operands' extra FLOPs cost more than the launches they
@@ -13,17 +13,28 @@ base projections, both head convolutions and the feature MLP of Q, K and V with:
              -> [GEMM: W3] -> ReLU -> [GEMM: W4] -> RoPE           (queries and keys)
 
 where every GEMM is batched over the G tensors of equal shapes (Q, K and V on an MHA base), and
-PEAA's mean over groups is folded into the output projection. The operands (a :class:`DecodePlan`)
-are built from the weights once and rebuilt, in place where the shapes allow, when a weight's
-version counter or storage changes; under ``torch.compile`` the plan must already exist
-(:func:`prepare_decode`), since building it inside a compiled step would run every step.
+PEAA's mean over groups is folded into the output projection. That is the ``"dense"`` kernel (the
+default). The ``"triton"`` kernel keeps the convolutions' own small weights instead of dense
+matrices that are k/D full:
+
+    x (N, d) -> [GEMM: q, k, v projections as one] -> fused forward kernel, one launch per Q, K, V
+             (head simulation, feature MLP and RoPE for Q and K; :mod:`sasformer.ops.simulate.decode_fused`)
+
+with the kernel's padded operands prepared once per weight version. It is chosen per layer with
+:func:`set_decode_kernel` or, for layers without a choice, the environment variable
+``SASFORMER_DECODE_KERNEL`` (``dense`` or ``triton``), read when a plan is built.
+
+The operands (a :class:`DecodePlan`) are built from the weights once and rebuilt, in place where the
+shapes allow, when a weight's version counter or storage changes; under ``torch.compile`` the plan
+must already exist (:func:`prepare_decode`), since building it inside a compiled step would run every
+step.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +43,7 @@ from torch import Tensor, nn
 
 from sasformer.layers.base import AttentionContext
 from sasformer.ops.attention import attend
-from sasformer.ops.simulate import ENV_VAR
+from sasformer.ops.simulate import ENV_VAR, KERNEL_DTYPES, triton_available
 from sasformer.ops.simulate.decode import (
     conv_operands,
     first_conv,
@@ -44,11 +55,15 @@ from sasformer.ops.simulate.decode import (
 
 if TYPE_CHECKING:
     from sasformer.layers.sas import SimulatedAttention
+    from sasformer.ops.simulate.decode_fused import PreparedSimulation
 
 # above this many tokens per call the dense banded GEMMs waste more than the launches they save
 DECODE_MAX_TOKENS = 128
 # "auto": CUDA tensors only; "on": any device (the CPU tests); "off": never
 DECODE_PATH_MODES = ("auto", "on", "off")
+# how the decode path simulates: dense GEMMs against banded matrices, or the fused Triton forward kernel
+DECODE_KERNELS = ("dense", "triton")
+KERNEL_ENV_VAR = "SASFORMER_DECODE_KERNEL"
 
 
 @dataclass
@@ -74,14 +89,22 @@ class HeadGroup:
 
 @dataclass
 class DecodePlan:
+    """A layer's decode operands for one weight version; ``kernel`` says which of the two sets it holds."""
+
     key: tuple
-    folded: bool  # base projections folded into the first convolution
-    groups: list[HeadGroup]
+    folded: bool  # "dense": base projections folded into the first convolution
+    groups: list[HeadGroup]  # "dense": the stacked operands
     o_weight: Tensor | None  # (d, H'D): PEAA "mean" folded into the output projection
+    kernel: str = "dense"
+    qkv_weight: Tensor | None = None  # "triton": the q, k, v projections concatenated, (H*D + 2*Hkv*D, d)
+    qkv_bias: Tensor | None = None
+    # "triton": the fused kernel's operands per simulated tensor ("q", "k" and, if simulated, "v")
+    fused: dict[str, PreparedSimulation] = field(default_factory=dict)
 
     def tensors(self) -> list[Tensor]:
-        extra = [self.o_weight] if self.o_weight is not None else []
-        return [t for g in self.groups for t in g.tensors()] + extra
+        extra = [t for t in (self.o_weight, self.qkv_weight, self.qkv_bias) if t is not None]
+        prepared = [t for name in sorted(self.fused) for t in self.fused[name].tensors()]
+        return [t for g in self.groups for t in g.tensors()] + extra + prepared
 
 
 def _members(attn: SimulatedAttention) -> list[tuple[str, nn.Linear, nn.Module, nn.Module | None]]:
@@ -100,9 +123,63 @@ def _weights_key(attn: nn.Module) -> tuple:
     return (first.device, first.dtype, *key)
 
 
+def resolve_decode_kernel(attn: SimulatedAttention) -> str:
+    """The decode kernel of ``attn``: its :func:`set_decode_kernel` choice, else ``SASFORMER_DECODE_KERNEL``,
+    else "dense". Raises ValueError on an unknown name, or for "triton" without Triton, on a CPU
+    without ``TRITON_INTERPRET=1`` or in a dtype the kernel does not take."""
+    chosen = attn.__dict__.get("decode_kernel")
+    choice = chosen or os.environ.get(KERNEL_ENV_VAR, "").strip().lower() or "dense"
+    source = "set_decode_kernel" if chosen else KERNEL_ENV_VAR
+    if choice not in DECODE_KERNELS:
+        raise ValueError(f"{source}: decode kernel {choice!r} is not one of {DECODE_KERNELS}")
+    if choice == "triton":
+        weight = attn.o_proj.weight
+        if not triton_available():
+            raise ValueError(f"{source}: decode kernel 'triton' needs the triton package; install it or use 'dense'")
+        if not (weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(f"{source}: decode kernel 'triton' needs the model on CUDA (or TRITON_INTERPRET=1 "
+                             "on the CPU); use 'dense'")
+        if weight.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"{source}: decode kernel 'triton' takes weights in {KERNEL_DTYPES}, got {weight.dtype}; "
+                             "use 'dense'")
+    return choice
+
+
+def _fused_ops():
+    # imported on first use: Triton is an optional dependency
+    from sasformer.ops.simulate import decode_fused
+
+    return decode_fused
+
+
+def _build_triton_plan(attn: SimulatedAttention, o_weight: Tensor | None) -> DecodePlan:
+    """The fused kernel's operands: one concatenated projection and prepared simulation weights per tensor."""
+    ops = _fused_ops()
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    qkv_weight = torch.cat([p.weight for p in projections])
+    biases = [p.bias for p in projections]
+    qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+    fused = {}
+    for name, _, heads, features in _members(attn):
+        feature_weights = (features.w3, features.b3, features.w4, features.b4) if features is not None else ()
+        fused[name] = ops.prepare_simulation(heads.w1, heads.b1, heads.w2, heads.b2, *feature_weights,
+                                             head_dim=attn.head_dim,
+                                             rope=features is not None and attn.args.rope == "after")
+    return DecodePlan(_weights_key(attn), False, [], o_weight, "triton", qkv_weight, qkv_bias, fused)
+
+
 @torch.no_grad()
 def build_plan(attn: SimulatedAttention) -> DecodePlan:
-    """Dense operands of ``attn``'s decode path, in the dtype and on the device of its weights."""
+    """Operands of ``attn``'s decode path for its kernel (:func:`resolve_decode_kernel`), in the dtype
+    and on the device of its weights."""
+    kernel = resolve_decode_kernel(attn)
+    o_weight = None
+    if attn.args.peaa == "mean":
+        w = attn.o_proj.weight
+        wide = torch.promote_types(w.dtype, torch.float32)
+        o_weight = (w.to(wide).repeat(1, attn.groups) / attn.groups).to(w.dtype)
+    if kernel == "triton":
+        return _build_triton_plan(attn, o_weight)
     D = attn.head_dim
     folded = attn.args.rope != "before"
     by_shape: dict[tuple[int, int], list] = {}
@@ -125,11 +202,6 @@ def build_plan(attn: SimulatedAttention) -> DecodePlan:
             group.w4t = torch.stack([f.w4.t() for f in feats])
             group.b4 = torch.stack([f.b4 for f in feats])
         groups.append(group)
-    o_weight = None
-    if attn.args.peaa == "mean":
-        w = attn.o_proj.weight
-        wide = torch.promote_types(w.dtype, torch.float32)
-        o_weight = (w.to(wide).repeat(1, attn.groups) / attn.groups).to(w.dtype)
     return DecodePlan(_weights_key(attn), folded, groups, o_weight)
 
 
@@ -137,7 +209,7 @@ def _copy_into(old: DecodePlan, new: DecodePlan) -> bool:
     """Refresh ``old`` in place (its tensors keep their storage, so captured CUDA graphs stay valid);
     False when the shapes, dtypes or devices differ."""
     pairs = list(zip(old.tensors(), new.tensors()))
-    if len(old.tensors()) != len(new.tensors()) or any(
+    if old.kernel != new.kernel or len(old.tensors()) != len(new.tensors()) or any(
         (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device) or a.is_inference() for a, b in pairs
     ):
         return False
@@ -210,6 +282,22 @@ def set_decode_path(model: nn.Module, mode: str) -> None:
             module.decode_path = mode
 
 
+def set_decode_kernel(model: nn.Module, kernel: str | None) -> None:
+    """Choose the decode path's kernel for every SAS layer in ``model``: one of :data:`DECODE_KERNELS`,
+    or None to follow ``SASFORMER_DECODE_KERNEL`` (default "dense"). Existing plans are dropped, so
+    the next decode call builds the chosen kernel's operands (and checks that it can run)."""
+    from sasformer.layers.sas import SimulatedAttention
+
+    if kernel is not None and kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {kernel!r} is not one of {DECODE_KERNELS} (or None)")
+    if kernel == "triton" and not triton_available():
+        raise ValueError("decode kernel 'triton' needs the triton package; install it or use 'dense'")
+    for module in model.modules():
+        if isinstance(module, SimulatedAttention):
+            module.__dict__["decode_kernel"] = kernel
+            module.__dict__.pop("_decode_plan", None)
+
+
 def use_decode_path(attn: SimulatedAttention, x_BTd: Tensor, ctx: AttentionContext) -> bool:
     """Whether this call takes the decode path (see the module docstring)."""
     mode = attn.decode_path
@@ -228,8 +316,31 @@ def use_decode_path(attn: SimulatedAttention, x_BTd: Tensor, ctx: AttentionConte
     )
 
 
-def decode_forward(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
-    """``attn(x, ctx)`` through ``plan``: appends K~, V~ to ``ctx.cache`` and returns (B, T, d)."""
+def _simulate_triton(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ctx: AttentionContext
+                     ) -> dict[str, Tensor]:
+    """Q~, K~, V~ (B, T, heads, size) of the new tokens: one projection GEMM, one kernel launch per tensor."""
+    ops = _fused_ops()
+    B, T, d = x_BTd.shape
+    N, H, Hkv, D = B * T, attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qkv = F.linear(x_BTd.reshape(N, d), plan.qkv_weight, plan.qkv_bias)
+    # views of the one output: the kernel reads each token's heads at the row stride of qkv
+    q, k, v = (t.view(N, h, D) for t, h in zip(qkv.split([H * D, Hkv * D, Hkv * D], dim=-1), (H, Hkv, Hkv)))
+    if attn.args.rope == "before":
+        q = ctx.rotary.rotate(q.view(B, T, H, D)).view(N, H, D)
+        k = ctx.rotary.rotate(k.view(B, T, Hkv, D)).view(N, Hkv, D)
+    rope = ctx.rotary(attn.sim_head_dim) if attn.args.rope == "after" else None
+    out = {name: ops.simulate_prepared(t, plan.fused[name], T, rope).view(B, T, -1, attn.sim_head_dim)
+           for name, t in (("q", q), ("k", k))}
+    if "v" in plan.fused:
+        out["v"] = ops.simulate_prepared(v, plan.fused["v"]).view(B, T, attn.n_sim_kv_heads, D)
+    else:  # unsimulated values: simulated head g*H_kv + h reads value head h
+        out["v"] = v.view(B, T, Hkv, D).repeat(1, 1, attn.groups, 1)
+    return out
+
+
+def _simulate_dense(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ctx: AttentionContext
+                    ) -> dict[str, Tensor]:
+    """Q~, K~, V~ (B, T, heads, size) of the new tokens through the dense stacked GEMMs."""
     B, T, d = x_BTd.shape
     N, D, E = B * T, attn.head_dim, attn.sim_head_dim
     x_Nd = x_BTd.reshape(N, d)
@@ -252,6 +363,15 @@ def decode_forward(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ct
         out.update({g.names[i]: y2_GNO[i].view(B, T, Hs, D) for i in range(nf, G)})
     if "v" not in out:  # unsimulated values: simulated head g*H_kv + h reads value head h
         out["v"] = attn.v_proj(x_BTd).view(B, T, attn.n_kv_heads, D).repeat(1, 1, attn.groups, 1)
+    return out
+
+
+def decode_forward(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
+    """``attn(x, ctx)`` through ``plan``: appends K~, V~ to ``ctx.cache`` and returns (B, T, d)."""
+    B, T, _ = x_BTd.shape
+    D, E = attn.head_dim, attn.sim_head_dim
+    simulate = _simulate_triton if plan.kernel == "triton" else _simulate_dense
+    out = simulate(attn, plan, x_BTd, ctx)
     full = ctx.cache.append(k=out["k"], v=out["v"])
     o = attend(out["q"].transpose(1, 2), full["k"].transpose(1, 2), full["v"].transpose(1, 2), ctx.mask,
                scale=1.0 / math.sqrt(E))
@@ -262,16 +382,20 @@ def decode_forward(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ct
 
 
 __all__ = [
+    "DECODE_KERNELS",
     "DECODE_MAX_TOKENS",
     "DECODE_PATH_MODES",
-    "set_decode_path",
+    "KERNEL_ENV_VAR",
     "DecodePlan",
     "HeadGroup",
     "build_plan",
+    "clear_decode_plans",
+    "decode_forward",
     "decode_plan",
     "prepare_decode",
+    "resolve_decode_kernel",
     "sas_layers",
-    "clear_decode_plans",
+    "set_decode_kernel",
+    "set_decode_path",
     "use_decode_path",
-    "decode_forward",
 ]

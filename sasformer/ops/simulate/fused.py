@@ -35,17 +35,18 @@ from sasformer.ops.simulate.rotate import rotate_transposed
 
 
 @triton.jit
-def _load_x(x_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr):
-    """X at rows (token n, feature j + s), columns heads; zero outside the token."""
+def _load_x(x_ptr, n, j, s, N, XS, H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr):
+    """X at rows (token n, feature j + s), columns heads; zero outside the token. Token n starts at
+    element n * XS (its H x D block contiguous)."""
     c = tl.arange(0, HP)
     js = j + s
     ok = (n < N) & (js >= 0) & (js < D)
-    ptrs = x_ptr + n[:, None] * (H * D) + c[None, :] * D + js[:, None]
+    ptrs = x_ptr + n[:, None] * XS + c[None, :] * D + js[:, None]
     return tl.load(ptrs, mask=ok[:, None] & (c[None, :] < H), other=0.0)
 
 
 @triton.jit
-def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, XS, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
            HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
     """First convolution output at features j + s (fp32), zero where j + s is outside the token."""
     PAD: tl.constexpr = (K - 1) // 2
@@ -53,7 +54,7 @@ def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, 
     co = tl.arange(0, HSP)
     acc = tl.zeros((ROWS, HSP), dtype=tl.float32)
     for t in tl.static_range(K):
-        xs = _load_x(x_ptr, n, j, s + t - PAD, N, H, D, HP)
+        xs = _load_x(x_ptr, n, j, s + t - PAD, N, XS, H, D, HP)
         w = tl.load(w1_ptr + t * HP * HSP + ci[:, None] * HSP + co[None, :])
         acc = tl.dot(xs, w, acc, input_precision=PREC)
     acc += tl.load(b1_ptr + co)[None, :]
@@ -62,15 +63,15 @@ def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, H: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H: tl.constexpr, D: tl.constexpr,
+def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, XS, H: tl.constexpr, D: tl.constexpr,
         K: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
     """Head simulation output Y2 (fp32, rows (token, feature)); rows past the token are zero."""
     PAD: tl.constexpr = (K - 1) // 2
     co = tl.arange(0, HSP)
-    y2 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, H, D, K, HP, HSP, ROWS, PREC)
+    y2 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, XS, H, D, K, HP, HSP, ROWS, PREC)
     y2 += tl.load(b2_ptr + co)[None, :]
     for t in tl.static_range(K):
-        y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H, D, K, HP, HSP, ROWS, PREC)
+        y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, XS, H, D, K, HP, HSP, ROWS, PREC)
         r = tl.maximum(y1s, 0.0).to(x_ptr.dtype.element_ty)
         w = tl.load(w2_ptr + t * HSP * HSP + co[:, None] * HSP + co[None, :])
         y2 = tl.dot(r, w, y2, input_precision=PREC)
@@ -102,7 +103,7 @@ def _heads_to_rows(t, BLOCK_N: tl.constexpr, DP: tl.constexpr, HSP: tl.constexpr
 @triton.jit
 def _simulate_fwd_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr,
-    rot_ptr, cos_ptr, sin_ptr, N, T, cos_stride_b,
+    rot_ptr, cos_ptr, sin_ptr, N, T, cos_stride_b, x_stride,
     H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
     HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
     BLOCK_N: tl.constexpr, FEATURES: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
@@ -112,7 +113,7 @@ def _simulate_fwd_kernel(
     # int64 token index: offsets n * H' * D' overflow int32 beyond ~700k tokens
     n = (tl.program_id(0) * BLOCK_N + r // DP).to(tl.int64)
     j = r % DP
-    y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, H, D, K, HP, HSP, ROWS, PREC)
+    y2 = _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, x_stride, H, D, K, HP, HSP, ROWS, PREC)
     dt = x_ptr.dtype.element_ty
     if FEATURES:
         # w3 is stored transposed and padded: (DP, DSP); w4 transposed: (DSP, DSP)
@@ -172,7 +173,7 @@ def _dy1(g_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, r, n, j, N,
         dy2 = _load_rows(g_ptr, r, n, j, PAD - t, N, HS, D, HSP, False)
         w2t = tl.load(w2_ptr + t * HSP * HSP + co[None, :] * HSP + co[:, None])
         dr = tl.dot(dy2.to(dt), w2t, dr, input_precision=PREC)
-    y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, H, D, K, HP, HSP, ROWS, PREC)
+    y1 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, H * D, H, D, K, HP, HSP, ROWS, PREC)
     dy2c = _load_rows(g_ptr, r, n, j, 0, N, HS, D, HSP, False)
     return dy2c + tl.where(y1 > 0, dr, 0.0)
 
@@ -214,11 +215,11 @@ def _heads_bwd_kernel(
         dx = tl.zeros((ROWS, HP), dtype=tl.float32)
         for t in tl.static_range(K):
             # weight gradients of tap t: input rows shifted by t - PAD against the centre gradient
-            y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H, D, K, HP, HSP, ROWS, PREC)
+            y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, H * D, H, D, K, HP, HSP, ROWS, PREC)
             rs = tl.maximum(y1s, 0.0).to(dt)
             dw2 = tl.dot(tl.trans(rs), dy2.to(dt), input_precision=PREC)
             tl.atomic_add(dw2_ptr + pid * K * HSP * HSP + t * HSP * HSP + co[:, None] * HSP + co[None, :], dw2)
-            xs = _load_x(x_ptr, n, j, t - PAD, N, H, D, HP)
+            xs = _load_x(x_ptr, n, j, t - PAD, N, H * D, H, D, HP)
             dw1 = tl.dot(tl.trans(xs), dy1.to(dt), input_precision=PREC)
             tl.atomic_add(dw1_ptr + pid * K * HP * HSP + t * HP * HSP + ci[:, None] * HSP + co[None, :], dw1)
             # input gradient: dX[i] = sum_t dY1[i - t + PAD] @ W1_t^T
@@ -261,15 +262,22 @@ def _pad_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 class _Sizes:
-    def __init__(self, x: Tensor, w1: Tensor, w3: Tensor | None, block_rows: int | None) -> None:
-        self.N, self.H, self.D = x.shape
-        self.HS, self.K = w1.shape[0], w1.shape[-1]
-        self.DS = w3.shape[0] if w3 is not None else self.D
+    """Sizes of one launch: true sizes, their power-of-two paddings and the token blocking."""
+
+    def __init__(self, N: int, H: int, D: int, HS: int, K: int, DS: int | None, block_rows: int | None) -> None:
+        self.N, self.H, self.D, self.HS, self.K = N, H, D, HS, K
+        self.DS = DS if DS is not None else D
         self.HP, self.HSP, self.DP, self.DSP = _pow2(self.H), _pow2(self.HS), _pow2(self.D), _pow2(self.DS)
         if block_rows is None:
-            block_rows = 64 if w3 is not None and self.DSP > 64 else 128
+            block_rows = 64 if DS is not None and self.DSP > 64 else 128
         self.BLOCK_N = max(1, block_rows // self.DP)
         self.n_blocks = triton.cdiv(self.N, self.BLOCK_N)
+
+    @classmethod
+    def of(cls, x: Tensor, w1: Tensor, w3: Tensor | None, block_rows: int | None) -> _Sizes:
+        """Sizes of input ``x`` (N, H, D) under conv weight ``w1`` (H', H, k) and optional ``w3`` (D', D)."""
+        N, H, D = x.shape
+        return cls(N, H, D, w1.shape[0], w1.shape[-1], w3.shape[0] if w3 is not None else None, block_rows)
 
     def heads(self) -> dict:
         return dict(H=self.H, HS=self.HS, D=self.D, K=self.K, HP=self.HP, HSP=self.HSP, DP=self.DP,
@@ -291,12 +299,8 @@ def _head_weights(s: _Sizes, dt: torch.dtype, w1: Tensor, b1: Tensor, w2: Tensor
     return [w1m, _pad_to(b1.to(dt), (s.HSP,)), w2m, _pad_to(b2.to(dt), (s.HSP,))]
 
 
-def _feature_weights(s: _Sizes, x: Tensor, w3, b3, w4, b4) -> list[Tensor]:
-    """Zero-padded w3 (transposed, (DP, DSP)), w4 (transposed, (DSP, DSP)) and biases; placeholders
-    for the head simulation alone."""
-    dt = x.dtype
-    if w3 is None:
-        return [x.new_zeros(1)] * 4
+def _feature_weights(s: _Sizes, dt: torch.dtype, w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor) -> list[Tensor]:
+    """Zero-padded w3 (transposed, (DP, DSP)), w4 (transposed, (DSP, DSP)) and biases, in ``dt``."""
     return [
         _pad_to(w3.to(dt).t(), (s.DP, s.DSP)), _pad_to(b3.to(dt), (s.DSP,)),
         _pad_to(w4.to(dt).t(), (s.DSP, s.DSP)), _pad_to(b4.to(dt), (s.DSP,)),
@@ -325,30 +329,79 @@ def _rotation(DS: int, DSP: int, dt: torch.dtype, device: torch.device) -> Tenso
     return rot
 
 
-def _rope_args(s: _Sizes, T: int, rope: tuple[Tensor, Tensor] | None, dt: torch.dtype, device: torch.device):
-    """Kernel arguments (rotation, cos, sin, T, batch stride of the tables) for optional RoPE."""
-    if rope is None:
-        dummy = torch.zeros(1, device=device, dtype=torch.float32)
-        return [dummy.to(dt), dummy, dummy], max(T, 1), 0
-    cos, sin = (t.to(device=device, dtype=torch.float32).contiguous() for t in rope)
-    return [_rotation(s.DS, s.DSP, dt, device), cos, sin], T, (0 if cos.shape[0] == 1 else T * s.DS)
+def rotation_matrix(DS: int, dt: torch.dtype, device: torch.device) -> Tensor:
+    """A new copy of the forward kernel's RoPE operand for D' = ``DS`` (see :func:`_rotation`)."""
+    return _rotation(DS, _pow2(DS), dt, device).clone()
 
 
-def _forward(x: Tensor, w1, b1, w2, b2, w3, b3, w4, b4, T: int, rope) -> Tensor:
-    """One launch of the forward kernel: (N, H, D) -> (N, H', D') with features, else (N, H', D)."""
-    s = _Sizes(x, w1, w3, BLOCK_ROWS)
-    rope_ptrs, T_arg, cos_stride = _rope_args(s, T, rope, x.dtype, x.device)
+def prepare_forward(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor | None, b3: Tensor | None,
+                    w4: Tensor | None, b4: Tensor | None, head_dim: int, dtype: torch.dtype) -> list[Tensor]:
+    """The forward kernel's weight operands, zero-padded and in ``dtype``: conv taps (K, HP, H'P) and
+    biases, then, when the feature MLP is given (``w3``), its transposed weights and biases.
+
+    Made once per weight version, they can be passed to :func:`launch_forward` for every call."""
+    DS = w3.shape[0] if w3 is not None else None
+    s = _Sizes(0, w1.shape[1], head_dim, w1.shape[0], w1.shape[-1], DS, None)
+    weights = _head_weights(s, dtype, w1, b1, w2, b2)
+    if w3 is not None:
+        weights += _feature_weights(s, dtype, w3, b3, w4, b4)
+    return weights
+
+
+def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: int | None, T: int = 1,
+                   rot: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    """One launch of the forward kernel with operands from :func:`prepare_forward`.
+
+    ``x`` (N, H, D) needs each token's H x D block contiguous; tokens may be any stride apart (a slice
+    of a fused projection's output is read in place). Returns (N, H', D') with the feature MLP
+    (``sim_dim`` = D' and 8 operands), else (N, H', D). RoPE after the feature MLP when ``cos``, ``sin``
+    (B or 1, T, D') and ``rot`` (:func:`rotation_matrix`) are given; N = B * T.
+    """
+    N, H, D = x.shape
+    features = len(weights) == 8
+    s = _Sizes(N, H, D, n_sim_heads, weights[0].shape[0], sim_dim if features else None, BLOCK_ROWS)
+    expected = [(s.K, s.HP, s.HSP), (s.HSP,), (s.K, s.HSP, s.HSP), (s.HSP,)]
+    if features:
+        expected += [(s.DP, s.DSP), (s.DSP,), (s.DSP, s.DSP), (s.DSP,)]
+    if len(weights) not in (4, 8) or [tuple(w.shape) for w in weights] != expected:
+        raise ValueError(f"prepared weights {[tuple(w.shape) for w in weights]} do not fit input {tuple(x.shape)} "
+                         f"with H'={n_sim_heads}, D'={sim_dim}: expected {expected} (see prepare_forward)")
+    if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+        raise ValueError(f"prepared weights must have the input's dtype {x.dtype} and device {x.device}")
+    rope = cos is not None
+    if rope and (not features or rot is None or sin is None or tuple(rot.shape) != (s.DSP, s.DSP)):
+        raise ValueError("RoPE in the forward kernel needs the feature MLP, cos, sin and rot (rotation_matrix)")
+    if x.stride(-1) != 1 or x.stride(-2) != D:
+        x = x.contiguous()
+    x_stride = x.stride(0) if N > 1 else H * D
+    # never read by the kernel when the feature MLP or RoPE is off; any pointer will do
+    unused = weights[1]
+    feats = weights[4:] if features else [unused] * 4
+    if rope:
+        cos, sin = (t.to(device=x.device, dtype=torch.float32).contiguous() for t in (cos, sin))
+        rope_ptrs, cos_stride = [rot, cos, sin], (0 if cos.shape[0] == 1 else T * s.DS)
+    else:
+        rope_ptrs, cos_stride, T = [unused] * 3, 0, max(T, 1)
     out = _empty(s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
     _launch(
-        _simulate_fwd_kernel, (s.n_blocks,), x, *_head_weights(s, x.dtype, w1, b1, w2, b2), *_feature_weights(s, x, w3, b3, w4, b4), out,
-        *rope_ptrs, s.N, T_arg, cos_stride, PREC=_precision(x.dtype), **s.forward(w3 is not None, rope is not None),
+        _simulate_fwd_kernel, (s.n_blocks,), x, *weights[:4], *feats, out, *rope_ptrs, s.N, T, cos_stride,
+        x_stride, PREC=_precision(x.dtype), **s.forward(features, rope),
     )
     return out
 
 
+def _forward(x: Tensor, w1, b1, w2, b2, w3, b3, w4, b4, T: int, rope) -> Tensor:
+    """One launch of the forward kernel: (N, H, D) -> (N, H', D') with features, else (N, H', D)."""
+    weights = prepare_forward(w1, b1, w2, b2, w3, b3, w4, b4, x.shape[-1], x.dtype)
+    DS = w3.shape[0] if w3 is not None else None
+    rot = _rotation(DS, _pow2(DS), x.dtype, x.device) if rope is not None else None
+    cos, sin = rope if rope is not None else (None, None)
+    return launch_forward(x, weights, w1.shape[0], DS, T, rot, cos, sin)
+
+
 def _heads_backward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, dy2: Tensor):
     """Gradients of the head simulation given dY2 (N, H', D): dx and the conv weights and biases."""
-    s = _Sizes(x, w1, None, BWD_BLOCK_ROWS)
+    s = _Sizes.of(x, w1, None, BWD_BLOCK_ROWS)
     P = _backward_programs(s, x.device)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = _empty(x.shape, device=x.device, dtype=x.dtype)

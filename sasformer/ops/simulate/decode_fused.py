@@ -1,0 +1,92 @@
+"""The fused forward kernel with its weights prepared in advance: a few tokens simulated in one launch.
+
+At decode time a step simulates N = B*T new tokens and is bound by kernel launches and weight bytes,
+not FLOPs. :func:`~sasformer.ops.simulate.fused.simulate_fused_op` pads and converts the
+convolutions' weights on every call (a dozen tiny kernels); here that is done once per weight
+version (:func:`prepare_simulation`, the caller keeps the result and refreshes it in place when the
+weights change) and each call is one launch of the forward kernel (:func:`simulate_prepared`),
+reading the convolutions' own small weights: k*H*H' + k*H'^2 values instead of dense (H*D, H'*D)
+matrices.
+
+:func:`simulate_prepared` is a forward-only custom op with a fake implementation, so a compiled
+decode step keeps one graph; it allocates only its fixed-size output and never syncs with the host,
+so a CUDA graph can capture it. The reference it is held to is :mod:`.naive` (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sasformer.ops.simulate.fused import launch_forward, prepare_forward, rotation_matrix
+
+
+@dataclass
+class PreparedSimulation:
+    """Operands of one simulated tensor (queries, keys or values) for the forward kernel."""
+
+    weights: list[Tensor]  # 4 (head simulation) or 8 (+ feature MLP) padded operands
+    n_heads: int
+    head_dim: int
+    n_sim_heads: int
+    sim_dim: int | None  # D' with the feature MLP, else None (the output keeps D)
+    rot: Tensor | None  # RoPE operand when RoPE follows the feature MLP in the kernel
+
+    def tensors(self) -> list[Tensor]:
+        return self.weights + ([self.rot] if self.rot is not None else [])
+
+
+@torch.no_grad()
+def prepare_simulation(
+    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    w3: Tensor | None = None, b3: Tensor | None = None, w4: Tensor | None = None, b4: Tensor | None = None,
+    *, head_dim: int, rope: bool = False, dtype: torch.dtype | None = None,
+) -> PreparedSimulation:
+    """Pad and convert the weights of a head simulation (``w1`` (H', H, k) ... ``b2``) and optional
+    feature MLP (``w3`` (D', D) ... ``b4``) for :func:`simulate_prepared`, in ``dtype`` (default:
+    ``w1``'s). ``rope``: the kernel will rotate its output (RoPE after the feature MLP)."""
+    if rope and w3 is None:
+        raise ValueError("rope=True needs the feature MLP (w3, b3, w4, b4): RoPE is applied after it")
+    dtype = dtype or w1.dtype
+    weights = prepare_forward(w1, b1, w2, b2, w3, b3, w4, b4, head_dim, dtype)
+    sim_dim = w3.shape[0] if w3 is not None else None
+    rot = rotation_matrix(sim_dim, dtype, w1.device) if rope else None
+    return PreparedSimulation(weights, w1.shape[1], head_dim, w1.shape[0], sim_dim, rot)
+
+
+@torch.library.custom_op("sasformer::simulate_prepared", mutates_args=())
+def simulate_prepared_op(x: Tensor, weights: list[Tensor], rot: Tensor | None, cos: Tensor | None,
+                         sin: Tensor | None, n_sim_heads: int, sim_dim: int | None, T: int) -> Tensor:
+    """Forward kernel on prepared operands: x (N, H, D) -> (N, H', D') with the feature MLP, else (N, H', D)."""
+    return launch_forward(x, weights, n_sim_heads, sim_dim, T, rot, cos, sin)
+
+
+@simulate_prepared_op.register_fake
+def _(x, weights, rot, cos, sin, n_sim_heads, sim_dim, T):
+    return x.new_empty(x.shape[0], n_sim_heads, sim_dim if sim_dim is not None else x.shape[-1])
+
+
+def simulate_prepared(x_NHD: Tensor, prepared: PreparedSimulation, T: int = 1,
+                      rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Simulate ``x`` (N, H, D) with prepared operands in one kernel launch: (N, H', D') with the
+    feature MLP, else (N, H', D). ``rope``: (cos, sin) tables (B or 1, T, D') with N = B*T, applied
+    after the feature MLP (needs ``prepare_simulation(..., rope=True)``).
+
+    Forward only: no gradient flows through it (use ``simulate_qk(..., impl="triton")`` to train).
+    Each token's H x D block must be contiguous; tokens may be any stride apart."""
+    if torch.is_grad_enabled() and (x_NHD.requires_grad or any(t.requires_grad for t in prepared.tensors())):
+        raise ValueError("simulate_prepared is forward only: call it under torch.no_grad() or "
+                         "torch.inference_mode(), or train with simulate_qk/simulate_heads(impl='triton')")
+    if rope is not None and prepared.rot is None:
+        raise ValueError("rope tables given, but the weights were prepared without rope=True")
+    if x_NHD.dim() != 3 or tuple(x_NHD.shape[1:]) != (prepared.n_heads, prepared.head_dim):
+        raise ValueError(f"x must be (N, H={prepared.n_heads}, D={prepared.head_dim}) for these prepared weights, "
+                         f"got shape {tuple(x_NHD.shape)}")
+    cos, sin = rope if rope is not None else (None, None)
+    return simulate_prepared_op(x_NHD, prepared.weights, prepared.rot if rope is not None else None, cos, sin,
+                                prepared.n_sim_heads, prepared.sim_dim, T)
+
+
+__all__ = ["PreparedSimulation", "prepare_simulation", "simulate_prepared", "simulate_prepared_op"]

@@ -1,0 +1,195 @@
+"""The SAS decode path with the fused Triton kernel (``kernel="triton"``) against the plain forward pass.
+
+On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before any kernel module is imported)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import sasformer.layers.sas as sas_module
+from sasformer.generation import StaticDecoder
+from sasformer.layers import sas_decode
+from sasformer.models.config import ModelConfig
+from sasformer.models.decoder import DecoderLM
+
+torch.set_num_threads(2)
+
+VOCAB = 41
+# H = 3 heads of D = 8 (d = 24), H' = 6, D' = 12
+BASE = {"n_heads": 3, "n_sim_heads": 6, "sim_head_dim": 12}
+CONFIGS: dict[str, dict] = {
+    "rope-after-mean-k3": {**BASE, "kernel_size": 3},
+    "rope-after-full-k1": {**BASE, "kernel_size": 1, "peaa": "full"},
+    "rope-before-mean-k1": {**BASE, "kernel_size": 1, "rope": "before"},
+    "rope-before-full-k3": {**BASE, "kernel_size": 3, "rope": "before", "peaa": "full"},
+    "mqa-base-values-unsimulated": {**BASE, "n_kv_heads": 1, "simulate_v": False},
+}
+
+
+def tiny_sas(args: dict, seed: int = 0, n_layers: int = 2) -> DecoderLM:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=VOCAB, d_model=24, n_layers=n_layers, max_seq_len=32, attention="sas",
+                         attention_args=dict(args), init_std=0.1)
+    model = DecoderLM(config).eval()
+    sas_decode.set_decode_path(model, "on")  # "auto" takes it on CUDA only
+    return model
+
+
+def ids(B: int, T: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(4))
+
+
+def cached_logits(model: DecoderLM, tokens: torch.Tensor, pieces: list[int]) -> torch.Tensor:
+    cache = model.new_cache(tokens.shape[1])
+    out, start = [], 0
+    for n in pieces:
+        out.append(model(tokens[:, start : start + n], cache=cache))
+        start += n
+    return torch.cat(out, dim=1)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture
+def kernels(monkeypatch) -> list[str]:
+    """The plan kernel of every decode-path call."""
+    seen: list[str] = []
+    real = sas_module.decode_forward
+
+    def recording(attn, plan, x, ctx):
+        seen.append(plan.kernel)
+        return real(attn, plan, x, ctx)
+
+    monkeypatch.setattr(sas_module, "decode_forward", recording)
+    return seen
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@torch.no_grad()
+def test_triton_decode_equals_plain_forward(name: str, kernels: list[str]) -> None:
+    model = tiny_sas(CONFIGS[name])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(2, 5 + 1 + 3 + 1)
+    got = cached_logits(model, tokens, [5, 1, 3, 1])  # prefill, then T = 1, a 3-token chunk, T = 1
+    assert kernels == ["triton"] * 6  # three decode calls, two layers
+    assert rel_err(got, model(tokens)) <= 1e-5
+
+
+@torch.no_grad()
+def test_environment_variable_selects_the_kernel(monkeypatch, kernels: list[str]) -> None:
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
+    tokens = ids(2, 5)
+    monkeypatch.setenv(sas_decode.KERNEL_ENV_VAR, "triton")
+    got = cached_logits(model, tokens, [4, 1])
+    assert rel_err(got, model(tokens)) <= 1e-5
+    # read when a plan is built: the plans keep their kernel until they are rebuilt
+    monkeypatch.setenv(sas_decode.KERNEL_ENV_VAR, "dense")
+    cached_logits(model, tokens, [4, 1])
+    sas_decode.clear_decode_plans(model)
+    cached_logits(model, tokens, [4, 1])
+    assert kernels == ["triton"] * 4 + ["dense"] * 2
+    # a layer's own choice wins over the variable
+    sas_decode.set_decode_kernel(model, "triton")
+    cached_logits(model, tokens, [4, 1])
+    assert kernels[-2:] == ["triton"] * 2
+    monkeypatch.setenv(sas_decode.KERNEL_ENV_VAR, "fastest")
+    sas_decode.set_decode_kernel(model, None)
+    with pytest.raises(ValueError, match="SASFORMER_DECODE_KERNEL.*'fastest'"):
+        cached_logits(model, tokens, [4, 1])
+
+
+def test_unusable_choices_are_refused(monkeypatch) -> None:
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"], n_layers=1)
+    tokens = ids(1, 3)
+    with pytest.raises(ValueError, match="decode kernel 'cuda'"):
+        sas_decode.set_decode_kernel(model, "cuda")
+    sas_decode.set_decode_kernel(model, "triton")
+    with torch.no_grad():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="needs the model on CUDA"):
+                cached_logits(model, tokens, [2, 1])
+        monkeypatch.setattr(sas_decode, "triton_available", lambda: False)
+        with pytest.raises(ValueError, match="needs the triton package"):
+            cached_logits(model, tokens, [2, 1])
+        with pytest.raises(ValueError, match="needs the triton package"):
+            sas_decode.set_decode_kernel(model, "triton")
+        monkeypatch.undo()
+        sas_decode.set_decode_kernel(model, "triton")
+        with pytest.raises(ValueError, match="float64"):
+            cached_logits(model.double(), tokens, [2, 1])
+
+
+@torch.no_grad()
+def test_prepared_weights_refresh_in_place(kernels: list[str]) -> None:
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
+    other = tiny_sas(CONFIGS["rope-after-mean-k3"], seed=7)
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(2, 6)
+    cached_logits(model, tokens, [5, 1])
+    attn = model.blocks[0].attn
+    plan = attn.__dict__["_decode_plan"]
+    storage = [t.data_ptr() for t in plan.tensors()]
+    model.load_state_dict(other.state_dict())  # copies into the same parameters
+    assert rel_err(cached_logits(model, tokens, [5, 1]), other(tokens)) <= 1e-5
+    attn.heads_q.w1.mul_(-1.5)
+    attn.features_k.w4.mul_(2.0)
+    attn.heads_v.b2.add_(0.5)
+    attn.q_proj.weight.mul_(0.5)
+    attn.o_proj.bias.add_(1.0)
+    assert rel_err(cached_logits(model, tokens, [5, 1]), model(tokens)) <= 1e-5
+    assert attn.__dict__["_decode_plan"] is plan and [t.data_ptr() for t in plan.tensors()] == storage
+    assert set(kernels) == {"triton"}
+
+
+@torch.no_grad()
+def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
+    # dynamo only: the prepared-kernel launches are custom ops inside the one graph of the step
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(1, 7)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
+    decoder._step_fn = torch.compile(decoder._step, backend=record, fullgraph=True, dynamic=False)
+    out = [decoder.prefill(tokens[:, :3])]
+    out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 5)]
+    assert rel_err(torch.stack(out, dim=1), model(tokens[:, :5])[:, 2:]) <= 1e-5
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert sum("simulate_prepared" in t for t in targets) == 3 * 2  # Q, K, V in two layers
+    assert not any("baddbmm" in t for t in targets)  # no dense operand left
+    plan = model.blocks[1].attn.__dict__["_decode_plan"]
+    model.blocks[1].attn.heads_q.w2.mul_(3.0)  # StaticDecoder.step refreshes the operands in place
+    after = decoder.step(tokens[:, 5:6])
+    assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and len(graphs) == 1
+    assert rel_err(after, model(tokens[:, :6])[:, -1]) <= 1e-5
+
+
+@torch.no_grad()
+def test_left_padded_rows_get_their_own_positions(kernels: list[str]) -> None:
+    # per-row RoPE tables (B, T, D') inside the kernel
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(3, 9)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    cache = model.new_cache(9)
+    out = [model(tokens[:, :6], attention_mask=mask[:, :6], cache=cache)]
+    out.append(model(tokens[:, 6:8], attention_mask=mask[:, :8], cache=cache))
+    out.append(model(tokens[:, 8:9], attention_mask=mask, cache=cache))
+    assert kernels == ["triton"] * 4
+    real = mask.bool()
+    assert rel_err(torch.cat(out, dim=1)[real], model(tokens, attention_mask=mask)[real]) <= 1e-5
