@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sasformer.layers.sas as sas_module
 from sasformer.layers import sas_decode
 from sasformer.layers.simulation import set_simulation_impl
-from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
+from tests.decode_helpers import cached_logits, tiny_model, token_ids
 
 torch.set_num_threads(1)
 
@@ -27,48 +26,25 @@ CONFIGS: dict[str, dict] = {
 
 
 def tiny_sas(args: dict, seed: int = 0) -> DecoderLM:
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=VOCAB, d_model=24, n_layers=2, max_seq_len=96, attention="sas",
-                         attention_args=dict(args), init_std=0.1)
-    model = DecoderLM(config).eval()
-    sas_decode.set_decode_path(model, "on")  # "auto" takes it on CUDA only
-    return model
+    return tiny_model("sas", args, vocab=VOCAB, max_seq_len=96, seed=seed)
 
 
 def ids(B: int, T: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(3))
+    return token_ids(B, T, vocab=VOCAB, seed=3)
 
 
-def cached_logits(model: DecoderLM, tokens: torch.Tensor, pieces: list[int], preallocate: bool = True) -> torch.Tensor:
-    cache = model.new_cache(tokens.shape[1] if preallocate else None)
-    out, start = [], 0
-    for n in pieces:
-        out.append(model(tokens[:, start : start + n], cache=cache))
-        start += n
-    return torch.cat(out, dim=1)
-
-
-@pytest.fixture
-def decode_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = sas_module.decode_forward
-
-    def counting(attn, plan, x, ctx):
-        calls.append(x.shape[1])
-        return real(attn, plan, x, ctx)
-
-    monkeypatch.setattr(sas_module, "decode_forward", counting)
-    return calls
+def tokens_per_call(calls: list[tuple[str, int]]) -> list[int]:
+    return [T for _, T in calls]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.no_grad()
-def test_decode_path_equals_reference_path(name: str, decode_calls: list[int]) -> None:
+def test_decode_path_equals_reference_path(name: str, decode_calls: list[tuple[str, int]]) -> None:
     model = tiny_sas(CONFIGS[name])
     tokens = ids(2, 1 + 1 + 7 + 63)
     pieces = [1, 1, 7, 63]  # the first piece fills the empty cache on the ordinary path
     fast = cached_logits(model, tokens, pieces)
-    assert decode_calls == [1, 1, 7, 7, 63, 63]  # two layers
+    assert tokens_per_call(decode_calls) == [1, 1, 7, 7, 63, 63]  # two layers
     set_simulation_impl(model, "naive")
     reference = cached_logits(model, tokens, pieces)
     torch.testing.assert_close(fast, reference, **TOL)
@@ -76,7 +52,7 @@ def test_decode_path_equals_reference_path(name: str, decode_calls: list[int]) -
 
 
 @torch.no_grad()
-def test_plan_follows_weight_changes_in_place(decode_calls: list[int]) -> None:
+def test_plan_follows_weight_changes_in_place(decode_calls: list[tuple[str, int]]) -> None:
     model = tiny_sas(CONFIGS["mha-base"])
     other = tiny_sas(CONFIGS["mha-base"], seed=5)
     tokens = ids(1, 6)
@@ -107,7 +83,7 @@ def test_plan_rebuilt_for_a_new_dtype() -> None:
     torch.testing.assert_close(out, model(tokens), atol=1e-10, rtol=1e-10)
 
 
-def test_ordinary_path_when_not_decoding(decode_calls: list[int], monkeypatch) -> None:
+def test_ordinary_path_when_not_decoding(decode_calls: list[tuple[str, int]], monkeypatch) -> None:
     model = tiny_sas(CONFIGS["mha-base"])
     tokens = ids(1, 3 + sas_decode.DECODE_MAX_TOKENS + 1)
     cached_logits(model, tokens, [3, 1], preallocate=False).sum().backward()  # gradients on: training-style call
@@ -127,7 +103,7 @@ def test_ordinary_path_when_not_decoding(decode_calls: list[int], monkeypatch) -
     with torch.no_grad():
         sas_decode.set_decode_path(model, "on")
         cached_logits(model, tokens, [3, 1])
-    assert decode_calls == [1, 1]
+    assert tokens_per_call(decode_calls) == [1, 1]
     with pytest.raises(ValueError, match="decode path mode"):
         sas_decode.set_decode_path(model, "cuda")
 
@@ -147,7 +123,7 @@ def test_inference_mode_weights_and_clearing() -> None:
 
 @pytest.mark.parametrize("name", ["mha-base", "gqa-base-k1"])
 @torch.no_grad()
-def test_decode_path_with_left_padding(name: str, decode_calls: list[int]) -> None:
+def test_decode_path_with_left_padding(name: str, decode_calls: list[tuple[str, int]]) -> None:
     model = tiny_sas(CONFIGS[name])
     tokens = ids(3, 12)
     mask = torch.ones_like(tokens)
@@ -157,7 +133,7 @@ def test_decode_path_with_left_padding(name: str, decode_calls: list[int]) -> No
     out = [model(tokens[:, :8], attention_mask=mask[:, :8], cache=cache)]
     for t in range(8, 12):
         out.append(model(tokens[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache))
-    assert decode_calls == [1] * 8
+    assert tokens_per_call(decode_calls) == [1] * 8
     full = model(tokens, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(out, dim=1)[real], full[real], **TOL)

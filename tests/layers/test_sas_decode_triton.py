@@ -10,11 +10,10 @@ import torch
 
 pytest.importorskip("triton")
 
-import sasformer.layers.sas as sas_module
 from sasformer.generation import StaticDecoder
 from sasformer.layers import sas_decode
-from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
+from tests.decode_helpers import cached_logits, tiny_model, token_ids, trace_step
 
 torch.set_num_threads(2)
 
@@ -31,58 +30,34 @@ CONFIGS: dict[str, dict] = {
 
 
 def tiny_sas(args: dict, seed: int = 0, n_layers: int = 2) -> DecoderLM:
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=VOCAB, d_model=24, n_layers=n_layers, max_seq_len=32, attention="sas",
-                         attention_args=dict(args), init_std=0.1)
-    model = DecoderLM(config).eval()
-    sas_decode.set_decode_path(model, "on")  # "auto" takes it on CUDA only
-    return model
+    return tiny_model("sas", args, vocab=VOCAB, n_layers=n_layers, max_seq_len=32, seed=seed)
 
 
 def ids(B: int, T: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(4))
-
-
-def cached_logits(model: DecoderLM, tokens: torch.Tensor, pieces: list[int]) -> torch.Tensor:
-    cache = model.new_cache(tokens.shape[1])
-    out, start = [], 0
-    for n in pieces:
-        out.append(model(tokens[:, start : start + n], cache=cache))
-        start += n
-    return torch.cat(out, dim=1)
+    return token_ids(B, T, vocab=VOCAB, seed=4)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.fixture
-def kernels(monkeypatch) -> list[str]:
-    """The plan kernel of every decode-path call."""
-    seen: list[str] = []
-    real = sas_module.decode_forward
-
-    def recording(attn, plan, x, ctx):
-        seen.append(plan.kernel)
-        return real(attn, plan, x, ctx)
-
-    monkeypatch.setattr(sas_module, "decode_forward", recording)
-    return seen
+def kernel_names(calls: list[tuple[str, int]]) -> list[str]:
+    return [kernel for kernel, _ in calls]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.no_grad()
-def test_triton_decode_equals_plain_forward(name: str, kernels: list[str]) -> None:
+def test_triton_decode_equals_plain_forward(name: str, decode_calls: list[tuple[str, int]]) -> None:
     model = tiny_sas(CONFIGS[name])
     sas_decode.set_decode_kernel(model, "triton")
     tokens = ids(2, 5 + 1 + 3 + 1)
     got = cached_logits(model, tokens, [5, 1, 3, 1])  # prefill, then T = 1, a 3-token chunk, T = 1
-    assert kernels == ["triton"] * 6  # three decode calls, two layers
+    assert kernel_names(decode_calls) == ["triton"] * 6  # three decode calls, two layers
     assert rel_err(got, model(tokens)) <= 1e-5
 
 
 @torch.no_grad()
-def test_environment_variable_selects_the_kernel(monkeypatch, kernels: list[str]) -> None:
+def test_environment_variable_selects_the_kernel(monkeypatch, decode_calls: list[tuple[str, int]]) -> None:
     model = tiny_sas(CONFIGS["rope-after-mean-k3"])
     tokens = ids(2, 5)
     monkeypatch.setenv(sas_decode.KERNEL_ENV_VAR, "triton")
@@ -93,11 +68,11 @@ def test_environment_variable_selects_the_kernel(monkeypatch, kernels: list[str]
     cached_logits(model, tokens, [4, 1])
     sas_decode.clear_decode_plans(model)
     cached_logits(model, tokens, [4, 1])
-    assert kernels == ["triton"] * 4 + ["dense"] * 2
+    assert kernel_names(decode_calls) == ["triton"] * 4 + ["dense"] * 2
     # a layer's own choice wins over the variable
     sas_decode.set_decode_kernel(model, "triton")
     cached_logits(model, tokens, [4, 1])
-    assert kernels[-2:] == ["triton"] * 2
+    assert kernel_names(decode_calls)[-2:] == ["triton"] * 2
     monkeypatch.setenv(sas_decode.KERNEL_ENV_VAR, "fastest")
     sas_decode.set_decode_kernel(model, None)
     with pytest.raises(ValueError, match="SASFORMER_DECODE_KERNEL.*'fastest'"):
@@ -127,7 +102,7 @@ def test_unusable_choices_are_refused(monkeypatch) -> None:
 
 
 @torch.no_grad()
-def test_prepared_weights_refresh_in_place(kernels: list[str]) -> None:
+def test_prepared_weights_refresh_in_place(decode_calls: list[tuple[str, int]]) -> None:
     model = tiny_sas(CONFIGS["rope-after-mean-k3"])
     other = tiny_sas(CONFIGS["rope-after-mean-k3"], seed=7)
     sas_decode.set_decode_kernel(model, "triton")
@@ -145,7 +120,7 @@ def test_prepared_weights_refresh_in_place(kernels: list[str]) -> None:
     attn.o_proj.bias.add_(1.0)
     assert rel_err(cached_logits(model, tokens, [5, 1]), model(tokens)) <= 1e-5
     assert attn.__dict__["_decode_plan"] is plan and [t.data_ptr() for t in plan.tensors()] == storage
-    assert set(kernels) == {"triton"}
+    assert set(kernel_names(decode_calls)) == {"triton"}
 
 
 @torch.no_grad()
@@ -154,15 +129,8 @@ def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
     model = tiny_sas(CONFIGS["rope-after-mean-k3"])
     sas_decode.set_decode_kernel(model, "triton")
     tokens = ids(1, 7)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
-    decoder._step_fn = torch.compile(decoder._step, backend=record, fullgraph=True, dynamic=False)
+    graphs = trace_step(decoder)
     out = [decoder.prefill(tokens[:, :3])]
     out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 5)]
     assert rel_err(torch.stack(out, dim=1), model(tokens[:, :5])[:, 2:]) <= 1e-5
@@ -178,7 +146,7 @@ def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
 
 
 @torch.no_grad()
-def test_left_padded_rows_get_their_own_positions(kernels: list[str]) -> None:
+def test_left_padded_rows_get_their_own_positions(decode_calls: list[tuple[str, int]]) -> None:
     # per-row RoPE tables (B, T, D') inside the kernel
     model = tiny_sas(CONFIGS["rope-after-mean-k3"])
     sas_decode.set_decode_kernel(model, "triton")
@@ -190,6 +158,6 @@ def test_left_padded_rows_get_their_own_positions(kernels: list[str]) -> None:
     out = [model(tokens[:, :6], attention_mask=mask[:, :6], cache=cache)]
     out.append(model(tokens[:, 6:8], attention_mask=mask[:, :8], cache=cache))
     out.append(model(tokens[:, 8:9], attention_mask=mask, cache=cache))
-    assert kernels == ["triton"] * 4
+    assert kernel_names(decode_calls) == ["triton"] * 4
     real = mask.bool()
     assert rel_err(torch.cat(out, dim=1)[real], model(tokens, attention_mask=mask)[real]) <= 1e-5

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from sasformer.generation import StaticDecoder
-from sasformer.layers.sas_decode import set_decode_path
-from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
+from tests.decode_helpers import run_static, tiny_model, token_ids, trace_step
 
 torch.set_num_threads(2)
 
@@ -17,23 +16,11 @@ SAS_ARGS = {"n_heads": 3, "n_sim_heads": 6, "sim_head_dim": 10}
 
 
 def tiny(attention: str, args: dict, n_layers: int = 1) -> DecoderLM:
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=VOCAB, d_model=24, n_layers=n_layers, max_seq_len=64, attention=attention,
-                         attention_args=dict(args), init_std=0.1)
-    model = DecoderLM(config).eval()
-    set_decode_path(model, "on")  # the SAS decode path, which "auto" takes on CUDA only
-    return model
+    return tiny_model(attention, args, vocab=VOCAB, n_layers=n_layers)
 
 
 def ids(B: int, T: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(2))
-
-
-def run_static(decoder: StaticDecoder, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
-    out = [decoder.prefill(tokens[:, :prompt])]
-    for t in range(prompt, tokens.shape[1]):
-        out.append(decoder.step(tokens[:, t : t + 1]).clone())
-    return torch.stack(out, dim=1)
+    return token_ids(B, T, vocab=VOCAB, seed=2)
 
 
 @torch.no_grad()
@@ -66,15 +53,8 @@ def test_step_traces_as_one_graph(attention: str, args: dict) -> None:
     # dynamo only (no inductor): every step replays one graph, and SAS's goes through the decode path
     model = tiny(attention, args, n_layers=2)
     tokens = ids(1, 7)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
-    decoder._step_fn = torch.compile(decoder._step, backend=record, fullgraph=True, dynamic=False)
+    graphs = trace_step(decoder)
     traced = run_static(decoder, tokens, 3)
     torch.testing.assert_close(traced, model(tokens)[:, 2:], atol=1e-5, rtol=1e-5)
     assert len(graphs) == 1
