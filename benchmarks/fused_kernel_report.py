@@ -34,8 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from benchmarks.checks import relative_error  # noqa: E402
+import torch
+
+from benchmarks.checks import relative_error
 
 HS_VALUES = (16, 24, 48)
 DS_VALUES = (64, 96, 128, 256)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from sasformer.data.loader import TokenLoader, eval_batches  # noqa: E402
-from sasformer.data.shards import write_shard  # noqa: E402
+from sasformer.data.loader import TokenLoader, eval_batches
+from sasformer.data.shards import write_shard
 
 CONFIGS = [(1024, 8), (1024, 64), (2048, 32), (4096, 16), (128, 256)]
 TARGET = 5e6  # tokens/s the training loader must reach on one core

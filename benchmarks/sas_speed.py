@@ -43,17 +43,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.checks import relative_error  # noqa: E402
-from sasformer import DecoderLM, lm_loss, preset  # noqa: E402
-from sasformer.layers.base import AttentionContext  # noqa: E402
-from sasformer.layers.sas import SASArgs, SimulatedAttention  # noqa: E402
-from sasformer.layers.simulation import set_simulation_impl  # noqa: E402
-from sasformer.ops import attention as attention_ops  # noqa: E402
-from sasformer.ops import simulate  # noqa: E402
-from sasformer.ops.simulate import banded as banded_ops  # noqa: E402
-from sasformer.ops.rope import RotaryTables  # noqa: E402
+from benchmarks.checks import relative_error
+from sasformer import DecoderLM, lm_loss, preset
+from sasformer.layers.base import AttentionContext
+from sasformer.layers.sas import SASArgs, SimulatedAttention
+from sasformer.layers.simulation import set_simulation_impl
+from sasformer.ops import attention as attention_ops
+from sasformer.ops import simulate
+from sasformer.ops.rope import RotaryTables
+from sasformer.ops.simulate import banded as banded_ops
 
 SECTIONS = ("check", "layer", "profile", "tiles", "model", "sdpa")
 SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
@@ -268,11 +268,11 @@ def section_layer(opts, passed: dict[str, bool], deadline: float) -> dict:
                     x = torch.randn(B, T, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True)
                     grad = torch.randn_like(x)
                     with structure_env(structure):
-                        fwd = lambda: layer(x, layer_ctx(T))  # noqa: E731
+                        fwd = lambda: layer(x, layer_ctx(T))
                         fwd_ms = cuda_time_ms(lambda: fwd(), warmup=2, reps=opts.reps)
                         fresh_memory()
                         base = memory_allocated()
-                        step = lambda: fwd().backward(grad)  # noqa: E731
+                        step = lambda: fwd().backward(grad)
                         ms = cuda_time_ms(step, warmup=2, reps=opts.reps)
                         peak = max_memory_allocated() - base
                     rows[path] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": ms, "peak_gib": gib(peak)}

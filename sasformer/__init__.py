@@ -10,15 +10,15 @@ __version__ = "0.1.0"
 
 # AutoConfig / AutoModel / AutoModelForCausalLM know model_type "sasformer" once sasformer is imported
 # (a no-op when transformers is not installed)
-from sasformer.models.hf import register as _register_hf  # noqa: E402
+from sasformer.models.hf import register as _register_hf
 
 _register_hf()
 
 __all__ = [
+    "SIZES",
     "DecoderLM",
     "KVCache",
     "ModelConfig",
-    "SIZES",
     "build_attention",
     "lm_loss",
     "load_reference_sas",

@@ -83,14 +83,13 @@ class FileSource:
 
     def documents(self) -> Iterator[Document]:
         self.bytes_read = 0
-        with open(self.path, "rb") as raw:
-            with _open_binary(self.path, raw) as stream:
-                if self.format == ".txt":
-                    yield from self._text(stream)
-                elif self.format in JSONL_SUFFIXES:
-                    yield from self._jsonl(stream, raw)
-                else:
-                    yield from self._parquet(stream)
+        with open(self.path, "rb") as raw, _open_binary(self.path, raw) as stream:
+            if self.format == ".txt":
+                yield from self._text(stream)
+            elif self.format in JSONL_SUFFIXES:
+                yield from self._jsonl(stream, raw)
+            else:
+                yield from self._parquet(stream)
         self.bytes_read = self.size
 
     def _text(self, stream: IO[bytes]) -> Iterator[Document]:

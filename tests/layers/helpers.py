@@ -39,4 +39,4 @@ def context(B: int, T: int, key_padding=None, theta: float = 10000.0) -> Attenti
     return AttentionContext(RotaryTables(positions, theta), padded_causal_mask(key_padding, T), None, positions)
 
 
-__all__ = ["D_MODEL", "VARIANTS", "context", "LayerCache"]
+__all__ = ["D_MODEL", "VARIANTS", "LayerCache", "context"]

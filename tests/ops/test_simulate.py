@@ -53,7 +53,7 @@ def check(impl: str, N: int, H: int, HS: int, k: int, D: int, DS: int, features:
     grad = torch.randn_like(ref)
     names = ["x", "w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"]
     for name, a, b in zip(names, torch.autograd.grad(ref, [x, *ws], grad), torch.autograd.grad(out, [x, *ws], grad)):
-        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 PYTORCH_FAST = ["matmul", "banded", "chunked"]
@@ -218,7 +218,7 @@ def test_triton_gpt_small_qk_shape_with_rope_over_several_blocks(monkeypatch):
     grad = torch.randn_like(ref)
     names = ["x", "w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4"]
     for name, a, b in zip(names, torch.autograd.grad(ref, [x, *ws], grad), torch.autograd.grad(out, [x, *ws], grad)):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("block_rows", [16, 256])

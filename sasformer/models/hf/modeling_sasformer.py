@@ -22,9 +22,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from sasformer.layers.sas import SimulatedAttention
 from sasformer.layers.simulation import FeatureSimulation, HeadSimulation
-from sasformer.ops.rope import RotaryCache
 from sasformer.models.decoder import DecoderBlock, DecoderLM, KVCache, lm_loss, rotary_cache, run_blocks
 from sasformer.models.hf.configuration_sasformer import SASFormerConfig
+from sasformer.ops.rope import RotaryCache
 
 try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
     from transformers import initialization as init

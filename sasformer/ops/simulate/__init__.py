@@ -159,15 +159,15 @@ def simulate_features(
 
 
 __all__ = [
-    "IMPLS",
     "ENV_VAR",
-    "resolve_impl",
-    "default_impl",
+    "IMPLS",
     "TRITON_DEFAULT",
-    "simulate_qk",
-    "simulate_heads",
+    "default_impl",
+    "resolve_impl",
     "simulate_features",
-    "simulate_heads_naive",
     "simulate_features_naive",
+    "simulate_heads",
+    "simulate_heads_naive",
+    "simulate_qk",
     "triton_available",
 ]

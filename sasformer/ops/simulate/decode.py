@@ -59,8 +59,8 @@ def rope_stacked(z_GBTHE: Tensor, cos_BTE: Tensor, sin_BTE: Tensor) -> Tensor:
 
 __all__ = [
     "conv_operands",
-    "fold_projection",
     "first_conv",
+    "fold_projection",
     "residual_conv",
     "residual_features",
     "rope_stacked",

@@ -307,7 +307,7 @@ def _feature_weights(s: _Sizes, dt: torch.dtype, w3: Tensor, b3: Tensor, w4: Ten
     ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
