@@ -113,7 +113,8 @@ def main() -> None:
             failures += not ok
             lines.append(f"| {label} | {backend} | {'pass' if ok else 'FAIL'} | {errors} |")
             print(lines[-1], flush=True)
-    lines += ["", f"Limit {args.max_error}: " + ("every case passed." if not failures else f"{failures} case(s) FAILED.")]
+    outcome = "every case passed." if not failures else f"{failures} case(s) FAILED."
+    lines += ["", f"Limit {args.max_error}: " + outcome]
     print(lines[-1])
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

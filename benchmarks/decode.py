@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(sasformer.generation.StaticDecoder); compile: that step compiled, then captured")
     p.add_argument("--compile", action="store_true", help="add the 'compile' mode (torch.compile + CUDA graph)")
     p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode for the compile mode, e.g. max-autotune-no-cudagraphs (default: inductor's)")
+                   help="torch.compile mode for the compile mode, e.g. max-autotune-no-cudagraphs "
+                        "(default: inductor's)")
     p.add_argument("--check-steps", type=int, default=4,
                    help="decode steps (after the prefill) compared with the plain forward pass before timing")
     p.add_argument("--check-tol", type=float, default=None,

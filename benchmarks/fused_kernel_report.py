@@ -125,18 +125,20 @@ def run_check(opts) -> int:
         try:
             row = check_shape(HS, DS, k, B, n // B, seed=i)
         except Exception as err:  # noqa: BLE001 - one broken shape is reported, the sweep goes on
-            row = {"HS": HS, "DS": DS, "k": k, "B": B, "T": n // B, "ok": False, "error": f"{type(err).__name__}: {err}"}
+            row = {"HS": HS, "DS": DS, "k": k, "B": B, "T": n // B, "ok": False,
+                   "error": f"{type(err).__name__}: {err}"}
         rows.append(row)
         kind = f"qk D'={DS:<3}" if DS is not None else "v  D'=D  "
         if "error" in row:
             detail = row["error"][:200]
         else:
-            worst = max(row["errors"], key=lambda n_: row["errors"][n_] if row["errors"][n_] == row["errors"][n_] else 1e9)
+            errs = row["errors"]
+            worst = max(errs, key=lambda n_: errs[n_] if errs[n_] == errs[n_] else 1e9)
             detail = f"worst {worst} {row['errors'][worst]:.3g} (naive bf16 {row['naive_bf16_errors'][worst]:.3g})"
             if row["failing"]:
                 detail += " failing: " + ", ".join(f"{n_}={e:.3g}" for n_, e in row["failing"].items())
-        print(f"{'PASS' if row['ok'] else 'FAIL'}  {kind} H'={HS:<2} k={k} N={n:<5} {detail}  [{time.time() - start:.0f}s]",
-              flush=True)
+        print(f"{'PASS' if row['ok'] else 'FAIL'}  {kind} H'={HS:<2} k={k} N={n:<5} {detail}  "
+              f"[{time.time() - start:.0f}s]", flush=True)
     failed = [r for r in rows if not r["ok"]]
     verdict = f"{len(rows) - len(failed)} of {len(rows)} shapes passed" + (" -- FAILED" if failed else "")
     print(verdict)
@@ -152,13 +154,17 @@ def run_check(opts) -> int:
             f"err(triton bf16) <= max(3 * err(naive bf16), {MIN_TOL}) vs fp32 matmul", "rows": rows,
             "verdict": verdict}, indent=1))
         lines = [f"# Fused kernel check ({env['gpu']}, torch {env['torch']}, triton {env['triton']})", "",
-                 f"`{env['command']}`", "", "| kind | H' | D' | k | B x T | result | worst tensor |", "|---|---|---|---|---|---|---|"]
+                 f"`{env['command']}`", "", "| kind | H' | D' | k | B x T | result | worst tensor |",
+                 "|---|---|---|---|---|---|---|"]
         for r in rows:
             errs = r.get("errors", {})
             worst = max(errs, key=lambda n_: errs[n_] if errs[n_] == errs[n_] else 1e9) if errs else None
-            res = "pass" if r["ok"] else ("error: " + r["error"][:80] if "error" in r else "FAIL " + ", ".join(r["failing"]))
-            lines.append(f"| {'qk' if r['DS'] else 'v'} | {r['HS']} | {r['DS'] or D} | {r['k']} | {r['B']} x {r['T']} | "
-                         f"{res} | {f'{worst} {errs[worst]:.3g}' if worst else ''} |")
+            if r["ok"]:
+                res = "pass"
+            else:
+                res = "error: " + r["error"][:80] if "error" in r else "FAIL " + ", ".join(r["failing"])
+            lines.append(f"| {'qk' if r['DS'] else 'v'} | {r['HS']} | {r['DS'] or D} | {r['k']} | "
+                         f"{r['B']} x {r['T']} | {res} | {f'{worst} {errs[worst]:.3g}' if worst else ''} |")
         lines += ["", verdict, ""]
         (out / "fused_check.md").write_text("\n".join(lines))
     return 1 if failed else 0
@@ -184,7 +190,8 @@ def main() -> int:
     p.add_argument("--tokens", default="1,7,189,1023,2005", help="token counts B*T, used in turn")
     p.add_argument("--registers", action="store_true", help="compile-only register/spill report (no GPU)")
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--smoke", action="store_true", help="two tiny shapes, fp32, in the CPU interpreter (TRITON_INTERPRET=1 must be set before start)")
+    p.add_argument("--smoke", action="store_true",
+                   help="two tiny shapes, fp32, in the CPU interpreter (TRITON_INTERPRET=1 must be set before start)")
     opts = p.parse_args()
     return run_registers(opts) if opts.registers else run_check(opts)
 

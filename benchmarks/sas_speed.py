@@ -268,11 +268,15 @@ def section_layer(opts, passed: dict[str, bool], deadline: float) -> dict:
                     x = torch.randn(B, T, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True)
                     grad = torch.randn_like(x)
                     with structure_env(structure):
-                        fwd = lambda: layer(x, layer_ctx(T))
-                        fwd_ms = cuda_time_ms(lambda: fwd(), warmup=2, reps=opts.reps)
+                        def fwd():
+                            return layer(x, layer_ctx(T))
+
+                        def step():
+                            fwd().backward(grad)
+
+                        fwd_ms = cuda_time_ms(fwd, warmup=2, reps=opts.reps)
                         fresh_memory()
                         base = memory_allocated()
-                        step = lambda: fwd().backward(grad)
                         ms = cuda_time_ms(step, warmup=2, reps=opts.reps)
                         peak = max_memory_allocated() - base
                     rows[path] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": ms, "peak_gib": gib(peak)}

@@ -169,7 +169,8 @@ def main() -> None:
                       "noise): " + ", ".join(f"`{n}`" for n in unjudged)]
         lines.append("")
         # saved after every variant, so a run cut off by a time limit keeps what it checked
-        write_report(Path(args.out), report, lines, failures, args, f"{checked} of {len(args.attention)} variants checked")
+        write_report(Path(args.out), report, lines, failures, args,
+                     f"{checked} of {len(args.attention)} variants checked")
         print(f"[{checked}/{len(args.attention)}] {spec} checked at {time.perf_counter() - began:.0f} s", flush=True)
     print((Path(args.out) / "train_check.md").read_text())
     sys.exit(1 if failures else 0)

@@ -208,7 +208,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
          f"attention backend {meta['attention_backend']}"),
         "",
-        "| attention | params (M) | micro-batch x T x accum | loss | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
+        "| attention | params (M) | micro-batch x T x accum | loss | step (ms) | tokens/s | TFLOP/s | MFU "
+        "| peak mem (GiB) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -216,7 +217,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(
             f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {r['micro_batch_size']}x{r['seq_len']}"
-            f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {mem} |"
+            f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tflops']:.1f} | {mfu} | {mem} |"
         )
     for r in rows:
         prof = r.get("profile")
@@ -293,7 +295,8 @@ def main() -> int:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(f"  {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}", flush=True)
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                             check=False).stdout.strip()
     except OSError:
         rev = None
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"

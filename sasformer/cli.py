@@ -16,8 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("sasformer.commands.prepare", "tokenize documents into train/val token shards"),
     "train": ("sasformer.commands.train", "train a model from configs/*.yaml with --key value overrides"),
     "eval": ("sasformer.commands.eval", "perplexity, zero-shot tasks and MQAR for a checkpoint or saved model"),
-    "compare": ("sasformer.commands.compare", "train a grid of variants x seeds on one budget and report the comparison"),
-    "frontier": ("sasformer.commands.frontier", "final loss against training FLOPs across grid folders, each entry against a baseline at equal compute"),
+    "compare": ("sasformer.commands.compare",
+                "train a grid of variants x seeds on one budget and report the comparison"),
+    "frontier": ("sasformer.commands.frontier",
+                 "final loss against training FLOPs across grid folders, "
+                 "each entry against a baseline at equal compute"),
     "export": ("sasformer.commands.export", "convert a training checkpoint to a Hugging Face model directory"),
     "generate": ("sasformer.commands.generate", "continue a prompt with a trained model"),
     "lm-eval": ("sasformer.commands.lm_eval", "run lm-evaluation-harness with sasformer models registered"),
@@ -25,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sasformer", description="SAS and baseline attention: train, evaluate, compare")
+    parser = argparse.ArgumentParser(prog="sasformer",
+                                     description="SAS and baseline attention: train, evaluate, compare")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_path, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

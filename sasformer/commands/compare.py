@@ -14,7 +14,8 @@ from sasformer.commands import accept_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="grid YAML file (configs/compare_tiny.yaml, compare_small.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="grid YAML file (configs/compare_tiny.yaml, compare_small.yaml)")
     parser.add_argument("--out", help="grid folder (default: the grid's out_dir, else runs/compare/NAME)")
     parser.add_argument("--plan", action="store_true",
                         help="print every run with its token budget and FLOPs/token, then exit without training")

@@ -14,7 +14,8 @@ from sasformer.commands import accept_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file (configs/tiny.yaml, small.yaml, medium.yaml); default: built-in defaults")
+    parser.add_argument("--config",
+                        help="YAML file (configs/tiny.yaml, small.yaml, medium.yaml); default: built-in defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.epilog = "config overrides: --KEY VALUE for any key of the YAML file, e.g. --optim.lr 1e-3"
     accept_overrides(parser)

@@ -30,7 +30,8 @@ def git_revision() -> str | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def environment(device: torch.device) -> dict[str, Any]:

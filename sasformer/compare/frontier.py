@@ -256,7 +256,8 @@ def seed_points(runs: Sequence[FrontierRun], entries: Sequence[str]) -> list[Fro
         epochs = None if any(r.epochs is None for r in group) else sum(r.epochs for r in group) / len(group)
         points.append(FrontierPoint(
             entry=entry, attention=group[0].attention, n=len(group), seeds=sorted(r.seed for r in group),
-            folders=list(dict.fromkeys(r.folder for r in group)), run_dirs=[r.run_dir for r in group], tokens=sum(r.tokens for r in group) / len(group),
+            folders=list(dict.fromkeys(r.folder for r in group)), run_dirs=[r.run_dir for r in group],
+            tokens=sum(r.tokens for r in group) / len(group),
             flops=sum(r.flops for r in group) / len(group), loss=loss, loss_std=loss_std, epochs=epochs))
     order = {e: i for i, e in enumerate(entries)}
     return sorted(points, key=lambda p: (order[p.entry], p.flops))

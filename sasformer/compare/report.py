@@ -88,7 +88,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         lines.append(
-            f"| {r['entry']} | {len(r['seeds'])}{_diverged(r)} | {_si(r['params'])} | {_si(r['train_flops_per_token'])} | "
+            f"| {r['entry']} | {len(r['seeds'])}{_diverged(r)} | {_si(r['params'])} | "
+            f"{_si(r['train_flops_per_token'])} | "
             f"{_si(r['tokens_seen'])} | {_pm(r['final_val_loss'], r['final_val_loss_std'], '.4f')} | "
             f"{_pm(r['final_val_ppl'], r['final_val_ppl_std'], '.2f')} | "
             f"{_pm(r['zero_shot_avg'], r['zero_shot_avg_std'], '.3f')} | "

@@ -318,7 +318,9 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
 
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def validation_tokens(plan: RunPlan) -> int:
@@ -461,7 +463,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         "spec": spec.to_dict(),
         "data": {"dir": str(data_dir), "vocab_size": meta["vocab_size"],
                  "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
-                 "train_tokens": meta["splits"]["train"]["tokens"], "val_split_tokens": meta["splits"]["val"]["tokens"]},
+                 "train_tokens": meta["splits"]["train"]["tokens"],
+                 "val_split_tokens": meta["splits"]["val"]["tokens"]},
         "val_tokens": validation_tokens(plans[0]),
         "runs": runs,
         "missing_runs": missing,

@@ -100,7 +100,8 @@ class MultiHeadLatentAttention(Attention):
             q = linear_flops(d, a.q_lora_rank) + linear_flops(a.q_lora_rank, H * qk_dim)
         else:
             q = linear_flops(d, H * qk_dim)
-        kv = linear_flops(d, a.kv_lora_rank + self.rope_dim) + linear_flops(a.kv_lora_rank, H * (self.nope + self.v_dim))
+        kv = (linear_flops(d, a.kv_lora_rank + self.rope_dim)
+              + linear_flops(a.kv_lora_rank, H * (self.nope + self.v_dim)))
         o = linear_flops(H * self.v_dim, d)
         return q + kv + o + attention_core_flops(H, qk_dim, self.v_dim, context_len)
 

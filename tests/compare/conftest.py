@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-_WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "on", "under", "a", "mat", "tree", "house", "quickly", "slowly", "red", "blue", "green", "small", "big", "and", "then", "it", "was", "very", "happy", "sad", "with", "over", "near", "far", "to", "from"]
+_WORDS = ("the cat dog bird sat ran on under a mat tree house quickly slowly red blue green small big and then it was "
+          "very happy sad with over near far to from").split()
 
 
 def _documents(n_docs: int, seed: int = 0) -> list[str]:

@@ -61,10 +61,12 @@ def test_identity_sas_is_mha():
 def test_identity_sas_with_more_heads_is_mha():
     """With H' = 3H and identity (tiled) simulation, every group repeats MHA, and PEAA averages them."""
     H = 4
-    sas = build_attention("sas", D, {"n_heads": H, "n_sim_heads": 3 * H, "sim_head_dim": D // H, "sim_init": "identity"})
+    sas = build_attention("sas", D, {"n_heads": H, "n_sim_heads": 3 * H, "sim_head_dim": D // H,
+                                     "sim_init": "identity"})
     torch.nn.init.zeros_(sas.o_proj.bias)
     mha = build_attention("mha", D, {"n_heads": H})
-    mha.load_state_dict({k: v for k, v in sas.state_dict().items() if k in ("q_proj.weight", "k_proj.weight", "v_proj.weight")}
+    shared = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+    mha.load_state_dict({k: v for k, v in sas.state_dict().items() if k in shared}
                         | {"o_proj.weight": sas.o_proj.weight.detach()})
     x = torch.randn(2, 7, D)
     torch.testing.assert_close(sas(x, context(2, 7)), mha(x, context(2, 7)), rtol=1e-5, atol=1e-6)

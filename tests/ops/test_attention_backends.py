@@ -11,7 +11,10 @@ from sasformer.ops.attention import attend, causal_mask, padded_causal_mask
 
 def inputs(T: int, S: int, Hq: int = 4, Hkv: int = 2, D: int = 10, E: int = 6):
     g = torch.Generator().manual_seed(T * 100 + S)
-    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
+
+    def make(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
+
     return make(2, Hq, T, D), make(2, Hkv, S, D), make(2, Hkv, S, E)
 
 

@@ -1,7 +1,8 @@
 """SAS attention (value size < query/key size) inside an Inductor graph.
 
 Traced as-is, Inductor on CPU (torch 2.13) got the key gradient of a SAS layer wrong: NaN in bf16 at
-D' = 2D. ``attend`` therefore pads V to the query size while compiling. This test compiles a SAS model and sees NaN without that padding.
+D' = 2D. ``attend`` therefore pads V to the query size while compiling. This test compiles a SAS model
+and sees NaN without that padding.
 """
 
 from __future__ import annotations

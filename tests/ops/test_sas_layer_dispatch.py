@@ -45,7 +45,8 @@ def test_layer_fast_equals_naive(impl, T, n_kv_heads, kernel_size, simulate_v):
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=tol, rtol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_set_simulation_impl_rejects_unknown():

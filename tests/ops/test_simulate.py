@@ -351,7 +351,8 @@ def test_default_impl_rule(has_triton, flag, monkeypatch):
     big = simulate.BANDED_MIN_TOKENS
     cuda = SimpleNamespace(is_cuda=True, shape=(2, big // 2, 12, 64), dtype=torch.bfloat16)
     assert simulate.default_impl(cuda) == ("triton" if has_triton and flag else "banded")
-    assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(1, big - 1, 12, 64), dtype=torch.bfloat16)) == "naive"
+    few = SimpleNamespace(is_cuda=True, shape=(1, big - 1, 12, 64), dtype=torch.bfloat16)
+    assert simulate.default_impl(few) == "naive"
     assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(2, big, 12, 64), dtype=torch.float64)) == "banded"
     # fp32 would make the kernels multiply without tensor cores
     assert simulate.default_impl(SimpleNamespace(is_cuda=True, shape=(2, big, 12, 64), dtype=torch.float32)) == "banded"

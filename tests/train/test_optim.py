@@ -45,7 +45,8 @@ def test_decay_only_on_matrices_not_embeddings_or_norms(attention):
 
 def test_build_optimizer_uses_config():
     model = torch.nn.Linear(3, 5)
-    opt = build_optimizer(model, OptimSection(lr=0.5, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2), torch.device("cpu"))
+    section = OptimSection(lr=0.5, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2)
+    opt = build_optimizer(model, section, torch.device("cpu"))
     group = opt.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5, (0.8, 0.9), 1e-6, 0.2)
 

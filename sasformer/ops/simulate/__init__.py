@@ -83,8 +83,8 @@ def default_impl(x: Tensor) -> str:
     tensor once) when ``TRITON_DEFAULT`` is set, Triton is installed, the dtype is 16-bit and the call
     is not being compiled. ``impl="triton"`` or ``SASFORMER_SIMULATE=triton`` picks the kernels
     anywhere (they are custom ops, traced into a compiled graph). Fewer tokens (decoding, short
-    prompts): ``naive``. CPU: ``naive`` (the fastest there: a tiny-preset SAS training step took 164 ms with naive, 181 ms banded, 227 ms matmul on 2
-    cores).
+    prompts): ``naive``. CPU: ``naive`` (the fastest there: a tiny-preset SAS training step took 164 ms
+    with naive, 181 ms banded, 227 ms matmul on 2 cores).
     """
     if not (x.is_cuda and x.shape[0] * x.shape[1] >= BANDED_MIN_TOKENS):
         return "naive"

@@ -48,10 +48,10 @@ def _shifts(k: int, D: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def banded_conv_matrix(w: Tensor, D: int) -> Tensor:
-    """(O, C, k) conv weight -> (C*D, O*D) matrix of the same-padded convolution over D positions."""
-    O, C, k = w.shape
+    """(OUT, C, k) conv weight -> (C*D, OUT*D) matrix of the same-padded convolution over D positions."""
+    OUT, C, k = w.shape
     m = torch.einsum("oct,tij->cioj", w, _shifts(k, D, w.dtype, w.device))
-    return m.reshape(C * D, O * D)
+    return m.reshape(C * D, OUT * D)
 
 
 class _BandedSimulate(torch.autograd.Function):

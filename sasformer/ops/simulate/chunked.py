@@ -32,12 +32,12 @@ def chunk_size(D: int) -> int:
 
 
 def chunk_conv_matrix(w: Tensor, c: int) -> Tensor:
-    """(O, C, k) conv weight -> (C*(c+k-1), O*c): one chunk's input window to its c outputs."""
-    O, C, k = w.shape
+    """(OUT, C, k) conv weight -> (C*(c+k-1), OUT*c): one chunk's input window to its c outputs."""
+    OUT, C, k = w.shape
     i = torch.arange(c + k - 1, device=w.device).view(-1, 1)
     j = torch.arange(c, device=w.device).view(1, -1)
     shifts = torch.stack([(i == j + t) for t in range(k)]).to(w.dtype)  # (k, c+k-1, c)
-    return torch.einsum("oct,tij->cioj", w, shifts).reshape(C * (c + k - 1), O * c)
+    return torch.einsum("oct,tij->cioj", w, shifts).reshape(C * (c + k - 1), OUT * c)
 
 
 def _windows(y_NCD: Tensor, c: int, k: int) -> Tensor:
@@ -48,20 +48,20 @@ def _windows(y_NCD: Tensor, c: int, k: int) -> Tensor:
     return win.permute(0, 2, 1, 3).reshape(N * (D // c), C * (c + k - 1))
 
 
-def _to_heads(rows: Tensor, N: int, O: int, D: int, c: int) -> Tensor:
-    """(N*D/c, O*c) rows (token, chunk) -> (N, O, D)."""
-    return rows.view(N, D // c, O, c).permute(0, 2, 1, 3).reshape(N, O, D)
+def _to_heads(rows: Tensor, N: int, OUT: int, D: int, c: int) -> Tensor:
+    """(N*D/c, OUT*c) rows (token, chunk) -> (N, OUT, D)."""
+    return rows.view(N, D // c, OUT, c).permute(0, 2, 1, 3).reshape(N, OUT, D)
 
 
 def _heads(x_NHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     N, _, D = x_NHD.shape
-    O, _, k = w1.shape
+    OUT, _, k = w1.shape
     c = chunk_size(D)
-    a1 = _to_heads(torch.addmm(b1.repeat_interleave(c), _windows(x_NHD, c, k), chunk_conv_matrix(w1, c)), N, O, D, c)
+    a1 = _to_heads(torch.addmm(b1.repeat_interleave(c), _windows(x_NHD, c, k), chunk_conv_matrix(w1, c)), N, OUT, D, c)
     conv2 = torch.addmm(b2.repeat_interleave(c), _windows(torch.relu(a1), c, k), chunk_conv_matrix(w2, c))
     # add in the chunk layout of conv2 read through a permuted view: one pass, no reshaping copy
-    y2 = a1.view(N, O, D // c, c) + conv2.view(N, D // c, O, c).permute(0, 2, 1, 3)
-    return y2.reshape(N, O, D)
+    y2 = a1.view(N, OUT, D // c, c) + conv2.view(N, D // c, OUT, c).permute(0, 2, 1, 3)
+    return y2.reshape(N, OUT, D)
 
 
 def _qk(x_NHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
