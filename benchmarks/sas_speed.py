@@ -3,8 +3,9 @@
     python3 benchmarks/sas_speed.py --out DIR [--sections check,layer,profile,tiles,model,sdpa] [--budget-s 250]
 
 Sections (each wrapped so a failure is recorded in the JSON and the run goes on) run in this
-order; once --budget-s seconds have passed, the remaining measurements are skipped (and recorded
-as skipped), so the whole run stays within about 5 minutes. Results are saved after every model
+order, with ``check`` added whenever a section that times SAS paths is asked for; once --budget-s
+seconds have passed, the remaining measurements are skipped (and recorded as skipped), so the whole
+run stays within about 5 minutes. Results are saved after every model
 row, so a crash in one variant keeps the rows measured before it.
 - check: fast simulation paths against the plain reference on the GPU (bf16, forward and every
   gradient, relative norm error); when it fails, no speed of a failing path is reported.
@@ -783,6 +784,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [g for g in given if g not in known]
         if unknown:
             p.error(f"--{name}: unknown {unknown}; choose from {list(known)}")
+    # a simulation path's speed is only reported once the check has passed it
+    if "check" not in opts.sections and {"layer", "profile", "tiles", "model"} & set(opts.sections):
+        opts.sections.insert(0, "check")
     return opts
 
 
