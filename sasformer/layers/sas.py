@@ -125,6 +125,8 @@ class SimulatedAttention(Attention):
         self.rope_dims = {"after": (Ds,), "before": (D,), "none": ()}[args.rope]
         # when cached decoding takes the decode path: "auto" (CUDA), "on", "off" (sas_decode.set_decode_path)
         self.decode_path = "auto"
+        # its kernel: "dense", "triton", or None to follow SASFORMER_DECODE_KERNEL (sas_decode.set_decode_kernel)
+        self.decode_kernel: str | None = None
         if args.sim_init == "identity":
             self.reset_simulation_identity()
 

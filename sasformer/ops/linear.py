@@ -14,17 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def linear_split(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:
-    """``tuple(layer(x) for layer in layers)`` computed as one ``F.linear``; outputs are views of one buffer."""
+def concat_linear(*layers: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """The weights (sum of out_features, in_features) and biases of ``layers`` stacked as one linear map."""
     if not layers:
-        raise ValueError("linear_split needs at least one nn.Linear")
-    if len(layers) == 1:
-        return (layers[0](x),)
+        raise ValueError("concat_linear needs at least one nn.Linear")
     biases = [layer.bias for layer in layers]
     if any(b is None for b in biases) and any(b is not None for b in biases):
-        raise ValueError("linear_split needs all layers with a bias or all without one")
+        raise ValueError("concatenated linear maps need all layers with a bias or all without one")
     weight = torch.cat([layer.weight for layer in layers])
-    bias = None if biases[0] is None else torch.cat(biases)
+    return weight, None if biases[0] is None else torch.cat(biases)
+
+
+def linear_split(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:
+    """``tuple(layer(x) for layer in layers)`` computed as one ``F.linear``; outputs are views of one buffer."""
+    if len(layers) == 1:
+        return (layers[0](x),)
+    weight, bias = concat_linear(*layers)
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
