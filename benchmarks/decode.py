@@ -67,7 +67,7 @@ ROW_ENVIRONMENT = {
     "sas-flash-pad": {"SASFORMER_ATTENTION": "flash_pad"},
     "sas-cudnn": {"SASFORMER_ATTENTION": "cudnn"},
     "sas-triton": {"SASFORMER_SIMULATE": "triton"},
-    "sas-decode-triton": {"SASFORMER_DECODE_KERNEL": "triton"},
+    "sas-decode-triton": {KERNEL_ENV_VAR: "triton"},
 }
 VARIANTS.update({name: ("sas", {"cache_mode": "simulated"}) for name in ROW_ENVIRONMENT})
 MODES = ("eager", "graph", "compile")
