@@ -1,0 +1,288 @@
+"""Multi-GPU training check: does data parallelism over N GPUs (DDP, FSDP2) train like one GPU with the
+same global batch, how far does throughput scale, and do checkpoints move between world sizes?
+
+    python3 benchmarks/multi_gpu_check.py --data-dir DIR --out OUT [--attention mha sas] [--steps 200]
+
+Every run is ``sasformer train`` on the ``--size`` preset with global batch ``--micro-batch`` x N, so the
+1-GPU run accumulates N micro-batches of the size each of the N processes runs once: per-device work is
+the same and throughput ratios are scaling. Per attention variant:
+
+- ``one``: 1 GPU; ``one-repeat``: the same run on another GPU at the same time, the run-to-run noise;
+- ``ddp``, ``fsdp``: N processes through torchrun;
+- ``ddp>one``, ``fsdp>one``: resumed on 1 GPU from the N-process checkpoint at half the steps;
+- ``one>ddp``, ``one>fsdp``: resumed on N processes from the 1-GPU checkpoint at half the steps.
+
+Judged against ``one``, per logged window (the mean loss of ``--log-interval`` steps): the loss of every
+other run within ``--rtol`` (relative), and the N-process throughput (median over windows after
+``--skip-steps``, compilation excluded) at least ``--min-scaling`` times the 1-GPU one. Writes
+``multi_gpu_check.json``, ``multi_gpu_check.md``, ``loss_curves.png`` and each run's folder and log;
+exits 1 when a check fails. Finished runs are kept: run the same command again into the same ``--out``
+to continue after an interruption. ``--device cpu`` runs the same plan on gloo processes (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sasformer.train.metrics import read_metrics
+
+# NVLink multicast stays off on shared hosts (NCCL, PyTorch symmetric memory, NVSHMEM)
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass
+class Run:
+    name: str
+    world: int
+    parallel: str = "none"
+    resume_from: str | None = None  # name of the run whose middle checkpoint this one resumes
+    gpu: int = 0  # first GPU, for 1-process runs started side by side
+    rc: int | None = None
+    seconds: float = 0.0
+    losses: dict[int, float] = field(default_factory=dict)
+    tokens_per_s: dict[int, float] = field(default_factory=dict)
+    peak_mem_gib: float | None = None
+
+
+def plan(world: int) -> list[list[Run]]:
+    """Stages of runs; the runs of one stage start together (1-process runs on different GPUs)."""
+    return [
+        [Run("one", 1, gpu=0), Run("one-repeat", 1, gpu=1 % world)],
+        [Run("ddp", world, "ddp")],
+        [Run("fsdp", world, "fsdp")],
+        [Run("ddp>one", 1, resume_from="ddp", gpu=0), Run("fsdp>one", 1, resume_from="fsdp", gpu=1 % world)],
+        [Run("one>ddp", world, "ddp", resume_from="one")],
+        [Run("one>fsdp", world, "fsdp", resume_from="one")],
+    ]
+
+
+def run_dir(out: Path, attention: str, name: str) -> Path:
+    return out / "runs" / f"{attention}-{name.replace('>', '-to-')}"
+
+
+def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path) -> list[str]:
+    launcher = [sys.executable]
+    if run.world > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.world)]
+    overrides = {
+        "model.size": args.size, "model.attention": attention, "data_dir": args.data_dir,
+        "seq_len": args.seq_len, "batch_size": args.micro_batch * args.world, "micro_batch_size": args.micro_batch,
+        "max_steps": args.steps, "max_tokens": "null", "optim.warmup_steps": args.warmup_steps,
+        "optim.lr": args.lr, "log_interval": args.log_interval, "eval_interval": 0,
+        "checkpoint_interval": args.steps // 2, "keep_last": 3, "compile": str(args.compile).lower(),
+        "device": args.device, "parallel": run.parallel if run.world > 1 else "ddp", "progress": "false",
+        "tensorboard": "false", "out_dir": run_dir(out, attention, run.name),
+        "resume": (run_dir(out, attention, run.resume_from) / "checkpoints" / f"step_{args.steps // 2:06d}"
+                   if run.resume_from else "none"),
+    }
+    cmd = launcher + ["-m", "sasformer", "train", "--config", args.config]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> None:
+    folder = run_dir(out, attention, run.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1"}
+    if args.device != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(run.gpu + i) for i in range(run.world))
+    done_marker = folder / "finished.json"
+    if done_marker.exists():  # a finished run from an earlier, interrupted invocation into the same --out
+        run.rc, run.seconds = (json.loads(done_marker.read_text())[k] for k in ("rc", "seconds"))
+    else:
+        shutil.rmtree(folder)  # a failed or interrupted attempt: start clean
+        folder.mkdir(parents=True)
+        cmd = train_command(args, attention, run, out)
+        start = time.perf_counter()
+        with (folder / "train.log").open("w") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            try:
+                run.rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        timeout=args.run_timeout).returncode
+            except subprocess.TimeoutExpired:
+                run.rc = 124
+        run.seconds = time.perf_counter() - start
+        if run.rc == 0:
+            done_marker.write_text(json.dumps({"rc": run.rc, "seconds": run.seconds}))
+    metrics = folder / "metrics.jsonl"
+    records = [r for r in read_metrics(metrics) if r.get("kind") == "train"] if metrics.exists() else []
+    run.losses = {r["step"]: r["loss"] for r in records}
+    run.tokens_per_s = {r["step"]: r["tokens_per_s"] for r in records}
+    mems = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
+    run.peak_mem_gib = max(mems) if mems else None
+    print(f"{attention} {run.name}: rc={run.rc} {run.seconds:.0f}s, {len(records)} windows", flush=True)
+
+
+def median_throughput(run: Run, skip_steps: int) -> float | None:
+    values = [v for step, v in run.tokens_per_s.items() if step > skip_steps]
+    return statistics.median(values) if values else None
+
+
+def max_relative_gap(got: dict[int, float], want: dict[int, float]) -> float | None:
+    """Largest relative loss difference over the windows ``got`` logged; None if one is missing in ``want``."""
+    if not got or any(step not in want for step in got):
+        return None
+    return max(abs(loss - want[step]) / abs(want[step]) for step, loss in got.items())
+
+
+def judge(args: argparse.Namespace, attention: str, runs: dict[str, Run]) -> list[dict]:
+    """One row per run: its numbers and whether it passed its checks."""
+    ref = runs["one"]
+    ref_tps = median_throughput(ref, args.skip_steps)
+    half = args.steps // 2
+    rows = []
+    for run in runs.values():
+        expected = [s for s in range(args.log_interval, args.steps + 1, args.log_interval)
+                    if not run.resume_from or s > half]
+        complete = run.rc == 0 and sorted(run.losses) == expected
+        gap = None if run is ref else max_relative_gap(run.losses, ref.losses)
+        tps = median_throughput(run, args.skip_steps)
+        scaling = tps / ref_tps if (tps and ref_tps and run.world > 1 and not run.resume_from) else None
+        checks = {"complete": complete}
+        if run is not ref and run.name != "one-repeat":
+            checks["loss"] = gap is not None and gap <= args.rtol
+        if scaling is not None:
+            checks["scaling"] = scaling >= args.min_scaling
+        rows.append({
+            "attention": attention, "run": run.name, "world": run.world, "parallel": run.parallel,
+            "resumed_from": f"{run.resume_from} @ step {half}" if run.resume_from else None,
+            "rc": run.rc, "seconds": round(run.seconds, 1), "tokens_per_s": tps, "scaling": scaling,
+            "peak_mem_gib": run.peak_mem_gib, "final_loss": run.losses.get(args.steps),
+            "max_rel_loss_gap": gap, "checks": checks, "passed": all(checks.values()),
+            "losses": run.losses,
+        })
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Multi-GPU training check", "",
+        f"`{meta['command']}`", "",
+        f"{meta['device']}, torch {meta['torch']}; preset `{meta['size']}`, seq_len {meta['seq_len']}, "
+        f"global batch {meta['global_batch']} = micro-batch {meta['micro_batch']} x {meta['world']} "
+        f"({meta['world']} accumulation steps on 1 GPU), {meta['steps']} steps, compile {meta['compile']}.", "",
+        f"Loss: the largest relative difference from `one` over the {meta['log_interval']}-step windows, "
+        f"judged against {meta['rtol']} (`one-repeat` is the same 1-GPU run again: the noise floor, not "
+        f"judged). Throughput: median tokens/s over windows after step {meta['skip_steps']}; scaling is N "
+        f"processes over `one`, judged against {meta['min_scaling']}x.", "",
+        "| attention | run | processes | resumed from | tokens/s | scaling | peak GiB/GPU | final loss | "
+        "max rel. loss gap | result |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        failed = [name for name, ok in r["checks"].items() if not ok]
+        result = "pass" if r["passed"] else "FAIL: " + ", ".join(failed)
+        lines.append(
+            f"| {r['attention']} | {r['run']} | {r['world']} | {r['resumed_from'] or ''} | "
+            f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['scaling'], '.2f')} | {_fmt(r['peak_mem_gib'], '.1f')} | "
+            f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['max_rel_loss_gap'], '.2e')} | {result} |")
+    passed = all(r["passed"] for r in rows)
+    lines += ["", f"**{'All checks passed' if passed else 'Some checks FAILED'}.**", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no loss_curves.png", flush=True)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attentions = sorted({r["attention"] for r in rows})
+    fig, axes = plt.subplots(2, len(attentions), figsize=(6 * len(attentions), 7), squeeze=False)
+    for col, attention in enumerate(attentions):
+        mine = [r for r in rows if r["attention"] == attention]
+        ref = next(r["losses"] for r in mine if r["run"] == "one")
+        for r in mine:
+            steps = sorted(r["losses"])
+            axes[0][col].plot(steps, [r["losses"][s] for s in steps], label=r["run"], marker=".")
+            if r["run"] != "one":
+                common = [s for s in steps if s in ref]
+                axes[1][col].plot(common, [r["losses"][s] - ref[s] for s in common], label=r["run"], marker=".")
+        axes[0][col].set(title=f"{attention}: train loss", xlabel="step", ylabel="loss (window mean)")
+        axes[1][col].set(title=f"{attention}: loss minus 1-GPU loss", xlabel="step", ylabel="difference")
+        axes[1][col].axhline(0.0, color="grey", linewidth=0.8)
+        axes[0][col].legend(fontsize=8)
+        axes[1][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return "CPU (gloo)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="prepared token data (sasformer prepare)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--attention", nargs="+", default=["mha", "sas"])
+    parser.add_argument("--config", default="configs/small.yaml")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--world", type=int, default=2, help="processes (GPUs) of the parallel runs")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=16, help="sequences per process per micro-step")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--skip-steps", type=int, default=30, help="windows up to this step are not timed")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--rtol", type=float, default=0.01, help="largest relative loss difference from 1 GPU")
+    parser.add_argument("--min-scaling", type=float, default=1.8)
+    parser.add_argument("--run-timeout", type=float, default=600, help="seconds per training run")
+    args = parser.parse_args()
+    if args.steps % (2 * args.log_interval):
+        parser.error("--steps must be a multiple of twice --log-interval (runs resume from the middle)")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for attention in args.attention:
+        runs: dict[str, Run] = {}
+        for stage in plan(args.world):
+            with ThreadPoolExecutor(len(stage)) as pool:
+                list(pool.map(lambda run, a=attention: execute(args, a, run, args.out), stage))
+            runs.update({run.name: run for run in stage})
+        rows += judge(args, attention, runs)
+        # written after each variant, so a run stopped by a time limit keeps what finished
+        meta = {
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]), "device": device_name(args.device),
+            "torch": __import__("torch").__version__, "size": args.size, "seq_len": args.seq_len,
+            "global_batch": args.micro_batch * args.world, "micro_batch": args.micro_batch, "world": args.world,
+            "steps": args.steps, "compile": args.compile, "log_interval": args.log_interval, "rtol": args.rtol,
+            "skip_steps": args.skip_steps, "min_scaling": args.min_scaling,
+        }
+        (args.out / "multi_gpu_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (args.out / "multi_gpu_check.md").write_text(markdown(rows, meta))
+        plot(rows, args.out / "loss_curves.png")
+    print(markdown(rows, meta))
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
