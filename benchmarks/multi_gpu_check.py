@@ -139,7 +139,11 @@ def max_relative_gap(got: dict[int, float], want: dict[int, float]) -> float | N
 
 
 def judge(args: argparse.Namespace, attention: str, runs: dict[str, Run]) -> list[dict]:
-    """One row per run: its numbers and whether it passed its checks."""
+    """One row per run: its numbers and whether it passed its checks.
+
+    A run started from scratch is held to ``one``; a resumed run to the run whose checkpoint it
+    loaded (it inherits that run's distance from ``one``, which that run's own row judges).
+    """
     ref = runs["one"]
     ref_tps = median_throughput(ref, args.skip_steps)
     half = args.steps // 2
@@ -149,22 +153,40 @@ def judge(args: argparse.Namespace, attention: str, runs: dict[str, Run]) -> lis
                     if not run.resume_from or s > half]
         complete = run.rc == 0 and sorted(run.losses) == expected
         gap = None if run is ref else max_relative_gap(run.losses, ref.losses)
+        source_gap = max_relative_gap(run.losses, runs[run.resume_from].losses) if run.resume_from else None
         tps = median_throughput(run, args.skip_steps)
         scaling = tps / ref_tps if (tps and ref_tps and run.world > 1 and not run.resume_from) else None
         checks = {"complete": complete}
-        if run is not ref and run.name != "one-repeat":
+        if run.resume_from:
+            checks["resume"] = source_gap is not None and source_gap <= args.rtol
+        elif run is not ref and run.name != "one-repeat":
             checks["loss"] = gap is not None and gap <= args.rtol
         if scaling is not None:
             checks["scaling"] = scaling >= args.min_scaling
         rows.append({
             "attention": attention, "run": run.name, "world": run.world, "parallel": run.parallel,
+            "resume_from": run.resume_from,
             "resumed_from": f"{run.resume_from} @ step {half}" if run.resume_from else None,
             "rc": run.rc, "seconds": round(run.seconds, 1), "tokens_per_s": tps, "scaling": scaling,
             "peak_mem_gib": run.peak_mem_gib, "final_loss": run.losses.get(args.steps),
-            "max_rel_loss_gap": gap, "checks": checks, "passed": all(checks.values()),
-            "losses": run.losses,
+            "max_rel_loss_gap": gap, "max_rel_gap_to_source": source_gap, "checks": checks,
+            "passed": all(checks.values()), "losses": run.losses, "tokens_per_s_windows": run.tokens_per_s,
         })
     return rows
+
+
+def runs_from_rows(rows: list[dict], attention: str, steps: int) -> dict[str, Run]:
+    """The runs of one variant back from a saved report (``--report``), to judge them again."""
+    runs = {}
+    for row in (r for r in rows if r["attention"] == attention):
+        resume_from = row.get("resume_from") or (row["resumed_from"].split(" @ ")[0] if row["resumed_from"] else None)
+        # reports without per-window throughput kept its median, which is all the judging reads
+        windows = row.get("tokens_per_s_windows") or ({steps: row["tokens_per_s"]} if row["tokens_per_s"] else {})
+        runs[row["run"]] = Run(row["run"], row["world"], row["parallel"], resume_from, rc=row["rc"],
+                               seconds=row["seconds"], losses={int(k): v for k, v in row["losses"].items()},
+                               tokens_per_s={int(k): v for k, v in windows.items()},
+                               peak_mem_gib=row["peak_mem_gib"])
+    return runs
 
 
 def _fmt(value, spec: str) -> str:
@@ -178,13 +200,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['device']}, torch {meta['torch']}; preset `{meta['size']}`, seq_len {meta['seq_len']}, "
         f"global batch {meta['global_batch']} = micro-batch {meta['micro_batch']} x {meta['world']} "
         f"({meta['world']} accumulation steps on 1 GPU), {meta['steps']} steps, compile {meta['compile']}.", "",
-        f"Loss: the largest relative difference from `one` over the {meta['log_interval']}-step windows, "
-        f"judged against {meta['rtol']} (`one-repeat` is the same 1-GPU run again: the noise floor, not "
-        f"judged). Throughput: median tokens/s over windows after step {meta['skip_steps']}; scaling is N "
-        f"processes over `one`, judged against {meta['min_scaling']}x.", "",
+        f"Loss: the largest relative difference over the {meta['log_interval']}-step windows, judged "
+        f"against {meta['rtol']}: from `one` for runs from scratch, from the run it resumed for resumed runs "
+        f"(`one-repeat` is the same 1-GPU run again: the noise floor, not judged). Throughput: median "
+        f"tokens/s over windows after step {meta['skip_steps']}; scaling is N processes over `one`, judged "
+        f"against {meta['min_scaling']}x.", "",
         "| attention | run | processes | resumed from | tokens/s | scaling | peak GiB/GPU | final loss | "
-        "max rel. loss gap | result |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "max rel. gap to `one` | to the run resumed | result |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         failed = [name for name, ok in r["checks"].items() if not ok]
@@ -192,7 +215,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['attention']} | {r['run']} | {r['world']} | {r['resumed_from'] or ''} | "
             f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['scaling'], '.2f')} | {_fmt(r['peak_mem_gib'], '.1f')} | "
-            f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['max_rel_loss_gap'], '.2e')} | {result} |")
+            f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['max_rel_loss_gap'], '.2e')} | "
+            f"{_fmt(r.get('max_rel_gap_to_source'), '.2e')} | {result} |")
     passed = all(r["passed"] for r in rows)
     lines += ["", f"**{'All checks passed' if passed else 'Some checks FAILED'}.**", ""]
     return "\n".join(lines)
@@ -236,9 +260,26 @@ def device_name(device: str) -> str:
     return "CPU (gloo)"
 
 
+def write_report(out: Path, rows: list[dict], meta: dict) -> None:
+    (out / "multi_gpu_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "multi_gpu_check.md").write_text(markdown(rows, meta))
+    plot(rows, out / "loss_curves.png")
+
+
+def report_again(saved: Path, out: Path) -> int:
+    data = json.loads(saved.read_text())
+    meta, attentions = data["meta"], dict.fromkeys(r["attention"] for r in data["rows"])
+    args = argparse.Namespace(**{k: meta[k] for k in ("steps", "log_interval", "skip_steps", "rtol", "min_scaling")})
+    rows = [row for a in attentions for row in judge(args, a, runs_from_rows(data["rows"], a, args.steps))]
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, rows, meta)
+    print(markdown(rows, meta))
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True, help="prepared token data (sasformer prepare)")
+    parser.add_argument("--data-dir", help="prepared token data (sasformer prepare)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--attention", nargs="+", default=["mha", "sas"])
     parser.add_argument("--config", default="configs/small.yaml")
@@ -256,7 +297,13 @@ def main() -> int:
     parser.add_argument("--rtol", type=float, default=0.01, help="largest relative loss difference from 1 GPU")
     parser.add_argument("--min-scaling", type=float, default=1.8)
     parser.add_argument("--run-timeout", type=float, default=600, help="seconds per training run")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="judge a saved multi_gpu_check.json again (its settings) and write the report to --out")
     args = parser.parse_args()
+    if args.report:
+        return report_again(args.report, args.out)
+    if not args.data_dir:
+        parser.error("--data-dir is required (unless --report)")
     if args.steps % (2 * args.log_interval):
         parser.error("--steps must be a multiple of twice --log-interval (runs resume from the middle)")
 
@@ -277,9 +324,7 @@ def main() -> int:
             "steps": args.steps, "compile": args.compile, "log_interval": args.log_interval, "rtol": args.rtol,
             "skip_steps": args.skip_steps, "min_scaling": args.min_scaling,
         }
-        (args.out / "multi_gpu_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (args.out / "multi_gpu_check.md").write_text(markdown(rows, meta))
-        plot(rows, args.out / "loss_curves.png")
+        write_report(args.out, rows, meta)
     print(markdown(rows, meta))
     return 0 if all(r["passed"] for r in rows) else 1
 
