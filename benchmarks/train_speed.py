@@ -10,6 +10,13 @@ data loading. On one GPU::
     python3 benchmarks/train_speed.py --loss-impl naive --out DIR                     # full-logits loss
     python3 benchmarks/train_speed.py --attention mha --batch-size 32 --grad-accum 16 --out DIR  # 0.5M-token steps
 
+On several GPUs (``--batch-size`` is then the global batch; rank 0 writes the files)::
+
+    torchrun --nproc-per-node 2 benchmarks/train_speed.py --parallel fsdp --batch-size 32 --profile --out DIR
+
+``host ms`` is the time the host spends in the step calls: near the step time, the step is limited by
+the host (Python, kernel launches, the parallel wrapper's hooks), not by the GPU.
+
 Writes ``train_speed.json`` and ``train_speed.md`` into ``--out`` and prints the table.
 """
 
@@ -35,6 +42,7 @@ from sasformer.layers.registry import variant_names
 from sasformer.ops.attention import BACKENDS
 from sasformer.ops.attention import ENV_VAR as ATTENTION_ENV
 from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, IMPLS, resolve_impl
+from sasformer.train import distributed
 from sasformer.train.config import COMPILE_MODES, TrainConfig
 from sasformer.train.metrics import peak_memory_gib, throughput
 from sasformer.train.trainer import Trainer
@@ -105,6 +113,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "tensorboard": False,
         "progress": False,
         "mfu_peak_tflops": args.peak_tflops,
+        "parallel": args.parallel,
     })
     trainer = Trainer(config, SyntheticData(args.vocab_size))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
@@ -112,12 +121,17 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     for _ in range(args.warmup):  # compilation and allocator warm-up
         trainer.train_step()
     sync()
-    print(f"  warm-up ({args.warmup} steps, compilation included) took {time.perf_counter() - began:.0f} s", flush=True)
+    if trainer.dist.is_main:
+        print(f"  warm-up ({args.warmup} steps, compilation included) took {time.perf_counter() - began:.0f} s",
+              flush=True)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     start = time.perf_counter()
+    host_seconds = 0.0
     for _ in range(args.steps):
+        called = time.perf_counter()
         trainer.train_step()
+        host_seconds += time.perf_counter() - called
     sync()
     seconds = time.perf_counter() - start
     trainer.check_finite()  # a diverged step would make the timing meaningless
@@ -132,8 +146,11 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "grad_accum": trainer.accum,
         "seq_len": config.seq_len,
         "loss_impl": resolve_impl(config.loss_impl, torch.empty(0, device=trainer.device)),
+        "world_size": trainer.dist.world_size,
+        "parallel": args.parallel if trainer.dist.enabled else None,
         "step_ms": 1000 * seconds / args.steps,
-        **throughput(tokens, seconds, trainer.flops_per_token, 1, trainer.peak),
+        "host_ms": 1000 * host_seconds / args.steps,
+        **throughput(tokens, seconds, trainer.flops_per_token, trainer.dist.world_size, trainer.peak),
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_tflops": trainer.peak,
     }
@@ -208,16 +225,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
          f"attention backend {meta['attention_backend']}"),
         "",
-        "| attention | params (M) | micro-batch x T x accum | loss | step (ms) | tokens/s | TFLOP/s | MFU "
-        "| peak mem (GiB) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| attention | params (M) | processes | micro-batch x T x accum | loss | step (ms) | host ms | tokens/s "
+        "| TFLOP/s per GPU | MFU | peak mem (GiB) |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        world = r.get("world_size", 1)
+        processes = f"{world} ({r['parallel']})" if world > 1 else "1"
+        host = f"{r['host_ms']:.1f}" if "host_ms" in r else "n/a"
         lines.append(
-            f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {r['micro_batch_size']}x{r['seq_len']}"
-            f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {processes} | {r['micro_batch_size']}x{r['seq_len']}"
+            f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {host} | {r['tokens_per_s']:,.0f} | "
             f"{r['tflops']:.1f} | {mfu} | {mem} |"
         )
     for r in rows:
@@ -272,6 +292,8 @@ def main() -> int:
                         help="after timing, profile a few steps and add the top-20 CUDA kernels to the Markdown")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                        help="data parallelism when launched with torchrun on several processes")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
     args = parser.parse_args()
     if not args.profile:
@@ -286,14 +308,21 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = variant_names() if args.all else args.attention
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports
     rows = []
     for attention in variants:
         for batch_size in args.batch_size:
-            print(f"benchmarking {attention}, batch {batch_size} ...", flush=True)
+            if main_process:
+                print(f"benchmarking {attention}, batch {batch_size} ...", flush=True)
             rows.append(bench_one(args, attention, batch_size, out))
             r = rows[-1]
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            print(f"  {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}", flush=True)
+            if main_process:
+                print(f"  {r['step_ms']:.1f} ms/step (host {r['host_ms']:.1f}), {r['tokens_per_s']:,.0f} tokens/s, "
+                      f"MFU {mfu}", flush=True)
+    distributed.shutdown()
+    if not main_process:
+        return 0
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
                              check=False).stdout.strip()
