@@ -81,7 +81,8 @@ def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path)
         "max_steps": args.steps, "max_tokens": "null", "optim.warmup_steps": args.warmup_steps,
         "optim.lr": args.lr, "log_interval": args.log_interval, "eval_interval": 0,
         "checkpoint_interval": args.steps // 2, "keep_last": 3, "compile": str(args.compile).lower(),
-        "device": args.device, "parallel": run.parallel if run.world > 1 else "ddp", "progress": "false",
+        "dtype": args.dtype, "device": args.device, "parallel": run.parallel if run.world > 1 else "ddp",
+        "progress": "false",
         "tensorboard": "false", "out_dir": run_dir(out, attention, run.name),
         "resume": (run_dir(out, attention, run.resume_from) / "checkpoints" / f"step_{args.steps // 2:06d}"
                    if run.resume_from else "none"),
@@ -199,7 +200,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"`{meta['command']}`", "",
         f"{meta['device']}, torch {meta['torch']}; preset `{meta['size']}`, seq_len {meta['seq_len']}, "
         f"global batch {meta['global_batch']} = micro-batch {meta['micro_batch']} x {meta['world']} "
-        f"({meta['world']} accumulation steps on 1 GPU), {meta['steps']} steps, compile {meta['compile']}.", "",
+        f"({meta['world']} accumulation steps on 1 GPU), {meta['steps']} steps, compile {meta['compile']}, "
+        f"dtype {meta.get('dtype', 'auto')}.", "",
         f"Loss: the largest relative difference over the {meta['log_interval']}-step windows, judged "
         f"against {meta['rtol']}: from `one` for runs from scratch, from the run it resumed for resumed runs "
         f"(`one-repeat` is the same 1-GPU run again: the noise floor, not judged). Throughput: median "
@@ -294,6 +296,8 @@ def main() -> int:
     parser.add_argument("--skip-steps", type=int, default=30, help="windows up to this step are not timed")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="float32 takes bf16 rounding out of the comparison (auto: bf16 on CUDA)")
     parser.add_argument("--rtol", type=float, default=0.01, help="largest relative loss difference from 1 GPU")
     parser.add_argument("--min-scaling", type=float, default=1.8)
     parser.add_argument("--run-timeout", type=float, default=600, help="seconds per training run")
@@ -321,8 +325,8 @@ def main() -> int:
             "command": shlex.join([Path(sys.executable).name, *sys.argv]), "device": device_name(args.device),
             "torch": __import__("torch").__version__, "size": args.size, "seq_len": args.seq_len,
             "global_batch": args.micro_batch * args.world, "micro_batch": args.micro_batch, "world": args.world,
-            "steps": args.steps, "compile": args.compile, "log_interval": args.log_interval, "rtol": args.rtol,
-            "skip_steps": args.skip_steps, "min_scaling": args.min_scaling,
+            "steps": args.steps, "compile": args.compile, "dtype": args.dtype, "log_interval": args.log_interval,
+            "rtol": args.rtol, "skip_steps": args.skip_steps, "min_scaling": args.min_scaling,
         }
         write_report(args.out, rows, meta)
     print(markdown(rows, meta))
