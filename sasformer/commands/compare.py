@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start a run only if it should end within SECONDS of this command's start (judged by "
                              "the longest run so far; the first always starts), e.g. for a job time limit; re-run "
                              "the command later for the rest")
+    parser.add_argument("--gpus", metavar="LIST",
+                        help="run the grid's runs side by side, one process per GPU of this comma-separated list of "
+                             "CUDA device indices (e.g. 0,1); each run's output goes to its folder's worker.log")
     parser.add_argument("--redo-mqar", action="store_true",
                         help="run the MQAR probe of every finished run again and update its result (after a change "
                              "to the probe); with --report nothing else trains")
@@ -72,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from sasformer.compare.report import markdown_table
     from sasformer.compare.runner import ensure_data, plan_runs, run_grid
     from sasformer.compare.spec import load_grid
+    from sasformer.compare.workers import parse_gpus
 
+    gpus = parse_gpus(args.gpus) if args.gpus else None
     spec = load_grid(args.config, parse_overrides(getattr(args, "overrides", [])))
     if args.only:
         spec = select_entries(spec, args.only)
@@ -88,14 +93,19 @@ def run(args: argparse.Namespace) -> int:
                          + (["--out", str(args.out)] if args.out else [])
                          + (["--only", args.only] if args.only else [])
                          + (["--time-limit", f"{args.time_limit:g}"] if args.time_limit else [])
+                         + (["--gpus", args.gpus] if args.gpus else [])
                          + (["--redo-mqar"] if args.redo_mqar else [])
                          + list(getattr(args, "overrides", [])))
     results = run_grid(spec, grid_dir, command, report_only=args.report, time_limit_s=args.time_limit,
-                       redo_mqar=args.redo_mqar)
+                       redo_mqar=args.redo_mqar, gpus=gpus)
     if results["missing_runs"]:
         print(f"not run yet (left out of the tables): {', '.join(results['missing_runs'])}")
     print(markdown_table(results["aggregates"]))
     print(f"\nresults: {grid_dir / 'results.md'}, {grid_dir / 'results.json'}")
     if results["plots"]:
         print("plots: " + ", ".join(str(grid_dir / p) for p in results["plots"]))
+    if results["failed_runs"]:
+        print(f"FAILED (see each run's worker.log; re-run the command to resume them): "
+              f"{', '.join(results['failed_runs'])}")
+        return 1
     return 0

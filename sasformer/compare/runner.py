@@ -357,7 +357,8 @@ def grid_lock(grid_dir: Path) -> Iterator[None]:
 
 
 def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log = _stderr,
-             report_only: bool = False, time_limit_s: float | None = None, redo_mqar: bool = False) -> dict[str, Any]:
+             report_only: bool = False, time_limit_s: float | None = None, redo_mqar: bool = False,
+             gpus: list[str] | None = None) -> dict[str, Any]:
     """Run (or finish) the whole grid and write ``results.json``, ``results.md`` and the plots into ``grid_dir``.
 
     ``report_only`` trains nothing: the results cover the finished runs and list the others as missing
@@ -365,7 +366,9 @@ def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log =
     should end within that many seconds of this call's start, judged by the longest run of this call so
     far (the first run always starts); the runs left out are listed as missing, for the next call.
     ``redo_mqar`` runs the MQAR probe of every finished run again (after a change to the probe) and
-    rewrites its ``result.json``, noting the previous value and the device.
+    rewrites its ``result.json``, noting the previous value and the device. ``gpus`` (CUDA device
+    indices) runs the pending runs side by side, one worker process per GPU (:mod:`.workers`); runs
+    whose worker failed are listed in ``failed_runs`` and left for the next call.
     """
     called = time.perf_counter()  # the time limit counts from here: preparing the data is part of it
     if time_limit_s is not None and not time_limit_s > 0:
@@ -373,7 +376,7 @@ def run_grid(spec: GridSpec, grid_dir: str | Path, command: str = "", log: Log =
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     with grid_lock(grid_dir):
-        return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s, redo_mqar, called)
+        return _run_grid(spec, grid_dir, command, log, report_only, time_limit_s, redo_mqar, called, gpus)
 
 
 def _host_device(plan: RunPlan):
@@ -400,7 +403,7 @@ def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) 
 
 
 def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool,
-              time_limit_s: float | None, redo_mqar: bool, called: float) -> dict[str, Any]:
+              time_limit_s: float | None, redo_mqar: bool, called: float, gpus: list[str] | None) -> dict[str, Any]:
     from sasformer.compare.env import environment
     from sasformer.compare.plots import matplotlib_available, plot_curves
     from sasformer.compare.report import aggregate, markdown_report
@@ -414,7 +417,7 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
                                                           "train_flops_per_token": p.train_flops_per_token,
                                                           "params": p.params} for p in plans]})
     tasks = None
-    if spec.eval.zero_shot_dir is not None and not report_only:
+    if spec.eval.zero_shot_dir is not None and not report_only and not gpus:  # workers read their own
         from sasformer.eval import read_eval_dir
 
         tasks = read_eval_dir(spec.eval.zero_shot_dir, spec.eval.zero_shot_tasks, spec.eval.zero_shot_limit)
@@ -427,6 +430,16 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
     log(f"grid {spec.name}: {len(plans)} runs ({len(plans) - todo} already finished), results in {grid_dir}")
     spent: list[float] = []
     missing: list[str] = []
+    failed: list[str] = []
+    if gpus and not report_only:
+        from sasformer.compare.workers import run_in_workers
+
+        pending = [(i, p) for i, (p, r) in enumerate(zip(plans, finished), start=1) if r is None]
+        not_started, failed = run_in_workers(pending, grid_dir, gpus, log, time_limit_s, called, len(plans))
+        # the workers' results, read back in grid order; what they left counts as missing below
+        finished = [r if r is not None or p.id in not_started + failed else load_finished(p)
+                    for p, r in zip(plans, finished)]
+        report_only = True  # nothing more to train in this process
     for index, (plan, result) in enumerate(zip(plans, finished), start=1):
         if result is not None:
             if redo_mqar and spec.eval.mqar.enabled:
@@ -468,6 +481,7 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         "val_tokens": validation_tokens(plans[0]),
         "runs": runs,
         "missing_runs": missing,
+        "failed_runs": failed,
         "aggregates": aggregate(runs),
         "plots": [],
     }
