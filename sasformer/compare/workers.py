@@ -11,12 +11,15 @@ last checkpoint); the other runs go on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,51 +57,93 @@ def run_in_workers(pending: list[tuple[int, Any]], grid_dir: Path, gpus: list[st
     longest run finished so far (the first run on each GPU always starts). ``number`` of ``total``
     labels the log lines as the single-process grid does.
     """
-    from sasformer.compare.runner import _duration, load_finished
+    pool = _WorkerPool(grid_dir, gpus, log, time_limit_s, called, total)
+    with _sigterm_unwinds():
+        try:
+            pool.run(list(pending))
+        finally:  # interrupted: stop the workers; their runs resume from their checkpoints next time
+            pool.stop()
+    return pool.missing, pool.failed
 
-    queue, free = list(pending), list(gpus)
-    running: list[_Running] = []
-    spent: list[float] = []
-    missing: list[str] = []
-    failed: list[str] = []
-    try:
-        while queue or running:
-            while queue and free:
-                number, plan = queue.pop(0)
-                if time_limit_s is not None and spent and time.perf_counter() - called + max(spent) > time_limit_s:
-                    log(f"[run {number}/{total}] {plan.id} not started: it would likely end after the time limit "
-                        f"of {time_limit_s:g} s (longest run so far {_duration(max(spent))})")
-                    missing.append(plan.id)
-                    continue
-                gpu = free.pop(0)
-                plan.run_dir.mkdir(parents=True, exist_ok=True)
-                with (plan.run_dir / WORKER_LOG).open("a") as out:
-                    process = subprocess.Popen(worker_command(grid_dir, plan.id), stdout=out, stderr=subprocess.STDOUT,
-                                               env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
-                running.append(_Running(plan, gpu, process, time.perf_counter(), number))
-                log(f"[run {number}/{total}] {plan.entry} seed {plan.seed}: started on GPU {gpu} "
-                    f"(log: {plan.run_dir / WORKER_LOG})")
+
+class _WorkerPool:
+    """One worker process per free GPU; the next run starts on a GPU as soon as its worker exits."""
+
+    def __init__(self, grid_dir: Path, gpus: list[str], log: Callable[[str], None], time_limit_s: float | None,
+                 called: float, total: int) -> None:
+        self.grid_dir, self.free, self.log = grid_dir, list(gpus), log
+        self.time_limit_s, self.called, self.total = time_limit_s, called, total
+        self.running: list[_Running] = []
+        self.spent: list[float] = []
+        self.missing: list[str] = []
+        self.failed: list[str] = []
+
+    def run(self, queue: list[tuple[int, Any]]) -> None:
+        while queue or self.running:
+            while queue and self.free:
+                self._start(*queue.pop(0))
             time.sleep(POLL_S)
-            for job in [j for j in running if j.process.poll() is not None]:
-                running.remove(job)
-                free.append(job.gpu)
-                spent.append(time.perf_counter() - job.started)
-                result = load_finished(job.plan) if job.process.returncode == 0 else None
-                if result is None:
-                    failed.append(job.plan.id)
-                    log(f"[run {job.number}/{total}] {job.plan.id} FAILED (exit status {job.process.returncode}); "
-                        f"see {job.plan.run_dir / WORKER_LOG}")
-                    continue
-                outcome = "diverged" if result["diverged"] else \
-                    f"val loss {result['final_val_loss']:.4f} after {result['tokens_seen']:,} tokens"
-                log(f"[run {job.number}/{total}] {job.plan.entry} seed {job.plan.seed}: {outcome} "
-                    f"({_duration(spent[-1])}, GPU {job.gpu})")
-    finally:  # interrupted: stop the workers; their runs resume from their checkpoints next time
-        for job in running:
+            for job in [j for j in self.running if j.process.poll() is not None]:
+                self._finish(job)
+
+    def _start(self, number: int, plan: Any) -> None:
+        from sasformer.compare.runner import _duration
+
+        if self.time_limit_s is not None and self.spent and \
+                time.perf_counter() - self.called + max(self.spent) > self.time_limit_s:
+            self.log(f"[run {number}/{self.total}] {plan.id} not started: it would likely end after the time limit "
+                     f"of {self.time_limit_s:g} s (longest run so far {_duration(max(self.spent))})")
+            self.missing.append(plan.id)
+            return
+        gpu = self.free.pop(0)
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        with (plan.run_dir / WORKER_LOG).open("a") as out:
+            process = subprocess.Popen(worker_command(self.grid_dir, plan.id), stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+        self.running.append(_Running(plan, gpu, process, time.perf_counter(), number))
+        self.log(f"[run {number}/{self.total}] {plan.entry} seed {plan.seed}: started on GPU {gpu} "
+                 f"(log: {plan.run_dir / WORKER_LOG})")
+
+    def _finish(self, job: _Running) -> None:
+        from sasformer.compare.runner import _duration, load_finished
+
+        self.running.remove(job)
+        self.free.append(job.gpu)
+        self.spent.append(time.perf_counter() - job.started)
+        label = f"[run {job.number}/{self.total}]"
+        result = load_finished(job.plan) if job.process.returncode == 0 else None
+        if result is None:
+            self.failed.append(job.plan.id)
+            self.log(f"{label} {job.plan.id} FAILED (exit status {job.process.returncode}); "
+                     f"see {job.plan.run_dir / WORKER_LOG}")
+            return
+        outcome = "diverged" if result["diverged"] else \
+            f"val loss {result['final_val_loss']:.4f} after {result['tokens_seen']:,} tokens"
+        self.log(f"{label} {job.plan.entry} seed {job.plan.seed}: {outcome} "
+                 f"({_duration(self.spent[-1])}, GPU {job.gpu})")
+
+    def stop(self) -> None:
+        for job in self.running:
             job.process.terminate()
-        for job in running:
+        for job in self.running:
             job.process.wait()
-    return missing, failed
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM (a job's time limit, ``timeout``) unwind like Ctrl-C, so the workers are stopped, not orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_one(grid_dir: Path, run_id: str) -> int:

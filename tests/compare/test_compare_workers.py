@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -63,3 +67,28 @@ def test_gpu_lists_are_checked(text):
 
 def test_gpu_list_parses():
     assert workers.parse_gpus(" 0, 3 ") == ["0", "3"]
+
+
+def test_sigterm_stops_the_workers_and_leaves_the_runs_to_resume(tmp_path, prepared_data, monkeypatch):
+    pid_file = tmp_path / "worker.pid"
+
+    def sleeper(grid_dir, run_id):
+        code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(workers, "worker_command", sleeper)
+
+    def terminate_when_started():
+        for _ in range(300):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_started, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        _grid(tmp_path, prepared_data, "grid", gpus=["0"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # the worker was stopped and reaped, not orphaned
+        os.kill(int(pid_file.read_text()), 0)
+    assert not (tmp_path / "grid" / "compare.lock").exists()
