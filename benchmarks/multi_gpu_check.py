@@ -12,9 +12,10 @@ the same and throughput ratios are scaling. Per attention variant:
 - ``ddp>one``, ``fsdp>one``: resumed on 1 GPU from the N-process checkpoint at half the steps;
 - ``one>ddp``, ``one>fsdp``: resumed on N processes from the 1-GPU checkpoint at half the steps.
 
-Judged against ``one``, per logged window (the mean loss of ``--log-interval`` steps): the loss of every
-other run within ``--rtol`` (relative), and the N-process throughput (median over windows after
-``--skip-steps``, compilation excluded) at least ``--min-scaling`` times the 1-GPU one. Writes
+Judged per logged window (the mean loss of ``--log-interval`` steps): the loss of every run from scratch
+within ``--rtol`` (relative) of ``one``, that of every resumed run within ``--rtol`` of the run it
+resumed, and the N-process throughput (median over windows after ``--skip-steps``, compilation
+excluded) at least ``--min-scaling`` times the 1-GPU one. ``--report`` judges a saved JSON again. Writes
 ``multi_gpu_check.json``, ``multi_gpu_check.md``, ``loss_curves.png`` and each run's folder and log;
 exits 1 when a check fails. Finished runs are kept: run the same command again into the same ``--out``
 to continue after an interruption. ``--device cpu`` runs the same plan on gloo processes (a smoke test).
@@ -82,8 +83,7 @@ def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path)
         "optim.lr": args.lr, "log_interval": args.log_interval, "eval_interval": 0,
         "checkpoint_interval": args.steps // 2, "keep_last": 3, "compile": str(args.compile).lower(),
         "dtype": args.dtype, "device": args.device, "parallel": run.parallel if run.world > 1 else "ddp",
-        "progress": "false",
-        "tensorboard": "false", "out_dir": run_dir(out, attention, run.name),
+        "progress": "false", "tensorboard": "false", "out_dir": run_dir(out, attention, run.name),
         "resume": (run_dir(out, attention, run.resume_from) / "checkpoints" / f"step_{args.steps // 2:06d}"
                    if run.resume_from else "none"),
     }
