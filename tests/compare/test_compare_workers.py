@@ -9,7 +9,9 @@ import threading
 import time
 
 import pytest
+import yaml
 
+from sasformer.commands import compare
 from sasformer.compare import workers
 from sasformer.compare.runner import run_grid
 from sasformer.compare.spec import GridSpec
@@ -92,3 +94,18 @@ def test_sigterm_stops_the_workers_and_leaves_the_runs_to_resume(tmp_path, prepa
     with pytest.raises(ProcessLookupError):  # the worker was stopped and reaped, not orphaned
         os.kill(int(pid_file.read_text()), 0)
     assert not (tmp_path / "grid" / "compare.lock").exists()
+
+
+def test_the_command_exits_1_when_a_worker_failed(tmp_path, prepared_data, monkeypatch, capsys):
+    from tests.compare.test_compare_command import _parse
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid_dict(prepared_data, tmp_path / "grid")))
+    failing = [sys.executable, "-c", "raise SystemExit(2)"]
+    monkeypatch.setattr(workers, "worker_command", lambda grid_dir, run_id: failing)
+    args = _parse(["--config", str(config), "--only", "mha", "--gpus", "0"])
+    assert compare.run(args) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "mha-s0" in printed
+    with pytest.raises(ValueError, match="--gpus"):
+        compare.run(_parse(["--config", str(config), "--gpus", "first"]))
