@@ -53,7 +53,8 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str 
             ax.set_xscale("log")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if labelled:  # a grid with no finished run yet draws empty axes
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{stem}.png"
         fig.savefig(path, dpi=120)
