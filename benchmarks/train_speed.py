@@ -114,6 +114,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "progress": False,
         "mfu_peak_tflops": args.peak_tflops,
         "parallel": args.parallel,
+        "fsdp_reshard_after_forward": args.fsdp_reshard_after_forward,
     })
     trainer = Trainer(config, SyntheticData(args.vocab_size))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
@@ -147,7 +148,8 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "seq_len": config.seq_len,
         "loss_impl": resolve_impl(config.loss_impl, torch.empty(0, device=trainer.device)),
         "world_size": trainer.dist.world_size,
-        "parallel": args.parallel if trainer.dist.enabled else None,
+        "parallel": (args.parallel + ("" if args.parallel == "ddp" or args.fsdp_reshard_after_forward
+                                      else ", no reshard")) if trainer.dist.enabled else None,
         "step_ms": 1000 * seconds / args.steps,
         "host_ms": 1000 * host_seconds / args.steps,
         **throughput(tokens, seconds, trainer.flops_per_token, trainer.dist.world_size, trainer.peak),
@@ -294,6 +296,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                         help="data parallelism when launched with torchrun on several processes")
+    parser.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                        help="FSDP2: gather each block's parameters again for its backward (default), or keep them")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
     args = parser.parse_args()
     if not args.profile:

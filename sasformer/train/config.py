@@ -119,6 +119,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # ddp | fsdp (used when launched with torchrun on more than one process)
+    # FSDP2: free each block's gathered parameters after its forward (ZeRO-3) and gather them again for
+    # its backward; false keeps them until the backward (ZeRO-2: less communication, more memory)
+    fsdp_reshard_after_forward: bool = True
     eval_interval: int = 200  # 0 disables periodic validation
     eval_batches: int = 20
     log_interval: int = 10

@@ -61,15 +61,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype | None) -> None:
-    """FSDP2: shard each block, then the root (embedding, final norm, head); in place."""
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype | None,
+               reshard_after_forward: bool = True) -> None:
+    """FSDP2: shard each block, then the root (embedding, final norm, head); in place.
+
+    ``reshard_after_forward`` False keeps each block's gathered parameters from its forward to its
+    backward (one all-gather per block and step instead of two, for the memory of the unsharded blocks).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
     fully_shard(model, **kwargs)
 
 

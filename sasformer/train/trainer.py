@@ -160,7 +160,7 @@ class Trainer:
             if cfg.compile:
                 for block in model.blocks:
                     block.compile()
-            D.apply_fsdp(model, model.blocks, self.autocast_dtype)
+            D.apply_fsdp(model, model.blocks, self.autocast_dtype, cfg.fsdp_reshard_after_forward)
             return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
         module: nn.Module = LossModel(model, cfg.loss_impl, cfg.loss_chunk_size)
         ddp = None

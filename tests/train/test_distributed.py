@@ -75,3 +75,28 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, reference):
     assert trainer.step == 3
     trainer.fit()
     _assert_close(_losses(single), {s: v for s, v in _losses(reference).items() if s > 3})
+
+
+def test_fsdp_without_resharding_matches_one_process(tmp_path, reference):
+    out_dir = tmp_path / "fsdp_zero2"
+    _spawn(out_dir, parallel="fsdp", fsdp_reshard_after_forward=False)
+    _assert_close(_losses(out_dir), _losses(reference))
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_apply_fsdp_reshards_blocks_as_configured(monkeypatch, reshard):
+    import torch
+    import torch.distributed.fsdp as fsdp
+    from torch import nn
+
+    from sasformer.train.distributed import apply_fsdp
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+    root = nn.Sequential(*blocks)
+    apply_fsdp(root, blocks, torch.bfloat16, reshard_after_forward=reshard)
+    # the last block is never resharded: backward needs it at once
+    assert [kw["reshard_after_forward"] for _, kw in calls[:3]] == [reshard, reshard, False]
+    assert calls[3][0] is root and "reshard_after_forward" not in calls[3][1]
+    assert all(kw["mp_policy"].param_dtype == torch.bfloat16 for _, kw in calls)
