@@ -7,7 +7,8 @@ Every run is ``sasformer train`` on the ``--size`` preset with global batch ``--
 1-GPU run accumulates N micro-batches of the size each of the N processes runs once: per-device work is
 the same and throughput ratios are scaling. Per attention variant:
 
-- ``one``: 1 GPU; ``one-repeat``: the same run on another GPU at the same time, the run-to-run noise;
+- ``one``: 1 GPU; ``one-repeat`` (``--repeats`` of them, ``one-repeat2``, ...): the same run again, on
+  the other GPUs at the same time, the run-to-run noise of bf16 training;
 - ``ddp``, ``fsdp``: N processes through torchrun;
 - ``ddp>one``, ``fsdp>one``: resumed on 1 GPU from the N-process checkpoint at half the steps;
 - ``one>ddp``, ``one>fsdp``: resumed on N processes from the 1-GPU checkpoint at half the steps.
@@ -56,10 +57,20 @@ class Run:
     peak_mem_gib: float | None = None
 
 
-def plan(world: int) -> list[list[Run]]:
+def is_repeat(name: str) -> bool:
+    return name.startswith("one-repeat")
+
+
+def plan(world: int, repeats: int = 1) -> list[list[Run]]:
     """Stages of runs; the runs of one stage start together (1-process runs on different GPUs)."""
-    return [
-        [Run("one", 1, gpu=0), Run("one-repeat", 1, gpu=1 % world)],
+    singles = [Run("one", 1)] + [Run("one-repeat" + (str(i + 1) if i else ""), 1) for i in range(repeats)]
+    stages = []
+    for first in range(0, len(singles), world):
+        stage = singles[first:first + world]
+        for gpu, run in enumerate(stage):
+            run.gpu = gpu
+        stages.append(stage)
+    return stages + [
         [Run("ddp", world, "ddp")],
         [Run("fsdp", world, "fsdp")],
         [Run("ddp>one", 1, resume_from="ddp", gpu=0), Run("fsdp>one", 1, resume_from="fsdp", gpu=1 % world)],
@@ -160,7 +171,7 @@ def judge(args: argparse.Namespace, attention: str, runs: dict[str, Run]) -> lis
         checks = {"complete": complete}
         if run.resume_from:
             checks["resume"] = source_gap is not None and source_gap <= args.rtol
-        elif run is not ref and run.name != "one-repeat":
+        elif run is not ref and not is_repeat(run.name):
             checks["loss"] = gap is not None and gap <= args.rtol
         if scaling is not None:
             checks["scaling"] = scaling >= args.min_scaling
@@ -204,7 +215,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"dtype {meta.get('dtype', 'auto')}.", "",
         f"Loss: the largest relative difference over the {meta['log_interval']}-step windows, judged "
         f"against {meta['rtol']}: from `one` for runs from scratch, from the run it resumed for resumed runs "
-        f"(`one-repeat` is the same 1-GPU run again: the noise floor, not judged). Throughput: median "
+        f"(`one-repeat*` are the same 1-GPU run again: the noise floor, not judged). Throughput: median "
         f"tokens/s over windows after step {meta['skip_steps']}; scaling is N processes over `one`, judged "
         f"against {meta['min_scaling']}x.", "",
         "| attention | run | processes | resumed from | tokens/s | scaling | peak GiB/GPU | final loss | "
@@ -220,6 +231,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['max_rel_loss_gap'], '.2e')} | "
             f"{_fmt(r.get('max_rel_gap_to_source'), '.2e')} | {result} |")
     passed = all(r["passed"] for r in rows)
+    lines.append("")
+    for attention in dict.fromkeys(r["attention"] for r in rows):
+        gaps = [r["max_rel_loss_gap"] for r in rows
+                if r["attention"] == attention and is_repeat(r["run"]) and r["max_rel_loss_gap"] is not None]
+        if gaps:
+            lines.append(f"Noise floor, {attention}: the largest gap of {len(gaps)} repeated 1-GPU run(s) to `one` "
+                         f"is {max(gaps):.2e}.  ")
     lines += ["", f"**{'All checks passed' if passed else 'Some checks FAILED'}.**", ""]
     return "\n".join(lines)
 
@@ -298,6 +316,7 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="float32 takes bf16 rounding out of the comparison (auto: bf16 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=1, help="1-GPU runs repeated to measure the noise")
     parser.add_argument("--rtol", type=float, default=0.01, help="largest relative loss difference from 1 GPU")
     parser.add_argument("--min-scaling", type=float, default=1.8)
     parser.add_argument("--run-timeout", type=float, default=600, help="seconds per training run")
@@ -315,7 +334,7 @@ def main() -> int:
     rows: list[dict] = []
     for attention in args.attention:
         runs: dict[str, Run] = {}
-        for stage in plan(args.world):
+        for stage in plan(args.world, args.repeats):
             with ThreadPoolExecutor(len(stage)) as pool:
                 list(pool.map(lambda run, a=attention: execute(args, a, run, args.out), stage))
             runs.update({run.name: run for run in stage})
