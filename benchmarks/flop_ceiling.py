@@ -6,7 +6,9 @@ Two counts per variant, both per token of a training step (3x the forward):
 - *useful*: the library's count (``sasformer.models.flops``), with the attention core causal (each
   query against (T+1)/2 keys on average, what a causal kernel executes);
 - *banded*: the same, with SAS's head convolutions as the ``banded`` simulation path executes them:
-  one dense (in_heads*D, out_heads*D) GEMM per convolution, D/k times the useful work.
+  one dense (in_heads*D, out_heads*D) GEMM per convolution, D/k times the useful work;
+- *chunked c* (``--chunks``): as the ``chunked`` path executes them, GEMMs over chunks of c features
+  with their (k-1)-feature halo, (c+k-1)/k times the useful work.
 A path that runs every FLOP at the same rate as MHA's step would reach MHA's tokens/s times the ratio
 of the counts: the ceiling for SAS with exact convolutions, and the expectation for ``banded``.
 Runs on the CPU in a second (meta-device models); prints a Markdown table.
@@ -21,18 +23,19 @@ from sasformer.models.flops import meta_model, train_flops_per_token
 from sasformer.models.presets import preset
 
 
-def banded_extra_flops(attn: SimulatedAttention) -> float:
-    """Forward FLOPs per token the banded GEMMs execute beyond the useful convolution FLOPs."""
+def conv_extra_flops(attn: SimulatedAttention, window: int | None = None) -> float:
+    """Forward FLOPs per token that head convolutions computing each output from ``window`` input
+    features per head (None: all D, the banded GEMMs) execute beyond the useful k."""
     D, k = attn.head_dim, attn.args.kernel_size
+    window = D if window is None else min(window, D)
     pairs = [(attn.n_heads, attn.n_sim_heads), (attn.n_kv_heads, attn.n_sim_kv_heads)]
     if attn.heads_v is not None:
         pairs.append((attn.n_kv_heads, attn.n_sim_kv_heads))
-    banded = sum(2.0 * D * D * out_h * (in_h + out_h) for in_h, out_h in pairs)
-    useful = sum(2.0 * D * k * out_h * (in_h + out_h) for in_h, out_h in pairs)
-    return banded - useful
+    # conv 1 maps in_h heads to out_h, conv 2 out_h to out_h; D outputs per simulated head
+    return sum(2.0 * D * (window - k) * out_h * (in_h + out_h) for in_h, out_h in pairs)
 
 
-def rows(size: str, seq_len: int, sas_configs: list[tuple[int, int, int]]) -> list[dict]:
+def rows(size: str, seq_len: int, sas_configs: list[tuple[int, int, int]], chunks: list[int]) -> list[dict]:
     entries = [("mha", {}), *(("sas", {"n_sim_heads": h, "sim_head_dim": d, "kernel_size": k})
                                for h, d, k in sas_configs)]
     out = []
@@ -40,12 +43,19 @@ def rows(size: str, seq_len: int, sas_configs: list[tuple[int, int, int]]) -> li
         config = preset(size, attention, attention_args=args, max_seq_len=seq_len)
         model = meta_model(config)
         useful = train_flops_per_token(config, seq_len, model, causal=True)
-        extra = 3.0 * sum(banded_extra_flops(b.attn) for b in model.blocks if isinstance(b.attn, SimulatedAttention))
+        sas_layers = [b.attn for b in model.blocks if isinstance(b.attn, SimulatedAttention)]
+
+        def executed(window: int | None, layers=sas_layers, useful=useful) -> float:
+            return useful + 3.0 * sum(conv_extra_flops(attn, window) for attn in layers)
+
         name = attention if not args else f"sas ({args['n_sim_heads']}, {args['sim_head_dim']}, {args['kernel_size']})"
-        out.append({"variant": name, "useful": useful, "banded": useful + extra})
+        k = args.get("kernel_size", 1)
+        out.append({"variant": name, "useful": useful, "banded": executed(None),
+                    "chunked": {c: executed(c + k - 1) for c in chunks}})
     base = out[0]["useful"]
     for r in out:
         r["ceiling"], r["banded_ratio"] = base / r["useful"], base / r["banded"]
+        r["chunked_ratio"] = {c: base / flops for c, flops in r["chunked"].items()}
     return out
 
 
@@ -54,16 +64,19 @@ def main() -> None:
     p.add_argument("--size", default="small")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--sas", nargs="+", default=["24,128,3", "24,64,3"], help="H',D',k of each SAS row")
+    p.add_argument("--chunks", type=int, nargs="*", default=[16, 8], help="chunk sizes of the chunked path")
     a = p.parse_args()
     configs = [tuple(int(v) for v in s.split(",")) for s in a.sas]
     if any(len(c) != 3 for c in configs):
         p.error("--sas takes H',D',k triples such as 24,128,3")
     print(f"{a.size}, T = {a.seq_len}, training FLOPs per token (attention core causal)\n")
-    print("| variant | useful GFLOP | with banded convolutions GFLOP | ceiling vs MHA | banded vs MHA |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows(a.size, a.seq_len, configs):
+    chunk_heads = "".join(f" chunked c={c} vs MHA |" for c in a.chunks)
+    print(f"| variant | useful GFLOP | with banded convolutions GFLOP | ceiling vs MHA | banded vs MHA |{chunk_heads}")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(a.chunks))
+    for r in rows(a.size, a.seq_len, configs, a.chunks):
+        chunked = "".join(f" {r['chunked_ratio'][c]:.2f}x |" for c in a.chunks)
         print(f"| {r['variant']} | {r['useful'] / 1e9:.3f} | {r['banded'] / 1e9:.3f} | "
-              f"{r['ceiling']:.2f}x | {r['banded_ratio']:.2f}x |")
+              f"{r['ceiling']:.2f}x | {r['banded_ratio']:.2f}x |{chunked}")
 
 
 if __name__ == "__main__":

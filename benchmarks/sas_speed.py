@@ -55,6 +55,7 @@ from sasformer.ops import attention as attention_ops
 from sasformer.ops import simulate
 from sasformer.ops.rope import RotaryTables
 from sasformer.ops.simulate import banded as banded_ops
+from sasformer.ops.simulate import chunked as chunked_ops
 
 SECTIONS = ("check", "layer", "profile", "tiles", "model", "sdpa")
 SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
@@ -71,6 +72,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "sas_24x128": ("sas", SAS_MAIN, "fast"),
     "sas_24x64": ("sas", SAS_SMALL, "fast"),
     "sas_24x128_chunked": ("sas", SAS_MAIN, "chunked"),
+    # chunks of 8 features: (8+2)/3 = 3.3x the useful convolution FLOPs instead of 6x, smaller GEMMs
+    "sas_24x128_chunked8": ("sas", SAS_MAIN, "chunked8"),
     # exact convolution FLOPs (inner size k*H), hand-written backward
     "sas_24x128_matmul": ("sas", SAS_MAIN, "matmul"),
     # the two candidates for compiled training: banded GEMMs (traced) and the fused kernels (custom ops)
@@ -122,16 +125,17 @@ def env(name: str, value: str | None):
 
 
 # structures that are a simulation implementation plus an environment setting
-STRUCTURE_IMPL = {"banded_recompute": "banded"}
+STRUCTURE_IMPL = {"banded_recompute": "banded", "chunked8": "chunked"}
 
 
 @contextlib.contextmanager
 def structure_env(structure: str):
     """The reference structure also uses PyTorch's default SDPA choice, as it was first measured;
-    ``banded_recompute`` sets the banded path's recompute switch."""
+    ``banded_recompute`` sets the banded path's recompute switch, ``chunked8`` the chunk size."""
     recompute = "1" if structure == "banded_recompute" else None
     with env(attention_ops.ENV_VAR, "default" if structure == "reference" else None), \
-            env(banded_ops.RECOMPUTE_ENV_VAR, recompute):
+            env(banded_ops.RECOMPUTE_ENV_VAR, recompute), \
+            env(chunked_ops.CHUNK_ENV_VAR, "8" if structure == "chunked8" else None):
         yield
 
 

@@ -107,6 +107,18 @@ def test_chunked_several_chunks_per_token(chunk, k, features, monkeypatch):
     check("chunked", 7, 3, 6, k, 8, 10, features, torch.float64, 1e-10, 1e-10)
 
 
+def test_chunk_size_from_the_environment(monkeypatch):
+    from sasformer.ops.simulate import chunked
+
+    monkeypatch.setenv(chunked.CHUNK_ENV_VAR, "8")
+    assert chunked.chunk_size(64) == 8
+    assert chunked.chunk_size(12) == 12  # 8 does not divide 12: one chunk per token
+    check("chunked", 7, 3, 6, 3, 16, 10, True, torch.float64, 1e-10, 1e-10)
+    monkeypatch.setenv(chunked.CHUNK_ENV_VAR, "eight")
+    with pytest.raises(ValueError, match="SASFORMER_CHUNK"):
+        chunked.chunk_size(64)
+
+
 @pytest.mark.parametrize("features", [True, False])
 def test_banded_traced_form_equals_the_autograd_function(features):
     # under torch.compile the banded path runs as plain ops (the Function lost its gradients when traced
