@@ -209,13 +209,18 @@ def profile_steps(trainer: Trainer, steps: int, sync) -> dict:
             kernels.append({"name": event.key, "calls_per_step": event.count / steps,
                             "ms_per_step": self_us / 1000 / steps, "category": kernel_category(event.key)})
     kernels.sort(key=lambda k: k["ms_per_step"], reverse=True)
+    # on a GPU, where the host's own time goes too (a host-bound step shows here, not in the kernels)
+    host_ops = sorted(({"name": e.key, "calls_per_step": e.count / steps,
+                        "ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in prof.key_averages()
+                       if cuda and e.self_cpu_time_total > 0), key=lambda o: o["ms_per_step"], reverse=True)
     total = sum(k["ms_per_step"] for k in kernels)
     categories: dict[str, float] = {}
     for k in kernels:
         categories[k["category"]] = categories.get(k["category"], 0.0) + k["ms_per_step"]
     return {"steps": steps, "kind": "CUDA kernels" if cuda else "CPU ops", "wall_ms_per_step": wall_ms,
             "kernel_ms_per_step": total, "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
-            "top_kernels": kernels[:20]}
+            "top_kernels": kernels[:20], "host_ms_per_step": sum(o["ms_per_step"] for o in host_ops),
+            "top_host_ops": host_ops[:12]}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -263,6 +268,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             name = name if len(name) <= 100 else name[:97] + "..."
             lines.append(f"| `{name}` | {k['category']} | {k['calls_per_step']:.1f} | {k['ms_per_step']:.2f} | "
                          f"{100 * k['ms_per_step'] / total:.1f}% |")
+        if prof.get("top_host_ops"):
+            lines += ["", f"Host: {prof['host_ms_per_step']:.1f} ms of self CPU time per step (profiler on), "
+                      "by operation (self time; the host-side work of the step):", "",
+                      "| host op | calls/step | ms/step |", "|---|---:|---:|"]
+            for o in prof["top_host_ops"]:
+                name = o["name"].replace("|", "\\|")
+                name = name if len(name) <= 100 else name[:97] + "..."
+                lines.append(f"| `{name}` | {o['calls_per_step']:.1f} | {o['ms_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
