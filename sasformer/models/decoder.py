@@ -124,15 +124,23 @@ class DecoderLM(nn.Module):
         "chunked" and its forced variants never materialise the logits; "naive" is the plain reference). The loss is
         computed inside ``forward`` so that wrappers hooking the call (FSDP, DDP) see the head too.
         """
-        x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids)
-        h_BTd = self.norm(x)
-        if targets is None:
-            return self.lm_head(h_BTd)
-        if targets.shape != input_ids.shape:
+        if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(targets.shape)}")
-        return linear_cross_entropy(h_BTd.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index,
-                                    loss_impl, loss_chunk_size)
+        x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids)
+        if targets is None:
+            return self.lm_head(self.norm(x))
+        return self.head_loss(x, targets, ignore_index, loss_impl, loss_chunk_size)
+
+    def head_loss(self, x_BTd: Tensor, targets: Tensor, ignore_index: int = -100, loss_impl: str = "chunked",
+                  loss_chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+        """The forward after the blocks: final norm, LM head and mean cross-entropy of the residual stream.
+
+        A method of its own so that it can be compiled on its own where the whole model is not (FSDP2
+        compiles each block and this).
+        """
+        return linear_cross_entropy(self.norm(x_BTd).flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                    ignore_index, loss_impl, loss_chunk_size)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

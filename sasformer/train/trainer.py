@@ -158,8 +158,11 @@ class Trainer:
         cfg, model = self.config, self.model
         if self.dist.enabled and cfg.parallel == "fsdp":
             if cfg.compile:
+                # FSDP2's hooks sit between the blocks: compile each block, and the head and loss,
+                # which would otherwise run eager (with full-size fp32 temporaries of the logits)
                 for block in model.blocks:
-                    block.compile()
+                    block.compile(mode=cfg.compile_mode)
+                model.head_loss = torch.compile(model.head_loss, mode=cfg.compile_mode)
             D.apply_fsdp(model, model.blocks, self.autocast_dtype, cfg.fsdp_reshard_after_forward)
             return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
         module: nn.Module = LossModel(model, cfg.loss_impl, cfg.loss_chunk_size)

@@ -3,8 +3,10 @@ their checkpoints resume on one process (and one process's on two)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -30,13 +32,28 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, changes: dict) 
     from sasformer.train import distributed
 
     try:
-        Trainer(tiny_config(out_dir, max_steps=STEPS, checkpoint_interval=3, **changes), FakeData()).fit()
+        trainer = Trainer(tiny_config(out_dir, max_steps=STEPS, checkpoint_interval=3, **changes), FakeData())
+        trainer.fit()
+        if rank == 0:  # what was compiled, for the tests to read
+            model = trainer.model
+            compiled = {"blocks": all(b._compiled_call_impl is not None for b in model.blocks),
+                        "head_loss": "head_loss" in vars(model)}
+            (Path(out_dir) / "compiled.json").write_text(json.dumps(compiled))
     finally:
         distributed.shutdown()
 
 
+SPAWN_TIMEOUT_S = 300  # a collective that never completes fails the test instead of stalling the suite
+
+
 def _spawn(out_dir: Path, **changes) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(out_dir), changes), nprocs=2, join=True)
+    context = mp.spawn(_worker, args=(2, _free_port(), str(out_dir), changes), nprocs=2, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=1):  # raises if a process failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two training processes did not finish within {SPAWN_TIMEOUT_S} s")
 
 
 def _losses(out_dir: Path) -> dict[int, float]:
@@ -75,6 +92,13 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, reference):
     assert trainer.step == 3
     trainer.fit()
     _assert_close(_losses(single), {s: v for s, v in _losses(reference).items() if s > 3})
+
+
+def test_compiled_fsdp_compiles_blocks_and_head_and_matches_one_process(tmp_path, reference):
+    out_dir = tmp_path / "fsdp_compiled"
+    _spawn(out_dir, parallel="fsdp", compile=True)
+    assert json.loads((out_dir / "compiled.json").read_text()) == {"blocks": True, "head_loss": True}
+    _assert_close(_losses(out_dir), _losses(reference))
 
 
 def test_fsdp_without_resharding_matches_one_process(tmp_path, reference):
