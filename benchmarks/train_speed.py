@@ -83,6 +83,15 @@ class SyntheticData:
         return iter(())
 
 
+def parallel_label(args: argparse.Namespace) -> str:
+    """``ddp``, or ``fsdp`` with its settings where they are not the defaults."""
+    if args.parallel == "ddp":
+        return "ddp"
+    notes = ([] if args.fsdp_reshard_after_forward else ["no reshard"]) + \
+        ([f"{args.fsdp_blocks_per_unit or 'all'} blocks per unit"] if args.fsdp_blocks_per_unit != 1 else [])
+    return ", ".join(["fsdp", *notes])
+
+
 def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir: Path) -> dict:
     """Time ``args.steps`` trainer steps of one (variant, batch size) after ``args.warmup`` untimed ones.
 
@@ -115,6 +124,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "mfu_peak_tflops": args.peak_tflops,
         "parallel": args.parallel,
         "fsdp_reshard_after_forward": args.fsdp_reshard_after_forward,
+        "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit,
     })
     trainer = Trainer(config, SyntheticData(args.vocab_size))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
@@ -148,8 +158,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "seq_len": config.seq_len,
         "loss_impl": resolve_impl(config.loss_impl, torch.empty(0, device=trainer.device)),
         "world_size": trainer.dist.world_size,
-        "parallel": (args.parallel + ("" if args.parallel == "ddp" or args.fsdp_reshard_after_forward
-                                      else ", no reshard")) if trainer.dist.enabled else None,
+        "parallel": parallel_label(args) if trainer.dist.enabled else None,
         "step_ms": 1000 * seconds / args.steps,
         "host_ms": 1000 * host_seconds / args.steps,
         **throughput(tokens, seconds, trainer.flops_per_token, trainer.dist.world_size, trainer.peak),
@@ -311,6 +320,8 @@ def main() -> int:
                         help="data parallelism when launched with torchrun on several processes")
     parser.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                         help="FSDP2: gather each block's parameters again for its backward (default), or keep them")
+    parser.add_argument("--fsdp-blocks-per-unit", type=int, default=1,
+                        help="FSDP2: consecutive blocks per sharded unit (0: the whole model one unit)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
     args = parser.parse_args()
     if not args.profile:

@@ -122,6 +122,9 @@ class TrainConfig:
     # FSDP2: free each block's gathered parameters after its forward (ZeRO-3) and gather them again for
     # its backward; false keeps them until the backward (ZeRO-2: less communication, more memory)
     fsdp_reshard_after_forward: bool = True
+    # FSDP2: consecutive blocks per sharded unit (0: the whole model one unit); each unit costs host
+    # time per step, which a small model's short steps may not hide
+    fsdp_blocks_per_unit: int = 1
     eval_interval: int = 200  # 0 disables periodic validation
     eval_batches: int = 20
     log_interval: int = 10
@@ -156,6 +159,8 @@ class TrainConfig:
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
         need(self.loss_chunk_size >= 1, f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
+        need(self.fsdp_blocks_per_unit >= 0,
+             f"fsdp_blocks_per_unit={self.fsdp_blocks_per_unit} must be >= 0 (0: the whole model one unit)")
         for name in ("eval_interval", "checkpoint_interval"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0 disables)")
         for name in ("eval_batches", "log_interval", "keep_last"):

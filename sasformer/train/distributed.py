@@ -62,19 +62,28 @@ def shutdown() -> None:
 
 
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype | None,
-               reshard_after_forward: bool = True) -> None:
-    """FSDP2: shard each block, then the root (embedding, final norm, head); in place.
+               reshard_after_forward: bool = True, blocks_per_unit: int = 1) -> None:
+    """FSDP2: shard groups of ``blocks_per_unit`` consecutive blocks, then the root (embedding, final
+    norm, head, and any block not in a group); in place.
 
-    ``reshard_after_forward`` False keeps each block's gathered parameters from its forward to its
-    backward (one all-gather per block and step instead of two, for the memory of the unsharded blocks).
+    Each unit costs host time per step (hooks, one all-gather and one reduce-scatter), so a small model
+    with short steps can be bound by the host: larger units, or ``blocks_per_unit`` 0 (the whole model
+    one unit), trade overlap of communication with compute for fewer of them.
+    ``reshard_after_forward`` False keeps each unit's gathered parameters from its forward to its
+    backward (one all-gather per unit and step instead of two, for the memory of the unsharded units).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if blocks_per_unit < 0:
+        raise ValueError(f"blocks_per_unit={blocks_per_unit} must be >= 0 (0: the whole model is one unit)")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
-    for i, block in enumerate(blocks):
-        # the last block's parameters are needed again at once by backward: keep them gathered
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+    n = blocks_per_unit
+    units = [list(blocks[i:i + n]) for i in range(0, len(blocks), n)] if n else []
+    for i, unit in enumerate(units):
+        # the last unit's parameters are needed again at once by backward: keep them gathered
+        fully_shard(unit if len(unit) > 1 else unit[0],
+                    reshard_after_forward=reshard_after_forward and i < len(units) - 1, **kwargs)
     fully_shard(model, **kwargs)
 
 

@@ -107,6 +107,40 @@ def test_fsdp_without_resharding_matches_one_process(tmp_path, reference):
     _assert_close(_losses(out_dir), _losses(reference))
 
 
+@pytest.mark.parametrize("blocks_per_unit", [2, 0])
+def test_fsdp_with_larger_units_matches_one_process(tmp_path, reference, blocks_per_unit):
+    out_dir = tmp_path / f"fsdp_units_{blocks_per_unit}"
+    _spawn(out_dir, parallel="fsdp", fsdp_blocks_per_unit=blocks_per_unit)
+    _assert_close(_losses(out_dir), _losses(reference))
+
+
+def test_apply_fsdp_groups_blocks_into_units(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+    from torch import nn
+
+    from sasformer.train.distributed import apply_fsdp
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(5))
+    root = nn.Sequential(*blocks)
+    apply_fsdp(root, blocks, None, blocks_per_unit=2)
+    assert [m if isinstance(m, list) else [m] for m, _ in calls[:3]] == [[blocks[0], blocks[1]],
+                                                                        [blocks[2], blocks[3]], [blocks[4]]]
+    assert [kw["reshard_after_forward"] for _, kw in calls[:3]] == [True, True, False]
+    assert calls[3][0] is root and len(calls) == 4
+    calls.clear()
+    apply_fsdp(root, blocks, None, blocks_per_unit=0)  # the whole model one unit
+    assert [m for m, _ in calls] == [root]
+    with pytest.raises(ValueError, match="blocks_per_unit"):
+        apply_fsdp(root, blocks, None, blocks_per_unit=-1)
+
+
+def test_negative_blocks_per_unit_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="fsdp_blocks_per_unit"):
+        tiny_config(tmp_path, fsdp_blocks_per_unit=-1)
+
+
 @pytest.mark.parametrize("reshard", [True, False])
 def test_apply_fsdp_reshards_blocks_as_configured(monkeypatch, reshard):
     import torch
