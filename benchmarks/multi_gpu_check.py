@@ -94,6 +94,7 @@ def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path)
         "optim.lr": args.lr, "log_interval": args.log_interval, "eval_interval": 0,
         "checkpoint_interval": args.steps // 2, "keep_last": 3, "compile": str(args.compile).lower(),
         "dtype": args.dtype, "device": args.device, "parallel": run.parallel if run.world > 1 else "ddp",
+        "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit,
         "progress": "false", "tensorboard": "false", "out_dir": run_dir(out, attention, run.name),
         "resume": (run_dir(out, attention, run.resume_from) / "checkpoints" / f"step_{args.steps // 2:06d}"
                    if run.resume_from else "none"),
@@ -212,7 +213,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['device']}, torch {meta['torch']}; preset `{meta['size']}`, seq_len {meta['seq_len']}, "
         f"global batch {meta['global_batch']} = micro-batch {meta['micro_batch']} x {meta['world']} "
         f"({meta['world']} accumulation steps on 1 GPU), {meta['steps']} steps, compile {meta['compile']}, "
-        f"dtype {meta.get('dtype', 'auto')}.", "",
+        f"dtype {meta.get('dtype', 'auto')}, FSDP2 blocks per unit {meta.get('fsdp_blocks_per_unit', 1)} "
+        "(0: the whole model).", "",
         f"Loss: the largest relative difference over the {meta['log_interval']}-step windows, judged "
         f"against {meta['rtol']}: from `one` for runs from scratch, from the run it resumed for resumed runs "
         f"(`one-repeat*` are the same 1-GPU run again: the noise floor, not judged). Throughput: median "
@@ -316,6 +318,8 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="float32 takes bf16 rounding out of the comparison (auto: bf16 on CUDA)")
+    parser.add_argument("--fsdp-blocks-per-unit", type=int, default=1,
+                        help="FSDP2 runs: consecutive blocks per sharded unit (0: the whole model one unit)")
     parser.add_argument("--repeats", type=int, default=1, help="1-GPU runs repeated to measure the noise")
     parser.add_argument("--rtol", type=float, default=0.01, help="largest relative loss difference from 1 GPU")
     parser.add_argument("--min-scaling", type=float, default=1.8)
@@ -346,6 +350,7 @@ def main() -> int:
             "global_batch": args.micro_batch * args.world, "micro_batch": args.micro_batch, "world": args.world,
             "steps": args.steps, "compile": args.compile, "dtype": args.dtype, "log_interval": args.log_interval,
             "rtol": args.rtol, "skip_steps": args.skip_steps, "min_scaling": args.min_scaling,
+            "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit,
         }
         write_report(args.out, rows, meta)
     print(markdown(rows, meta))
