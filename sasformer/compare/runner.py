@@ -416,8 +416,9 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
                                                           "max_time_s": p.budget.max_time_s,
                                                           "train_flops_per_token": p.train_flops_per_token,
                                                           "params": p.params} for p in plans]})
+    train_here = not report_only and not gpus  # with gpus, worker processes train (and read the tasks)
     tasks = None
-    if spec.eval.zero_shot_dir is not None and not report_only and not gpus:  # workers read their own
+    if spec.eval.zero_shot_dir is not None and train_here:
         from sasformer.eval import read_eval_dir
 
         tasks = read_eval_dir(spec.eval.zero_shot_dir, spec.eval.zero_shot_tasks, spec.eval.zero_shot_limit)
@@ -435,18 +436,16 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         from sasformer.compare.workers import run_in_workers
 
         pending = [(i, p) for i, (p, r) in enumerate(zip(plans, finished), start=1) if r is None]
-        not_started, failed = run_in_workers(pending, grid_dir, gpus, log, time_limit_s, called, len(plans))
-        # the workers' results, read back in grid order; what they left counts as missing below
-        finished = [r if r is not None or p.id in not_started + failed else load_finished(p)
-                    for p, r in zip(plans, finished)]
-        report_only = True  # nothing more to train in this process
+        done, failed = run_in_workers(pending, grid_dir, gpus, log, time_limit_s, called, len(plans))
+        # the workers' results in grid order; what they left counts as missing below
+        finished = [r if r is not None else done.get(p.id) for p, r in zip(plans, finished)]
     for index, (plan, result) in enumerate(zip(plans, finished), start=1):
         if result is not None:
             if redo_mqar and spec.eval.mqar.enabled:
                 result = _redo_mqar(spec, plan, result, log)
             runs.append(result)
             continue
-        if report_only:
+        if not train_here:
             missing.append(plan.id)
             continue
         if time_limit_s is not None and spent and time.perf_counter() - called + max(spent) > time_limit_s:
@@ -470,8 +469,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
     device = _host_device(plans[0])
     results: dict[str, Any] = {
         "command": command,
-        # a report-only pass describes the machine the runs trained on, not the one writing the report
-        "environment": (runs[0]["environment"] if report_only and runs and runs[0].get("environment")
+        # a pass that trained nothing itself describes the machine the runs trained on
+        "environment": (runs[0]["environment"] if not train_here and runs and runs[0].get("environment")
                         else environment(device)),
         "spec": spec.to_dict(),
         "data": {"dir": str(data_dir), "vocab_size": meta["vocab_size"],

@@ -50,8 +50,9 @@ def worker_command(grid_dir: Path, run_id: str) -> list[str]:
 
 
 def run_in_workers(pending: list[tuple[int, Any]], grid_dir: Path, gpus: list[str], log: Callable[[str], None],
-                   time_limit_s: float | None, called: float, total: int) -> tuple[list[str], list[str]]:
-    """Run the pending ``(number, RunPlan)`` pairs over ``gpus``; returns (ids not started, ids that failed).
+                   time_limit_s: float | None, called: float, total: int) -> tuple[dict[str, dict], list[str]]:
+    """Run the pending ``(number, RunPlan)`` pairs over ``gpus``; returns the finished runs' results by
+    run id, and the ids of the runs whose worker failed (runs not started appear in neither).
 
     ``time_limit_s`` counts from ``called``: a run starts only if it should end in time, judged by the
     longest run finished so far (the first run on each GPU always starts). ``number`` of ``total``
@@ -63,7 +64,7 @@ def run_in_workers(pending: list[tuple[int, Any]], grid_dir: Path, gpus: list[st
             pool.run(list(pending))
         finally:  # interrupted: stop the workers; their runs resume from their checkpoints next time
             pool.stop()
-    return pool.missing, pool.failed
+    return pool.results, pool.failed
 
 
 class _WorkerPool:
@@ -75,7 +76,7 @@ class _WorkerPool:
         self.time_limit_s, self.called, self.total = time_limit_s, called, total
         self.running: list[_Running] = []
         self.spent: list[float] = []
-        self.missing: list[str] = []
+        self.results: dict[str, dict] = {}
         self.failed: list[str] = []
 
     def run(self, queue: list[tuple[int, Any]]) -> None:
@@ -93,7 +94,6 @@ class _WorkerPool:
                 time.perf_counter() - self.called + max(self.spent) > self.time_limit_s:
             self.log(f"[run {number}/{self.total}] {plan.id} not started: it would likely end after the time limit "
                      f"of {self.time_limit_s:g} s (longest run so far {_duration(max(self.spent))})")
-            self.missing.append(plan.id)
             return
         gpu = self.free.pop(0)
         plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +117,7 @@ class _WorkerPool:
             self.log(f"{label} {job.plan.id} FAILED (exit status {job.process.returncode}); "
                      f"see {job.plan.run_dir / WORKER_LOG}")
             return
+        self.results[job.plan.id] = result
         outcome = "diverged" if result["diverged"] else \
             f"val loss {result['final_val_loss']:.4f} after {result['tokens_seen']:,} tokens"
         self.log(f"{label} {job.plan.entry} seed {job.plan.seed}: {outcome} "
