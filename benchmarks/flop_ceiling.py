@@ -35,6 +35,11 @@ def conv_extra_flops(attn: SimulatedAttention, window: int | None = None) -> flo
     return sum(2.0 * D * (window - k) * out_h * (in_h + out_h) for in_h, out_h in pairs)
 
 
+def executed_flops(useful: float, sas_layers: list[SimulatedAttention], window: int | None) -> float:
+    """Training FLOPs per token with the head convolutions run over ``window`` features (3x the forward)."""
+    return useful + 3.0 * sum(conv_extra_flops(attn, window) for attn in sas_layers)
+
+
 def rows(size: str, seq_len: int, sas_configs: list[tuple[int, int, int]], chunks: list[int]) -> list[dict]:
     entries = [("mha", {}), *(("sas", {"n_sim_heads": h, "sim_head_dim": d, "kernel_size": k})
                                for h, d, k in sas_configs)]
@@ -44,14 +49,10 @@ def rows(size: str, seq_len: int, sas_configs: list[tuple[int, int, int]], chunk
         model = meta_model(config)
         useful = train_flops_per_token(config, seq_len, model, causal=True)
         sas_layers = [b.attn for b in model.blocks if isinstance(b.attn, SimulatedAttention)]
-
-        def executed(window: int | None, layers=sas_layers, useful=useful) -> float:
-            return useful + 3.0 * sum(conv_extra_flops(attn, window) for attn in layers)
-
         name = attention if not args else f"sas ({args['n_sim_heads']}, {args['sim_head_dim']}, {args['kernel_size']})"
         k = args.get("kernel_size", 1)
-        out.append({"variant": name, "useful": useful, "banded": executed(None),
-                    "chunked": {c: executed(c + k - 1) for c in chunks}})
+        out.append({"variant": name, "useful": useful, "banded": executed_flops(useful, sas_layers, None),
+                    "chunked": {c: executed_flops(useful, sas_layers, c + k - 1) for c in chunks}})
     base = out[0]["useful"]
     for r in out:
         r["ceiling"], r["banded_ratio"] = base / r["useful"], base / r["banded"]
