@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# NVLink multicast stays off on shared hosts
-for _name, _value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}.items():
+from benchmarks.checks import MULTICAST_OFF
+
+for _name, _value in MULTICAST_OFF.items():
     os.environ.setdefault(_name, _value)
 
 

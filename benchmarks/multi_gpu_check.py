@@ -37,10 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.checks import MULTICAST_OFF
 from sasformer.train.metrics import read_metrics
-
-# NVLink multicast stays off on shared hosts (NCCL, PyTorch symmetric memory, NVSHMEM)
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass
@@ -108,7 +106,7 @@ def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path)
 def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> None:
     folder = run_dir(out, attention, run.name)
     folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **MULTICAST_OFF, "PYTHONUNBUFFERED": "1"}
     if args.device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(run.gpu + i) for i in range(run.world))
     done_marker = folder / "finished.json"
