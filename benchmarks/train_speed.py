@@ -102,7 +102,9 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     if args.grad_accum > 1:
         micro_batch_size, batch_size = batch_size, batch_size * args.grad_accum
     config = TrainConfig.from_dict({
-        "model": {"size": args.size, "attention": attention},
+        "model": {"size": args.size, "attention": attention,
+                  **({"d_model": args.d_model} if args.d_model else {}),
+                  **({"attention_args": {"n_heads": args.n_heads}} if args.n_heads else {})},
         "data_dir": "synthetic",
         "seq_len": args.seq_len,
         "batch_size": batch_size,
@@ -294,6 +296,9 @@ def main() -> int:
     parser.add_argument("--attention", nargs="+", default=["mha", "sas"], help="variants (default: mha sas)")
     parser.add_argument("--all", action="store_true", help="every registered variant")
     parser.add_argument("--size", default="small")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help="override the preset's width (e.g. a narrow model to measure host overhead)")
+    parser.add_argument("--n-heads", type=int, default=None, help="override the preset's heads")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32],
                         help="sequences per optimiser step (per micro-batch with --grad-accum); several values "
