@@ -15,6 +15,28 @@ AXES = (
 )
 
 
+# ten colours, then the same colours again with another line style and marker: entries stay distinct past ten
+LINESTYLES = ("-", "--", ":")
+MARKERS = ("o", "s", "^")
+
+
+def entry_styles(entries: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Matplotlib keyword arguments (colour, line style, marker) that tell up to 30 entries apart."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    return {e: {"color": cmap(i % 10), "linestyle": LINESTYLES[(i // 10) % 3], "marker": MARKERS[(i // 10) % 3]}
+            for i, e in enumerate(entries)}
+
+
+def place_legend(ax: Any, entries: int) -> None:
+    """Inside the axes for a few entries; to the right of them for many, where it would hide the curves."""
+    if entries > 6:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
+
+
 def matplotlib_available() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -33,10 +55,10 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = list(dict.fromkeys(r["entry"] for r in runs))
-    colours = {e: plt.get_cmap("tab10")(i % 10) for i, e in enumerate(entries)}
+    styles = entry_styles(entries)
     paths = []
     for stem, key, label in AXES:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9 if len(entries) > 6 else 7, 4.5))
         labelled: set[str] = set()
         for run in runs:
             # the log-scaled FLOPs axis cannot show the step-0 point
@@ -44,7 +66,8 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str 
             if not points:
                 continue
             entry = run["entry"]
-            ax.plot([p[key] for p in points], [p["val_loss"] for p in points], color=colours[entry], marker=".",
+            style = {**styles[entry], "marker": "."}
+            ax.plot([p[key] for p in points], [p["val_loss"] for p in points], **style,
                     linewidth=1.2, alpha=0.85, label=None if entry in labelled else entry)
             labelled.add(entry)
         ax.set_xlabel(label)
@@ -54,7 +77,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str 
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if labelled:  # a grid with no finished run yet draws empty axes
-            ax.legend(fontsize=8)
+            place_legend(ax, len(labelled))
         fig.tight_layout()
         path = out_dir / f"{stem}.png"
         fig.savefig(path, dpi=120)
@@ -73,19 +96,20 @@ def plot_frontier(frontier: dict[str, Any], path: str | Path) -> Path:
 
     path = Path(path)
     entries = frontier["entries"]
-    colours = {e: plt.get_cmap("tab10")(i % 10) for i, e in enumerate(entries)}
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = entry_styles(entries)
+    fig, ax = plt.subplots(figsize=(9.5 if len(entries) > 4 else 7.5, 4.8))
     for run in frontier["runs"]:
         if run["curve"]:
             flops, loss = zip(*run["curve"])
-            ax.plot(flops, loss, color=colours[run["entry"]], linewidth=0.8, alpha=0.3)
+            ax.plot(flops, loss, color=styles[run["entry"]]["color"], linestyle=styles[run["entry"]]["linestyle"],
+                    linewidth=0.8, alpha=0.3)
     if any(run["curve"] for run in frontier["runs"]):
         ax.plot([], [], color="grey", linewidth=0.8, alpha=0.5,
                 label="validation along each run (mid-schedule checkpoints)")
     for entry in entries:
         points = sorted((p for p in frontier["points"] if p["entry"] == entry), key=lambda p: p["flops"])
         ax.errorbar([p["flops"] for p in points], [p["loss"] for p in points],
-                    yerr=[p["loss_std"] or 0.0 for p in points], color=colours[entry], marker="o", linewidth=1.6,
+                    yerr=[p["loss_std"] or 0.0 for p in points], **styles[entry], linewidth=1.6,
                     capsize=3, label=f"{entry}: final loss per budget")
     # the curves start near ln(vocab); keep the axis on the region the budget points occupy
     finals = [p["loss"] for p in frontier["points"]]
@@ -101,7 +125,7 @@ def plot_frontier(frontier: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"loss against training compute (baseline {frontier['baseline']})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    place_legend(ax, len(entries) + 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -238,3 +238,14 @@ def test_plot_is_written_when_matplotlib_is_installed(tmp_path):
     assert frontier_command.run(_parse([*map(str, two_grids(tmp_path)), "--out", str(out)])) == 0
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Plot: `frontier.png`" in (out / "frontier.md").read_text()
+
+
+def test_entries_past_ten_keep_distinct_styles():
+    pytest.importorskip("matplotlib")
+    from sasformer.compare.plots import entry_styles
+
+    names = [f"entry{i}" for i in range(25)]
+    styles = entry_styles(names)
+    assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == 25
+    # the first ten keep the plain solid look of a small grid
+    assert {styles[n]["linestyle"] for n in names[:10]} == {"-"}
