@@ -13,15 +13,26 @@ Before timing, the logits of the prefill and of the first ``--check-steps`` deco
 with the model's plain forward pass over the same tokens; a variant that differs by more than
 ``--check-tol`` (relative to the largest logit) is reported as an error, not timed. Reported:
 decode tokens/s (all sequences), milliseconds per step, the ratio to MHA in the same mode and batch,
-prefill time, peak memory, the check's error, and cache bytes per token per layer as declared by the
-layer (``cache_bytes_per_token``) and as measured in the filled cache. Writes ``decode.json`` and
-``decode.md`` (with the command, git revision, versions and device) after every row, so a run cut
-short keeps what it measured.
+prefill time, peak memory, the check's error, the SAS decode kernel that ran, and cache bytes per
+token per layer as declared by the layer (``cache_bytes_per_token``) and as measured in the filled
+cache. Writes ``decode.json`` and ``decode.md`` (with the command, git revision, versions and device)
+after every row, so a run cut short keeps what it measured.
+
+SAS rows: ``sas`` is the library's default (the decode path with its automatic kernel: the fused
+Triton kernel on a GPU with Triton, else dense GEMMs), ``sas-decode-dense`` forces the dense kernel
+(the default before "auto") and ``sas-ordinary`` turns the decode path off; the other ``sas-*`` rows
+change one setting of ``sas`` (``ROW_ENVIRONMENT``).
+
+Peak memory is counted from the start of each row, after a garbage collection: a ``StaticDecoder``
+refers to itself (its step function is a bound method), so a finished row's model and cache stay
+allocated until Python's cyclic collector runs, and without the collection they were counted in the
+peaks of later rows. ``mem_at_start_gib`` in the JSON is what was still allocated when a row began.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -49,25 +60,27 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "mqa": ("mqa", {}),
     "mla": ("mla", {}),
     "tpa": ("tpa", {}),
+    # the default: decode path (sasformer.layers.sas_decode) with its automatic kernel choice
     "sas": ("sas", {"cache_mode": "simulated"}),
     "sas-compact": ("sas", {"cache_mode": "compact"}),
-    # SAS simulated without its decode path (sasformer.layers.sas_decode): the "before" number
+    # SAS simulated without its decode path: the number before there was one
     "sas-ordinary": ("sas", {"cache_mode": "simulated"}),
 }
 DECODE_PATH_OFF = {"sas-ordinary"}
-# SAS simulated under environment settings, set for the whole row:
+# SAS simulated under environment settings, set for the whole row (the rest as in "sas"):
 # - its attention on a named SDPA backend (sasformer.ops.attention.BACKENDS) instead of the automatic
 #   choice, which for one query row over cached keys of size 128 and values of 64 is PyTorch's default
 #   (the memory-efficient kernel); padded flash can split the keys across the GPU;
-# - the new token simulated by the fused Triton kernels (one launch per tensor, from the convolutions'
-#   own weights) instead of the decode path's dense GEMMs (a forced implementation turns that path off);
-# - the decode path kept, with its "triton" kernel: one GEMM for the q, k, v projections, then one launch
-#   of the fused forward kernel per tensor on weights prepared once (sasformer.layers.sas_decode)
+# - the new token simulated by the training path's fused Triton kernels, whose weights are padded on
+#   every call (a forced implementation turns the decode path off);
+# - the decode path with its "dense" kernel forced (stacked GEMMs against banded matrices), the default
+#   before "auto" chose the prepared Triton kernel on the GPU; the row fails if another kernel ran.
+#   (No row forces "triton": where it can run, "sas" runs it, and the kernel column says which ran.)
 ROW_ENVIRONMENT = {
     "sas-flash-pad": {"SASFORMER_ATTENTION": "flash_pad"},
     "sas-cudnn": {"SASFORMER_ATTENTION": "cudnn"},
     "sas-triton": {"SASFORMER_SIMULATE": "triton"},
-    "sas-decode-triton": {KERNEL_ENV_VAR: "triton"},
+    "sas-decode-dense": {KERNEL_ENV_VAR: "dense"},
 }
 VARIANTS.update({name: ("sas", {"cache_mode": "simulated"}) for name in ROW_ENVIRONMENT})
 MODES = ("eager", "graph", "compile")
@@ -193,11 +206,15 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     if name in DECODE_PATH_OFF:
         set_decode_path(model, "off")
     elif KERNEL_ENV_VAR in ROW_ENVIRONMENT.get(name, {}):
-        set_decode_path(model, "on")  # what "auto" does on CUDA; on a CPU it needs TRITON_INTERPRET=1
+        set_decode_path(model, "on")  # what "auto" does on CUDA; on a CPU too, so the forced kernel runs there
     capacity = args.context + args.warmup + args.new_tokens
+    mem_at_start = None
     if device.type == "cuda":
+        # earlier rows' decoders are reference cycles: free them now, not inside this row's peak
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        mem_at_start = torch.cuda.memory_allocated(device) / 2**30
     prompt = torch.randint(0, config.vocab_size, (batch, args.context), device=device)
 
     if mode in ("graph", "compile"):
@@ -267,6 +284,7 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
         "cache_bytes_per_token_per_layer_measured": measured[0],
         "cache_gib_at_end": sum(measured) * batch * cache.seq_len / 2**30,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "mem_at_start_gib": mem_at_start,
         "params": model.num_parameters(),
     }
 
@@ -304,18 +322,19 @@ def bytes_markdown(rows: list[dict], size: str, dtype: str) -> str:
 
 
 def speed_markdown(rows: list[dict]) -> str:
-    lines = [("| variant | batch | mode | decode tok/s | ms/step | vs MHA | check rel err | prefill s | "
-             "cache B/tok/layer | peak GiB |"),
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| variant | batch | mode | decode kernel | decode tok/s | ms/step | vs MHA | check rel err | "
+              "prefill s | cache B/tok/layer | peak GiB |"),
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     mha = {(r["batch"], r["mode"]): r.get("decode_tokens_per_s") for r in rows if r["variant"] == "mha"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | | {r['error']} | | | | | | |")
             continue
         base = mha.get((r["batch"], r["mode"]))
         ratio = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
         peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {r['decode_tokens_per_s']:,.0f} | "
+        kernels = ",".join(r["decode_kernels"]) or "-"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['mode']} | {kernels} | {r['decode_tokens_per_s']:,.0f} | "
                      f"{r['ms_per_step']:.2f} | {ratio} | {r['check_rel_err']:.1e} | {r['prefill_s']:.3f} | "
                      f"{r['cache_bytes_per_token_per_layer']:,} | {peak} |")
     return "\n".join(lines)
@@ -331,7 +350,9 @@ def write_results(out: Path, env: dict, args: argparse.Namespace, byte_rows: lis
               f"{args.new_tokens} timed steps after {args.warmup} warm-up steps; modes: {args.modes}; "
               f"decoded logits checked against the plain forward (prefill + {args.check_steps} steps, "
               f"tolerance {args.check_tol:g} of the largest logit). ms/step is the time per generated token of "
-              f"each sequence; vs MHA compares tokens/s in the same mode and batch.\n\n")
+              f"each sequence; vs MHA compares tokens/s in the same mode and batch; decode kernel is the SAS decode "
+              "path's kernel (- where it was not taken); peak GiB counts from each row's start, after a garbage "
+              "collection.\n\n")
     byte_table = bytes_markdown(byte_rows, args.size, args.dtype)
     (out / "decode.md").write_text(header + speed_markdown(rows) + "\n\n" + byte_table + "\n")
 

@@ -13,7 +13,8 @@ shared d x d output projection (``peaa="mean"``), or projects all H' heads at on
                                                                mean over G groups -> o_proj -> d
 
 Cached decoding of a few tokens without gradients takes a shorter route with the same result
-(:mod:`sasformer.layers.sas_decode`): precomputed dense operands, Q, K and V stacked per GEMM.
+(:mod:`sasformer.layers.sas_decode`): operands precomputed from the weights, simulated by the fused
+Triton kernel on CUDA or by dense GEMMs with Q, K and V stacked (its ``decode_kernel``).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class SimulatedAttention(Attention):
         self.rope_dims = {"after": (Ds,), "before": (D,), "none": ()}[args.rope]
         # when cached decoding takes the decode path: "auto" (CUDA), "on", "off" (sas_decode.set_decode_path)
         self.decode_path = "auto"
-        # its kernel: "dense", "triton", or None to follow SASFORMER_DECODE_KERNEL (sas_decode.set_decode_kernel)
+        # its kernel: "auto", "dense", "triton", or None to follow SASFORMER_DECODE_KERNEL, unset = "auto"
+        # (sas_decode.set_decode_kernel, resolve_decode_kernel)
         self.decode_kernel: str | None = None
         if args.sim_init == "identity":
             self.reset_simulation_identity()

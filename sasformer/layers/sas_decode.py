@@ -13,16 +13,20 @@ base projections, both head convolutions and the feature MLP of Q, K and V with:
              -> [GEMM: W3] -> ReLU -> [GEMM: W4] -> RoPE           (queries and keys)
 
 where every GEMM is batched over the G tensors of equal shapes (Q, K and V on an MHA base), and
-PEAA's mean over groups is folded into the output projection. That is the ``"dense"`` kernel (the
-default). The ``"triton"`` kernel keeps the convolutions' own small weights instead of dense
-matrices that are k/D full:
+PEAA's mean over groups is folded into the output projection. That is the ``"dense"`` kernel. The
+``"triton"`` kernel keeps the convolutions' own small weights instead of dense matrices that are k/D
+full:
 
     x (N, d) -> [GEMM: q, k, v projections as one] -> fused forward kernel, one launch per Q, K, V
              (head simulation, feature MLP and RoPE for Q and K; :mod:`sasformer.ops.simulate.decode_fused`)
 
-with the kernel's padded operands prepared once per weight version. It is chosen per layer with
-:func:`set_decode_kernel` or, for layers without a choice, the environment variable
-``SASFORMER_DECODE_KERNEL`` (``dense`` or ``triton``), read when a plan is built.
+with the kernel's padded operands prepared once per weight version. The kernel is chosen per layer
+with :func:`set_decode_kernel` or, for layers without a choice, the environment variable
+``SASFORMER_DECODE_KERNEL`` (``auto``, ``dense`` or ``triton``; unset means ``auto``), read when a plan
+is built. ``"auto"`` (the default) is ``"triton"`` where the kernel can run on the GPU (Triton
+installed, weights on CUDA in a dtype of ``KERNEL_DTYPES``) and ``"dense"`` otherwise
+(:func:`resolve_decode_kernel`); on the CPU it is ``"dense"`` even with ``TRITON_INTERPRET=1``, since
+the interpreter executes the kernel in Python (the tests use it to check the kernel, not for speed).
 
 The operands (a :class:`DecodePlan`) are built from the weights once and rebuilt, in place where the
 shapes allow, when a weight's version counter or storage changes; under ``torch.compile`` the plan
@@ -62,8 +66,9 @@ if TYPE_CHECKING:
 DECODE_MAX_TOKENS = 128
 # "auto": CUDA tensors only; "on": any device (the CPU tests); "off": never
 DECODE_PATH_MODES = ("auto", "on", "off")
-# how the decode path simulates: dense GEMMs against banded matrices, or the fused Triton forward kernel
-DECODE_KERNELS = ("dense", "triton")
+# how the decode path simulates: dense GEMMs against banded matrices, or the fused Triton forward kernel;
+# "auto" picks "triton" where it can run on the GPU, else "dense"
+DECODE_KERNELS = ("auto", "dense", "triton")
 KERNEL_ENV_VAR = "SASFORMER_DECODE_KERNEL"
 
 
@@ -124,25 +129,37 @@ def _weights_key(attn: nn.Module) -> tuple:
     return (first.device, first.dtype, *key)
 
 
+def triton_decode_problem(weight: Tensor, interpreter: bool = True) -> str | None:
+    """Why the "triton" decode kernel cannot run on weights like ``weight``, or None if it can.
+    ``interpreter``: count a CPU tensor under ``TRITON_INTERPRET=1`` as runnable."""
+    if not triton_available():
+        return "needs the triton package; install it or use 'dense'"
+    interpreted = interpreter and os.environ.get("TRITON_INTERPRET") == "1"
+    if not (weight.is_cuda or interpreted):
+        return "needs the model on CUDA (or TRITON_INTERPRET=1 on the CPU); use 'dense'"
+    if weight.dtype not in KERNEL_DTYPES:
+        return f"takes weights in {KERNEL_DTYPES}, got {weight.dtype}; use 'dense'"
+    return None
+
+
 def resolve_decode_kernel(attn: SimulatedAttention) -> str:
-    """The decode kernel of ``attn``: its :func:`set_decode_kernel` choice, else ``SASFORMER_DECODE_KERNEL``,
-    else "dense". Raises ValueError on an unknown name, or for "triton" without Triton, on a CPU
-    without ``TRITON_INTERPRET=1`` or in a dtype the kernel does not take."""
+    """The decode kernel of ``attn``, "dense" or "triton": its :func:`set_decode_kernel` choice, else
+    ``SASFORMER_DECODE_KERNEL``, else "auto", which is "triton" where :func:`triton_decode_problem`
+    finds none on CUDA (never the interpreter) and "dense" otherwise. Raises ValueError on an unknown
+    name, or for an explicit "triton" that cannot run (no Triton, a CPU model without
+    ``TRITON_INTERPRET=1``, a dtype the kernel does not take)."""
     chosen = attn.decode_kernel
-    choice = chosen or os.environ.get(KERNEL_ENV_VAR, "").strip().lower() or "dense"
+    choice = chosen or os.environ.get(KERNEL_ENV_VAR, "").strip().lower() or "auto"
     source = "set_decode_kernel" if chosen else KERNEL_ENV_VAR
     if choice not in DECODE_KERNELS:
         raise ValueError(f"{source}: decode kernel {choice!r} is not one of {DECODE_KERNELS}")
+    weight = attn.o_proj.weight
+    if choice == "auto":
+        return "triton" if triton_decode_problem(weight, interpreter=False) is None else "dense"
     if choice == "triton":
-        weight = attn.o_proj.weight
-        if not triton_available():
-            raise ValueError(f"{source}: decode kernel 'triton' needs the triton package; install it or use 'dense'")
-        if not (weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(f"{source}: decode kernel 'triton' needs the model on CUDA (or TRITON_INTERPRET=1 "
-                             "on the CPU); use 'dense'")
-        if weight.dtype not in KERNEL_DTYPES:
-            raise ValueError(f"{source}: decode kernel 'triton' takes weights in {KERNEL_DTYPES}, got {weight.dtype}; "
-                             "use 'dense'")
+        problem = triton_decode_problem(weight)
+        if problem is not None:
+            raise ValueError(f"{source}: decode kernel 'triton' {problem}")
     return choice
 
 
@@ -279,8 +296,9 @@ def set_decode_path(model: nn.Module, mode: str) -> None:
 
 def set_decode_kernel(model: nn.Module, kernel: str | None) -> None:
     """Choose the decode path's kernel for every SAS layer in ``model``: one of :data:`DECODE_KERNELS`,
-    or None to follow ``SASFORMER_DECODE_KERNEL`` (default "dense"). Existing plans are dropped, so
-    the next decode call builds the chosen kernel's operands (and checks that it can run)."""
+    or None to follow ``SASFORMER_DECODE_KERNEL`` (default "auto"; see :func:`resolve_decode_kernel`).
+    Existing plans are dropped, so the next decode call builds the chosen kernel's operands (and
+    checks that it can run)."""
     if kernel is not None and kernel not in DECODE_KERNELS:
         raise ValueError(f"decode kernel {kernel!r} is not one of {DECODE_KERNELS} (or None)")
     if kernel == "triton" and not triton_available():
@@ -389,5 +407,6 @@ __all__ = [
     "sas_layers",
     "set_decode_kernel",
     "set_decode_path",
+    "triton_decode_problem",
     "use_decode_path",
 ]
