@@ -262,9 +262,11 @@ class StaticDecoder:
         self.graph: Any = None
         self.logits: Tensor | None = None
         self._sas_layers = sas_layers(model)
-        self._step_fn = self._step
+        # the unbound function, called with the decoder: a bound method stored on the decoder would be a
+        # reference cycle, keeping the model and cache alive after the decoder is dropped until a gc pass
+        self._step_fn = StaticDecoder._step
         if compile:
-            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
+            self._step_fn = torch.compile(StaticDecoder._step, fullgraph=True, dynamic=False, mode=compile_mode)
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor) -> Tensor:
@@ -294,11 +296,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step_fn()
+                self._step_fn(self)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step_fn()
+            self.logits = self._step_fn(self)
 
     @torch.no_grad()
     def step(self, token_B1: Tensor) -> Tensor:
@@ -318,7 +320,7 @@ class StaticDecoder:
             self.graph.replay()
             logits = self.logits
         else:
-            logits = self._step_fn()
+            logits = self._step_fn(self)
         self.position += 1
         for layer in self.cache.layers:
             layer.length += 1

@@ -54,5 +54,5 @@ def trace_step(decoder: StaticDecoder) -> list[torch.fx.GraphModule]:
         return gm.forward
 
     torch._dynamo.reset()
-    decoder._step_fn = torch.compile(decoder._step, backend=record, fullgraph=True, dynamic=False)
+    decoder._step_fn = torch.compile(type(decoder)._step, backend=record, fullgraph=True, dynamic=False)
     return graphs

@@ -70,7 +70,7 @@ def test_weight_changes_between_compiled_steps_are_seen() -> None:
     tokens = ids(1, 6)
     decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
     torch._dynamo.reset()
-    decoder._step_fn = torch.compile(decoder._step, backend="eager", fullgraph=True, dynamic=False)
+    decoder._step_fn = torch.compile(type(decoder)._step, backend="eager", fullgraph=True, dynamic=False)
     decoder.prefill(tokens[:, :4])
     decoder.step(tokens[:, 4:5])
     plan = model.blocks[1].attn.__dict__["_decode_plan"]
@@ -91,3 +91,21 @@ def test_compile_modes_with_their_own_cuda_graphs_are_refused() -> None:
     # checked before the device, so this runs on CPU too
     with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
         StaticDecoder(tiny("mha", {"n_heads": 3}), 1, 8, compile=True, compile_mode="reduce-overhead")
+
+
+@torch.no_grad()
+def test_a_dropped_decoder_frees_its_cache_without_a_gc_pass() -> None:
+    # the decoder holds no reference cycle, so its cache (the bulk of decoding memory) goes with it
+    import gc
+    import weakref
+
+    model = tiny("sas", SAS_ARGS)
+    gc.disable()
+    try:
+        decoder = StaticDecoder(model, 2, 11, cuda_graph=False)
+        run_static(decoder, ids(2, 5), 2)
+        cache = weakref.ref(decoder.cache)
+        del decoder
+        assert cache() is None
+    finally:
+        gc.enable()
