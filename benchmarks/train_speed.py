@@ -109,7 +109,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "seq_len": args.seq_len,
         "batch_size": batch_size,
         "micro_batch_size": micro_batch_size,
-        "max_steps": args.warmup + args.steps + args.profile_steps,
+        "max_steps": args.warmup + args.steps * (1 + args.breakdown) + args.profile_steps,
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
         "compile_mode": args.compile_mode,
@@ -118,7 +118,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "device": args.device,
         "eval_interval": 0,
         "checkpoint_interval": 0,
-        "log_interval": args.warmup + args.steps + args.profile_steps,
+        "log_interval": args.warmup + args.steps * (1 + args.breakdown) + args.profile_steps,
         "out_dir": str(out_dir / f"run_{attention}_b{batch_size}"),
         "resume": "none",
         "tensorboard": False,
@@ -167,6 +167,8 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_tflops": trainer.peak,
     }
+    if args.breakdown:
+        row["breakdown"] = breakdown_steps(trainer, args.steps, sync)
     if args.profile:
         row["profile"] = profile_steps(trainer, args.profile_steps, sync)
     del trainer
@@ -175,6 +177,27 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
+
+
+def breakdown_steps(trainer: Trainer, steps: int, sync) -> dict:
+    """Milliseconds per step in each phase of the trainer's step (``Trainer.train_step``'s ``mark``s), over
+    ``steps`` more steps. The device is synchronised at every mark, so on a GPU a phase's time is its host
+    time and its kernels' together, and nothing overlaps across phases: the total exceeds the step time."""
+    seconds: dict[str, float] = {}
+    clock = [0.0]
+
+    def mark(phase: str) -> None:
+        sync()
+        now = time.perf_counter()
+        seconds[phase] = seconds.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
+
+    for _ in range(steps):
+        sync()
+        clock[0] = time.perf_counter()
+        trainer.train_step(mark)
+    phases = {phase: 1000 * s / steps for phase, s in seconds.items()}
+    return {"steps": steps, "ms_per_step": phases, "total_ms": sum(phases.values())}
 
 
 # kernel-name fragments -> category, first match wins (cuBLAS/CUTLASS GEMMs, attention, Inductor's Triton code)
@@ -258,6 +281,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {host} | {r['tokens_per_s']:,.0f} | "
             f"{r['tflops']:.1f} | {mfu} | {mem} |"
         )
+    breakdowns = [r for r in rows if r.get("breakdown")]
+    if breakdowns:
+        phases = list(breakdowns[0]["breakdown"]["ms_per_step"])
+        lines += ["", f"## Step phases (ms per step, rank 0, device synchronised at each phase's end, "
+                  f"{breakdowns[0]['breakdown']['steps']} steps)", "",
+                  "| attention | processes | " + " | ".join(phases) + " | total |",
+                  "|---|---|" + "---:|" * (len(phases) + 1)]
+        for r in breakdowns:
+            ms = r["breakdown"]["ms_per_step"]
+            world = r.get("world_size", 1)
+            processes = f"{world} ({r['parallel']})" if world > 1 else "1"
+            lines.append(f"| {r['attention']} | {processes} | " + " | ".join(f"{ms.get(p, 0.0):.2f}" for p in phases)
+                         + f" | {r['breakdown']['total_ms']:.1f} |")
     for r in rows:
         prof = r.get("profile")
         if not prof:
@@ -320,6 +356,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile a few steps and add the top-20 CUDA kernels to the Markdown")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after timing, time --steps more steps phase by phase (forward, backward, clip, "
+                             "optimizer, ...), synchronising the device between phases")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                         help="data parallelism when launched with torchrun on several processes")

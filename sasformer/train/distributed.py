@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,11 +95,24 @@ def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
 
-def no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` for accumulation micro-steps that are not the last; a no-op otherwise."""
+def no_sync(module: nn.Module | None, skip: bool) -> contextlib.AbstractContextManager:
+    """For accumulation micro-steps that are not the last, skip the gradient reduction: DDP's ``no_sync``,
+    or FSDP2's ``set_requires_gradient_sync(False)`` (its unsharded gradients accumulate locally in the
+    reduce dtype and are reduce-scattered once, by the last micro-step); a no-op otherwise."""
     if skip and hasattr(module, "no_sync"):
         return module.no_sync()
+    if skip and hasattr(module, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(module)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: Any) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -125,9 +139,77 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def local_tensor(value: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a (replicated) DTensor such as FSDP2's gradient norm."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
+def _shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group over which ``tensors`` are sharded, if all are DTensors sharded on one 1-D mesh
+    (FSDP2's parameters and gradients); None otherwise."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not tensors or not all(isinstance(t, DTensor) for t in tensors):
+        return None
+    mesh = tensors[0].device_mesh
+    if mesh.ndim != 1 or any(t.device_mesh != mesh or not isinstance(t.placements[0], Shard) for t in tensors):
+        return None
+    return mesh.get_group()
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.to_local() for t in tensors]
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2, foreach): scale the gradients so their global norm is at
+    most ``max_norm``; returns the norm before clipping as a plain tensor, the same on every process.
+
+    For FSDP2's gradients (DTensors sharded on dim 0; the shards are disjoint) the norm is computed on
+    the local shards with one all-reduce of the squared norm, and the gradients are scaled in place
+    locally: the same arithmetic as DTensor's own dispatch, without its per-tensor host cost.
+    """
+    params = list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    group = _shard_group(grads)
+    if group is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    local = _local(grads)
+    norm_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local, 2.0)), 2.0).square()
+    dist.all_reduce(norm_sq, op=dist.ReduceOp.SUM, group=group)
+    norm = norm_sq.sqrt()
+    # as torch's clip: the coefficient is applied even when it is 1 (a NaN norm spreads, as there)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    torch._foreach_mul_(local, coef)
+    return norm
+
+
+@torch.no_grad()
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``; for Adam/AdamW over FSDP2's sharded parameters, the same update computed on
+    the local shards (elementwise, so exactly what DTensor dispatch computes, without its per-tensor host
+    cost). The optimizer's state stays DTensors, so checkpoints are unchanged."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.defaults.get("differentiable"):
+        optimizer.step()
+        return
+    from torch.optim.adam import adam
+
+    for group in optimizer.param_groups:
+        if _shard_group([p for p in group["params"] if p.grad is not None]) is None:
+            optimizer.step()  # not sharded (DDP, one process): the optimiser's own step
+            return
+    for group in optimizer.param_groups:
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        exp_avgs: list[torch.Tensor] = []
+        exp_avg_sqs: list[torch.Tensor] = []
+        max_exp_avg_sqs: list[torch.Tensor] = []
+        steps: list[torch.Tensor] = []
+        has_complex = optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        beta1, beta2 = group["betas"]
+        adam(_local(params), _local(grads), _local(exp_avgs), _local(exp_avg_sqs), _local(max_exp_avg_sqs), steps,
+             amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+             foreach=group["foreach"], capturable=group["capturable"], differentiable=False, fused=group["fused"],
+             grad_scale=getattr(optimizer, "grad_scale", None), found_inf=getattr(optimizer, "found_inf", None),
+             decoupled_weight_decay=group["decoupled_weight_decay"])
 
 
 def barrier() -> None:

@@ -112,7 +112,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.num_parameters = model.num_parameters()  # before sharding
         self.flops_per_token = train_flops_per_token(self.model_config, config.seq_len)
-        self.loss_module, self._ddp = self._parallelize()
+        self.loss_module, self._sync_module = self._parallelize()
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.schedule = CosineSchedule(config.optim.lr, config.optim.min_lr, config.optim.warmup_steps,
                                        self.total_steps)
@@ -154,7 +154,8 @@ class Trainer:
         return path
 
     def _parallelize(self) -> tuple[nn.Module, nn.Module | None]:
-        """The callable module computing the loss, and the DDP wrapper if any (for ``no_sync``)."""
+        """The callable module computing the loss, and the module whose gradient reduction ``D.no_sync``
+        skips on accumulation micro-steps (the DDP wrapper or the FSDP2 root; None on one process)."""
         cfg, model = self.config, self.model
         if self.dist.enabled and cfg.parallel == "fsdp":
             if cfg.compile:
@@ -165,7 +166,7 @@ class Trainer:
                 model.head_loss = torch.compile(model.head_loss, mode=cfg.compile_mode)
             D.apply_fsdp(model, model.blocks, self.autocast_dtype, cfg.fsdp_reshard_after_forward,
                          cfg.fsdp_blocks_per_unit)
-            return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
+            return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), model
         module: nn.Module = LossModel(model, cfg.loss_impl, cfg.loss_chunk_size)
         ddp = None
         if self.dist.enabled:
@@ -179,25 +180,38 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self) -> None:
-        """One optimiser step over ``accum`` micro-batches; no host synchronisation."""
+    def train_step(self, mark: Callable[[str], None] | None = None) -> None:
+        """One optimiser step over ``accum`` micro-batches; no host synchronisation.
+
+        ``mark(phase)``, if given, is called at the end of each phase of the step (``schedule``,
+        ``batch``, ``forward``, ``backward`` per micro-batch, ``clip``, ``optimizer``, ``zero_grad``,
+        ``bookkeeping``); ``benchmarks/train_speed.py --breakdown`` times them with it.
+        """
+        mark = mark or _no_mark
         self.schedule.apply(self.optimizer, self.step)
+        mark("schedule")
         loss_sum = torch.zeros((), device=self.device)
         inputs_BT, targets_BT = self.loader.next_batch()
         if self.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
             inputs_BT, targets_BT = inputs_BT.pin_memory(), targets_BT.pin_memory()
         inputs_BT = inputs_BT.to(self.device, non_blocking=True)
         targets_BT = targets_BT.to(self.device, non_blocking=True)
+        mark("batch")
         for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
-            with D.no_sync(self._ddp, micro < self.accum - 1):
+            with D.no_sync(self._sync_module, micro < self.accum - 1):
                 with self._autocast():
                     loss = self.loss_module(inputs, targets)
+                mark("forward")
                 (loss / self.accum).backward()  # outside autocast, as autocast's documentation asks
             loss_sum += loss.detach()
+            mark("backward")
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        self.optimizer.step()
+        grad_norm = D.clip_grad_norm_(self.model.parameters(), max_norm)
+        mark("clip")
+        D.optimizer_step(self.optimizer)
+        mark("optimizer")
         self.optimizer.zero_grad(set_to_none=True)
+        mark("zero_grad")
         self.step += 1
         self._dev_step += 1
         step_loss = loss_sum / self.accum
@@ -205,7 +219,8 @@ class Trainer:
         self._bad_step = torch.where(newly_bad, self._dev_step, self._bad_step)
         self._loss_sum += step_loss
         self._steps_in_window += 1
-        self._last_grad_norm = D.local_tensor(grad_norm).detach()
+        self._last_grad_norm = grad_norm.detach()
+        mark("bookkeeping")
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLossError` if any step since the start had a non-finite loss (syncs)."""
@@ -365,6 +380,10 @@ class Trainer:
                 self.logger.close()
                 self.logger = None
         return last
+
+
+def _no_mark(phase: str) -> None:
+    pass
 
 
 def _seed_everything(seed: int) -> None:
