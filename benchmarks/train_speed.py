@@ -88,6 +88,7 @@ def parallel_label(args: argparse.Namespace) -> str:
     if args.parallel == "ddp":
         return "ddp"
     notes = ([] if args.fsdp_reshard_after_forward else ["no reshard"]) + \
+        ([] if args.fsdp_forward_prefetch else ["no forward prefetch"]) + \
         ([f"{args.fsdp_blocks_per_unit or 'all'} blocks per unit"] if args.fsdp_blocks_per_unit != 1 else [])
     return ", ".join(["fsdp", *notes])
 
@@ -169,8 +170,13 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     }
     if args.breakdown:
         row["breakdown"] = breakdown_steps(trainer, args.steps, sync)
+        if trainer.dist.enabled:  # every rank's phases: one rank slower than the other shows here
+            per_rank: list = [None] * trainer.dist.world_size
+            torch.distributed.all_gather_object(per_rank, row["breakdown"]["ms_per_step"])
+            row["breakdown"]["per_rank"] = per_rank
     if args.profile:
-        row["profile"] = profile_steps(trainer, args.profile_steps, sync)
+        trace = (out_dir / f"trace_{attention}_b{batch_size}_rank{trainer.dist.rank}.json.gz") if args.trace else None
+        row["profile"] = profile_steps(trainer, args.profile_steps, sync, trace)
     del trainer
     gc.collect()
     torch._dynamo.reset()  # the next configuration compiles with static shapes of its own
@@ -219,9 +225,9 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_steps(trainer: Trainer, steps: int, sync) -> dict:
+def profile_steps(trainer: Trainer, steps: int, sync, trace: Path | None = None) -> dict:
     """Kernel time over ``steps`` trainer steps: the top-20 CUDA kernels (CPU ops on a CPU run) and a
-    breakdown by category."""
+    breakdown by category; with ``trace``, the timeline too (Chrome trace format, gzipped)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
@@ -232,6 +238,8 @@ def profile_steps(trainer: Trainer, steps: int, sync) -> dict:
             trainer.train_step()
         sync()
     wall_ms = 1000 * (time.perf_counter() - start) / steps
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     kernels = []
     for event in prof.key_averages():
         if cuda:
@@ -284,16 +292,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
     breakdowns = [r for r in rows if r.get("breakdown")]
     if breakdowns:
         phases = list(breakdowns[0]["breakdown"]["ms_per_step"])
-        lines += ["", f"## Step phases (ms per step, rank 0, device synchronised at each phase's end, "
+        lines += ["", f"## Step phases (ms per step, device synchronised at each phase's end, "
                   f"{breakdowns[0]['breakdown']['steps']} steps)", "",
                   "| attention | processes | " + " | ".join(phases) + " | total |",
                   "|---|---|" + "---:|" * (len(phases) + 1)]
         for r in breakdowns:
-            ms = r["breakdown"]["ms_per_step"]
             world = r.get("world_size", 1)
             processes = f"{world} ({r['parallel']})" if world > 1 else "1"
-            lines.append(f"| {r['attention']} | {processes} | " + " | ".join(f"{ms.get(p, 0.0):.2f}" for p in phases)
-                         + f" | {r['breakdown']['total_ms']:.1f} |")
+            for rank, ms in enumerate(r["breakdown"].get("per_rank") or [r["breakdown"]["ms_per_step"]]):
+                label = f"{processes}, rank {rank}" if world > 1 else processes
+                lines.append(f"| {r['attention']} | {label} | " + " | ".join(f"{ms.get(p, 0.0):.2f}" for p in phases)
+                             + f" | {sum(ms.values()):.1f} |")
     for r in rows:
         prof = r.get("profile")
         if not prof:
@@ -356,6 +365,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile a few steps and add the top-20 CUDA kernels to the Markdown")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--trace", action="store_true",
+                        help="with --profile, also write each rank's timeline (trace_*_rank*.json.gz, Chrome format)")
     parser.add_argument("--breakdown", action="store_true",
                         help="after timing, time --steps more steps phase by phase (forward, backward, clip, "
                              "optimizer, ...), synchronising the device between phases")
@@ -364,6 +375,9 @@ def main() -> int:
                         help="data parallelism when launched with torchrun on several processes")
     parser.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                         help="FSDP2: gather each block's parameters again for its backward (default), or keep them")
+    parser.add_argument("--fsdp-forward-prefetch", action=argparse.BooleanOptionalAction, default=True,
+                        help="FSDP2: each unit prefetches the next one's parameters in forward (the library's "
+                             "default, sasformer.train.distributed.FORWARD_PREFETCH), or FSDP2's own order")
     parser.add_argument("--fsdp-blocks-per-unit", type=int, default=1,
                         help="FSDP2: consecutive blocks per sharded unit (0: the whole model one unit)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
@@ -375,6 +389,7 @@ def main() -> int:
     if args.grad_accum > 1 and args.micro_batch_size is not None:
         parser.error("give --grad-accum or --micro-batch-size, not both (--grad-accum N makes --batch-size the "
                      "micro-batch)")
+    distributed.FORWARD_PREFETCH = args.fsdp_forward_prefetch
     if args.attention_backend is not None:
         os.environ[ATTENTION_ENV] = args.attention_backend
     out = Path(args.out)

@@ -62,16 +62,23 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# issue each unit's all-gather from the host as soon as the previous unit's parameters are gathered,
+# before that unit's kernels are launched (FSDP2's default issues it in the unit's own pre-forward): when
+# the host sets the pace, this keeps the collective off the critical path. A flag, so benchmarks can flip it.
+FORWARD_PREFETCH = True
+
+
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype | None,
                reshard_after_forward: bool = True, blocks_per_unit: int = 1) -> None:
     """FSDP2: shard groups of ``blocks_per_unit`` consecutive blocks, then the root (embedding, final
     norm, head, and any block not in a group); in place.
 
-    Each unit costs host time per step (hooks, one all-gather and one reduce-scatter), so a small model
-    with short steps can be bound by the host: larger units, or ``blocks_per_unit`` 0 (the whole model
-    one unit), trade overlap of communication with compute for fewer of them.
-    ``reshard_after_forward`` False keeps each unit's gathered parameters from its forward to its
-    backward (one all-gather per unit and step instead of two, for the memory of the unsharded units).
+    Each unit costs host time per step (hooks, one all-gather and one reduce-scatter, and work per
+    parameter tensor), so a small model with short steps can be bound by the host: larger units, or
+    ``blocks_per_unit`` 0 (the whole model one unit), trade overlap of communication with compute for
+    fewer of them. ``reshard_after_forward`` False keeps each unit's gathered parameters from its forward
+    to its backward (one all-gather per unit and step instead of two, for the memory of the unsharded
+    units). With :data:`FORWARD_PREFETCH`, each unit prefetches the next one's parameters in forward.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -86,6 +93,11 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype
         fully_shard(unit if len(unit) > 1 else unit[0],
                     reshard_after_forward=reshard_after_forward and i < len(units) - 1, **kwargs)
     fully_shard(model, **kwargs)
+    if FORWARD_PREFETCH and units:
+        # a unit of several blocks keeps its FSDP state on its first block
+        order = [model] + [unit[0] for unit in units]
+        for module, following in zip(order, order[1:]):
+            module.set_modules_to_forward_prefetch([following])
 
 
 def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:

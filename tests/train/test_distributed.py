@@ -124,14 +124,25 @@ def test_fsdp_with_larger_units_matches_one_process(tmp_path, reference, blocks_
     _assert_close(_losses(out_dir), _losses(reference))
 
 
-def test_apply_fsdp_groups_blocks_into_units(monkeypatch):
+def _fake_fully_shard(calls: list, prefetches: list):
+    """Records fully_shard's calls, and gives the modules the prefetch setter FSDP2 would."""
+    def fully_shard(module, **kw):
+        calls.append((module, kw))
+        for m in module if isinstance(module, list) else [module]:
+            m.set_modules_to_forward_prefetch = lambda following, m=m: prefetches.append((m, following))
+
+    return fully_shard
+
+
+def test_apply_fsdp_groups_blocks_into_units_and_prefetches_the_next(monkeypatch):
     import torch.distributed.fsdp as fsdp
     from torch import nn
 
+    from sasformer.train import distributed
     from sasformer.train.distributed import apply_fsdp
 
-    calls = []
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    calls, prefetches = [], []
+    monkeypatch.setattr(fsdp, "fully_shard", _fake_fully_shard(calls, prefetches))
     blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(5))
     root = nn.Sequential(*blocks)
     apply_fsdp(root, blocks, None, blocks_per_unit=2)
@@ -139,9 +150,15 @@ def test_apply_fsdp_groups_blocks_into_units(monkeypatch):
                                                                         [blocks[2], blocks[3]], [blocks[4]]]
     assert [kw["reshard_after_forward"] for _, kw in calls[:3]] == [True, True, False]
     assert calls[3][0] is root and len(calls) == 4
+    # forward order: the root (embedding) prefetches the first unit, each unit the next
+    assert prefetches == [(root, [blocks[0]]), (blocks[0], [blocks[2]]), (blocks[2], [blocks[4]])]
     calls.clear()
+    prefetches.clear()
     apply_fsdp(root, blocks, None, blocks_per_unit=0)  # the whole model one unit
-    assert [m for m, _ in calls] == [root]
+    assert [m for m, _ in calls] == [root] and prefetches == []
+    monkeypatch.setattr(distributed, "FORWARD_PREFETCH", False)
+    apply_fsdp(root, blocks, None, blocks_per_unit=1)
+    assert prefetches == []
     with pytest.raises(ValueError, match="blocks_per_unit"):
         apply_fsdp(root, blocks, None, blocks_per_unit=-1)
 
@@ -160,7 +177,7 @@ def test_apply_fsdp_reshards_blocks_as_configured(monkeypatch, reshard):
     from sasformer.train.distributed import apply_fsdp
 
     calls = []
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    monkeypatch.setattr(fsdp, "fully_shard", _fake_fully_shard(calls, []))
     blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
     root = nn.Sequential(*blocks)
     apply_fsdp(root, blocks, torch.bfloat16, reshard_after_forward=reshard)
