@@ -13,6 +13,10 @@ data loading. On one GPU::
 On several GPUs (``--batch-size`` is then the global batch; rank 0 writes the files)::
 
     torchrun --nproc-per-node 2 benchmarks/train_speed.py --parallel fsdp --batch-size 32 --profile --out DIR
+    torchrun --nproc-per-node 2 benchmarks/train_speed.py --parallel fsdp --breakdown --profile --trace --out DIR
+
+``--breakdown`` times the step's phases (forward, backward, clipping, optimizer, ...) on every rank;
+``--trace`` writes each rank's profiled timeline.
 
 ``host ms`` is the time the host spends in the step calls: near the step time, the step is limited by
 the host (Python, kernel launches, the parallel wrapper's hooks), not by the GPU.

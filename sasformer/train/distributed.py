@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,23 +108,14 @@ def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def no_sync(module: nn.Module | None, skip: bool) -> contextlib.AbstractContextManager:
-    """For accumulation micro-steps that are not the last, skip the gradient reduction: DDP's ``no_sync``,
-    or FSDP2's ``set_requires_gradient_sync(False)`` (its unsharded gradients accumulate locally in the
-    reduce dtype and are reduce-scattered once, by the last micro-step); a no-op otherwise."""
+    """DDP's ``no_sync`` for accumulation micro-steps that are not the last; a no-op otherwise.
+
+    FSDP2 reduce-scatters every micro-step on purpose: skipping it (``set_requires_gradient_sync``) would
+    hold the whole model's unsharded fp32 gradients between micro-steps, the memory FSDP is used to save.
+    """
     if skip and hasattr(module, "no_sync"):
         return module.no_sync()
-    if skip and hasattr(module, "set_requires_gradient_sync"):
-        return _fsdp_no_sync(module)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(module: Any) -> Iterator[None]:
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -112,7 +112,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.num_parameters = model.num_parameters()  # before sharding
         self.flops_per_token = train_flops_per_token(self.model_config, config.seq_len)
-        self.loss_module, self._sync_module = self._parallelize()
+        self.loss_module, self._ddp = self._parallelize()
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.schedule = CosineSchedule(config.optim.lr, config.optim.min_lr, config.optim.warmup_steps,
                                        self.total_steps)
@@ -154,8 +154,7 @@ class Trainer:
         return path
 
     def _parallelize(self) -> tuple[nn.Module, nn.Module | None]:
-        """The callable module computing the loss, and the module whose gradient reduction ``D.no_sync``
-        skips on accumulation micro-steps (the DDP wrapper or the FSDP2 root; None on one process)."""
+        """The callable module computing the loss, and the DDP wrapper if any (for ``no_sync``)."""
         cfg, model = self.config, self.model
         if self.dist.enabled and cfg.parallel == "fsdp":
             if cfg.compile:
@@ -166,7 +165,7 @@ class Trainer:
                 model.head_loss = torch.compile(model.head_loss, mode=cfg.compile_mode)
             D.apply_fsdp(model, model.blocks, self.autocast_dtype, cfg.fsdp_reshard_after_forward,
                          cfg.fsdp_blocks_per_unit)
-            return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), model
+            return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
         module: nn.Module = LossModel(model, cfg.loss_impl, cfg.loss_chunk_size)
         ddp = None
         if self.dist.enabled:
@@ -198,7 +197,7 @@ class Trainer:
         targets_BT = targets_BT.to(self.device, non_blocking=True)
         mark("batch")
         for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
-            with D.no_sync(self._sync_module, micro < self.accum - 1):
+            with D.no_sync(self._ddp, micro < self.accum - 1):
                 with self._autocast():
                     loss = self.loss_module(inputs, targets)
                 mark("forward")

@@ -87,7 +87,7 @@ def test_ddp_two_processes_resume_a_one_process_checkpoint(tmp_path, reference):
 
 
 def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, reference):
-    # micro-batch 1 per process: 2 accumulation steps, the first without gradient sync
+    # micro-batch 1 per process: 2 accumulation steps, each reduce-scattered
     out_dir = tmp_path / "fsdp"
     _spawn(out_dir, parallel="fsdp", micro_batch_size=1)
     _assert_close(_losses(out_dir), _losses(reference))
