@@ -6,8 +6,9 @@ Each run is ``benchmarks/train_speed.py`` (the trainer's real step on synthetic 
 at global batch ``--batch-size`` x 1024 with ``--micro-batch-size`` sequences per forward, so the one-GPU
 run accumulates and every GPU does the same work per micro-step; every run times ``--steps`` steps,
 then the same number phase by phase (``--breakdown``: forward, backward, clip, optimizer, ... with the
-device synchronised between phases, on every rank), then profiles a few (``--profile``); the first FSDP2
-run of each variant also writes each rank's timeline (``--trace``). The runs, most telling first:
+device synchronised between phases, on every rank). The ``fsdp`` runs also profile a few steps
+(``--profile``: kernel time by category, the host's own time) and write each rank's timeline
+(``--trace``). The runs (``--runs``, as ``attention:run``; by default MHA's first, then SAS's):
 
 - ``one``, ``ddp``, ``fsdp`` (the library's defaults: one block per unit, forward prefetch);
 - ``fsdp-b64``: FSDP2 at twice the batch per GPU. If the step is bound by the host, its time hardly
@@ -28,6 +29,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -39,16 +41,19 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.checks import MULTICAST_OFF  # noqa: E402
 
-# name: (processes, batch multiple, extra train_speed.py arguments), most telling first
+# name: (processes, batch multiple, extra train_speed.py arguments)
 RUNS = {
     "one": (1, 1, []),
     "ddp": (2, 1, ["--parallel", "ddp"]),
-    "fsdp": (2, 1, ["--parallel", "fsdp", "--trace"]),
+    "fsdp": (2, 1, ["--parallel", "fsdp", "--profile", "--trace"]),
     "fsdp-b64": (2, 2, ["--parallel", "fsdp"]),
     "fsdp-all": (2, 1, ["--parallel", "fsdp", "--fsdp-blocks-per-unit", "0"]),
     "fsdp-noprefetch": (2, 1, ["--parallel", "fsdp", "--no-fsdp-forward-prefetch"]),
     "fsdp-u6-keep": (2, 1, ["--parallel", "fsdp", "--fsdp-blocks-per-unit", "6", "--no-fsdp-reshard-after-forward"]),
 }
+# attention:run, most telling first (SAS compiles for over a minute: its secondary runs come last)
+PLAN = ("mha:one", "mha:ddp", "mha:fsdp", "sas:one", "sas:ddp", "sas:fsdp", "mha:fsdp-b64", "mha:fsdp-all",
+        "sas:fsdp-b64", "mha:fsdp-noprefetch", "mha:fsdp-u6-keep", "sas:fsdp-all")
 MAX_ARCHIVE_BYTES = 15 * 2**20  # the GPU machines hand back files of up to 16 MiB
 
 
@@ -59,7 +64,7 @@ def command(args: argparse.Namespace, attention: str, name: str, out: Path) -> l
     return launcher + [
         str(REPO / "benchmarks" / "train_speed.py"), "--attention", attention,
         "--batch-size", str(args.batch_size * factor), "--micro-batch-size", str(args.micro_batch_size * factor),
-        "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", "--breakdown",
+        "--warmup", str(args.warmup), "--steps", str(args.steps), "--breakdown",
         "--out", str(out / f"{attention}-{name}"), *extra, *shlex.split(args.extra),
     ]
 
@@ -76,8 +81,13 @@ def execute(cmd: list[str], log: Path, timeout_s: float) -> tuple[int | None, fl
         try:
             rc: int | None = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)  # torchrun and its workers
-            process.wait()
+            # torchrun's workers run in sessions of their own: SIGTERM lets torchrun stop them first
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             rc = None
     return rc, time.perf_counter() - began
 
@@ -159,9 +169,8 @@ def pack(out: Path, name: str, paths: list[Path]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--attention", nargs="+", default=["mha", "sas"])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
-                        help="in this order, each for every attention variant")
+    parser.add_argument("--runs", nargs="+", default=list(PLAN), metavar="ATTENTION:RUN",
+                        help=f"in this order; RUN one of {', '.join(RUNS)} (default: {' '.join(PLAN)})")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=10)
@@ -170,12 +179,16 @@ def main() -> int:
     parser.add_argument("--extra", default="",
                         help="more train_speed.py arguments for every run, e.g. a CPU smoke test: '--device cpu "
                              "--no-compile --d-model 64 --n-heads 4 --seq-len 8 --vocab-size 256'")
-    parser.add_argument("--budget-s", type=float, default=500.0, help="start no run after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=470.0,
+                        help="start no run after this many seconds (one started before runs at most 60 s past it)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "runs"
-    plan = [(attention, name) for name in args.runs for attention in args.attention]
+    plan = [tuple(item.split(":", 1)) for item in args.runs]
+    bad = [item for item, p in zip(args.runs, plan) if len(p) != 2 or p[1] not in RUNS]
+    if bad:
+        parser.error(f"--runs {' '.join(bad)}: give ATTENTION:RUN with RUN one of {', '.join(RUNS)}")
     began = time.perf_counter()
     rows, skipped, commands = [], [], []
     for attention, name in plan:
@@ -186,7 +199,7 @@ def main() -> int:
         cmd = command(args, attention, name, work)
         commands.append(shlex.join(cmd))
         work.mkdir(parents=True, exist_ok=True)
-        rc, seconds = execute(cmd, work / f"{attention}-{name}.log", min(args.run_timeout_s, left + 30))
+        rc, seconds = execute(cmd, work / f"{attention}-{name}.log", min(args.run_timeout_s, left + 60))
         row = summarise(attention, name, work / f"{attention}-{name}")
         status = "timed out" if rc is None else f"rc {rc}"
         print(f"{attention}-{name}: {status}, {seconds:.0f} s" +
