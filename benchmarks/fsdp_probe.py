@@ -8,7 +8,9 @@ run accumulates and every GPU does the same work per micro-step; every run times
 then the same number phase by phase (``--breakdown``: forward, backward, clip, optimizer, ... with the
 device synchronised between phases, on every rank). The ``fsdp`` runs also profile a few steps
 (``--profile``: kernel time by category, the host's own time) and write each rank's timeline
-(``--trace``). The runs (``--runs``, as ``attention:run``; by default MHA's first, then SAS's):
+(``--trace``), summarised in the report: how much of the time each GPU computed, communicated or idled,
+and whether the two GPUs computed at the same time or took turns. The runs (``--runs``, as
+``attention:run``; by default MHA's first, then SAS's):
 
 - ``one``, ``ddp``, ``fsdp`` (the library's defaults: one block per unit, forward prefetch);
 - ``fsdp-b64``: FSDP2 at twice the batch per GPU. If the step is bound by the host, its time hardly
@@ -25,6 +27,7 @@ Perfetto or chrome://tracing), few files so the folder travels whole.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -112,6 +115,77 @@ def summarise(attention: str, name: str, run_out: Path) -> dict | None:
     return row
 
 
+Spans = list[tuple[float, float]]
+
+
+def merged(spans: Spans) -> Spans:
+    """The union of (start, end) intervals, as sorted disjoint intervals."""
+    out: Spans = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def intersection(a: Spans, b: Spans) -> Spans:
+    """The intersection of two unions of sorted disjoint intervals."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def total(spans: Spans) -> float:
+    return sum(end - start for start, end in spans)
+
+
+def gpu_activity(trace: Path) -> tuple[Spans, Spans]:
+    """When a rank's GPU ran compute (kernels, copies) and communication (NCCL kernels), from its
+    profiler timeline, in microseconds on the host clock shared by the ranks."""
+    with gzip.open(trace, "rt") as f:
+        data = json.load(f)
+    base_us = data.get("baseTimeNanoseconds", 0) / 1000
+    compute, comm = [], []
+    for e in data["traceEvents"]:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur"):
+            span = (e["ts"] + base_us, e["ts"] + base_us + e["dur"])
+            (comm if "nccl" in e.get("name", "").lower() else compute).append(span)
+    return merged(compute), merged(comm)
+
+
+def timeline_summary(traces: list[Path]) -> dict | None:
+    """Per rank, the share of the profiled window its GPU computed, communicated or idled; for two ranks,
+    the share of their common window in which both computed (data parallelism at work), one computed
+    while the other did not (the ranks taking turns), or neither."""
+    activity = [gpu_activity(t) for t in sorted(traces)]
+    if not activity or not all(c for c, _ in activity):
+        return None
+    ranks = []
+    for compute, comm in activity:
+        busy = merged(compute + comm)
+        window = busy[-1][1] - busy[0][0]
+        ranks.append({"window_ms": window / 1000, "compute": total(compute) / window,
+                      "communication": total(comm) / window, "idle": 1 - total(busy) / window})
+    summary: dict = {"ranks": ranks}
+    if len(activity) == 2:
+        (c0, _), (c1, _) = activity
+        window = [(max(c0[0][0], c1[0][0]), min(c0[-1][1], c1[-1][1]))]
+        c0, c1 = intersection(c0, window), intersection(c1, window)
+        length = total(window)
+        both = total(intersection(c0, c1))
+        summary["pair"] = {"both_compute": both / length, "one_computes": (total(c0) + total(c1) - 2 * both) / length,
+                           "neither": 1 - total(merged(c0 + c1)) / length}
+    return summary
+
+
 def markdown(rows: list[dict], skipped: list[str], meta: dict) -> str:
     lines = [f"# FSDP2 probe ({meta['gpus']})", "", f"Command: `{meta['command']}`  ",
              f"Git revision `{meta['git_revision']}`, torch {meta['torch']}, global batch {meta['batch_size']} "
@@ -146,6 +220,20 @@ def markdown(rows: list[dict], skipped: list[str], meta: dict) -> str:
             cats = ", ".join(f"{k} {v:.1f}" for k, v in r["kernel_categories"].items())
             host = f"{r['profiled_host_ms']:.1f}" if r.get("profiled_host_ms") is not None else "n/a"
             lines.append(f"| {r['attention']} | {r['run']} | {r['kernel_ms']:.1f} | {host} | {cats} |")
+    timed = [r for r in rows if r.get("timeline")]
+    if timed:
+        lines += ["", "GPU timelines of the profiled steps (share of the window; `both compute`: the two GPUs "
+                  "computed at the same time; `one computes`: one did while the other did not, the GPUs taking "
+                  "turns; from the traces in `traces.tgz`):", "",
+                  "| attention | run | rank 0 compute / comm / idle | rank 1 compute / comm / idle | both compute "
+                  "| one computes | neither |", "|---|---|---|---|---:|---:|---:|"]
+        for r in timed:
+            t = r["timeline"]
+            per_rank = [f"{x['compute']:.0%} / {x['communication']:.0%} / {x['idle']:.0%}" for x in t["ranks"]]
+            pair = t.get("pair") or {}
+            lines.append(f"| {r['attention']} | {r['run']} | " + " | ".join((per_rank + ["n/a"])[:2]) + " | "
+                         + " | ".join(f"{pair[k]:.0%}" if k in pair else "n/a"
+                                      for k in ("both_compute", "one_computes", "neither")) + " |")
     if skipped:
         lines += ["", "Not run or failed: " + ", ".join(skipped)]
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in meta["commands"]]
@@ -207,6 +295,11 @@ def main() -> int:
         if row is None or rc != 0:
             skipped.append(f"{attention}-{name} ({status})")
         if row is not None:
+            traces = list((work / f"{attention}-{name}").glob("trace_*.json.gz"))
+            try:
+                row["timeline"] = timeline_summary(traces) if traces else None
+            except (OSError, ValueError, KeyError) as error:  # a broken trace must not cost the other results
+                print(f"  could not read the traces of {attention}-{name}: {error}", flush=True)
             rows.append(row)
     import torch
 
