@@ -194,11 +194,13 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         return
     from torch.optim.adam import adam
 
-    for group in optimizer.param_groups:
-        if _shard_group([p for p in group["params"] if p.grad is not None]) is None:
-            optimizer.step()  # not sharded (DDP, one process): the optimiser's own step
-            return
-    for group in optimizer.param_groups:
+    with_grads = [[p for p in group["params"] if p.grad is not None] for group in optimizer.param_groups]
+    if any(_shard_group(ps) is None for ps in with_grads if ps):
+        optimizer.step()  # not sharded (DDP, one process): the optimiser's own step
+        return
+    for group, ps in zip(optimizer.param_groups, with_grads):
+        if not ps:
+            continue
         params: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         exp_avgs: list[torch.Tensor] = []
