@@ -13,6 +13,10 @@ data loading. On one GPU::
 On several GPUs (``--batch-size`` is then the global batch; rank 0 writes the files)::
 
     torchrun --nproc-per-node 2 benchmarks/train_speed.py --parallel fsdp --batch-size 32 --profile --out DIR
+    torchrun --nproc-per-node 2 benchmarks/train_speed.py --parallel fsdp --breakdown --profile --trace --out DIR
+
+``--breakdown`` times the step's phases (forward, backward, clipping, optimizer, ...) on every rank;
+``--trace`` writes each rank's profiled timeline.
 
 ``host ms`` is the time the host spends in the step calls: near the step time, the step is limited by
 the host (Python, kernel launches, the parallel wrapper's hooks), not by the GPU.
@@ -88,6 +92,7 @@ def parallel_label(args: argparse.Namespace) -> str:
     if args.parallel == "ddp":
         return "ddp"
     notes = ([] if args.fsdp_reshard_after_forward else ["no reshard"]) + \
+        ([] if args.fsdp_forward_prefetch else ["no forward prefetch"]) + \
         ([f"{args.fsdp_blocks_per_unit or 'all'} blocks per unit"] if args.fsdp_blocks_per_unit != 1 else [])
     return ", ".join(["fsdp", *notes])
 
@@ -109,7 +114,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "seq_len": args.seq_len,
         "batch_size": batch_size,
         "micro_batch_size": micro_batch_size,
-        "max_steps": args.warmup + args.steps + args.profile_steps,
+        "max_steps": args.warmup + args.steps * (1 + args.breakdown) + args.profile_steps,
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
         "compile_mode": args.compile_mode,
@@ -118,7 +123,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "device": args.device,
         "eval_interval": 0,
         "checkpoint_interval": 0,
-        "log_interval": args.warmup + args.steps + args.profile_steps,
+        "log_interval": args.warmup + args.steps * (1 + args.breakdown) + args.profile_steps,
         "out_dir": str(out_dir / f"run_{attention}_b{batch_size}"),
         "resume": "none",
         "tensorboard": False,
@@ -167,14 +172,42 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_tflops": trainer.peak,
     }
+    if args.breakdown:
+        row["breakdown"] = breakdown_steps(trainer, args.steps, sync)
+        if trainer.dist.enabled:  # every rank's phases: one rank slower than the other shows here
+            per_rank: list = [None] * trainer.dist.world_size
+            torch.distributed.all_gather_object(per_rank, row["breakdown"]["ms_per_step"])
+            row["breakdown"]["per_rank"] = per_rank
     if args.profile:
-        row["profile"] = profile_steps(trainer, args.profile_steps, sync)
+        trace = (out_dir / f"trace_{attention}_b{batch_size}_rank{trainer.dist.rank}.json.gz") if args.trace else None
+        row["profile"] = profile_steps(trainer, args.profile_steps, sync, trace)
     del trainer
     gc.collect()
     torch._dynamo.reset()  # the next configuration compiles with static shapes of its own
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
+
+
+def breakdown_steps(trainer: Trainer, steps: int, sync) -> dict:
+    """Milliseconds per step in each phase of the trainer's step (``Trainer.train_step``'s ``mark``s), over
+    ``steps`` more steps. The device is synchronised at every mark, so on a GPU a phase's time is its host
+    time and its kernels' together, and nothing overlaps across phases: the total exceeds the step time."""
+    seconds: dict[str, float] = {}
+    clock = [0.0]
+
+    def mark(phase: str) -> None:
+        sync()
+        now = time.perf_counter()
+        seconds[phase] = seconds.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
+
+    for _ in range(steps):
+        sync()
+        clock[0] = time.perf_counter()
+        trainer.train_step(mark)
+    phases = {phase: 1000 * s / steps for phase, s in seconds.items()}
+    return {"steps": steps, "ms_per_step": phases, "total_ms": sum(phases.values())}
 
 
 # kernel-name fragments -> category, first match wins (cuBLAS/CUTLASS GEMMs, attention, Inductor's Triton code)
@@ -196,9 +229,9 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_steps(trainer: Trainer, steps: int, sync) -> dict:
+def profile_steps(trainer: Trainer, steps: int, sync, trace: Path | None = None) -> dict:
     """Kernel time over ``steps`` trainer steps: the top-20 CUDA kernels (CPU ops on a CPU run) and a
-    breakdown by category."""
+    breakdown by category; with ``trace``, the timeline too (Chrome trace format, gzipped)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
@@ -209,6 +242,8 @@ def profile_steps(trainer: Trainer, steps: int, sync) -> dict:
             trainer.train_step()
         sync()
     wall_ms = 1000 * (time.perf_counter() - start) / steps
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     kernels = []
     for event in prof.key_averages():
         if cuda:
@@ -258,6 +293,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {host} | {r['tokens_per_s']:,.0f} | "
             f"{r['tflops']:.1f} | {mfu} | {mem} |"
         )
+    breakdowns = [r for r in rows if r.get("breakdown")]
+    if breakdowns:
+        phases = list(breakdowns[0]["breakdown"]["ms_per_step"])
+        lines += ["", f"## Step phases (ms per step, device synchronised at each phase's end, "
+                  f"{breakdowns[0]['breakdown']['steps']} steps)", "",
+                  "| attention | processes | " + " | ".join(phases) + " | total |",
+                  "|---|---|" + "---:|" * (len(phases) + 1)]
+        for r in breakdowns:
+            world = r.get("world_size", 1)
+            processes = f"{world} ({r['parallel']})" if world > 1 else "1"
+            for rank, ms in enumerate(r["breakdown"].get("per_rank") or [r["breakdown"]["ms_per_step"]]):
+                label = f"{processes}, rank {rank}" if world > 1 else processes
+                lines.append(f"| {r['attention']} | {label} | " + " | ".join(f"{ms.get(p, 0.0):.2f}" for p in phases)
+                             + f" | {sum(ms.values()):.1f} |")
     for r in rows:
         prof = r.get("profile")
         if not prof:
@@ -320,11 +369,19 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile a few steps and add the top-20 CUDA kernels to the Markdown")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--trace", action="store_true",
+                        help="with --profile, also write each rank's timeline (trace_*_rank*.json.gz, Chrome format)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after timing, time --steps more steps phase by phase (forward, backward, clip, "
+                             "optimizer, ...), synchronising the device between phases")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                         help="data parallelism when launched with torchrun on several processes")
     parser.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                         help="FSDP2: gather each block's parameters again for its backward (default), or keep them")
+    parser.add_argument("--fsdp-forward-prefetch", action=argparse.BooleanOptionalAction, default=True,
+                        help="FSDP2: each unit prefetches the next one's parameters in forward (the library's "
+                             "default, sasformer.train.distributed.FORWARD_PREFETCH), or FSDP2's own order")
     parser.add_argument("--fsdp-blocks-per-unit", type=int, default=1,
                         help="FSDP2: consecutive blocks per sharded unit (0: the whole model one unit)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
@@ -336,6 +393,7 @@ def main() -> int:
     if args.grad_accum > 1 and args.micro_batch_size is not None:
         parser.error("give --grad-accum or --micro-batch-size, not both (--grad-accum N makes --batch-size the "
                      "micro-batch)")
+    distributed.FORWARD_PREFETCH = args.fsdp_forward_prefetch
     if args.attention_backend is not None:
         os.environ[ATTENTION_ENV] = args.attention_backend
     out = Path(args.out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,16 +62,23 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# issue each unit's all-gather from the host as soon as the previous unit's parameters are gathered,
+# before that unit's kernels are launched (FSDP2's default issues it in the unit's own pre-forward): when
+# the host sets the pace, this keeps the collective off the critical path. A flag, so benchmarks can flip it.
+FORWARD_PREFETCH = True
+
+
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype | None,
                reshard_after_forward: bool = True, blocks_per_unit: int = 1) -> None:
     """FSDP2: shard groups of ``blocks_per_unit`` consecutive blocks, then the root (embedding, final
     norm, head, and any block not in a group); in place.
 
-    Each unit costs host time per step (hooks, one all-gather and one reduce-scatter), so a small model
-    with short steps can be bound by the host: larger units, or ``blocks_per_unit`` 0 (the whole model
-    one unit), trade overlap of communication with compute for fewer of them.
-    ``reshard_after_forward`` False keeps each unit's gathered parameters from its forward to its
-    backward (one all-gather per unit and step instead of two, for the memory of the unsharded units).
+    Each unit costs host time per step (hooks, one all-gather and one reduce-scatter, and work per
+    parameter tensor), so a small model with short steps can be bound by the host: larger units, or
+    ``blocks_per_unit`` 0 (the whole model one unit), trade overlap of communication with compute for
+    fewer of them. ``reshard_after_forward`` False keeps each unit's gathered parameters from its forward
+    to its backward (one all-gather per unit and step instead of two, for the memory of the unsharded
+    units). With :data:`FORWARD_PREFETCH`, each unit prefetches the next one's parameters in forward.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -85,6 +93,11 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype
         fully_shard(unit if len(unit) > 1 else unit[0],
                     reshard_after_forward=reshard_after_forward and i < len(units) - 1, **kwargs)
     fully_shard(model, **kwargs)
+    if FORWARD_PREFETCH and units:
+        # a unit of several blocks keeps its FSDP state on its first block
+        order = [model] + [unit[0] for unit in units]
+        for module, following in zip(order, order[1:]):
+            module.set_modules_to_forward_prefetch([following])
 
 
 def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
@@ -94,8 +107,12 @@ def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
 
-def no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` for accumulation micro-steps that are not the last; a no-op otherwise."""
+def no_sync(module: nn.Module | None, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` for accumulation micro-steps that are not the last; a no-op otherwise.
+
+    FSDP2 reduce-scatters every micro-step on purpose: skipping it (``set_requires_gradient_sync``) would
+    hold the whole model's unsharded fp32 gradients between micro-steps, the memory FSDP is used to save.
+    """
     if skip and hasattr(module, "no_sync"):
         return module.no_sync()
     return contextlib.nullcontext()
@@ -125,9 +142,79 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def local_tensor(value: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a (replicated) DTensor such as FSDP2's gradient norm."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
+def _shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group over which ``tensors`` are sharded, if all are DTensors sharded on one 1-D mesh
+    (FSDP2's parameters and gradients); None otherwise."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not tensors or not all(isinstance(t, DTensor) for t in tensors):
+        return None
+    mesh = tensors[0].device_mesh
+    if mesh.ndim != 1 or any(t.device_mesh != mesh or not isinstance(t.placements[0], Shard) for t in tensors):
+        return None
+    return mesh.get_group()
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.to_local() for t in tensors]
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2, foreach): scale the gradients so their global norm is at
+    most ``max_norm``; returns the norm before clipping as a plain tensor, the same on every process.
+
+    For FSDP2's gradients (DTensors sharded on dim 0; the shards are disjoint) the norm is computed on
+    the local shards with one all-reduce of the squared norm, and the gradients are scaled in place
+    locally: the same arithmetic as DTensor's own dispatch, without its per-tensor host cost.
+    """
+    params = list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    group = _shard_group(grads)
+    if group is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    local = _local(grads)
+    norm_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local, 2.0)), 2.0).square()
+    dist.all_reduce(norm_sq, op=dist.ReduceOp.SUM, group=group)
+    norm = norm_sq.sqrt()
+    # as torch's clip: the coefficient is applied even when it is 1 (a NaN norm spreads, as there)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    torch._foreach_mul_(local, coef)
+    return norm
+
+
+@torch.no_grad()
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``; for Adam/AdamW over FSDP2's sharded parameters, the same update computed on
+    the local shards (elementwise, so exactly what DTensor dispatch computes, without its per-tensor host
+    cost). The optimizer's state stays DTensors, so checkpoints are unchanged."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.defaults.get("differentiable"):
+        optimizer.step()
+        return
+    from torch.optim.adam import adam
+
+    with_grads = [[p for p in group["params"] if p.grad is not None] for group in optimizer.param_groups]
+    if any(_shard_group(ps) is None for ps in with_grads if ps):
+        optimizer.step()  # not sharded (DDP, one process): the optimiser's own step
+        return
+    for group, ps in zip(optimizer.param_groups, with_grads):
+        if not ps:
+            continue
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        exp_avgs: list[torch.Tensor] = []
+        exp_avg_sqs: list[torch.Tensor] = []
+        max_exp_avg_sqs: list[torch.Tensor] = []
+        steps: list[torch.Tensor] = []
+        has_complex = optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        beta1, beta2 = group["betas"]
+        adam(_local(params), _local(grads), _local(exp_avgs), _local(exp_avg_sqs), _local(max_exp_avg_sqs), steps,
+             amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+             foreach=group["foreach"], capturable=group["capturable"], differentiable=False, fused=group["fused"],
+             grad_scale=getattr(optimizer, "grad_scale", None), found_inf=getattr(optimizer, "found_inf", None),
+             decoupled_weight_decay=group["decoupled_weight_decay"])
 
 
 def barrier() -> None:

@@ -179,25 +179,38 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self) -> None:
-        """One optimiser step over ``accum`` micro-batches; no host synchronisation."""
+    def train_step(self, mark: Callable[[str], None] | None = None) -> None:
+        """One optimiser step over ``accum`` micro-batches; no host synchronisation.
+
+        ``mark(phase)``, if given, is called at the end of each phase of the step (``schedule``,
+        ``batch``, ``forward``, ``backward`` per micro-batch, ``clip``, ``optimizer``, ``zero_grad``,
+        ``bookkeeping``); ``benchmarks/train_speed.py --breakdown`` times them with it.
+        """
+        mark = mark or _no_mark
         self.schedule.apply(self.optimizer, self.step)
+        mark("schedule")
         loss_sum = torch.zeros((), device=self.device)
         inputs_BT, targets_BT = self.loader.next_batch()
         if self.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
             inputs_BT, targets_BT = inputs_BT.pin_memory(), targets_BT.pin_memory()
         inputs_BT = inputs_BT.to(self.device, non_blocking=True)
         targets_BT = targets_BT.to(self.device, non_blocking=True)
+        mark("batch")
         for micro, (inputs, targets) in enumerate(zip(inputs_BT.split(self.micro), targets_BT.split(self.micro))):
             with D.no_sync(self._ddp, micro < self.accum - 1):
                 with self._autocast():
                     loss = self.loss_module(inputs, targets)
+                mark("forward")
                 (loss / self.accum).backward()  # outside autocast, as autocast's documentation asks
             loss_sum += loss.detach()
+            mark("backward")
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        self.optimizer.step()
+        grad_norm = D.clip_grad_norm_(self.model.parameters(), max_norm)
+        mark("clip")
+        D.optimizer_step(self.optimizer)
+        mark("optimizer")
         self.optimizer.zero_grad(set_to_none=True)
+        mark("zero_grad")
         self.step += 1
         self._dev_step += 1
         step_loss = loss_sum / self.accum
@@ -205,7 +218,8 @@ class Trainer:
         self._bad_step = torch.where(newly_bad, self._dev_step, self._bad_step)
         self._loss_sum += step_loss
         self._steps_in_window += 1
-        self._last_grad_norm = D.local_tensor(grad_norm).detach()
+        self._last_grad_norm = grad_norm.detach()
+        mark("bookkeeping")
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLossError` if any step since the start had a non-finite loss (syncs)."""
@@ -365,6 +379,10 @@ class Trainer:
                 self.logger.close()
                 self.logger = None
         return last
+
+
+def _no_mark(phase: str) -> None:
+    pass
 
 
 def _seed_everything(seed: int) -> None:

@@ -47,7 +47,12 @@ SPAWN_TIMEOUT_S = 300  # a collective that never completes fails the test instea
 
 
 def _spawn(out_dir: Path, **changes) -> None:
-    context = mp.spawn(_worker, args=(2, _free_port(), str(out_dir), changes), nprocs=2, join=False)
+    _run_two(_worker, str(out_dir), changes)
+
+
+def _run_two(worker, *args) -> None:
+    """``worker(rank, world_size, port, *args)`` on two processes; a failure in either fails the test."""
+    context = mp.spawn(worker, args=(2, _free_port(), *args), nprocs=2, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=1):  # raises if a process failed
         if time.monotonic() > deadline:
@@ -56,8 +61,8 @@ def _spawn(out_dir: Path, **changes) -> None:
             pytest.fail(f"the two training processes did not finish within {SPAWN_TIMEOUT_S} s")
 
 
-def _losses(out_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl")}
+def _losses(out_dir: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(out_dir / "metrics.jsonl")}
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +87,13 @@ def test_ddp_two_processes_resume_a_one_process_checkpoint(tmp_path, reference):
 
 
 def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, reference):
+    # micro-batch 1 per process: 2 accumulation steps, each reduce-scattered
     out_dir = tmp_path / "fsdp"
-    _spawn(out_dir, parallel="fsdp")
+    _spawn(out_dir, parallel="fsdp", micro_batch_size=1)
     _assert_close(_losses(out_dir), _losses(reference))
+    # the norm from local shards (one all-reduce) is the one-process norm (clipping at 1.0 is active)
+    _assert_close(_losses(out_dir, "grad_norm"), _losses(reference, "grad_norm"))
+    assert max(_losses(reference, "grad_norm").values()) > 1.0
     # the sharded run's checkpoint continues on a single process
     single = tmp_path / "single"
     trainer = Trainer(tiny_config(single, max_steps=STEPS, checkpoint_interval=3,
@@ -99,6 +108,7 @@ def test_compiled_fsdp_compiles_blocks_and_head_and_matches_one_process(tmp_path
     _spawn(out_dir, parallel="fsdp", compile=True)
     assert json.loads((out_dir / "compiled.json").read_text()) == {"blocks": True, "head_loss": True}
     _assert_close(_losses(out_dir), _losses(reference))
+    _assert_close(_losses(out_dir, "grad_norm"), _losses(reference, "grad_norm"))
 
 
 def test_fsdp_without_resharding_matches_one_process(tmp_path, reference):
@@ -114,14 +124,25 @@ def test_fsdp_with_larger_units_matches_one_process(tmp_path, reference, blocks_
     _assert_close(_losses(out_dir), _losses(reference))
 
 
-def test_apply_fsdp_groups_blocks_into_units(monkeypatch):
+def _fake_fully_shard(calls: list, prefetches: list):
+    """Records fully_shard's calls, and gives the modules the prefetch setter FSDP2 would."""
+    def fully_shard(module, **kw):
+        calls.append((module, kw))
+        for m in module if isinstance(module, list) else [module]:
+            m.set_modules_to_forward_prefetch = lambda following, m=m: prefetches.append((m, following))
+
+    return fully_shard
+
+
+def test_apply_fsdp_groups_blocks_into_units_and_prefetches_the_next(monkeypatch):
     import torch.distributed.fsdp as fsdp
     from torch import nn
 
+    from sasformer.train import distributed
     from sasformer.train.distributed import apply_fsdp
 
-    calls = []
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    calls, prefetches = [], []
+    monkeypatch.setattr(fsdp, "fully_shard", _fake_fully_shard(calls, prefetches))
     blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(5))
     root = nn.Sequential(*blocks)
     apply_fsdp(root, blocks, None, blocks_per_unit=2)
@@ -129,9 +150,15 @@ def test_apply_fsdp_groups_blocks_into_units(monkeypatch):
                                                                         [blocks[2], blocks[3]], [blocks[4]]]
     assert [kw["reshard_after_forward"] for _, kw in calls[:3]] == [True, True, False]
     assert calls[3][0] is root and len(calls) == 4
+    # forward order: the root (embedding) prefetches the first unit, each unit the next
+    assert prefetches == [(root, [blocks[0]]), (blocks[0], [blocks[2]]), (blocks[2], [blocks[4]])]
     calls.clear()
+    prefetches.clear()
     apply_fsdp(root, blocks, None, blocks_per_unit=0)  # the whole model one unit
-    assert [m for m, _ in calls] == [root]
+    assert [m for m, _ in calls] == [root] and prefetches == []
+    monkeypatch.setattr(distributed, "FORWARD_PREFETCH", False)
+    apply_fsdp(root, blocks, None, blocks_per_unit=1)
+    assert prefetches == []
     with pytest.raises(ValueError, match="blocks_per_unit"):
         apply_fsdp(root, blocks, None, blocks_per_unit=-1)
 
@@ -150,7 +177,7 @@ def test_apply_fsdp_reshards_blocks_as_configured(monkeypatch, reshard):
     from sasformer.train.distributed import apply_fsdp
 
     calls = []
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    monkeypatch.setattr(fsdp, "fully_shard", _fake_fully_shard(calls, []))
     blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
     root = nn.Sequential(*blocks)
     apply_fsdp(root, blocks, torch.bfloat16, reshard_after_forward=reshard)
@@ -158,3 +185,71 @@ def test_apply_fsdp_reshards_blocks_as_configured(monkeypatch, reshard):
     assert [kw["reshard_after_forward"] for _, kw in calls[:3]] == [reshard, reshard, False]
     assert calls[3][0] is root and "reshard_after_forward" not in calls[3][1]
     assert all(kw["mp_policy"].param_dtype == torch.bfloat16 for _, kw in calls)
+
+
+def _local_step_worker(rank: int, world_size: int, port: int) -> None:
+    """Asserts, on each of two gloo processes, that the local-shard clipping and AdamW step of
+    ``sasformer.train.distributed`` equal DTensor's own dispatch and one process's arithmetic."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from sasformer.train import distributed as D
+    from sasformer.train.optim import param_groups
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        def build() -> nn.Module:
+            # odd row counts: uneven shards, and a 1-row weight whose second shard is empty
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3), nn.LayerNorm(3), nn.Linear(3, 1))
+
+        one, ours, theirs = build(), build(), build()
+        for model in (ours, theirs):
+            fully_shard(model[0])
+            fully_shard(model)
+        x = torch.randn(2 * world_size, 5, generator=torch.Generator().manual_seed(1))
+
+        def backward(model: nn.Module, rows: torch.Tensor) -> None:
+            model.zero_grad(set_to_none=True)
+            (model(rows) ** 2).mean().backward()
+
+        def adamw(model: nn.Module) -> torch.optim.AdamW:
+            return torch.optim.AdamW(param_groups(model, 0.1), lr=0.05, foreach=True)
+
+        opt_one, opt_ours, opt_theirs = adamw(one), adamw(ours), adamw(theirs)
+        for step in range(3):
+            backward(one, x)  # the global batch: FSDP averages the processes' gradients
+            backward(ours, x[rank::world_size])
+            backward(theirs, x[rank::world_size])
+            max_norm = 0.05 if step < 2 else 1e9  # clipping active, then not
+            norm_one = torch.nn.utils.clip_grad_norm_(one.parameters(), max_norm, foreach=True)
+            norm_theirs = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm, foreach=True).full_tensor()
+            norm_ours = D.clip_grad_norm_(ours.parameters(), max_norm)
+            assert type(norm_ours) is torch.Tensor and norm_ours.shape == ()
+            torch.testing.assert_close(norm_ours, norm_theirs, rtol=1e-6, atol=0)
+            torch.testing.assert_close(norm_ours, norm_one, rtol=1e-5, atol=0)
+            for p_ours, p_theirs, p_one in zip(ours.parameters(), theirs.parameters(), one.parameters()):
+                torch.testing.assert_close(p_ours.grad.to_local(), p_theirs.grad.to_local(), rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(p_ours.grad.full_tensor(), p_one.grad, rtol=1e-5, atol=1e-7)
+                p_ours.grad.to_local().copy_(p_theirs.grad.to_local())  # the same gradients into the step
+            D.optimizer_step(opt_ours)
+            opt_theirs.step()
+            D.optimizer_step(opt_one)  # plain tensors: the optimiser's own step
+            # elementwise on the same shards: bit for bit what DTensor dispatch computes
+            for p_ours, p_theirs in zip(ours.parameters(), theirs.parameters()):
+                assert torch.equal(p_ours.to_local(), p_theirs.to_local())
+                state_ours, state_theirs = opt_ours.state[p_ours], opt_theirs.state[p_theirs]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(state_ours[key].to_local(), state_theirs[key].to_local())
+                assert torch.equal(state_ours["step"], state_theirs["step"])
+        for p_ours, p_one in zip(ours.parameters(), one.parameters()):
+            torch.testing.assert_close(p_ours.full_tensor(), p_one, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_shard_clipping_and_adamw_equal_dtensor_dispatch_and_one_process():
+    _run_two(_local_step_worker)
