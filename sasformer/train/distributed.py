@@ -184,39 +184,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     return norm
 
 
-@torch.no_grad()
-def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()``; for Adam/AdamW over FSDP2's sharded parameters, the same update computed on
-    the local shards (elementwise, so exactly what DTensor dispatch computes, without its per-tensor host
-    cost). The optimizer's state stays DTensors, so checkpoints are unchanged."""
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.defaults.get("differentiable"):
-        optimizer.step()
-        return
-    from torch.optim.adam import adam
-
-    with_grads = [[p for p in group["params"] if p.grad is not None] for group in optimizer.param_groups]
-    if any(_shard_group(ps) is None for ps in with_grads if ps):
-        optimizer.step()  # not sharded (DDP, one process): the optimiser's own step
-        return
-    for group, ps in zip(optimizer.param_groups, with_grads):
-        if not ps:
-            continue
-        params: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        exp_avgs: list[torch.Tensor] = []
-        exp_avg_sqs: list[torch.Tensor] = []
-        max_exp_avg_sqs: list[torch.Tensor] = []
-        steps: list[torch.Tensor] = []
-        has_complex = optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-        beta1, beta2 = group["betas"]
-        adam(_local(params), _local(grads), _local(exp_avgs), _local(exp_avg_sqs), _local(max_exp_avg_sqs), steps,
-             amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
-             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-             foreach=group["foreach"], capturable=group["capturable"], differentiable=False, fused=group["fused"],
-             grad_scale=getattr(optimizer, "grad_scale", None), found_inf=getattr(optimizer, "found_inf", None),
-             decoupled_weight_decay=group["decoupled_weight_decay"])
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

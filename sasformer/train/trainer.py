@@ -207,7 +207,7 @@ class Trainer:
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
         grad_norm = D.clip_grad_norm_(self.model.parameters(), max_norm)
         mark("clip")
-        D.optimizer_step(self.optimizer)
+        self.optimizer.step()
         mark("optimizer")
         self.optimizer.zero_grad(set_to_none=True)
         mark("zero_grad")
