@@ -120,6 +120,24 @@ def zero_shot_table(runs: Sequence[dict[str, Any]]) -> str | None:
     return "\n".join(lines)
 
 
+def provenance(results: dict[str, Any]) -> list[str]:
+    """Where the runs trained: one line when every run shares a revision and device, else one per group
+    (a grid resumed across calls or machines mixes them, and the pass writing the report may be another)."""
+    def describe(env: dict[str, Any]) -> str:
+        return (f"Git revision: {env.get('git_revision') or 'unknown'}; device: {env.get('device')}; "
+                f"torch {env.get('torch')}, python {env.get('python')}")
+
+    groups: dict[str, list[str]] = {}
+    for run in results["runs"]:
+        if run.get("environment"):
+            groups.setdefault(describe(run["environment"]), []).append(run["id"])
+    if len(groups) <= 1:
+        return [describe(results["environment"]) + "."]
+    lines = ["The runs trained at several revisions or on several devices (each run's `result.json` has its own):", ""]
+    lines += [f"- {where}: {', '.join(ids)}" for where, ids in groups.items()]
+    return lines
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """``results.md``: the table, the budget, and the provenance of the numbers."""
     spec = results["spec"]
@@ -131,7 +149,6 @@ def markdown_report(results: dict[str, Any]) -> str:
                        f"{budget['tokens']:,} tokens)")
     else:
         budget_text = f"iso-tokens: {budget['tokens']:,} tokens per run"
-    env = results["environment"]
     parts = [
         f"# Comparison `{spec['name']}`",
         "",
@@ -148,8 +165,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     parts += [
         "",
         f"Command: `{results['command']}`  ",
-        (f"Git revision: {env.get('git_revision') or 'unknown'}; device: {env.get('device')}; "
-         f"torch {env.get('torch')}, python {env.get('python')}."),
+        *provenance(results),
     ]
     if results.get("plots"):
         parts += ["", "Plots: " + ", ".join(f"`{p}`" for p in results["plots"])]

@@ -48,3 +48,21 @@ def test_zero_shot_table_shows_mean_std_and_standard_error():
     table = zero_shot_table(runs).splitlines()
     assert table[2] == "| mha | 0.520 ± 0.028 (0.030) |"
     assert table[3] == "| sas | 0.600 |"
+
+
+def test_provenance_lists_each_revision_and_device_the_runs_trained_at():
+    from sasformer.compare.report import provenance
+
+    def env(rev: str, device: str) -> dict:
+        return {"git_revision": rev, "device": device, "torch": "2.11", "python": "3.12"}
+
+    one = {"environment": env("aaa", "H200"), "runs": [
+        {"id": "mha-s0", "environment": env("aaa", "H200")}, {"id": "sas-s0", "environment": env("aaa", "H200")}]}
+    assert provenance(one) == ["Git revision: aaa; device: H200; torch 2.11, python 3.12."]
+    mixed = {"environment": env("ccc", "cpu"), "runs": [
+        {"id": "mha-s0", "environment": env("aaa", "H200")}, {"id": "mha-s1", "environment": env("bbb", "H200")},
+        {"id": "sas-s0", "environment": env("aaa", "H200")}]}
+    lines = provenance(mixed)
+    assert "- Git revision: aaa; device: H200; torch 2.11, python 3.12: mha-s0, sas-s0" in lines
+    assert "- Git revision: bbb; device: H200; torch 2.11, python 3.12: mha-s1" in lines
+    assert not any("ccc" in line for line in lines)  # the report pass trained nothing
