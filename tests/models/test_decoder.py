@@ -55,3 +55,20 @@ def test_bad_inputs():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("attention", ["mha", "sas"])
+def test_blocks_compiled_one_by_one_share_one_graph(attention):
+    # as FSDP2 compiles them: the rotary tables are built before the first block, so no block differs
+    from torch._dynamo.testing import CompileCounter
+
+    from sasformer.models.presets import preset
+
+    torch._dynamo.reset()
+    config = preset("tiny", attention)
+    model = DecoderLM(config)
+    counter = CompileCounter()
+    for block in model.blocks:
+        block.compile(backend=counter)
+    model(torch.randint(0, config.vocab_size, (2, 7))).sum().backward()
+    assert len(model.blocks) > 1 and counter.frame_count == 1
