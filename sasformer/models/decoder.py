@@ -191,12 +191,7 @@ def run_blocks(
         mask = padded_causal_mask(attention_mask, T)
     if position_ids is None:
         position_ids = key_positions[:, past:]
-    tables = rotary.tables(position_ids, S)
-    for dim in rotary.dims:
-        # every block then finds its tables built: blocks compiled one by one (FSDP2) share one graph,
-        # where the first block to build them would otherwise compile a graph of its own
-        tables(dim)
-    ctx = AttentionContext(tables, mask, None, key_positions)
+    ctx = AttentionContext(rotary.tables(position_ids, S), mask, None, key_positions)
     x = embed(input_ids)
     for i, block in enumerate(blocks):
         x = block(x, ctx.for_layer(cache.layers[i] if cache is not None else None))

@@ -103,11 +103,16 @@ class RotaryCache(nn.Module):
             getattr(self, f"sin_{dim}").copy_(sin[0])
 
     def tables(self, position_ids: Tensor, seq_len: int) -> RotaryTables:
-        """Tables for ``position_ids``, all below ``seq_len`` (the host-side bound: cache + new tokens)."""
+        """Tables for ``position_ids``, all below ``seq_len`` (the host-side bound: cache + new tokens), built
+        for every size the model rotates before any layer asks: blocks compiled one by one (FSDP2) then see
+        the same built tables and share one graph, where the first block would otherwise compile its own."""
         precomputed = None
         if self.dims and getattr(self, f"cos_{self.dims[0]}").is_meta:
             # built on the meta device (e.g. by a loader that creates modules without memory): build now
             self.build(position_ids.device)
         if seq_len <= self.max_len:
             precomputed = {d: (getattr(self, f"cos_{d}"), getattr(self, f"sin_{d}")) for d in self.dims}
-        return RotaryTables(position_ids, self.theta, precomputed)
+        tables = RotaryTables(position_ids, self.theta, precomputed)
+        for dim in self.dims:
+            tables(dim)
+        return tables
