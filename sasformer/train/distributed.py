@@ -155,10 +155,6 @@ def _shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
     return mesh.get_group()
 
 
-def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.to_local() for t in tensors]
-
-
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (L2, foreach): scale the gradients so their global norm is at
@@ -174,7 +170,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     if group is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    local = _local(grads)
+    local = [g.to_local() for g in grads]
     norm_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local, 2.0)), 2.0).square()
     dist.all_reduce(norm_sq, op=dist.ReduceOp.SUM, group=group)
     norm = norm_sq.sqrt()
