@@ -23,10 +23,10 @@ Triton kernel on a GPU with Triton, else dense GEMMs), ``sas-decode-dense`` forc
 (the default before "auto") and ``sas-ordinary`` turns the decode path off; the other ``sas-*`` rows
 change one setting of ``sas`` (``ROW_ENVIRONMENT``).
 
-Peak memory is counted from the start of each row, after a garbage collection: a ``StaticDecoder``
-refers to itself (its step function is a bound method), so a finished row's model and cache stay
-allocated until Python's cyclic collector runs, and without the collection they were counted in the
-peaks of later rows. ``mem_at_start_gib`` in the JSON is what was still allocated when a row began.
+Peak memory is counted from the start of each row, after a garbage collection, so nothing a finished
+row left to Python's cyclic collector counts in the next row's peak (run 11's peaks did include earlier
+rows' decoders, then reference cycles). ``mem_at_start_gib`` in the JSON is what was still allocated
+when a row began.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     capacity = args.context + args.warmup + args.new_tokens
     mem_at_start = None
     if device.type == "cuda":
-        # earlier rows' decoders are reference cycles: free them now, not inside this row's peak
+        # whatever earlier rows left to the cyclic collector: free it now, not inside this row's peak
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
