@@ -2,6 +2,7 @@
 
     python3 benchmarks/decode.py --out runs/decode --compile  # GPU: small preset, bf16, batch 1 and 32, context 2048
     python3 benchmarks/decode.py --bytes-only                 # CPU: the cache-size table only (no timing)
+    python3 benchmarks/decode.py --out DIR --variants mha,sas --batch-sizes 1 --profile 20   # + kernels per step
 
 For each variant, batch size and mode: random weights (speed does not depend on them), a prefill of
 ``--context`` random tokens into a preallocated cache, then ``--new-tokens`` greedy decode steps fed
@@ -47,6 +48,8 @@ import torch._dynamo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from profiling import profile_calls, profile_markdown  # benchmarks/profiling.py, beside this script
 
 from sasformer.generation import StaticDecoder
 from sasformer.layers.sas_decode import KERNEL_ENV_VAR, sas_layers, set_decode_path
@@ -113,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-tol", type=float, default=None,
                    help="largest allowed |static - forward| / max|forward| of the logits "
                         "(default 0.05 for 16-bit dtypes, 1e-3 for float32)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many decode steps per row and add their kernels to decode.md")
     p.add_argument("--bytes-only", action="store_true", help="only the cache-size table (CPU, meta tensors)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -198,7 +203,7 @@ def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device
 @torch.inference_mode()
 def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device: torch.device,
                dtype: torch.dtype) -> dict:
-    config = config_for(args.size, name, max_seq_len=args.context + args.warmup + args.new_tokens)
+    config = config_for(args.size, name, max_seq_len=args.context + args.warmup + args.new_tokens + args.profile)
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = DecoderLM(config)
@@ -207,7 +212,7 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
         set_decode_path(model, "off")
     elif KERNEL_ENV_VAR in ROW_ENVIRONMENT.get(name, {}):
         set_decode_path(model, "on")  # what "auto" does on CUDA; on a CPU too, so the forced kernel runs there
-    capacity = args.context + args.warmup + args.new_tokens
+    capacity = args.context + args.warmup + args.new_tokens + args.profile
     mem_at_start = None
     if device.type == "cuda":
         # whatever earlier rows left to the cyclic collector: free it now, not inside this row's peak
@@ -263,6 +268,14 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
         token = step(token).argmax(-1, keepdim=True)
     sync(device)
     decode_s = time.perf_counter() - t0
+    profiled = None
+    if args.profile:
+        state = {"token": token}
+
+        def profiled_step() -> None:
+            state["token"] = step(state["token"]).argmax(-1, keepdim=True)
+
+        profiled = profile_calls(profiled_step, args.profile, lambda: sync(device), device.type == "cuda", top=15)
 
     measured = [layer.nbytes_per_token() for layer in cache.layers]
     declared = model.blocks[0].attn.cache_bytes_per_token(dtype)
@@ -286,6 +299,7 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "mem_at_start_gib": mem_at_start,
         "params": model.num_parameters(),
+        **({"profile": profiled} if profiled else {}),
     }
 
 
@@ -354,7 +368,10 @@ def write_results(out: Path, env: dict, args: argparse.Namespace, byte_rows: lis
               "path's kernel (- where it was not taken); peak GiB counts from each row's start, after a garbage "
               "collection.\n\n")
     byte_table = bytes_markdown(byte_rows, args.size, args.dtype)
-    (out / "decode.md").write_text(header + speed_markdown(rows) + "\n\n" + byte_table + "\n")
+    profiles = [line for r in rows if r.get("profile")
+                for line in profile_markdown(f"{r['variant']}, batch {r['batch']}, {r['mode']}", r["profile"], "us")]
+    (out / "decode.md").write_text(header + speed_markdown(rows) + "\n\n" + byte_table + "\n"
+                                   + "\n".join(profiles) + ("\n" if profiles else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from profiling import profile_calls, profile_markdown  # benchmarks/profiling.py, beside this script
+
 from sasformer.layers.registry import variant_names
 from sasformer.ops.attention import BACKENDS
 from sasformer.ops.attention import ENV_VAR as ATTENTION_ENV
@@ -180,7 +182,8 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
             row["breakdown"]["per_rank"] = per_rank
     if args.profile:
         trace = (out_dir / f"trace_{attention}_b{batch_size}_rank{trainer.dist.rank}.json.gz") if args.trace else None
-        row["profile"] = profile_steps(trainer, args.profile_steps, sync, trace)
+        cuda = trainer.device.type == "cuda"
+        row["profile"] = profile_calls(trainer.train_step, args.profile_steps, sync, cuda, trace)
     del trainer
     gc.collect()
     torch._dynamo.reset()  # the next configuration compiles with static shapes of its own
@@ -208,65 +211,6 @@ def breakdown_steps(trainer: Trainer, steps: int, sync) -> dict:
         trainer.train_step(mark)
     phases = {phase: 1000 * s / steps for phase, s in seconds.items()}
     return {"steps": steps, "ms_per_step": phases, "total_ms": sum(phases.values())}
-
-
-# kernel-name fragments -> category, first match wins (cuBLAS/CUTLASS GEMMs, attention, Inductor's Triton code)
-CATEGORIES = (
-    ("cross-entropy", ("cross_entropy",)),
-    ("attention", ("flash", "fmha", "cudnn", "attention")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "mm_")),
-    ("optimizer", ("multi_tensor", "adam", "foreach")),
-    ("communication", ("nccl",)),
-    ("compiled elementwise", ("triton",)),
-)
-
-
-def kernel_category(name: str) -> str:
-    lower = name.lower()
-    for category, fragments in CATEGORIES:
-        if any(f in lower for f in fragments):
-            return category
-    return "other"
-
-
-def profile_steps(trainer: Trainer, steps: int, sync, trace: Path | None = None) -> dict:
-    """Kernel time over ``steps`` trainer steps: the top-20 CUDA kernels (CPU ops on a CPU run) and a
-    breakdown by category; with ``trace``, the timeline too (Chrome trace format, gzipped)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = trainer.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            trainer.train_step()
-        sync()
-    wall_ms = 1000 * (time.perf_counter() - start) / steps
-    if trace is not None:
-        prof.export_chrome_trace(str(trace))
-    kernels = []
-    for event in prof.key_averages():
-        if cuda:
-            # CPU-side ops also carry the device time of the kernels they launch: count kernels only
-            self_us = event.self_device_time_total if event.device_type == torch.autograd.DeviceType.CUDA else 0.0
-        else:
-            self_us = event.self_cpu_time_total
-        if self_us > 0:
-            kernels.append({"name": event.key, "calls_per_step": event.count / steps,
-                            "ms_per_step": self_us / 1000 / steps, "category": kernel_category(event.key)})
-    kernels.sort(key=lambda k: k["ms_per_step"], reverse=True)
-    # on a GPU, where the host's own time goes too (a host-bound step shows here, not in the kernels)
-    host_ops = sorted(({"name": e.key, "calls_per_step": e.count / steps,
-                        "ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in prof.key_averages()
-                       if cuda and e.self_cpu_time_total > 0), key=lambda o: o["ms_per_step"], reverse=True)
-    total = sum(k["ms_per_step"] for k in kernels)
-    categories: dict[str, float] = {}
-    for k in kernels:
-        categories[k["category"]] = categories.get(k["category"], 0.0) + k["ms_per_step"]
-    return {"steps": steps, "kind": "CUDA kernels" if cuda else "CPU ops", "wall_ms_per_step": wall_ms,
-            "kernel_ms_per_step": total, "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
-            "top_kernels": kernels[:20], "host_ms_per_step": sum(o["ms_per_step"] for o in host_ops),
-            "top_host_ops": host_ops[:12]}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -308,34 +252,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 lines.append(f"| {r['attention']} | {label} | " + " | ".join(f"{ms.get(p, 0.0):.2f}" for p in phases)
                              + f" | {sum(ms.values()):.1f} |")
     for r in rows:
-        prof = r.get("profile")
-        if not prof:
-            continue
-        total = prof["kernel_ms_per_step"] or float("nan")
-        lines += [
-            "",
-            f"## Profile: {r['attention']}, batch {r['batch_size']} ({prof['steps']} steps)",
-            "",
-            f"Per step: {prof['wall_ms_per_step']:.1f} ms wall (profiler on), {prof['kernel_ms_per_step']:.1f} ms "
-            f"of {prof['kind']} (self time). By category: "
-            + ", ".join(f"{name} {ms:.1f} ms ({100 * ms / total:.0f}%)" for name, ms in prof["categories"].items()),
-            "",
-            f"| {prof['kind']} | category | calls/step | ms/step | % of total |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for k in prof["top_kernels"]:
-            name = k["name"].replace("|", "\\|")
-            name = name if len(name) <= 100 else name[:97] + "..."
-            lines.append(f"| `{name}` | {k['category']} | {k['calls_per_step']:.1f} | {k['ms_per_step']:.2f} | "
-                         f"{100 * k['ms_per_step'] / total:.1f}% |")
-        if prof.get("top_host_ops"):
-            lines += ["", f"Host: {prof['host_ms_per_step']:.1f} ms of self CPU time per step (profiler on), "
-                      "by operation (self time; the host-side work of the step):", "",
-                      "| host op | calls/step | ms/step |", "|---|---:|---:|"]
-            for o in prof["top_host_ops"]:
-                name = o["name"].replace("|", "\\|")
-                name = name if len(name) <= 100 else name[:97] + "..."
-                lines.append(f"| `{name}` | {o['calls_per_step']:.1f} | {o['ms_per_step']:.2f} |")
+        if r.get("profile"):
+            lines += profile_markdown(f"{r['attention']}, batch {r['batch_size']}", r["profile"])
     return "\n".join(lines) + "\n"
 
 
