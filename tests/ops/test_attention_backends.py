@@ -53,6 +53,18 @@ def test_auto_keeps_cpu_on_default():
     assert attention.resolve_backend(None, q, v, causal_no_mask=True) == "default"
 
 
+def test_compiled_values_are_padded_only_when_gradients_are_on(monkeypatch):
+    # the padding works around a compiled-backward fault; a compiled decode step has no backward, and
+    # padding there would copy the whole value cache every step
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q, k, v = inputs(1, 9)
+    assert attention.resolve_backend(None, q, v, causal_no_mask=False) == "flash_pad"
+    with torch.no_grad():
+        assert attention.resolve_backend(None, q, v, causal_no_mask=False) == "default"
+    q, k, v = inputs(1, 9, D=6)  # equal sizes: nothing to pad
+    assert attention.resolve_backend(None, q, v, causal_no_mask=False) == "default"
+
+
 def test_unknown_backend_is_refused(monkeypatch):
     q, k, v = inputs(2, 2)
     with pytest.raises(ValueError, match="backend"):

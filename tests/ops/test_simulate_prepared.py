@@ -52,6 +52,20 @@ def test_qk_with_rope_matches_reference(B, T, H, HS, k, D, DS, table_rows, monke
     torch.testing.assert_close(simulate_prepared(x, prepared).view(B, T, HS, DS), ref, **TOL)
 
 
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float64])
+@torch.no_grad()
+def test_rope_tables_in_their_own_dtype(table_dtype, monkeypatch):
+    # a bf16 model's tables are bf16: the kernel converts what it loads, as apply_rope does
+    monkeypatch.setattr(fused, "_empty", nan_empty)
+    B, T, H, HS, k, D, DS = 2, 3, 3, 6, 3, 8, 12
+    w = weights(H, HS, k, D, DS)
+    x = strided_input(B, T, H, D)
+    cos, sin = (torch.randn(1, T, DS, device=DEVICE).to(table_dtype) for _ in range(2))
+    got = simulate_prepared(x, prepare_simulation(*w, head_dim=D, rope=True), T, (cos, sin)).view(B, T, HS, DS)
+    ref = simulate_features_naive(simulate_heads_naive(x.reshape(B, T, H, D), *w[:4]), *w[4:])
+    torch.testing.assert_close(got, apply_rope(ref, cos, sin), **TOL)
+
+
 @pytest.mark.parametrize("N", [1, 7, 63])
 @pytest.mark.parametrize("H,HS,k,D", [(3, 6, 3, 8), (2, 6, 1, 7)])
 @torch.no_grad()

@@ -80,11 +80,12 @@ def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, XS, H: tl.constexpr, D: 
 
 @triton.jit
 def _rope_tables(cos_ptr, sin_ptr, n2, e, N, T, cos_stride_b, DS: tl.constexpr):
-    """cos/sin (fp32) for rows (token n2, head) and columns e; tables are (B or 1, T, DS)."""
+    """cos/sin as fp32 for rows (token n2, head) and columns e; tables are (B or 1, T, DS)."""
     row = (n2 // T) * cos_stride_b + (n2 % T) * DS
     ok = (n2 < N)[:, None] & (e < DS)[None, :]
-    cos = tl.load(cos_ptr + row[:, None] + e[None, :], mask=ok, other=0.0)
-    sin = tl.load(sin_ptr + row[:, None] + e[None, :], mask=ok, other=0.0)
+    # tables in any float dtype (a bf16 model's are bf16): converted here, not by a copy kernel per call
+    cos = tl.load(cos_ptr + row[:, None] + e[None, :], mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + row[:, None] + e[None, :], mask=ok, other=0.0).to(tl.float32)
     return cos, sin
 
 
@@ -378,7 +379,8 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
     unused = weights[1]
     feats = weights[4:] if features else [unused] * 4
     if rope:
-        cos, sin = (t.to(device=x.device, dtype=torch.float32).contiguous() for t in (cos, sin))
+        # in their own float dtype: the kernel converts what it loads
+        cos, sin = (t.to(device=x.device).contiguous() for t in (cos, sin))
         rope_ptrs, cos_stride = [rot, cos, sin], (0 if cos.shape[0] == 1 else T * s.DS)
     else:
         rope_ptrs, cos_stride, T = [unused] * 3, 0, max(T, 1)
