@@ -18,6 +18,11 @@ On several GPUs (``--batch-size`` is then the global batch; rank 0 writes the fi
 ``--breakdown`` times the step's phases (forward, backward, clipping, optimizer, ...) on every rank;
 ``--trace`` writes each rank's profiled timeline.
 
+FSDP2's own cost without any communication, in one process (rank 0 of a fake world whose collectives move no
+data and wait for no one; the batch per process is that of the real run)::
+
+    python3 benchmarks/train_speed.py --parallel fsdp --fake-world 2 --batch-size 32 --out DIR
+
 ``host ms`` is the time the host spends in the step calls: near the step time, the step is limited by
 the host (Python, kernel launches, the parallel wrapper's hooks), not by the GPU.
 
@@ -89,11 +94,25 @@ class SyntheticData:
         return iter(())
 
 
+def init_fake_world(world_size: int) -> None:
+    """Make this process rank 0 of ``world_size`` ranks whose collectives move no data and wait for no one.
+
+    The step then costs its own host and device work only: FSDP2's hooks, copies and per-parameter work
+    without the latency of the wire or of the other ranks. The values gathered are garbage (the loss
+    means nothing), so use it for timing only.
+    """
+    import torch.distributed as dist
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers the backend on older torch)
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
+
+
 def parallel_label(args: argparse.Namespace) -> str:
     """``ddp``, or ``fsdp`` with its settings where they are not the defaults."""
     if args.parallel == "ddp":
         return "ddp"
-    notes = ([] if args.fsdp_reshard_after_forward else ["no reshard"]) + \
+    notes = ([f"fake world of {args.fake_world}, no communication"] if args.fake_world else []) + \
+        ([] if args.fsdp_reshard_after_forward else ["no reshard"]) + \
         ([] if args.fsdp_forward_prefetch else ["no forward prefetch"]) + \
         ([f"{args.fsdp_blocks_per_unit or 'all'} blocks per unit"] if args.fsdp_blocks_per_unit != 1 else [])
     return ", ".join(["fsdp", *notes])
@@ -154,7 +173,8 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         host_seconds += time.perf_counter() - called
     sync()
     seconds = time.perf_counter() - start
-    trainer.check_finite()  # a diverged step would make the timing meaningless
+    if not args.fake_world:  # a fake world's collectives return garbage: its loss means nothing
+        trainer.check_finite()  # a diverged step would make the timing meaningless
     tokens = args.steps * config.batch_size * config.seq_len
     row = {
         "attention": attention,
@@ -176,7 +196,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     }
     if args.breakdown:
         row["breakdown"] = breakdown_steps(trainer, args.steps, sync)
-        if trainer.dist.enabled:  # every rank's phases: one rank slower than the other shows here
+        if trainer.dist.enabled and not args.fake_world:  # every rank's phases: a slower rank shows here
             per_rank: list = [None] * trainer.dist.world_size
             torch.distributed.all_gather_object(per_rank, row["breakdown"]["ms_per_step"])
             row["breakdown"]["per_rank"] = per_rank
@@ -302,8 +322,18 @@ def main() -> int:
                              "default, sasformer.train.distributed.FORWARD_PREFETCH), or FSDP2's own order")
     parser.add_argument("--fsdp-blocks-per-unit", type=int, default=1,
                         help="FSDP2: consecutive blocks per sharded unit (0: the whole model one unit)")
+    parser.add_argument("--fake-world", type=int, default=0, metavar="N",
+                        help="FSDP2 in this one process as rank 0 of N whose collectives do nothing: the step's "
+                             "own host and device work without communication (timing only; launch with python)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the per-GPU bf16 peak")
     args = parser.parse_args()
+    if args.fake_world:
+        if args.fake_world < 2 or args.parallel != "fsdp":
+            parser.error(f"--fake-world {args.fake_world}: give N >= 2 with --parallel fsdp (DDP cannot run on a "
+                         "process group that does no communication)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            parser.error("--fake-world runs in one process: launch with python, not torchrun")
+        init_fake_world(args.fake_world)
     if not args.profile:
         args.profile_steps = 0
     if args.grad_accum < 1:

@@ -159,7 +159,9 @@ class Trainer:
         if self.dist.enabled and cfg.parallel == "fsdp":
             if cfg.compile:
                 # FSDP2's hooks sit between the blocks: compile each block, and the head and loss,
-                # which would otherwise run eager (with full-size fp32 temporaries of the logits)
+                # which would otherwise run eager (with full-size fp32 temporaries of the logits). Dynamo
+                # starts tracing at the block's forward and FSDP2's hooks (excluded from dynamo) run
+                # eagerly around it: compiling the forward alone, or after fully_shard, times the same
                 for block in model.blocks:
                     block.compile(mode=cfg.compile_mode)
                 model.head_loss = torch.compile(model.head_loss, mode=cfg.compile_mode)
