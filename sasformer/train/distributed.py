@@ -74,7 +74,7 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype
     norm, head, and any block not in a group); in place.
 
     Each unit costs host time per step in FSDP2's own hooks (gathering, setting and freeing its parameters,
-    reducing and wrapping its gradients; about 1.2 ms per unit plus 30 us per parameter tensor on a 2-core
+    reducing and wrapping its gradients; about 1.1 ms per unit plus 30 us per parameter tensor on a 2-core
     CPU, docs/training.md), and one all-gather and one reduce-scatter that every process waits for. When a
     block's kernels take about as long, as at GPT-small, the step is bound by the host: larger units, or
     ``blocks_per_unit`` 0 (the whole model one unit), trade overlap of communication with compute for
