@@ -74,9 +74,10 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype
     norm, head, and any block not in a group); in place.
 
     Each unit costs host time per step in FSDP2's own hooks (gathering, setting and freeing its parameters,
-    reducing and wrapping its gradients; about 1.2 ms per unit plus 30 us per parameter tensor on a 2-core
-    CPU, docs/training.md), and one all-gather and one reduce-scatter that every process waits for. When a
-    block's kernels take about as long, as at GPT-small, the step is bound by the host: larger units, or
+    reducing and wrapping its gradients; about 1.1 ms per unit plus 30 us per parameter tensor on a 2-core
+    CPU, docs/training.md), and its collectives, which every process waits for (an all-gather in forward,
+    another in backward when resharding, a reduce-scatter). Where that is comparable to a block's kernels
+    (GPT-small on an H200: about 3 ms a block and micro-batch of 16), the step is bound by it: larger units, or
     ``blocks_per_unit`` 0 (the whole model one unit), trade overlap of communication with compute for
     fewer of them. ``reshard_after_forward`` False keeps each unit's gathered parameters from its forward
     to its backward (one all-gather per unit and step instead of two, for the memory of the unsharded
