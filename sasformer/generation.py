@@ -11,6 +11,7 @@ Reads both layouts a model can be saved in, without needing ``transformers``:
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from sasformer.layers.base import AttentionContext
 from sasformer.layers.sas_decode import prepare_decode, sas_layers
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
+from sasformer.ops.linear import drop_concats, fused_groups, keep_concats
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -262,6 +264,10 @@ class StaticDecoder:
         self.graph: Any = None
         self.logits: Tensor | None = None
         self._sas_layers = sas_layers(model)
+        # every weight is read once per token: keep the fused projections' concatenated weights rather than
+        # concatenating them every step (the memory of those weights once more, freed with the decoder)
+        self._fused_groups = fused_groups(model)
+        weakref.finalize(self, drop_concats, model)
         # the unbound function, called with the decoder: a bound method stored on the decoder would be a
         # reference cycle, keeping the model and cache alive after the decoder is dropped until a gc pass
         self._step_fn = StaticDecoder._step
@@ -313,6 +319,8 @@ class StaticDecoder:
         # weights may have changed since the last step: refresh the SAS decode operands (in place, which
         # a captured graph sees; new storage means capturing again)
         if self._sas_layers and prepare_decode(self.model, self._sas_layers):
+            self.graph = None
+        if keep_concats(self._fused_groups):
             self.graph = None
         if self.cuda_graph:
             if self.graph is None:

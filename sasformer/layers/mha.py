@@ -63,6 +63,10 @@ class MultiHeadAttention(Attention):
         self.o_proj = nn.Linear(H * D, d_model, bias=False)
         self.rope_dims = (D,)
 
+    def fused_linear_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The maps :func:`linear_split` runs as one (a decoder keeps their concatenation)."""
+        return [(self.q_proj, self.k_proj, self.v_proj)]
+
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x_BTd.shape
         q, k, v = linear_split(x_BTd, self.q_proj, self.k_proj, self.v_proj)

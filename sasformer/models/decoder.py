@@ -54,6 +54,10 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
+    def fused_linear_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The maps :func:`linear_split` runs as one (a decoder keeps their concatenation)."""
+        return [(self.gate_proj, self.up_proj)]
+
     def forward(self, x: Tensor) -> Tensor:
         gate, up = linear_split(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(gate) * up)

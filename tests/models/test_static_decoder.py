@@ -82,6 +82,29 @@ def test_weight_changes_between_compiled_steps_are_seen() -> None:
     torch.testing.assert_close(after, model(tokens)[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_step_reads_kept_concatenations_and_sees_weight_changes() -> None:
+    # the fused projections' weights are concatenated once, not in every step, and refreshed between steps
+    model = tiny("mha", {"n_heads": 3}, n_layers=2)
+    tokens = ids(1, 7)
+    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
+    graphs = trace_step(decoder)
+    decoder.prefill(tokens[:, :4])
+    decoder.step(tokens[:, 4:5])
+    cats = [node for node in graphs[0].graph.nodes if node.target in (torch.cat, torch.ops.aten.cat.default)]
+    inputs = [str(arg) for node in cats for arg in node.args[0]]
+    assert cats and not [name for name in inputs if "weight" in name]  # RoPE's cats only
+    # the last layer's query and gate projections change in place; the cached keys and values stay valid
+    model.blocks[1].attn.q_proj.weight.mul_(-1.5)
+    model.blocks[1].mlp.gate_proj.weight.mul_(2.0)
+    decoder.step(tokens[:, 5:6])
+    after = decoder.step(tokens[:, 6:7])
+    assert len(graphs) == 1
+    torch.testing.assert_close(after, model(tokens)[:, -1], atol=1e-5, rtol=1e-5)
+    del decoder
+    assert not any("_kept_concat" in vars(m) for m in model.modules())  # freed with the decoder
+
+
 def test_compile_mode_needs_compile() -> None:
     with pytest.raises(ValueError, match="compile=True"):
         StaticDecoder(tiny("mha", {"n_heads": 3}), 1, 8, cuda_graph=False, compile_mode="max-autotune-no-cudagraphs")
