@@ -11,6 +11,12 @@ matrices.
 :func:`simulate_prepared` is a forward-only custom op with a fake implementation, so a compiled
 decode step keeps one graph; it allocates only its fixed-size output and never syncs with the host,
 so a CUDA graph can capture it. The reference it is held to is :mod:`.naive` (tests).
+
+Two ways to use more of the GPU at a few tokens, both off by default (the caller chooses; the
+decode benchmark times them as separate rows): tensors of equal shapes (queries and keys on an MHA
+base) prepared as one stacked set (:func:`stack_simulations`) are simulated in one launch, and
+``split=True`` spreads each token's feature MLP and RoPE over programs by groups of simulated heads
+and blocks of output columns (:func:`~sasformer.ops.simulate.fused.launch_forward`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sasformer.ops.simulate.fused import launch_forward, prepare_forward, rotation_matrix
+from sasformer.ops.simulate.fused import launch_forward, prepare_forward, rotation_matrix, stack_prepared
 
 
 @dataclass
@@ -33,6 +39,7 @@ class PreparedSimulation:
     n_sim_heads: int
     sim_dim: int | None  # D' with the feature MLP, else None (the output keeps D)
     rot: Tensor | None  # RoPE operand when RoPE follows the feature MLP in the kernel
+    n_stacked: int | None = None  # G tensors' operands stacked on a new first axis (stack_simulations)
 
     def tensors(self) -> list[Tensor]:
         return self.weights + ([self.rot] if self.rot is not None else [])
@@ -56,23 +63,43 @@ def prepare_simulation(
     return PreparedSimulation(weights, w1.shape[1], head_dim, w1.shape[0], sim_dim, rot)
 
 
+def stack_simulations(prepared: list[PreparedSimulation]) -> PreparedSimulation:
+    """One set of operands for tensors of equal shapes (e.g. queries and keys on an MHA base), each
+    with the same RoPE choice, simulated together by one launch of :func:`simulate_prepared` on
+    input (N, G, H, D). A new copy: refresh it from new weights, not through the parts."""
+    first = prepared[0]
+    shape = (first.n_heads, first.head_dim, first.n_sim_heads, first.sim_dim, first.rot is not None)
+    if any(p.n_stacked is not None for p in prepared) or any(
+        (p.n_heads, p.head_dim, p.n_sim_heads, p.sim_dim, p.rot is not None) != shape for p in prepared
+    ):
+        raise ValueError("stack_simulations needs unstacked operands of equal shapes and the same rope choice, "
+                         f"got {[(p.n_heads, p.head_dim, p.n_sim_heads, p.sim_dim) for p in prepared]}")
+    rot = first.rot.clone() if first.rot is not None else None
+    return PreparedSimulation(stack_prepared([p.weights for p in prepared]), *shape[:4], rot, len(prepared))
+
+
 @torch.library.custom_op("sasformer::simulate_prepared", mutates_args=())
 def simulate_prepared_op(x: Tensor, weights: list[Tensor], rot: Tensor | None, cos: Tensor | None,
-                         sin: Tensor | None, n_sim_heads: int, sim_dim: int | None, T: int) -> Tensor:
-    """Forward kernel on prepared operands: x (N, H, D) -> (N, H', D') with the feature MLP, else (N, H', D)."""
-    return launch_forward(x, weights, n_sim_heads, sim_dim, T, rot, cos, sin)
+                         sin: Tensor | None, n_sim_heads: int, sim_dim: int | None, T: int,
+                         split: bool = False) -> Tensor:
+    """Forward kernel on prepared operands: x (N, H, D) -> (N, H', D') with the feature MLP, else (N, H', D);
+    stacked x (N, G, H, D) -> (G, N, H', D')."""
+    return launch_forward(x, weights, n_sim_heads, sim_dim, T, rot, cos, sin, split)
 
 
 @simulate_prepared_op.register_fake
-def _(x, weights, rot, cos, sin, n_sim_heads, sim_dim, T):
-    return x.new_empty(x.shape[0], n_sim_heads, sim_dim if sim_dim is not None else x.shape[-1])
+def _(x, weights, rot, cos, sin, n_sim_heads, sim_dim, T, split=False):
+    stacked = (x.shape[1],) if x.dim() == 4 else ()
+    return x.new_empty(*stacked, x.shape[0], n_sim_heads, sim_dim if sim_dim is not None else x.shape[-1])
 
 
 def simulate_prepared(x_NHD: Tensor, prepared: PreparedSimulation, T: int = 1,
-                      rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                      rope: tuple[Tensor, Tensor] | None = None, split: bool = False) -> Tensor:
     """Simulate ``x`` (N, H, D) with prepared operands in one kernel launch: (N, H', D') with the
     feature MLP, else (N, H', D). ``rope``: (cos, sin) tables (B or 1, T, D') with N = B*T, applied
-    after the feature MLP (needs ``prepare_simulation(..., rope=True)``).
+    after the feature MLP (needs ``prepare_simulation(..., rope=True)``). With operands of G stacked
+    tensors (:func:`stack_simulations`) ``x`` is (N, G, H, D) and the result (G, N, H', D').
+    ``split``: more programs per token (for a few tokens; the result is the same).
 
     Forward only: no gradient flows through it (use ``simulate_qk(..., impl="triton")`` to train).
     Each token's H x D block must be contiguous; tokens may be any stride apart."""
@@ -81,12 +108,15 @@ def simulate_prepared(x_NHD: Tensor, prepared: PreparedSimulation, T: int = 1,
                          "torch.inference_mode(), or train with simulate_qk/simulate_heads(impl='triton')")
     if rope is not None and prepared.rot is None:
         raise ValueError("rope tables given, but the weights were prepared without rope=True")
-    if x_NHD.dim() != 3 or tuple(x_NHD.shape[1:]) != (prepared.n_heads, prepared.head_dim):
-        raise ValueError(f"x must be (N, H={prepared.n_heads}, D={prepared.head_dim}) for these prepared weights, "
-                         f"got shape {tuple(x_NHD.shape)}")
+    stacked = (prepared.n_stacked,) if prepared.n_stacked is not None else ()
+    if tuple(x_NHD.shape[1:]) != (*stacked, prepared.n_heads, prepared.head_dim):
+        g = f"G={prepared.n_stacked}, " if stacked else ""
+        raise ValueError(f"x must be (N, {g}H={prepared.n_heads}, D={prepared.head_dim}) for these prepared "
+                         f"weights, got shape {tuple(x_NHD.shape)}")
     cos, sin = rope if rope is not None else (None, None)
     return simulate_prepared_op(x_NHD, prepared.weights, prepared.rot if rope is not None else None, cos, sin,
-                                prepared.n_sim_heads, prepared.sim_dim, T)
+                                prepared.n_sim_heads, prepared.sim_dim, T, split)
 
 
-__all__ = ["PreparedSimulation", "prepare_simulation", "simulate_prepared", "simulate_prepared_op"]
+__all__ = ["PreparedSimulation", "prepare_simulation", "simulate_prepared", "simulate_prepared_op",
+           "stack_simulations"]
