@@ -161,3 +161,79 @@ def test_left_padded_rows_get_their_own_positions(decode_calls: list[tuple[str, 
     assert kernel_names(decode_calls) == ["triton"] * 4
     real = mask.bool()
     assert rel_err(torch.cat(out, dim=1)[real], model(tokens, attention_mask=mask)[real]) <= 1e-5
+
+
+def launches(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
+    """(kernel, grid) of every launch of the simulation kernels from now on."""
+    from sasformer.ops.simulate import fused
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    launch = fused._launch
+
+    def recording(kernel, grid, *args, **meta):
+        calls.append((kernel.fn.__name__, grid))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(fused, "_launch", recording)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["rope-after-mean-k3", "rope-before-full-k3", "mqa-base-values-unsimulated"])
+@torch.no_grad()
+def test_launch_options_equal_plain_forward(name: str, monkeypatch) -> None:
+    # queries and keys in one launch where their shapes agree (not on an MQA base), each launch split
+    model = tiny_sas(CONFIGS[name])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(2, 5 + 1 + 3)
+    monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack, split")
+    calls = launches(monkeypatch)
+    got = cached_logits(model, tokens, [5, 1, 3])
+    assert rel_err(got, model(tokens)) <= 1e-5
+    plan = model.blocks[0].attn.__dict__["_decode_plan"]
+    mha_base = CONFIGS[name].get("n_kv_heads") is None
+    assert plan.split and sorted(plan.fused) == (["qk", "v"] if mha_base else ["k", "q"])
+    # per decode call and layer: Q+K stacked and V on an MHA base; Q and K alone on MQA (values unsimulated)
+    per_layer = [2, 1] if mha_base else [1, 1]
+    grids = [grid for kernel, grid in calls if kernel == "_simulate_split_kernel"]
+    assert len(calls) == len(grids) == 2 * 2 * len(per_layer)
+    assert [grid[2] for grid in grids] == per_layer * 4
+
+
+@torch.no_grad()
+def test_launch_option_is_read_when_a_plan_is_built(monkeypatch) -> None:
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"], n_layers=1)
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(1, 4)
+    calls = launches(monkeypatch)
+    cached_logits(model, tokens, [3, 1])
+    assert [kernel for kernel, _ in calls] == ["_simulate_fwd_kernel"] * 3  # unset: one launch per tensor
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "stack")  # the module setting wins over the variable
+    monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "split")
+    sas_decode.clear_decode_plans(model)
+    assert rel_err(cached_logits(model, tokens, [3, 1]), model(tokens)) <= 1e-5
+    # Q and K stacked, not split; V alone as before
+    assert calls[3:] == [("_simulate_split_kernel", (1, 1, 2)), ("_simulate_fwd_kernel", (1,))]
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", None)
+    monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack,fast")
+    sas_decode.clear_decode_plans(model)
+    with pytest.raises(ValueError, match=r"SASFORMER_DECODE_LAUNCH.*\['fast'\]"):
+        cached_logits(model, tokens, [3, 1])
+
+
+@torch.no_grad()
+def test_stacked_step_traces_as_one_graph() -> None:
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(1, 6)
+    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
+    graphs = trace_step(decoder)
+    sas_decode.DECODE_LAUNCH = "stack,split"
+    try:
+        out = [decoder.prefill(tokens[:, :3])]
+        out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 6)]
+    finally:
+        sas_decode.DECODE_LAUNCH = None
+    assert rel_err(torch.stack(out, dim=1), model(tokens)[:, 2:]) <= 1e-5
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert sum("simulate_prepared" in t for t in targets) == 2 * 2  # Q+K and V in two layers
