@@ -80,9 +80,10 @@ DECODE_PATH_OFF = {"sas-ordinary"}
 #   before "auto" chose the prepared Triton kernel on the GPU; the row fails if another kernel ran.
 #   (No row forces "triton": where it can run, "sas" runs it, and the kernel column says which ran.)
 # - the Triton decode kernel launched differently (sasformer.layers.sas_decode.decode_launch): "stack"
-#   simulates queries and keys in one launch (24 launches per step instead of 36 at 12 layers), "split"
-#   spreads a launch's few tokens over groups of heads and output columns (16 programs per Q+K launch at
-#   batch 1 instead of 2; at batch 32 the grid would exceed two programs per SM, so it does not split).
+#   simulates queries, keys and values in one launch (12 launches per step instead of 36 at 12 layers),
+#   "split" spreads a launch's few tokens over groups of heads and output columns (24 programs per
+#   launch at batch 1 instead of 3; at batch 32 the grid would exceed two programs per SM, so it does not
+#   split there).
 ROW_ENVIRONMENT = {
     "sas-flash-pad": {"SASFORMER_ATTENTION": "flash_pad"},
     "sas-cudnn": {"SASFORMER_ATTENTION": "cudnn"},
@@ -176,7 +177,7 @@ def sync(device: torch.device) -> None:
 
 def plan_label(plan) -> str:
     """A decode plan's kernel, with its launch options: "triton+stack+split" for both."""
-    options = ["stack"] * ("qk" in plan.fused) + ["split"] * plan.split
+    options = ["stack"] * any(name in plan.fused for name in ("qk", "qkv")) + ["split"] * plan.split
     return "+".join([plan.kernel, *options])
 
 

@@ -23,8 +23,9 @@ full:
 with the kernel's padded operands prepared once per weight version. How the "triton" kernel launches
 is chosen by :data:`DECODE_LAUNCH` or, when that is None, the environment variable
 ``SASFORMER_DECODE_LAUNCH`` (read when a plan is built; :func:`decode_launch`): a comma-separated
-subset of ``stack`` (queries and keys simulated by one launch where their shapes agree, i.e. on an MHA
-base: two launches per layer instead of three) and ``split`` (each launch's few tokens spread over
+subset of ``stack`` (queries, keys and simulated values by one launch where their head shapes agree,
+i.e. on an MHA base: one launch per layer instead of three; on a GQA/MQA base the three stay apart)
+and ``split`` (each launch's few tokens spread over
 more programs, by groups of simulated heads and blocks of output columns); unset or ``off``: one
 launch per tensor, one program per block of tokens. The kernel is chosen per layer
 with :func:`set_decode_kernel` or, for layers without a choice, the environment variable
@@ -114,8 +115,8 @@ class DecodePlan:
     kernel: str = "dense"
     qkv_weight: Tensor | None = None  # "triton": the q, k, v projections concatenated, (H*D + 2*Hkv*D, d)
     qkv_bias: Tensor | None = None
-    # "triton": the fused kernel's operands per simulated tensor ("q", "k" and, if simulated, "v"), with
-    # "qk" (queries and keys stacked) in place of "q" and "k" when they are launched together
+    # "triton": the fused kernel's operands per simulated tensor ("q", "k" and, if simulated, "v"), or
+    # "qkv" ("qk" with values unsimulated) stacked when they are launched together
     fused: dict[str, PreparedSimulation] = field(default_factory=dict)
     split: bool = False  # "triton": launch_forward's split (more programs for a few tokens)
 
@@ -208,7 +209,8 @@ def _build_triton_plan(attn: SimulatedAttention, o_weight: Tensor | None) -> Dec
                                              head_dim=attn.head_dim,
                                              rope=features is not None and attn.args.rope == "after")
     if "stack" in launch and attn.n_kv_heads == attn.n_heads:
-        fused["qk"] = ops.stack_simulations([fused.pop("q"), fused.pop("k")])
+        names = [name for name in ("q", "k", "v") if name in fused]
+        fused["".join(names)] = ops.stack_simulations([fused.pop(name) for name in names])
     return DecodePlan(_weights_key(attn), False, [], o_weight, "triton", qkv_weight, qkv_bias, fused,
                       "split" in launch)
 
@@ -360,7 +362,7 @@ def use_decode_path(attn: SimulatedAttention, x_BTd: Tensor, ctx: AttentionConte
 def _simulate_triton(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ctx: AttentionContext
                      ) -> dict[str, Tensor]:
     """Q~, K~, V~ (B, T, heads, size) of the new tokens: one projection GEMM, then one kernel launch per
-    tensor, or one for Q and K together and one for V (``plan.fused["qk"]``)."""
+    tensor, or one for all of them (``plan.fused["qkv"]``, or ``["qk"]`` with values unsimulated)."""
     ops = _fused_ops()
     B, T, d = x_BTd.shape
     N, H, Hkv, D = B * T, attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -372,17 +374,23 @@ def _simulate_triton(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, 
         k = ctx.rotary.rotate(k.view(B, T, Hkv, D)).view(N, Hkv, D)
     rope = ctx.rotary(attn.sim_head_dim) if attn.args.rope == "after" else None
     shape = (B, T, -1, attn.sim_head_dim)
-    if "qk" in plan.fused:
-        # (N, 2, H, D): a view of qkv's first 2*H*D columns unless RoPE before made new tensors
-        qk = qkv[:, : 2 * H * D].view(N, 2, H, D) if attn.args.rope != "before" else torch.stack([q, k], dim=1)
-        qk_sim = ops.simulate_prepared(qk, plan.fused["qk"], T, rope, plan.split)  # (2, N, H', D')
+    stacked = "qkv" if "qkv" in plan.fused else "qk" if "qk" in plan.fused else None
+    if stacked:
+        # (N, G, H, D): a view of the projection's output unless RoPE before made new queries and keys
+        G = len(stacked)
+        x_NGHD = qkv[:, : G * H * D].view(N, G, H, D) if attn.args.rope != "before" else torch.stack(
+            [q, k, v][:G], dim=1)
+        sim = ops.simulate_prepared(x_NGHD, plan.fused[stacked], T, rope, plan.split)
+        qk_sim, v_sim = sim if G == 3 else (sim, None)
         out = {"q": qk_sim[0].view(shape), "k": qk_sim[1].view(shape)}
+        if v_sim is not None:
+            out["v"] = v_sim[0].view(B, T, attn.n_sim_kv_heads, D)
     else:
         out = {name: ops.simulate_prepared(t, plan.fused[name], T, rope, plan.split).view(shape)
                for name, t in (("q", q), ("k", k))}
     if "v" in plan.fused:
         out["v"] = ops.simulate_prepared(v, plan.fused["v"], split=plan.split).view(B, T, attn.n_sim_kv_heads, D)
-    else:  # unsimulated values: simulated head g*H_kv + h reads value head h
+    elif "v" not in out:  # unsimulated values: simulated head g*H_kv + h reads value head h
         out["v"] = v.view(B, T, Hkv, D).repeat(1, 1, attn.groups, 1)
     return out
 

@@ -181,7 +181,7 @@ def launches(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
 @pytest.mark.parametrize("name", ["rope-after-mean-k3", "rope-before-full-k3", "mqa-base-values-unsimulated"])
 @torch.no_grad()
 def test_launch_options_equal_plain_forward(name: str, monkeypatch) -> None:
-    # queries and keys in one launch where their shapes agree (not on an MQA base), each launch split
+    # queries, keys and values in one launch where their shapes agree (not on an MQA base), each launch split
     model = tiny_sas(CONFIGS[name])
     sas_decode.set_decode_kernel(model, "triton")
     tokens = ids(2, 5 + 1 + 3)
@@ -191,9 +191,9 @@ def test_launch_options_equal_plain_forward(name: str, monkeypatch) -> None:
     assert rel_err(got, model(tokens)) <= 1e-5
     plan = model.blocks[0].attn.__dict__["_decode_plan"]
     mha_base = CONFIGS[name].get("n_kv_heads") is None
-    assert plan.split and sorted(plan.fused) == (["qk", "v"] if mha_base else ["k", "q"])
-    # per decode call and layer: Q+K stacked and V on an MHA base; Q and K alone on MQA (values unsimulated)
-    per_layer = [2, 1] if mha_base else [1, 1]
+    assert plan.split and sorted(plan.fused) == (["qkv"] if mha_base else ["k", "q"])
+    # per decode call and layer: Q, K, V stacked on an MHA base; Q and K alone on MQA (values unsimulated)
+    per_layer = [3] if mha_base else [1, 1]
     grids = [grid for kernel, grid in calls if kernel == "_simulate_split_kernel"]
     assert len(calls) == len(grids) == 2 * 2 * len(per_layer)
     assert [grid[2] for grid in grids] == per_layer * 4
@@ -211,8 +211,7 @@ def test_launch_option_is_read_when_a_plan_is_built(monkeypatch) -> None:
     monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "split")
     sas_decode.clear_decode_plans(model)
     assert rel_err(cached_logits(model, tokens, [3, 1]), model(tokens)) <= 1e-5
-    # Q and K stacked, not split; V alone as before
-    assert calls[3:] == [("_simulate_split_kernel", (1, 1, 2)), ("_simulate_fwd_kernel", (1,))]
+    assert calls[3:] == [("_simulate_split_kernel", (1, 1, 3))]  # Q, K, V stacked, not split
     monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", None)
     monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack,fast")
     sas_decode.clear_decode_plans(model)
@@ -236,4 +235,4 @@ def test_stacked_step_traces_as_one_graph() -> None:
     assert rel_err(torch.stack(out, dim=1), model(tokens)[:, 2:]) <= 1e-5
     assert len(graphs) == 1
     targets = [str(node.target) for node in graphs[0].graph.nodes]
-    assert sum("simulate_prepared" in t for t in targets) == 2 * 2  # Q+K and V in two layers
+    assert sum("simulate_prepared" in t for t in targets) == 2  # Q, K, V in one launch, two layers

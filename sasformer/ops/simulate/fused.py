@@ -174,25 +174,69 @@ def _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, e, ok_e, DP: tl.const
 
 
 @triton.jit
+def _split_features(y2, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr, cos_ptr, sin_ptr, i, c0, eb,
+                    N, T, cos_stride_b, HS: tl.constexpr, DS: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HG: tl.constexpr, BE: tl.constexpr, HALF: tl.constexpr,
+                    ROPE: tl.constexpr, PREC: tl.constexpr):
+    """Feature MLP (and RoPE) of Y2 (rows (token, feature), HG heads from c0) at the output columns of
+    block ``eb`` in both halves of D'; writes them to ``out_ptr`` (N, H', D')."""
+    dt = out_ptr.dtype.element_ty
+    y2t = _rows_to_heads(y2, BLOCK_N, DP, HG).to(dt)
+    ek = tl.arange(0, DSP)
+    z1 = tl.dot(y2t, tl.load(w3_ptr + tl.arange(0, DP)[:, None] * DSP + ek[None, :]), input_precision=PREC)
+    a = tl.maximum(z1 + tl.load(b3_ptr + ek)[None, :], 0.0).to(dt)
+    lo = eb * BE + tl.arange(0, BE)
+    hi = HALF + lo
+    ok_lo = lo < HALF
+    ok_hi = ok_lo & (hi < DS)
+    z_lo = _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, lo, ok_lo, DP, DSP, PREC)
+    z_hi = _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, hi, ok_hi, DP, DSP, PREC)
+    r2 = tl.arange(0, BLOCK_N * HG)
+    n2 = (i * BLOCK_N + r2 // HG).to(tl.int64)
+    h2 = c0 + r2 % HG
+    if ROPE:
+        # rotate_half(z) is -z[e + HALF] in the first half and z[e - HALF] in the second
+        cos_lo, sin_lo = _rope_tables(cos_ptr, sin_ptr, n2, lo, N, T, cos_stride_b, DS)
+        cos_hi, sin_hi = _rope_tables(cos_ptr, sin_ptr, n2, hi, N, T, cos_stride_b, DS)
+        z_lo, z_hi = z_lo * cos_lo - z_hi * sin_lo, z_hi * cos_hi + z_lo * sin_hi
+    row = n2[:, None] * (HS * DS) + h2[:, None] * DS
+    ok = ((n2 < N) & (h2 < HS))[:, None]
+    tl.store(out_ptr + row + lo[None, :], z_lo.to(dt), mask=ok & ok_lo[None, :])
+    tl.store(out_ptr + row + hi[None, :], z_hi.to(dt), mask=ok & ok_hi[None, :])
+
+
+@triton.jit
+def _split_heads_store(y2, out_ptr, n, j, c0, N, HS: tl.constexpr, D: tl.constexpr, HG: tl.constexpr):
+    """Write Y2 (rows (token, feature), HG heads from c0) to ``out_ptr`` (N, H', D)."""
+    co = c0 + tl.arange(0, HG)
+    ptrs = out_ptr + n[:, None] * (HS * D) + co[None, :] * D + j[:, None]
+    tl.store(ptrs, y2.to(out_ptr.dtype.element_ty), mask=((n < N) & (j < D))[:, None] & (co < HS)[None, :])
+
+
+@triton.jit
 def _simulate_split_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr, tail_ptr,
     cos_ptr, sin_ptr, N, T, cos_stride_b, x_stride, x_tensor_stride,
     H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
     HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr, BLOCK_N: tl.constexpr,
     HG: tl.constexpr, BE: tl.constexpr, HALF: tl.constexpr, E_BLOCKS: tl.constexpr,
-    FEATURES: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
+    N_FEATURES: tl.constexpr, N_TENSORS: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
 ):
     """The forward kernel over a 3-d grid: (token block, head group x column block, tensor).
 
     Program (i, s, g) simulates tokens of block i at the HG simulated heads of group s // E_BLOCKS
-    (Y1 at all heads is recomputed; the second convolution keeps only this group's columns) and, with
-    the feature MLP, writes the output columns of block s % E_BLOCKS: BE columns of the first half
-    of D' and their BE partners HALF further on, so that RoPE's rotate_half pairs stay in one program
-    (no rotation matmul: the two halves are separate tiles). Operands of tensor g (stacked queries and
-    keys) sit g tensors' sizes on: x at ``g * x_tensor_stride``, each weight at g of its sizes.
+    (Y1 at all heads is recomputed; the second convolution keeps only this group's columns). Tensors
+    g < N_FEATURES (queries, keys) then get the feature MLP at the output columns of block
+    s % E_BLOCKS: BE columns of the first half of D' and their BE partners HALF further on, so that
+    RoPE's rotate_half pairs stay in one program (no rotation matmul: the two halves are separate
+    tiles); they are written to ``out_ptr`` (N_FEATURES, N, H', D'). Later tensors (values) are the
+    head simulation alone, written by the programs of column block 0 to ``tail_ptr``
+    (N_TENSORS - N_FEATURES, N, H', D). Operands of tensor g sit g tensors' sizes on: x at
+    ``g * x_tensor_stride``, each weight at g of its sizes.
     """
     ROWS: tl.constexpr = BLOCK_N * DP
-    hg = tl.program_id(1) // E_BLOCKS
+    i = tl.program_id(0)
+    c0 = (tl.program_id(1) // E_BLOCKS) * HG
     eb = tl.program_id(1) % E_BLOCKS
     g = tl.program_id(2).to(tl.int64)
     x_ptr += g * x_tensor_stride
@@ -201,44 +245,22 @@ def _simulate_split_kernel(
     w2_ptr += g * (K * HSP * HSP)
     b2_ptr += g * HSP
     r = tl.arange(0, ROWS)
-    n = (tl.program_id(0) * BLOCK_N + r // DP).to(tl.int64)
+    n = (i * BLOCK_N + r // DP).to(tl.int64)
     j = r % DP
-    c0 = hg * HG
     y2 = _y2_heads(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, c0, N, x_stride, H, D, K, HP, HSP, HG, ROWS, PREC)
-    dt = x_ptr.dtype.element_ty
-    if FEATURES:
-        out_ptr += g * N * (HS * DS)
-        w3_ptr += g * (DP * DSP)
-        b3_ptr += g * DSP
-        w4_ptr += g * (DSP * DSP)
-        b4_ptr += g * DSP
-        y2t = _rows_to_heads(y2, BLOCK_N, DP, HG).to(dt)
-        ek = tl.arange(0, DSP)
-        z1 = tl.dot(y2t, tl.load(w3_ptr + tl.arange(0, DP)[:, None] * DSP + ek[None, :]), input_precision=PREC)
-        a = tl.maximum(z1 + tl.load(b3_ptr + ek)[None, :], 0.0).to(dt)
-        lo = eb * BE + tl.arange(0, BE)
-        hi = HALF + lo
-        ok_lo = lo < HALF
-        ok_hi = ok_lo & (hi < DS)
-        z_lo = _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, lo, ok_lo, DP, DSP, PREC)
-        z_hi = _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, hi, ok_hi, DP, DSP, PREC)
-        r2 = tl.arange(0, BLOCK_N * HG)
-        n2 = (tl.program_id(0) * BLOCK_N + r2 // HG).to(tl.int64)
-        h2 = c0 + r2 % HG
-        if ROPE:
-            # rotate_half(z) is -z[e + HALF] in the first half and z[e - HALF] in the second
-            cos_lo, sin_lo = _rope_tables(cos_ptr, sin_ptr, n2, lo, N, T, cos_stride_b, DS)
-            cos_hi, sin_hi = _rope_tables(cos_ptr, sin_ptr, n2, hi, N, T, cos_stride_b, DS)
-            z_lo, z_hi = z_lo * cos_lo - z_hi * sin_lo, z_hi * cos_hi + z_lo * sin_hi
-        row = n2[:, None] * (HS * DS) + h2[:, None] * DS
-        ok = ((n2 < N) & (h2 < HS))[:, None]
-        tl.store(out_ptr + row + lo[None, :], z_lo.to(dt), mask=ok & ok_lo[None, :])
-        tl.store(out_ptr + row + hi[None, :], z_hi.to(dt), mask=ok & ok_hi[None, :])
+    if N_FEATURES == 0:
+        _split_heads_store(y2, out_ptr + g * N * (HS * D), n, j, c0, N, HS, D, HG)
+    elif N_FEATURES == N_TENSORS:
+        _split_features(y2, w3_ptr + g * (DP * DSP), b3_ptr + g * DSP, w4_ptr + g * (DSP * DSP),
+                        b4_ptr + g * DSP, out_ptr + g * N * (HS * DS), cos_ptr, sin_ptr, i, c0, eb, N, T,
+                        cos_stride_b, HS, DS, DP, DSP, BLOCK_N, HG, BE, HALF, ROPE, PREC)
     else:
-        out_ptr += g * N * (HS * D)
-        co = c0 + tl.arange(0, HG)
-        ptrs = out_ptr + n[:, None] * (HS * D) + co[None, :] * D + j[:, None]
-        tl.store(ptrs, y2.to(dt), mask=((n < N) & (j < D))[:, None] & (co < HS)[None, :])
+        if g < N_FEATURES:
+            _split_features(y2, w3_ptr + g * (DP * DSP), b3_ptr + g * DSP, w4_ptr + g * (DSP * DSP),
+                            b4_ptr + g * DSP, out_ptr + g * N * (HS * DS), cos_ptr, sin_ptr, i, c0, eb, N, T,
+                            cos_stride_b, HS, DS, DP, DSP, BLOCK_N, HG, BE, HALF, ROPE, PREC)
+        elif eb == 0:
+            _split_heads_store(y2, tail_ptr + (g - N_FEATURES) * N * (HS * D), n, j, c0, N, HS, D, HG)
 
 
 @triton.jit
@@ -473,7 +495,7 @@ def _split_grid(s: _Sizes, n_tensors: int, features: bool, split: bool, device: 
 
 def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: int | None, T: int = 1,
                    rot: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None,
-                   split: bool = False) -> Tensor:
+                   split: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """One launch of the forward kernel with operands from :func:`prepare_forward`.
 
     ``x`` (N, H, D) needs each token's H x D block contiguous; tokens may be any stride apart (a slice
@@ -483,8 +505,10 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
 
     Stacked tensors of equal shapes (queries and keys on an MHA base) in one launch: ``x`` (N, G, H, D)
     (any stride between the G blocks too) and every weight with a leading G axis (:func:`stack_prepared`)
-    give (G, N, H', D'). ``split``: spread the feature MLP and RoPE of few tokens over more programs,
-    by groups of simulated heads and blocks of output columns (see :func:`_split_grid`).
+    give (G, N, H', D'). The feature MLP's four operands may have a shorter leading axis F < G: then
+    the first F tensors (queries, keys) get it and the rest (values) do not, and the result is the pair
+    (F, N, H', D'), (G - F, N, H', D). ``split``: spread the feature MLP and RoPE of few tokens over
+    more programs, by groups of simulated heads and blocks of output columns (see :func:`_split_grid`).
     """
     stacked = x.dim() == 4
     N, G, H, D = x.shape if stacked else (x.shape[0], 1, *x.shape[1:])
@@ -494,8 +518,11 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
     expected = [(s.K, s.HP, s.HSP), (s.HSP,), (s.K, s.HSP, s.HSP), (s.HSP,)]
     if features:
         expected += [(s.DP, s.DSP), (s.DSP,), (s.DSP, s.DSP), (s.DSP,)]
+    n_features = (weights[4].shape[0] if stacked and weights[4].dim() == 3 else G) if features else 0
     if stacked:
-        expected = [(G, *shape) for shape in expected]
+        expected = [(G if i < 4 else n_features, *shape) for i, shape in enumerate(expected)]
+    if not 0 <= n_features <= G:
+        raise ValueError(f"{n_features} stacked feature MLPs for {G} stacked inputs: at most one per input")
     if len(weights) not in (4, 8) or [tuple(w.shape) for w in weights] != expected:
         raise ValueError(f"prepared weights {[tuple(w.shape) for w in weights]} do not fit input {tuple(x.shape)} "
                          f"with H'={n_sim_heads}, D'={sim_dim}: expected {expected} (see prepare_forward)")
@@ -519,7 +546,12 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
         rope_ptrs, cos_stride = [rot, cos, sin], (0 if cos.shape[0] == 1 else T * s.DS)
     else:
         rope_ptrs, cos_stride, T = [unused] * 3, 0, max(T, 1)
-    out = _empty(*((G,) if stacked else ()), s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+    tail = None
+    if 0 < n_features < G:
+        out = _empty(n_features, s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+        tail = _empty(G - n_features, s.N, s.HS, s.D, device=x.device, dtype=x.dtype)
+    else:
+        out = _empty(*((G,) if stacked else ()), s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
     if not (stacked or split):
         _launch(
             _simulate_fwd_kernel, (s.n_blocks,), x, *weights[:4], *feats, out, *rope_ptrs, s.N, T, cos_stride,
@@ -528,19 +560,31 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
         return out
     meta = _split_grid(s, G, features, split, x.device)
     grid = meta.pop("grid")
+    sizes = s.forward(features, rope)
+    del sizes["FEATURES"]
     _launch(
-        _simulate_split_kernel, grid, x, *weights[:4], *feats, out, *rope_ptrs[1:], s.N, T, cos_stride,
-        x_stride, x_tensor_stride, PREC=_precision(x.dtype), **s.forward(features, rope), **meta,
+        _simulate_split_kernel, grid, x, *weights[:4], *feats, out, tail if tail is not None else out,
+        *rope_ptrs[1:], s.N, T, cos_stride, x_stride, x_tensor_stride, PREC=_precision(x.dtype), **sizes,
+        **meta, N_FEATURES=n_features, N_TENSORS=G,
     )
-    return out
+    return out if tail is None else (out, tail)
 
 
 def stack_prepared(prepared: list[list[Tensor]]) -> list[Tensor]:
     """The operands of several :func:`prepare_forward` calls of equal shapes, stacked along a new first
-    axis, for one launch over stacked inputs (:func:`launch_forward` with ``x`` (N, G, H, D))."""
-    if len({tuple(tuple(w.shape) for w in ws) for ws in prepared}) != 1:
-        raise ValueError("stack_prepared needs operands of equal shapes (tensors with the same H, H', D, D', k)")
-    return [torch.stack(ws) for ws in zip(*prepared)]
+    axis, for one launch over stacked inputs (:func:`launch_forward` with ``x`` (N, G, H, D)). Those
+    with the feature MLP come first; those without it (values) may follow."""
+    heads = {tuple(tuple(w.shape) for w in ws[:4]) for ws in prepared}
+    with_features = [ws for ws in prepared if len(ws) == 8]
+    if len(heads) != 1 or len({tuple(tuple(w.shape) for w in ws[4:]) for ws in with_features}) > 1 or any(
+        len(ws) != 8 for ws in prepared[: len(with_features)]
+    ):
+        raise ValueError("stack_prepared needs operands of equal shapes (tensors with the same H, H', D, D', k), "
+                         "those with the feature MLP first")
+    stacked = [torch.stack(ws) for ws in zip(*(ws[:4] for ws in prepared))]
+    if with_features:
+        stacked += [torch.stack(ws) for ws in zip(*(ws[4:] for ws in with_features))]
+    return stacked
 
 
 def _forward(x: Tensor, w1, b1, w2, b2, w3, b3, w4, b4, T: int, rope) -> Tensor:
