@@ -8,6 +8,13 @@ from shifted loads (k^2 tiny dots; H is small). Y2 is permuted in registers to r
 simulated head) x columns (feature) for the feature MLP; for queries and keys with RoPE after the
 simulation the rotation is applied before the single write of (N, H', D').
 
+For a few tokens (decode) the split forward kernel spreads the work over a 3-d grid: token blocks x
+(groups of simulated heads x blocks of output columns) x stacked tensors. Each program recomputes
+Y1 at all heads (cheap: H inputs), keeps the second convolution's columns of its heads, and computes
+the feature MLP's output columns of its block in the first half of D' with their RoPE partners in the
+second, so the rotation is elementwise. Stacked tensors (queries, keys, values on an MHA base) share
+one launch; trailing ones without the feature MLP (values) write a second output.
+
 Backward. Nothing but the compact input is saved. For queries and keys, the forward kernel runs
 again without the feature MLP to give Y2 (N, H', D), and the feature MLP's gradients are four GEMMs
 over (N*H') rows (tensor-core work cuBLAS does best; Z1 is recomputed, not saved). The head
