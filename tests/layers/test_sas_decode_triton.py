@@ -178,11 +178,21 @@ def launches(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
     return calls
 
 
-@pytest.mark.parametrize("name", ["rope-after-mean-k3", "rope-before-full-k3", "mqa-base-values-unsimulated"])
+LAUNCH_CONFIGS = {**CONFIGS, "mha-base-values-unsimulated": {**BASE, "kernel_size": 3, "simulate_v": False}}
+# (config, stacked operands, tensors per launch in a layer); rope "after" with values simulated is
+# test_stacked_step_traces_as_one_graph's
+LAUNCH_CASES = [
+    ("rope-before-full-k3", ["qkv"], [3]),
+    ("mqa-base-values-unsimulated", ["k", "q"], [1, 1]),
+    ("mha-base-values-unsimulated", ["qk"], [2]),
+]
+
+
+@pytest.mark.parametrize("name,fused,per_layer", LAUNCH_CASES)
 @torch.no_grad()
-def test_launch_options_equal_plain_forward(name: str, monkeypatch) -> None:
+def test_launch_options_equal_plain_forward(name: str, fused: list[str], per_layer: list[int], monkeypatch) -> None:
     # queries, keys and values in one launch where their shapes agree (not on an MQA base), each launch split
-    model = tiny_sas(CONFIGS[name])
+    model = tiny_sas(LAUNCH_CONFIGS[name])
     sas_decode.set_decode_kernel(model, "triton")
     tokens = ids(2, 5 + 1 + 3)
     monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack, split")
@@ -190,10 +200,7 @@ def test_launch_options_equal_plain_forward(name: str, monkeypatch) -> None:
     got = cached_logits(model, tokens, [5, 1, 3])
     assert rel_err(got, model(tokens)) <= 1e-5
     plan = model.blocks[0].attn.__dict__["_decode_plan"]
-    mha_base = CONFIGS[name].get("n_kv_heads") is None
-    assert plan.split and sorted(plan.fused) == (["qkv"] if mha_base else ["k", "q"])
-    # per decode call and layer: Q, K, V stacked on an MHA base; Q and K alone on MQA (values unsimulated)
-    per_layer = [3] if mha_base else [1, 1]
+    assert plan.split and sorted(plan.fused) == fused
     grids = [grid for kernel, grid in calls if kernel == "_simulate_split_kernel"]
     assert len(calls) == len(grids) == 2 * 2 * len(per_layer)
     assert [grid[2] for grid in grids] == per_layer * 4
