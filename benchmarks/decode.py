@@ -224,7 +224,7 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     model = model.to(dtype).eval()
     if name in DECODE_PATH_OFF:
         set_decode_path(model, "off")
-    elif KERNEL_ENV_VAR in ROW_ENVIRONMENT.get(name, {}):
+    elif {KERNEL_ENV_VAR, LAUNCH_ENV_VAR} & set(ROW_ENVIRONMENT.get(name, {})):
         set_decode_path(model, "on")  # what "auto" does on CUDA; on a CPU too, so the forced kernel runs there
     capacity = args.context + args.warmup + args.new_tokens + args.profile
     mem_at_start = None
