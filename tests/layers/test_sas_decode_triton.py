@@ -236,10 +236,16 @@ def test_stacked_step_traces_as_one_graph() -> None:
     sas_decode.DECODE_LAUNCH = "stack,split"
     try:
         out = [decoder.prefill(tokens[:, :3])]
-        out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 6)]
+        out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 5)]
+        assert rel_err(torch.stack(out, dim=1), model(tokens[:, :5])[:, 2:]) <= 1e-5
+        # the stacked operands are refreshed in place from changed weights
+        plan = model.blocks[1].attn.__dict__["_decode_plan"]
+        model.blocks[1].attn.features_q.w4.mul_(3.0)  # queries: the cached keys and values stay valid
+        after = decoder.step(tokens[:, 5:6])
     finally:
         sas_decode.DECODE_LAUNCH = None
-    assert rel_err(torch.stack(out, dim=1), model(tokens)[:, 2:]) <= 1e-5
+    assert rel_err(after, model(tokens)[:, -1]) <= 1e-5
+    assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and sorted(plan.fused) == ["qkv"]
     assert len(graphs) == 1
     targets = [str(node.target) for node in graphs[0].graph.nodes]
     assert sum("simulate_prepared" in t for t in targets) == 2  # Q, K, V in one launch, two layers
