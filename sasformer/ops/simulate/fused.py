@@ -510,7 +510,7 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
     (``sim_dim`` = D' and 8 operands), else (N, H', D). RoPE after the feature MLP when ``cos``, ``sin``
     (B or 1, T, D') and ``rot`` (:func:`rotation_matrix`) are given; N = B * T.
 
-    Stacked tensors of equal shapes (queries and keys on an MHA base) in one launch: ``x`` (N, G, H, D)
+    Stacked tensors of equal head shapes (queries, keys, values on an MHA base) in one launch: ``x`` (N, G, H, D)
     (any stride between the G blocks too) and every weight with a leading G axis (:func:`stack_prepared`)
     give (G, N, H', D'). The feature MLP's four operands may have a shorter leading axis F < G: then
     the first F tensors (queries, keys) get it and the rest (values) do not, and the result is the pair
