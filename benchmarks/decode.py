@@ -90,7 +90,8 @@ ROW_ENVIRONMENT = {
     "sas-triton": {"SASFORMER_SIMULATE": "triton"},
     "sas-decode-dense": {KERNEL_ENV_VAR: "dense"},
     "sas-decode-stack": {LAUNCH_ENV_VAR: "stack"},
-    "sas-decode-split": {LAUNCH_ENV_VAR: "stack,split"},
+    "sas-decode-split": {LAUNCH_ENV_VAR: "split"},
+    "sas-decode-stack-split": {LAUNCH_ENV_VAR: "stack,split"},
 }
 VARIANTS.update({name: ("sas", {"cache_mode": "simulated"}) for name in ROW_ENVIRONMENT})
 MODES = ("eager", "graph", "compile")
