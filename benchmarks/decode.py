@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from profiling import profile_calls, profile_markdown  # benchmarks/profiling.py, beside this script
 
 from sasformer.generation import StaticDecoder
-from sasformer.layers.sas_decode import KERNEL_ENV_VAR, sas_layers, set_decode_path
+from sasformer.layers.sas_decode import KERNEL_ENV_VAR, LAUNCH_ENV_VAR, sas_layers, set_decode_path
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
 
@@ -79,11 +79,19 @@ DECODE_PATH_OFF = {"sas-ordinary"}
 # - the decode path with its "dense" kernel forced (stacked GEMMs against banded matrices), the default
 #   before "auto" chose the prepared Triton kernel on the GPU; the row fails if another kernel ran.
 #   (No row forces "triton": where it can run, "sas" runs it, and the kernel column says which ran.)
+# - the Triton decode kernel launched differently (sasformer.layers.sas_decode.decode_launch): "stack"
+#   simulates queries, keys and values in one launch (12 launches per step instead of 36 at 12 layers),
+#   "split" spreads a launch's few tokens over groups of heads and output columns (24 programs per
+#   launch at batch 1 instead of 3; at batch 32 the grid would exceed two programs per SM, so it does not
+#   split there).
 ROW_ENVIRONMENT = {
     "sas-flash-pad": {"SASFORMER_ATTENTION": "flash_pad"},
     "sas-cudnn": {"SASFORMER_ATTENTION": "cudnn"},
     "sas-triton": {"SASFORMER_SIMULATE": "triton"},
     "sas-decode-dense": {KERNEL_ENV_VAR: "dense"},
+    "sas-decode-stack": {LAUNCH_ENV_VAR: "stack"},
+    "sas-decode-split": {LAUNCH_ENV_VAR: "split"},
+    "sas-decode-stack-split": {LAUNCH_ENV_VAR: "stack,split"},
 }
 VARIANTS.update({name: ("sas", {"cache_mode": "simulated"}) for name in ROW_ENVIRONMENT})
 MODES = ("eager", "graph", "compile")
@@ -168,10 +176,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def plan_label(plan) -> str:
+    """A decode plan's kernel, with its launch options: "triton+stack+split" for both."""
+    options = ["stack"] * any(name in plan.fused for name in ("qk", "qkv")) + ["split"] * plan.split
+    return "+".join([plan.kernel, *options])
+
+
 def decode_kernels(model: DecoderLM) -> list[str]:
-    """The kernels of the SAS layers' decode plans (empty where no layer took the decode path)."""
+    """The kernels (with launch options) of the SAS layers' decode plans (empty where no layer took the
+    decode path)."""
     plans = [layer.__dict__.get("_decode_plan") for layer in sas_layers(model)]
-    return sorted({plan.kernel for plan in plans if plan is not None})
+    return sorted({plan_label(plan) for plan in plans if plan is not None})
 
 
 class CheckFailed(RuntimeError):
@@ -210,7 +225,7 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     model = model.to(dtype).eval()
     if name in DECODE_PATH_OFF:
         set_decode_path(model, "off")
-    elif KERNEL_ENV_VAR in ROW_ENVIRONMENT.get(name, {}):
+    elif {KERNEL_ENV_VAR, LAUNCH_ENV_VAR} & set(ROW_ENVIRONMENT.get(name, {})):
         set_decode_path(model, "on")  # what "auto" does on CUDA; on a CPU too, so the forced kernel runs there
     capacity = args.context + args.warmup + args.new_tokens + args.profile
     mem_at_start = None
@@ -259,7 +274,10 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     warmup_s = time.perf_counter() - t0
     check = check_against_forward(model, fed, got, args.check_tol)
     kernels = decode_kernels(model)
-    wanted = ROW_ENVIRONMENT.get(name, {}).get(KERNEL_ENV_VAR)
+    row_env = ROW_ENVIRONMENT.get(name, {})
+    wanted = row_env.get(KERNEL_ENV_VAR)
+    if LAUNCH_ENV_VAR in row_env:  # the launch options apply to the Triton kernel only
+        wanted = "+".join(["triton", *(o.strip() for o in row_env[LAUNCH_ENV_VAR].split(","))])
     if wanted and kernels != [wanted]:
         raise RuntimeError(f"{name}: the SAS layers decoded with kernels {kernels}, not {wanted!r}")
 

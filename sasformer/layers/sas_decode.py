@@ -20,7 +20,14 @@ full:
     x (N, d) -> [GEMM: q, k, v projections as one] -> fused forward kernel, one launch per Q, K, V
              (head simulation, feature MLP and RoPE for Q and K; :mod:`sasformer.ops.simulate.decode_fused`)
 
-with the kernel's padded operands prepared once per weight version. The kernel is chosen per layer
+with the kernel's padded operands prepared once per weight version. How the "triton" kernel launches
+is chosen by :data:`DECODE_LAUNCH` or, when that is None, the environment variable
+``SASFORMER_DECODE_LAUNCH`` (read when a plan is built; :func:`decode_launch`): a comma-separated
+subset of ``stack`` (queries, keys and simulated values by one launch where their head shapes agree,
+i.e. on an MHA base: one launch per layer instead of three; on a GQA/MQA base the three stay apart)
+and ``split`` (each launch's few tokens spread over
+more programs, by groups of simulated heads and blocks of output columns); unset or ``off``: one
+launch per tensor, one program per block of tokens. The kernel is chosen per layer
 with :func:`set_decode_kernel` or, for layers without a choice, the environment variable
 ``SASFORMER_DECODE_KERNEL`` (``auto``, ``dense`` or ``triton``; unset means ``auto``), read when a plan
 is built. ``"auto"`` (the default) is ``"triton"`` where the kernel can run on the GPU (Triton
@@ -70,6 +77,10 @@ DECODE_PATH_MODES = ("auto", "on", "off")
 # "auto" picks "triton" where it can run on the GPU, else "dense"
 DECODE_KERNELS = ("auto", "dense", "triton")
 KERNEL_ENV_VAR = "SASFORMER_DECODE_KERNEL"
+# how the "triton" kernel launches (see the module docstring); None: LAUNCH_ENV_VAR, unset = "off"
+DECODE_LAUNCH: str | None = None
+DECODE_LAUNCH_OPTIONS = ("stack", "split")
+LAUNCH_ENV_VAR = "SASFORMER_DECODE_LAUNCH"
 
 
 @dataclass
@@ -104,8 +115,10 @@ class DecodePlan:
     kernel: str = "dense"
     qkv_weight: Tensor | None = None  # "triton": the q, k, v projections concatenated, (H*D + 2*Hkv*D, d)
     qkv_bias: Tensor | None = None
-    # "triton": the fused kernel's operands per simulated tensor ("q", "k" and, if simulated, "v")
+    # "triton": the fused kernel's operands per simulated tensor ("q", "k" and, if simulated, "v"), or
+    # "qkv" ("qk" with values unsimulated) stacked when they are launched together
     fused: dict[str, PreparedSimulation] = field(default_factory=dict)
+    split: bool = False  # "triton": launch_forward's split (more programs for a few tokens)
 
     def tensors(self) -> list[Tensor]:
         extra = [t for t in (self.o_weight, self.qkv_weight, self.qkv_bias) if t is not None]
@@ -163,6 +176,20 @@ def resolve_decode_kernel(attn: SimulatedAttention) -> str:
     return choice
 
 
+def decode_launch() -> frozenset[str]:
+    """The "triton" kernel's launch options, a subset of :data:`DECODE_LAUNCH_OPTIONS`, from
+    :data:`DECODE_LAUNCH` or else ``SASFORMER_DECODE_LAUNCH`` (comma-separated; "" or "off": none)."""
+    chosen = DECODE_LAUNCH
+    text = chosen if chosen is not None else os.environ.get(LAUNCH_ENV_VAR, "")
+    names = {t.strip().lower() for t in text.split(",")} - {"", "off"}
+    unknown = names - set(DECODE_LAUNCH_OPTIONS)
+    if unknown:
+        source = "sas_decode.DECODE_LAUNCH" if chosen is not None else LAUNCH_ENV_VAR
+        raise ValueError(f"{source}={text!r}: unknown launch option(s) {sorted(unknown)}; use a comma-separated "
+                         f"subset of {DECODE_LAUNCH_OPTIONS}, or 'off'")
+    return frozenset(names)
+
+
 def _fused_ops():
     # imported on first use: Triton is an optional dependency
     from sasformer.ops.simulate import decode_fused
@@ -174,13 +201,18 @@ def _build_triton_plan(attn: SimulatedAttention, o_weight: Tensor | None) -> Dec
     """The fused kernel's operands: one concatenated projection and prepared simulation weights per tensor."""
     ops = _fused_ops()
     qkv_weight, qkv_bias = concat_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+    launch = decode_launch()
     fused = {}
     for name, _, heads, features in _members(attn):
         feature_weights = (features.w3, features.b3, features.w4, features.b4) if features is not None else ()
         fused[name] = ops.prepare_simulation(heads.w1, heads.b1, heads.w2, heads.b2, *feature_weights,
                                              head_dim=attn.head_dim,
                                              rope=features is not None and attn.args.rope == "after")
-    return DecodePlan(_weights_key(attn), False, [], o_weight, "triton", qkv_weight, qkv_bias, fused)
+    if "stack" in launch and attn.n_kv_heads == attn.n_heads:
+        names = [name for name in ("q", "k", "v") if name in fused]
+        fused["".join(names)] = ops.stack_simulations([fused.pop(name) for name in names])
+    return DecodePlan(_weights_key(attn), False, [], o_weight, "triton", qkv_weight, qkv_bias, fused,
+                      "split" in launch)
 
 
 @torch.no_grad()
@@ -224,7 +256,8 @@ def _copy_into(old: DecodePlan, new: DecodePlan) -> bool:
     """Refresh ``old`` in place (its tensors keep their storage, so captured CUDA graphs stay valid);
     False when the shapes, dtypes or devices differ."""
     pairs = list(zip(old.tensors(), new.tensors()))
-    if old.kernel != new.kernel or len(old.tensors()) != len(new.tensors()) or any(
+    same_launch = sorted(old.fused) == sorted(new.fused) and old.split == new.split
+    if old.kernel != new.kernel or not same_launch or len(old.tensors()) != len(new.tensors()) or any(
         (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device) or a.is_inference() for a, b in pairs
     ):
         return False
@@ -328,7 +361,8 @@ def use_decode_path(attn: SimulatedAttention, x_BTd: Tensor, ctx: AttentionConte
 
 def _simulate_triton(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ctx: AttentionContext
                      ) -> dict[str, Tensor]:
-    """Q~, K~, V~ (B, T, heads, size) of the new tokens: one projection GEMM, one kernel launch per tensor."""
+    """Q~, K~, V~ (B, T, heads, size) of the new tokens: one projection GEMM, then one kernel launch per
+    tensor, or one for all of them (``plan.fused["qkv"]``, or ``["qk"]`` with values unsimulated)."""
     ops = _fused_ops()
     B, T, d = x_BTd.shape
     N, H, Hkv, D = B * T, attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -339,11 +373,24 @@ def _simulate_triton(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, 
         q = ctx.rotary.rotate(q.view(B, T, H, D)).view(N, H, D)
         k = ctx.rotary.rotate(k.view(B, T, Hkv, D)).view(N, Hkv, D)
     rope = ctx.rotary(attn.sim_head_dim) if attn.args.rope == "after" else None
-    out = {name: ops.simulate_prepared(t, plan.fused[name], T, rope).view(B, T, -1, attn.sim_head_dim)
-           for name, t in (("q", q), ("k", k))}
+    shape = (B, T, -1, attn.sim_head_dim)
+    stacked = "qkv" if "qkv" in plan.fused else "qk" if "qk" in plan.fused else None
+    if stacked:
+        # (N, G, H, D): a view of the projection's output unless RoPE before made new queries and keys
+        G = len(stacked)
+        x_NGHD = qkv[:, : G * H * D].view(N, G, H, D) if attn.args.rope != "before" else torch.stack(
+            [q, k, v][:G], dim=1)
+        sim = ops.simulate_prepared(x_NGHD, plan.fused[stacked], T, rope, plan.split)
+        qk_sim, v_sim = sim if G == 3 else (sim, None)
+        out = {"q": qk_sim[0].view(shape), "k": qk_sim[1].view(shape)}
+        if v_sim is not None:
+            out["v"] = v_sim[0].view(B, T, attn.n_sim_kv_heads, D)
+    else:
+        out = {name: ops.simulate_prepared(t, plan.fused[name], T, rope, plan.split).view(shape)
+               for name, t in (("q", q), ("k", k))}
     if "v" in plan.fused:
-        out["v"] = ops.simulate_prepared(v, plan.fused["v"]).view(B, T, attn.n_sim_kv_heads, D)
-    else:  # unsimulated values: simulated head g*H_kv + h reads value head h
+        out["v"] = ops.simulate_prepared(v, plan.fused["v"], split=plan.split).view(B, T, attn.n_sim_kv_heads, D)
+    elif "v" not in out:  # unsimulated values: simulated head g*H_kv + h reads value head h
         out["v"] = v.view(B, T, Hkv, D).repeat(1, 1, attn.groups, 1)
     return out
 
@@ -393,14 +440,18 @@ def decode_forward(attn: SimulatedAttention, plan: DecodePlan, x_BTd: Tensor, ct
 
 __all__ = [
     "DECODE_KERNELS",
+    "DECODE_LAUNCH",
+    "DECODE_LAUNCH_OPTIONS",
     "DECODE_MAX_TOKENS",
     "DECODE_PATH_MODES",
     "KERNEL_ENV_VAR",
+    "LAUNCH_ENV_VAR",
     "DecodePlan",
     "HeadGroup",
     "build_plan",
     "clear_decode_plans",
     "decode_forward",
+    "decode_launch",
     "decode_plan",
     "prepare_decode",
     "resolve_decode_kernel",

@@ -161,3 +161,91 @@ def test_left_padded_rows_get_their_own_positions(decode_calls: list[tuple[str, 
     assert kernel_names(decode_calls) == ["triton"] * 4
     real = mask.bool()
     assert rel_err(torch.cat(out, dim=1)[real], model(tokens, attention_mask=mask)[real]) <= 1e-5
+
+
+def launches(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
+    """(kernel, grid) of every launch of the simulation kernels from now on."""
+    from sasformer.ops.simulate import fused
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    launch = fused._launch
+
+    def recording(kernel, grid, *args, **meta):
+        calls.append((kernel.fn.__name__, grid))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(fused, "_launch", recording)
+    return calls
+
+
+LAUNCH_CONFIGS = {**CONFIGS, "mha-base-values-unsimulated": {**BASE, "kernel_size": 3, "simulate_v": False}}
+# (config, stacked operands, tensors per launch in a layer); rope "after" with values simulated is
+# test_stacked_step_traces_as_one_graph's
+LAUNCH_CASES = [
+    ("rope-before-full-k3", ["qkv"], [3]),
+    ("mqa-base-values-unsimulated", ["k", "q"], [1, 1]),
+    ("mha-base-values-unsimulated", ["qk"], [2]),
+]
+
+
+@pytest.mark.parametrize("name,fused,per_layer", LAUNCH_CASES)
+@torch.no_grad()
+def test_launch_options_equal_plain_forward(name: str, fused: list[str], per_layer: list[int], monkeypatch) -> None:
+    # queries, keys and values in one launch where their shapes agree (not on an MQA base), each launch split
+    model = tiny_sas(LAUNCH_CONFIGS[name])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(2, 5 + 1 + 3)
+    monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack, split")
+    calls = launches(monkeypatch)
+    got = cached_logits(model, tokens, [5, 1, 3])
+    assert rel_err(got, model(tokens)) <= 1e-5
+    plan = model.blocks[0].attn.__dict__["_decode_plan"]
+    assert plan.split and sorted(plan.fused) == fused
+    grids = [grid for kernel, grid in calls if kernel == "_simulate_split_kernel"]
+    assert len(calls) == len(grids) == 2 * 2 * len(per_layer)
+    assert [grid[2] for grid in grids] == per_layer * 4
+
+
+@torch.no_grad()
+def test_launch_option_is_read_when_a_plan_is_built(monkeypatch) -> None:
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"], n_layers=1)
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(1, 4)
+    calls = launches(monkeypatch)
+    cached_logits(model, tokens, [3, 1])
+    assert [kernel for kernel, _ in calls] == ["_simulate_fwd_kernel"] * 3  # unset: one launch per tensor
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "stack")  # the module setting wins over the variable
+    monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "split")
+    sas_decode.clear_decode_plans(model)
+    assert rel_err(cached_logits(model, tokens, [3, 1]), model(tokens)) <= 1e-5
+    assert calls[3:] == [("_simulate_split_kernel", (1, 1, 3))]  # Q, K, V stacked, not split
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", None)
+    monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack,fast")
+    sas_decode.clear_decode_plans(model)
+    with pytest.raises(ValueError, match=r"SASFORMER_DECODE_LAUNCH.*\['fast'\]"):
+        cached_logits(model, tokens, [3, 1])
+
+
+@torch.no_grad()
+def test_stacked_step_traces_as_one_graph() -> None:
+    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
+    sas_decode.set_decode_kernel(model, "triton")
+    tokens = ids(1, 6)
+    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
+    graphs = trace_step(decoder)
+    sas_decode.DECODE_LAUNCH = "stack,split"
+    try:
+        out = [decoder.prefill(tokens[:, :3])]
+        out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 5)]
+        assert rel_err(torch.stack(out, dim=1), model(tokens[:, :5])[:, 2:]) <= 1e-5
+        # the stacked operands are refreshed in place from changed weights
+        plan = model.blocks[1].attn.__dict__["_decode_plan"]
+        model.blocks[1].attn.features_q.w4.mul_(3.0)  # queries: the cached keys and values stay valid
+        after = decoder.step(tokens[:, 5:6])
+    finally:
+        sas_decode.DECODE_LAUNCH = None
+    assert rel_err(after, model(tokens)[:, -1]) <= 1e-5
+    assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and sorted(plan.fused) == ["qkv"]
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert sum("simulate_prepared" in t for t in targets) == 2  # Q, K, V in one launch, two layers

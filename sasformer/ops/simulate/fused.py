@@ -8,6 +8,13 @@ from shifted loads (k^2 tiny dots; H is small). Y2 is permuted in registers to r
 simulated head) x columns (feature) for the feature MLP; for queries and keys with RoPE after the
 simulation the rotation is applied before the single write of (N, H', D').
 
+For a few tokens (decode) the split forward kernel spreads the work over a 3-d grid: token blocks x
+(groups of simulated heads x blocks of output columns) x stacked tensors. Each program recomputes
+Y1 at all heads (cheap: H inputs), keeps the second convolution's columns of its heads, and computes
+the feature MLP's output columns of its block in the first half of D' with their RoPE partners in the
+second, so the rotation is elementwise. Stacked tensors (queries, keys, values on an MHA base) share
+one launch; trailing ones without the feature MLP (values) write a second output.
+
 Backward. Nothing but the compact input is saved. For queries and keys, the forward kernel runs
 again without the feature MLP to give Y2 (N, H', D), and the feature MLP's gradients are four GEMMs
 over (N*H') rows (tensor-core work cuBLAS does best; Z1 is recomputed, not saved). The head
@@ -49,10 +56,17 @@ def _load_x(x_ptr, n, j, s, N, XS, H: tl.constexpr, D: tl.constexpr, HP: tl.cons
 def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, XS, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
            HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
     """First convolution output at features j + s (fp32), zero where j + s is outside the token."""
+    return _y1_heads(x_ptr, w1_ptr, b1_ptr, n, j, s, 0, N, XS, H, D, K, HP, HSP, HSP, ROWS, PREC)
+
+
+@triton.jit
+def _y1_heads(x_ptr, w1_ptr, b1_ptr, n, j, s, c0, N, XS, H: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
+              HP: tl.constexpr, HSP: tl.constexpr, HG: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_y1_at` at the HG simulated heads c0 .. c0 + HG - 1 only (columns)."""
     PAD: tl.constexpr = (K - 1) // 2
     ci = tl.arange(0, HP)
-    co = tl.arange(0, HSP)
-    acc = tl.zeros((ROWS, HSP), dtype=tl.float32)
+    co = c0 + tl.arange(0, HG)
+    acc = tl.zeros((ROWS, HG), dtype=tl.float32)
     for t in tl.static_range(K):
         xs = _load_x(x_ptr, n, j, s + t - PAD, N, XS, H, D, HP)
         w = tl.load(w1_ptr + t * HP * HSP + ci[:, None] * HSP + co[None, :])
@@ -66,14 +80,24 @@ def _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, s, N, XS, H: tl.constexpr, D: tl.constex
 def _y2(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, N, XS, H: tl.constexpr, D: tl.constexpr,
         K: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
     """Head simulation output Y2 (fp32, rows (token, feature)); rows past the token are zero."""
+    return _y2_heads(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, 0, N, XS, H, D, K, HP, HSP, HSP, ROWS, PREC)
+
+
+@triton.jit
+def _y2_heads(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, c0, N, XS, H: tl.constexpr, D: tl.constexpr,
+              K: tl.constexpr, HP: tl.constexpr, HSP: tl.constexpr, HG: tl.constexpr, ROWS: tl.constexpr,
+              PREC: tl.constexpr):
+    """Y2 at the HG simulated heads c0 .. c0 + HG - 1 only (columns); Y1 is needed at all heads."""
     PAD: tl.constexpr = (K - 1) // 2
-    co = tl.arange(0, HSP)
-    y2 = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, 0, N, XS, H, D, K, HP, HSP, ROWS, PREC)
+    ci = tl.arange(0, HSP)
+    co = c0 + tl.arange(0, HG)
+    # the residual: Y1 at this program's heads
+    y2 = _y1_heads(x_ptr, w1_ptr, b1_ptr, n, j, 0, c0, N, XS, H, D, K, HP, HSP, HG, ROWS, PREC)
     y2 += tl.load(b2_ptr + co)[None, :]
     for t in tl.static_range(K):
         y1s = _y1_at(x_ptr, w1_ptr, b1_ptr, n, j, t - PAD, N, XS, H, D, K, HP, HSP, ROWS, PREC)
         r = tl.maximum(y1s, 0.0).to(x_ptr.dtype.element_ty)
-        w = tl.load(w2_ptr + t * HSP * HSP + co[:, None] * HSP + co[None, :])
+        w = tl.load(w2_ptr + t * HSP * HSP + ci[:, None] * HSP + co[None, :])
         y2 = tl.dot(r, w, y2, input_precision=PREC)
     return tl.where((j < D)[:, None], y2, 0.0)
 
@@ -140,6 +164,110 @@ def _simulate_fwd_kernel(
         co = tl.arange(0, HSP)
         ptrs = out_ptr + n[:, None] * (HS * D) + co[None, :] * D + j[:, None]
         tl.store(ptrs, y2.to(dt), mask=((n < N) & (j < D))[:, None] & (co < HS)[None, :])
+
+
+@triton.jit
+def _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, e, ok_e, DP: tl.constexpr, DSP: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Z2 of the feature MLP at columns ``e`` only: Z1 there from Y2, plus ReLU(Z1) (all columns) @ W4."""
+    jj = tl.arange(0, DP)
+    ek = tl.arange(0, DSP)
+    w3 = tl.load(w3_ptr + jj[:, None] * DSP + e[None, :], mask=ok_e[None, :], other=0.0)
+    w4 = tl.load(w4_ptr + ek[:, None] * DSP + e[None, :], mask=ok_e[None, :], other=0.0)
+    z = tl.dot(y2t, w3, input_precision=PREC)
+    z = tl.dot(a, w4, z, input_precision=PREC)
+    bias = tl.load(b3_ptr + e, mask=ok_e, other=0.0).to(tl.float32) + tl.load(b4_ptr + e, mask=ok_e, other=0.0)
+    return z + bias[None, :]
+
+
+@triton.jit
+def _split_features(y2, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr, cos_ptr, sin_ptr, i, c0, eb,
+                    N, T, cos_stride_b, HS: tl.constexpr, DS: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HG: tl.constexpr, BE: tl.constexpr, HALF: tl.constexpr,
+                    ROPE: tl.constexpr, PREC: tl.constexpr):
+    """Feature MLP (and RoPE) of Y2 (rows (token, feature), HG heads from c0) at the output columns of
+    block ``eb`` in both halves of D'; writes them to ``out_ptr`` (N, H', D')."""
+    dt = out_ptr.dtype.element_ty
+    y2t = _rows_to_heads(y2, BLOCK_N, DP, HG).to(dt)
+    ek = tl.arange(0, DSP)
+    z1 = tl.dot(y2t, tl.load(w3_ptr + tl.arange(0, DP)[:, None] * DSP + ek[None, :]), input_precision=PREC)
+    a = tl.maximum(z1 + tl.load(b3_ptr + ek)[None, :], 0.0).to(dt)
+    lo = eb * BE + tl.arange(0, BE)
+    hi = HALF + lo
+    ok_lo = lo < HALF
+    ok_hi = ok_lo & (hi < DS)
+    z_lo = _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, lo, ok_lo, DP, DSP, PREC)
+    z_hi = _features_half(y2t, a, w3_ptr, b3_ptr, w4_ptr, b4_ptr, hi, ok_hi, DP, DSP, PREC)
+    r2 = tl.arange(0, BLOCK_N * HG)
+    n2 = (i * BLOCK_N + r2 // HG).to(tl.int64)
+    h2 = c0 + r2 % HG
+    if ROPE:
+        # rotate_half(z) is -z[e + HALF] in the first half and z[e - HALF] in the second
+        cos_lo, sin_lo = _rope_tables(cos_ptr, sin_ptr, n2, lo, N, T, cos_stride_b, DS)
+        cos_hi, sin_hi = _rope_tables(cos_ptr, sin_ptr, n2, hi, N, T, cos_stride_b, DS)
+        z_lo, z_hi = z_lo * cos_lo - z_hi * sin_lo, z_hi * cos_hi + z_lo * sin_hi
+    row = n2[:, None] * (HS * DS) + h2[:, None] * DS
+    ok = ((n2 < N) & (h2 < HS))[:, None]
+    tl.store(out_ptr + row + lo[None, :], z_lo.to(dt), mask=ok & ok_lo[None, :])
+    tl.store(out_ptr + row + hi[None, :], z_hi.to(dt), mask=ok & ok_hi[None, :])
+
+
+@triton.jit
+def _split_heads_store(y2, out_ptr, n, j, c0, N, HS: tl.constexpr, D: tl.constexpr, HG: tl.constexpr):
+    """Write Y2 (rows (token, feature), HG heads from c0) to ``out_ptr`` (N, H', D)."""
+    co = c0 + tl.arange(0, HG)
+    ptrs = out_ptr + n[:, None] * (HS * D) + co[None, :] * D + j[:, None]
+    tl.store(ptrs, y2.to(out_ptr.dtype.element_ty), mask=((n < N) & (j < D))[:, None] & (co < HS)[None, :])
+
+
+@triton.jit
+def _simulate_split_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr, tail_ptr,
+    cos_ptr, sin_ptr, N, T, cos_stride_b, x_stride, x_tensor_stride,
+    H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, K: tl.constexpr,
+    HP: tl.constexpr, HSP: tl.constexpr, DP: tl.constexpr, DSP: tl.constexpr, BLOCK_N: tl.constexpr,
+    HG: tl.constexpr, BE: tl.constexpr, HALF: tl.constexpr, E_BLOCKS: tl.constexpr,
+    N_FEATURES: tl.constexpr, N_TENSORS: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
+):
+    """The forward kernel over a 3-d grid: (token block, head group x column block, tensor).
+
+    Program (i, s, g) simulates tokens of block i at the HG simulated heads of group s // E_BLOCKS
+    (Y1 at all heads is recomputed; the second convolution keeps only this group's columns). Tensors
+    g < N_FEATURES (queries, keys) then get the feature MLP at the output columns of block
+    s % E_BLOCKS: BE columns of the first half of D' and their BE partners HALF further on, so that
+    RoPE's rotate_half pairs stay in one program (no rotation matmul: the two halves are separate
+    tiles); they are written to ``out_ptr`` (N_FEATURES, N, H', D'). Later tensors (values) are the
+    head simulation alone, written by the programs of column block 0 to ``tail_ptr``
+    (N_TENSORS - N_FEATURES, N, H', D). Operands of tensor g sit g tensors' sizes on: x at
+    ``g * x_tensor_stride``, each weight at g of its sizes.
+    """
+    ROWS: tl.constexpr = BLOCK_N * DP
+    i = tl.program_id(0)
+    c0 = (tl.program_id(1) // E_BLOCKS) * HG
+    eb = tl.program_id(1) % E_BLOCKS
+    g = tl.program_id(2).to(tl.int64)
+    x_ptr += g * x_tensor_stride
+    w1_ptr += g * (K * HP * HSP)
+    b1_ptr += g * HSP
+    w2_ptr += g * (K * HSP * HSP)
+    b2_ptr += g * HSP
+    r = tl.arange(0, ROWS)
+    n = (i * BLOCK_N + r // DP).to(tl.int64)
+    j = r % DP
+    y2 = _y2_heads(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, c0, N, x_stride, H, D, K, HP, HSP, HG, ROWS, PREC)
+    if N_FEATURES == 0:
+        _split_heads_store(y2, out_ptr + g * N * (HS * D), n, j, c0, N, HS, D, HG)
+    elif N_FEATURES == N_TENSORS:
+        _split_features(y2, w3_ptr + g * (DP * DSP), b3_ptr + g * DSP, w4_ptr + g * (DSP * DSP),
+                        b4_ptr + g * DSP, out_ptr + g * N * (HS * DS), cos_ptr, sin_ptr, i, c0, eb, N, T,
+                        cos_stride_b, HS, DS, DP, DSP, BLOCK_N, HG, BE, HALF, ROPE, PREC)
+    else:
+        if g < N_FEATURES:
+            _split_features(y2, w3_ptr + g * (DP * DSP), b3_ptr + g * DSP, w4_ptr + g * (DSP * DSP),
+                            b4_ptr + g * DSP, out_ptr + g * N * (HS * DS), cos_ptr, sin_ptr, i, c0, eb, N, T,
+                            cos_stride_b, HS, DS, DP, DSP, BLOCK_N, HG, BE, HALF, ROPE, PREC)
+        elif eb == 0:
+            _split_heads_store(y2, tail_ptr + (g - N_FEATURES) * N * (HS * D), n, j, c0, N, HS, D, HG)
 
 
 @triton.jit
@@ -245,6 +373,13 @@ BWD_BLOCK_ROWS = 64
 # other group's asynchronous wgmma still reads (triton-lang/triton#11047), which gave NaN and wrong
 # query/key gradients on an H200 at D' = 128; a single group waits for its own wgmma reads
 NUM_WARPS = 4
+# the split forward kernel (launch_forward(..., split=True)): simulated heads per program and output
+# columns per half of D' per program (powers of two, at least 16, the smallest tl.dot tile); it splits
+# only while the grid stays at most SPLIT_MAX_PROGRAMS programs (None: two per SM on a GPU, no limit in
+# the interpreter), since every program recomputes the head convolutions of its tokens
+SPLIT_HEADS = 16
+SPLIT_COLUMNS = 16
+SPLIT_MAX_PROGRAMS: int | None = None
 
 
 def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
@@ -349,21 +484,52 @@ def prepare_forward(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor |
     return weights
 
 
+def _split_grid(s: _Sizes, n_tensors: int, features: bool, split: bool, device: torch.device) -> dict:
+    """Heads (HG) and columns per half of D' (BE) per program of the split kernel, and the grid."""
+    half = (s.DS + 1) // 2
+    HG, BE = s.HSP, _pow2(half)
+    if split:
+        HG, BE = min(_pow2(SPLIT_HEADS), s.HSP), min(_pow2(SPLIT_COLUMNS), BE)
+    e_blocks = triton.cdiv(half, BE) if features else 1
+    splits = (s.HSP // HG) * e_blocks
+    limit = SPLIT_MAX_PROGRAMS
+    if limit is None and device.type == "cuda":
+        limit = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if split and splits > 1 and limit is not None and s.n_blocks * splits * n_tensors > limit:
+        return _split_grid(s, n_tensors, features, False, device)
+    return dict(grid=(s.n_blocks, splits, n_tensors), HG=HG, BE=BE, HALF=half, E_BLOCKS=e_blocks)
+
+
 def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: int | None, T: int = 1,
-                   rot: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+                   rot: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None,
+                   split: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """One launch of the forward kernel with operands from :func:`prepare_forward`.
 
     ``x`` (N, H, D) needs each token's H x D block contiguous; tokens may be any stride apart (a slice
     of a fused projection's output is read in place). Returns (N, H', D') with the feature MLP
     (``sim_dim`` = D' and 8 operands), else (N, H', D). RoPE after the feature MLP when ``cos``, ``sin``
     (B or 1, T, D') and ``rot`` (:func:`rotation_matrix`) are given; N = B * T.
+
+    Stacked tensors of equal head shapes (queries, keys, values on an MHA base) in one launch: ``x`` (N, G, H, D)
+    (any stride between the G blocks too) and every weight with a leading G axis (:func:`stack_prepared`)
+    give (G, N, H', D'). The feature MLP's four operands may have a shorter leading axis F < G: then
+    the first F tensors (queries, keys) get it and the rest (values) do not, and the result is the pair
+    (F, N, H', D'), (G - F, N, H', D). ``split``: spread the feature MLP and RoPE of few tokens over
+    more programs, by groups of simulated heads and blocks of output columns (see :func:`_split_grid`).
     """
-    N, H, D = x.shape
+    stacked = x.dim() == 4
+    N, G, H, D = x.shape if stacked else (x.shape[0], 1, *x.shape[1:])
     features = len(weights) == 8
-    s = _Sizes(N, H, D, n_sim_heads, weights[0].shape[0], sim_dim if features else None, BLOCK_ROWS)
+    K = weights[0].shape[-3] if weights and weights[0].dim() >= 3 else 0
+    s = _Sizes(N, H, D, n_sim_heads, K, sim_dim if features else None, BLOCK_ROWS)
     expected = [(s.K, s.HP, s.HSP), (s.HSP,), (s.K, s.HSP, s.HSP), (s.HSP,)]
     if features:
         expected += [(s.DP, s.DSP), (s.DSP,), (s.DSP, s.DSP), (s.DSP,)]
+    n_features = (weights[4].shape[0] if stacked and weights[4].dim() == 3 else G) if features else 0
+    if stacked:
+        expected = [(G if i < 4 else n_features, *shape) for i, shape in enumerate(expected)]
+    if not 0 <= n_features <= G:
+        raise ValueError(f"{n_features} stacked feature MLPs for {G} stacked inputs: at most one per input")
     if len(weights) not in (4, 8) or [tuple(w.shape) for w in weights] != expected:
         raise ValueError(f"prepared weights {[tuple(w.shape) for w in weights]} do not fit input {tuple(x.shape)} "
                          f"with H'={n_sim_heads}, D'={sim_dim}: expected {expected} (see prepare_forward)")
@@ -375,6 +541,9 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
     if x.stride(-1) != 1 or x.stride(-2) != D:
         x = x.contiguous()
     x_stride = x.stride(0) if N > 1 else H * D
+    x_tensor_stride = x.stride(1) if stacked and G > 1 else H * D
+    # the weights are read at fixed offsets from the first tensor's
+    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     # never read by the kernel when the feature MLP or RoPE is off; any pointer will do
     unused = weights[1]
     feats = weights[4:] if features else [unused] * 4
@@ -384,12 +553,45 @@ def launch_forward(x: Tensor, weights: list[Tensor], n_sim_heads: int, sim_dim: 
         rope_ptrs, cos_stride = [rot, cos, sin], (0 if cos.shape[0] == 1 else T * s.DS)
     else:
         rope_ptrs, cos_stride, T = [unused] * 3, 0, max(T, 1)
-    out = _empty(s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+    tail = None
+    if 0 < n_features < G:
+        out = _empty(n_features, s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+        tail = _empty(G - n_features, s.N, s.HS, s.D, device=x.device, dtype=x.dtype)
+    else:
+        out = _empty(*((G,) if stacked else ()), s.N, s.HS, s.DS, device=x.device, dtype=x.dtype)
+    if not (stacked or split):
+        _launch(
+            _simulate_fwd_kernel, (s.n_blocks,), x, *weights[:4], *feats, out, *rope_ptrs, s.N, T, cos_stride,
+            x_stride, PREC=_precision(x.dtype), **s.forward(features, rope),
+        )
+        return out
+    meta = _split_grid(s, G, features, split, x.device)
+    grid = meta.pop("grid")
+    sizes = s.forward(features, rope)
+    del sizes["FEATURES"]
     _launch(
-        _simulate_fwd_kernel, (s.n_blocks,), x, *weights[:4], *feats, out, *rope_ptrs, s.N, T, cos_stride,
-        x_stride, PREC=_precision(x.dtype), **s.forward(features, rope),
+        _simulate_split_kernel, grid, x, *weights[:4], *feats, out, tail if tail is not None else out,
+        *rope_ptrs[1:], s.N, T, cos_stride, x_stride, x_tensor_stride, PREC=_precision(x.dtype), **sizes,
+        **meta, N_FEATURES=n_features, N_TENSORS=G,
     )
-    return out
+    return out if tail is None else (out, tail)
+
+
+def stack_prepared(prepared: list[list[Tensor]]) -> list[Tensor]:
+    """The operands of several :func:`prepare_forward` calls of equal shapes, stacked along a new first
+    axis, for one launch over stacked inputs (:func:`launch_forward` with ``x`` (N, G, H, D)). Those
+    with the feature MLP come first; those without it (values) may follow."""
+    heads = {tuple(tuple(w.shape) for w in ws[:4]) for ws in prepared}
+    with_features = [ws for ws in prepared if len(ws) == 8]
+    if len(heads) != 1 or len({tuple(tuple(w.shape) for w in ws[4:]) for ws in with_features}) > 1 or any(
+        len(ws) != 8 for ws in prepared[: len(with_features)]
+    ):
+        raise ValueError("stack_prepared needs operands of equal shapes (tensors with the same H, H', D, D', k), "
+                         "those with the feature MLP first")
+    stacked = [torch.stack(ws) for ws in zip(*(ws[:4] for ws in prepared))]
+    if with_features:
+        stacked += [torch.stack(ws) for ws in zip(*(ws[4:] for ws in with_features))]
+    return stacked
 
 
 def _forward(x: Tensor, w1, b1, w2, b2, w3, b3, w4, b4, T: int, rope) -> Tensor:
