@@ -56,3 +56,19 @@ def trace_step(decoder: StaticDecoder) -> list[torch.fx.GraphModule]:
     torch._dynamo.reset()
     decoder._step_fn = torch.compile(type(decoder)._step, backend=record, fullgraph=True, dynamic=False)
     return graphs
+
+
+def record_launches(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
+    """Every launch of the fused simulation kernels from now on, as (kernel name, grid)."""
+    from sasformer.ops.simulate import fused
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    launch = fused._launch
+
+    def recording(kernel, grid, *args, **meta):
+        calls.append((kernel.fn.__name__, grid))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(fused, "_launch", recording)
+    return calls
+

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 from sasformer.generation import StaticDecoder
 from sasformer.layers import sas_decode
 from sasformer.models.decoder import DecoderLM
-from tests.decode_helpers import cached_logits, tiny_model, token_ids, trace_step
+from tests.decode_helpers import cached_logits, record_launches, tiny_model, token_ids, trace_step
 
 torch.set_num_threads(2)
 
@@ -163,21 +163,6 @@ def test_left_padded_rows_get_their_own_positions(decode_calls: list[tuple[str, 
     assert rel_err(torch.cat(out, dim=1)[real], model(tokens, attention_mask=mask)[real]) <= 1e-5
 
 
-def launches(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
-    """(kernel, grid) of every launch of the simulation kernels from now on."""
-    from sasformer.ops.simulate import fused
-
-    calls: list[tuple[str, tuple[int, ...]]] = []
-    launch = fused._launch
-
-    def recording(kernel, grid, *args, **meta):
-        calls.append((kernel.fn.__name__, grid))
-        launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(fused, "_launch", recording)
-    return calls
-
-
 LAUNCH_CONFIGS = {**CONFIGS, "mha-base-values-unsimulated": {**BASE, "kernel_size": 3, "simulate_v": False}}
 # (config, stacked operands, tensors per launch in a layer); rope "after" with values simulated is
 # test_stacked_step_traces_as_one_graph's
@@ -196,7 +181,7 @@ def test_launch_options_equal_plain_forward(name: str, fused: list[str], per_lay
     sas_decode.set_decode_kernel(model, "triton")
     tokens = ids(2, 5 + 1 + 3)
     monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack, split")
-    calls = launches(monkeypatch)
+    calls = record_launches(monkeypatch)
     got = cached_logits(model, tokens, [5, 1, 3])
     assert rel_err(got, model(tokens)) <= 1e-5
     plan = model.blocks[0].attn.__dict__["_decode_plan"]
@@ -211,7 +196,7 @@ def test_launch_option_is_read_when_a_plan_is_built(monkeypatch) -> None:
     model = tiny_sas(CONFIGS["rope-after-mean-k3"], n_layers=1)
     sas_decode.set_decode_kernel(model, "triton")
     tokens = ids(1, 4)
-    calls = launches(monkeypatch)
+    calls = record_launches(monkeypatch)
     cached_logits(model, tokens, [3, 1])
     assert [kernel for kernel, _ in calls] == ["_simulate_fwd_kernel"] * 3  # unset: one launch per tensor
     monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "stack")  # the module setting wins over the variable

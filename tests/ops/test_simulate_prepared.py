@@ -22,6 +22,7 @@ from sasformer.ops.simulate.decode_fused import (
     stack_simulations,
 )
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
+from tests.decode_helpers import record_launches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -119,19 +120,6 @@ def test_prepared_op_passes_opcheck():
     torch.library.opcheck(simulate_prepared_op, (x, heads.weights, None, None, None, 6, None, 1))
 
 
-def record_grids(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
-    """Every launch of the fused kernels from now on, as (kernel name, grid)."""
-    calls: list[tuple[str, tuple[int, ...]]] = []
-    launch = fused._launch
-
-    def recording(kernel, grid, *args, **meta):
-        calls.append((kernel.fn.__name__, grid))
-        launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(fused, "_launch", recording)
-    return calls
-
-
 def reference(x_NHD: torch.Tensor, w: list[torch.Tensor], rope: tuple | None, T: int) -> torch.Tensor:
     N, H, D = x_NHD.shape
     y = simulate_heads_naive(x_NHD.reshape(N // T, T, H, D), *w[:4])
@@ -158,7 +146,7 @@ SPLIT_CASES = [(N, *sizes, rope) for N in (1, 2, 7, 63) for sizes in SPLIT_SIZES
 def test_stacked_split_matches_reference(N, H, HS, k, D, DS, rope, monkeypatch):
     # with RoPE: queries, keys and values (no feature MLP) in one launch; without: queries and keys
     monkeypatch.setattr(fused, "_empty", nan_empty)
-    grids = record_grids(monkeypatch)
+    grids = record_launches(monkeypatch)
     T = N if N < 63 else 9  # 63 tokens as 7 rows of 9, with one table row per batch row
     ws = [weights(H, HS, k, D, DS)] + [[w.flip(0) for w in weights(H, HS, k, D, DS)]]
     prepared = [prepare_simulation(*w, head_dim=D, rope=rope) for w in ws]
@@ -195,7 +183,7 @@ def test_stacked_split_matches_reference(N, H, HS, k, D, DS, rope, monkeypatch):
 def test_split_heads_only_matches_reference(N, H, HS, k, D, monkeypatch):
     # the values' launch: no feature MLP, split by head groups only
     monkeypatch.setattr(fused, "_empty", nan_empty)
-    grids = record_grids(monkeypatch)
+    grids = record_launches(monkeypatch)
     w = weights(H, HS, k, D, 4)[:4]
     x = strided_input(1, N, H, D)
     got = simulate_prepared(x, prepare_simulation(*w, head_dim=D), split=True)
@@ -205,7 +193,7 @@ def test_split_heads_only_matches_reference(N, H, HS, k, D, monkeypatch):
 
 @torch.no_grad()
 def test_split_only_while_the_grid_stays_small(monkeypatch):
-    grids = record_grids(monkeypatch)
+    grids = record_launches(monkeypatch)
     w = weights(2, 18, 3, 7, 34)
     prepared = prepare_simulation(*w, head_dim=7, rope=False)
     x = torch.randn(20, 2, 7, device=DEVICE)
