@@ -85,8 +85,13 @@ def ptxas_stats(ptx: str, arch: int = 90) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     suffix = "a" if arch >= 90 else ""
-    proc = subprocess.run([tools[0], "-v", f"--gpu-name=sm_{arch}{suffix}", f.name, "-o", os.devnull],
-                          capture_output=True, text=True)
+    # some Triton releases bundle two (e.g. ptxas and ptxas-blackwell), and the first may be too old for
+    # the PTX version Triton emits: take the first that accepts it
+    for tool in tools:
+        proc = subprocess.run([tool, "-v", f"--gpu-name=sm_{arch}{suffix}", f.name, "-o", os.devnull],
+                              capture_output=True, text=True)
+        if "Unsupported .version" not in proc.stderr:
+            break
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", proc.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
