@@ -193,9 +193,11 @@ def run_blocks(
     else:
         key_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask = padded_causal_mask(attention_mask, T)
+    # without padding or given positions they are past .. S - 1 in every row: the tables are then slices
+    first_position = past if attention_mask is None and position_ids is None else None
     if position_ids is None:
         position_ids = key_positions[:, past:]
-    ctx = AttentionContext(rotary.tables(position_ids, S), mask, None, key_positions)
+    ctx = AttentionContext(rotary.tables(position_ids, S, first_position), mask, None, key_positions)
     x = embed(input_ids)
     for i, block in enumerate(blocks):
         x = block(x, ctx.for_layer(cache.layers[i] if cache is not None else None))

@@ -39,20 +39,29 @@ class RotaryTables:
     cache they start at the cache length; with left padding they start at 0 at the first real token).
     ``precomputed`` maps a feature size to full (max_len, dim) cos/sin tables (a
     :class:`RotaryCache`'s buffers) that are gathered instead of computed: under ``torch.compile`` this
-    keeps the transcendental functions out of every layer's kernels.
+    keeps the transcendental functions out of every layer's kernels. ``first_position``: the positions
+    are ``first_position, first_position + 1, ...`` in every row (no padding), known on the host, so
+    the precomputed tables are sliced instead of gathered. Then the compiled code reads them at affine
+    offsets rather than through indirect loads, in RoPE's forward and backward kernels alike.
     """
 
     def __init__(
-        self, position_ids: Tensor, theta: float, precomputed: dict[int, tuple[Tensor, Tensor]] | None = None
+        self, position_ids: Tensor, theta: float, precomputed: dict[int, tuple[Tensor, Tensor]] | None = None,
+        first_position: int | None = None,
     ) -> None:
         self.position_ids = position_ids
         self.theta = theta
         self.precomputed = precomputed or {}
+        self.first_position = first_position
         self._tables: dict[int, tuple[Tensor, Tensor]] = {}
 
     def __call__(self, dim: int) -> tuple[Tensor, Tensor]:
         if dim not in self._tables:
-            if dim in self.precomputed:
+            if dim in self.precomputed and self.first_position is not None:
+                cos, sin = self.precomputed[dim]
+                span = slice(self.first_position, self.first_position + self.position_ids.shape[-1])
+                self._tables[dim] = (cos[span].unsqueeze(0), sin[span].unsqueeze(0))
+            elif dim in self.precomputed:
                 cos, sin = self.precomputed[dim]
                 self._tables[dim] = (cos[self.position_ids], sin[self.position_ids])
             else:
@@ -102,17 +111,18 @@ class RotaryCache(nn.Module):
             getattr(self, f"cos_{dim}").copy_(cos[0])
             getattr(self, f"sin_{dim}").copy_(sin[0])
 
-    def tables(self, position_ids: Tensor, seq_len: int) -> RotaryTables:
+    def tables(self, position_ids: Tensor, seq_len: int, first_position: int | None = None) -> RotaryTables:
         """Tables for ``position_ids``, all below ``seq_len`` (the host-side bound: cache + new tokens), built
         for every size the model rotates before any layer asks: blocks compiled one by one (FSDP2) then see
-        the same built tables and share one graph, where the first block would otherwise compile its own."""
+        the same built tables and share one graph, where the first block would otherwise compile its own.
+        ``first_position``: the positions are a plain range starting there (see :class:`RotaryTables`)."""
         precomputed = None
         if self.dims and getattr(self, f"cos_{self.dims[0]}").is_meta:
             # built on the meta device (e.g. by a loader that creates modules without memory): build now
             self.build(position_ids.device)
         if seq_len <= self.max_len:
             precomputed = {d: (getattr(self, f"cos_{d}"), getattr(self, f"sin_{d}")) for d in self.dims}
-        tables = RotaryTables(position_ids, self.theta, precomputed)
+        tables = RotaryTables(position_ids, self.theta, precomputed, first_position)
         for dim in self.dims:
             tables(dim)
         return tables
