@@ -37,6 +37,22 @@ def place_legend(ax: Any, entries: int) -> None:
         ax.legend(fontsize=8)
 
 
+def log_x_axis(ax: Any) -> None:
+    """A log-scaled x axis whose minor ticks are labelled at 2x and 5x a power of ten only: matplotlib
+    labels more of them on a span of one to two decades, and their labels overlap."""
+    import math
+
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class TwoAndFive(LogFormatterSciNotation):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            mantissa = round(x / 10 ** math.floor(math.log10(x)), 6) if x > 0 else 0
+            return super().__call__(x, pos) if mantissa in (1, 2, 5) else ""
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(TwoAndFive(labelOnlyBase=False, minor_thresholds=(math.inf, math.inf)))
+
+
 def matplotlib_available() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -73,7 +89,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: str | Path, title: str 
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/token)")
         if key == "flops":
-            ax.set_xscale("log")
+            log_x_axis(ax)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         if labelled:  # a grid with no finished run yet draws empty axes
@@ -117,7 +133,7 @@ def plot_frontier(frontier: dict[str, Any], path: str | Path) -> Path:
     lowest = min([min(finals)] + [loss for run in frontier["runs"] for _, loss in run["curve"]])
     top = max(finals) + max(0.7, 2 * spread)
     ax.set_ylim(lowest - 0.05 - 0.1 * spread, top)
-    ax.set_xscale("log")
+    log_x_axis(ax)
     shown = [f for run in frontier["runs"] for f, loss in run["curve"] if loss <= top]
     shown += [p["flops"] for p in frontier["points"]]
     ax.set_xlim(min(shown) / 1.15, max(shown) * 1.15)

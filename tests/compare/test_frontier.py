@@ -249,3 +249,22 @@ def test_entries_past_ten_keep_distinct_styles():
     assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == 25
     # the first ten keep the plain solid look of a small grid
     assert {styles[n]["linestyle"] for n in names[:10]} == {"-"}
+
+
+def test_log_flops_axis_labels_minor_ticks_at_two_and_five_only():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sasformer.compare.plots import log_x_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([2e15, 8e16], [3.0, 2.2])
+    log_x_axis(ax)
+    fig.canvas.draw()
+    labelled = {round(t.get_loc() / 10 ** math.floor(math.log10(t.get_loc())), 6)
+                for t in ax.xaxis.get_minor_ticks() if t.label1.get_text() and ax.get_xlim()[0] <= t.get_loc()}
+    plt.close(fig)
+    assert labelled == {2, 5}, labelled  # matplotlib's own formatter also labels 3, 4 and 6 here
