@@ -257,17 +257,12 @@ def _simulate_split_kernel(
     y2 = _y2_heads(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, j, c0, N, x_stride, H, D, K, HP, HSP, HG, ROWS, PREC)
     if N_FEATURES == 0:
         _split_heads_store(y2, out_ptr + g * N * (HS * D), n, j, c0, N, HS, D, HG)
-    elif N_FEATURES == N_TENSORS:
+    elif g < N_FEATURES:
         _split_features(y2, w3_ptr + g * (DP * DSP), b3_ptr + g * DSP, w4_ptr + g * (DSP * DSP),
                         b4_ptr + g * DSP, out_ptr + g * N * (HS * DS), cos_ptr, sin_ptr, i, c0, eb, N, T,
                         cos_stride_b, HS, DS, DP, DSP, BLOCK_N, HG, BE, HALF, ROPE, PREC)
-    else:
-        if g < N_FEATURES:
-            _split_features(y2, w3_ptr + g * (DP * DSP), b3_ptr + g * DSP, w4_ptr + g * (DSP * DSP),
-                            b4_ptr + g * DSP, out_ptr + g * N * (HS * DS), cos_ptr, sin_ptr, i, c0, eb, N, T,
-                            cos_stride_b, HS, DS, DP, DSP, BLOCK_N, HG, BE, HALF, ROPE, PREC)
-        elif eb == 0:
-            _split_heads_store(y2, tail_ptr + (g - N_FEATURES) * N * (HS * D), n, j, c0, N, HS, D, HG)
+    elif eb == 0:  # a tensor without the feature MLP (values), once per head group
+        _split_heads_store(y2, tail_ptr + (g - N_FEATURES) * N * (HS * D), n, j, c0, N, HS, D, HG)
 
 
 @triton.jit
