@@ -218,7 +218,8 @@ def bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device
 @torch.inference_mode()
 def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, device: torch.device,
                dtype: torch.dtype) -> dict:
-    config = config_for(args.size, name, max_seq_len=args.context + args.warmup + args.new_tokens + args.profile)
+    capacity = args.context + args.warmup + args.new_tokens + args.profile
+    config = config_for(args.size, name, max_seq_len=capacity)
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = DecoderLM(config)
@@ -227,7 +228,6 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
         set_decode_path(model, "off")
     elif {KERNEL_ENV_VAR, LAUNCH_ENV_VAR} & set(ROW_ENVIRONMENT.get(name, {})):
         set_decode_path(model, "on")  # what "auto" does on CUDA; on a CPU too, so the forced kernel runs there
-    capacity = args.context + args.warmup + args.new_tokens + args.profile
     mem_at_start = None
     if device.type == "cuda":
         # whatever earlier rows left to the cyclic collector: free it now, not inside this row's peak

@@ -127,6 +127,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     micro_batch_size = args.micro_batch_size
     if args.grad_accum > 1:
         micro_batch_size, batch_size = batch_size, batch_size * args.grad_accum
+    total_steps = args.warmup + args.steps * (1 + args.breakdown) + args.profile_steps
     config = TrainConfig.from_dict({
         "model": {"size": args.size, "attention": attention,
                   **({"d_model": args.d_model} if args.d_model else {}),
@@ -135,7 +136,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "seq_len": args.seq_len,
         "batch_size": batch_size,
         "micro_batch_size": micro_batch_size,
-        "max_steps": args.warmup + args.steps * (1 + args.breakdown) + args.profile_steps,
+        "max_steps": total_steps,
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
         "compile_mode": args.compile_mode,
@@ -144,7 +145,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "device": args.device,
         "eval_interval": 0,
         "checkpoint_interval": 0,
-        "log_interval": args.warmup + args.steps * (1 + args.breakdown) + args.profile_steps,
+        "log_interval": total_steps,  # no logging inside the timed steps
         "out_dir": str(out_dir / f"run_{attention}_b{batch_size}"),
         "resume": "none",
         "tensorboard": False,
