@@ -47,7 +47,7 @@ def log_x_axis(ax: Any) -> None:
     class TwoAndFive(LogFormatterSciNotation):
         def __call__(self, x: float, pos: int | None = None) -> str:
             mantissa = round(x / 10 ** math.floor(math.log10(x)), 6) if x > 0 else 0
-            return super().__call__(x, pos) if mantissa in (1, 2, 5) else ""
+            return super().__call__(x, pos) if mantissa in (2, 5) else ""
 
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(TwoAndFive(labelOnlyBase=False, minor_thresholds=(math.inf, math.inf)))
