@@ -123,17 +123,26 @@ def test_prepared_weights_refresh_in_place(decode_calls: list[tuple[str, int]]) 
     assert set(kernel_names(decode_calls)) == {"triton"}
 
 
-@torch.no_grad()
-def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
-    # dynamo only: the prepared-kernel launches are custom ops inside the one graph of the step
+def traced_triton_decoder(T: int) -> tuple[DecoderLM, torch.Tensor, StaticDecoder, list]:
+    """A SAS model on the Triton decode kernel, T tokens, and its static decoder traced by dynamo alone
+    (the prepared-kernel launches are custom ops inside the step's graph), with the graphs it traces."""
     model = tiny_sas(CONFIGS["rope-after-mean-k3"])
     sas_decode.set_decode_kernel(model, "triton")
-    tokens = ids(1, 7)
     decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
-    graphs = trace_step(decoder)
+    return model, ids(1, T), decoder, trace_step(decoder)
+
+
+def decode_two_steps(model: DecoderLM, decoder: StaticDecoder, tokens: torch.Tensor) -> None:
+    """Prefill 3 tokens, decode 2, and hold the logits to the plain forward."""
     out = [decoder.prefill(tokens[:, :3])]
     out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 5)]
     assert rel_err(torch.stack(out, dim=1), model(tokens[:, :5])[:, 2:]) <= 1e-5
+
+
+@torch.no_grad()
+def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
+    model, tokens, decoder, graphs = traced_triton_decoder(7)
+    decode_two_steps(model, decoder, tokens)
     assert len(graphs) == 1
     targets = [str(node.target) for node in graphs[0].graph.nodes]
     assert sum("simulate_prepared" in t for t in targets) == 3 * 2  # Q, K, V in two layers
@@ -212,23 +221,14 @@ def test_launch_option_is_read_when_a_plan_is_built(monkeypatch) -> None:
 
 
 @torch.no_grad()
-def test_stacked_step_traces_as_one_graph() -> None:
-    model = tiny_sas(CONFIGS["rope-after-mean-k3"])
-    sas_decode.set_decode_kernel(model, "triton")
-    tokens = ids(1, 6)
-    decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
-    graphs = trace_step(decoder)
-    sas_decode.DECODE_LAUNCH = "stack,split"
-    try:
-        out = [decoder.prefill(tokens[:, :3])]
-        out += [decoder.step(tokens[:, t : t + 1]).clone() for t in range(3, 5)]
-        assert rel_err(torch.stack(out, dim=1), model(tokens[:, :5])[:, 2:]) <= 1e-5
-        # the stacked operands are refreshed in place from changed weights
-        plan = model.blocks[1].attn.__dict__["_decode_plan"]
-        model.blocks[1].attn.features_q.w4.mul_(3.0)  # queries: the cached keys and values stay valid
-        after = decoder.step(tokens[:, 5:6])
-    finally:
-        sas_decode.DECODE_LAUNCH = None
+def test_stacked_step_traces_as_one_graph(monkeypatch) -> None:
+    model, tokens, decoder, graphs = traced_triton_decoder(6)
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "stack,split")
+    decode_two_steps(model, decoder, tokens)
+    # the stacked operands are refreshed in place from changed weights
+    plan = model.blocks[1].attn.__dict__["_decode_plan"]
+    model.blocks[1].attn.features_q.w4.mul_(3.0)  # queries: the cached keys and values stay valid
+    after = decoder.step(tokens[:, 5:6])
     assert rel_err(after, model(tokens)[:, -1]) <= 1e-5
     assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and sorted(plan.fused) == ["qkv"]
     assert len(graphs) == 1
