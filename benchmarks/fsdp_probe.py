@@ -15,6 +15,7 @@ and whether the two GPUs computed at the same time or took turns. The runs (``--
 - ``one``, ``ddp``, ``fsdp`` (the library's defaults: one block per unit, forward prefetch);
 - ``fsdp-b64``: FSDP2 at twice the batch per GPU. If the step is bound by the host, its time hardly
   grows with the batch (the GPU work doubles, the host work does not), and tokens/s nearly doubles;
+  ``one-b64`` is the 1-GPU run at that global batch, its baseline;
 - ``fsdp-all``: the whole model one unit; ``fsdp-noprefetch``: FSDP2's own forward order;
 - ``fsdp-u6-keep``: two units of six blocks, parameters kept gathered from forward to backward.
 
@@ -47,6 +48,7 @@ from benchmarks.checks import MULTICAST_OFF  # noqa: E402
 # name: (processes, batch multiple, extra train_speed.py arguments)
 RUNS = {
     "one": (1, 1, []),
+    "one-b64": (1, 2, []),
     "ddp": (2, 1, ["--parallel", "ddp"]),
     "fsdp": (2, 1, ["--parallel", "fsdp", "--profile", "--trace"]),
     "fsdp-b64": (2, 2, ["--parallel", "fsdp"]),
@@ -193,9 +195,10 @@ def markdown(rows: list[dict], skipped: list[str], meta: dict) -> str:
              f"{meta['warmup']}.", "",
              "| attention | run | parallel | batch | micro x accum | step (ms) | tokens/s | vs 1 GPU | peak GiB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    one = {r["attention"]: r["tokens_per_s"] for r in rows if r["run"] == "one"}
+    # scaling is against the 1-GPU run at the same global batch
+    one = {(r["attention"], r["batch"]): r["tokens_per_s"] for r in rows if r["parallel"] == "1 GPU"}
     for r in rows:
-        base = one.get(r["attention"])
+        base = one.get((r["attention"], r["batch"]))
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(f"| {r['attention']} | {r['run']} | {r['parallel']} | {r['batch']} | "
