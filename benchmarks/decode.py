@@ -79,17 +79,17 @@ DECODE_PATH_OFF = {"sas-ordinary"}
 # - the decode path with its "dense" kernel forced (stacked GEMMs against banded matrices), the default
 #   before "auto" chose the prepared Triton kernel on the GPU; the row fails if another kernel ran.
 #   (No row forces "triton": where it can run, "sas" runs it, and the kernel column says which ran.)
-# - the Triton decode kernel launched differently (sasformer.layers.sas_decode.decode_launch): "stack"
-#   simulates queries, keys and values in one launch (12 launches per step instead of 36 at 12 layers),
-#   "split" spreads a launch's few tokens over groups of heads and output columns (24 programs per
-#   launch at batch 1 instead of 3; at batch 32 the grid would exceed two programs per SM, so it does not
-#   split there).
+# - the Triton decode kernel launched differently (sasformer.layers.sas_decode.decode_launch): "stack",
+#   the default, simulates queries, keys and values in one launch (12 launches per step instead of 36 at
+#   12 layers; "off": one launch per tensor), "split" spreads a launch's few tokens over groups of heads
+#   and output columns (24 programs per launch at batch 1 instead of 3; at batch 32 the grid would exceed
+#   two programs per SM, so it does not split there).
 ROW_ENVIRONMENT = {
     "sas-flash-pad": {"SASFORMER_ATTENTION": "flash_pad"},
     "sas-cudnn": {"SASFORMER_ATTENTION": "cudnn"},
     "sas-triton": {"SASFORMER_SIMULATE": "triton"},
     "sas-decode-dense": {KERNEL_ENV_VAR: "dense"},
-    "sas-decode-stack": {LAUNCH_ENV_VAR: "stack"},
+    "sas-decode-unstacked": {LAUNCH_ENV_VAR: "off"},
     "sas-decode-split": {LAUNCH_ENV_VAR: "split"},
     "sas-decode-stack-split": {LAUNCH_ENV_VAR: "stack,split"},
 }
@@ -277,7 +277,8 @@ def _bench_one(name: str, mode: str, args: argparse.Namespace, batch: int, devic
     row_env = ROW_ENVIRONMENT.get(name, {})
     wanted = row_env.get(KERNEL_ENV_VAR)
     if LAUNCH_ENV_VAR in row_env:  # the launch options apply to the Triton kernel only
-        wanted = "+".join(["triton", *(o.strip() for o in row_env[LAUNCH_ENV_VAR].split(","))])
+        options = [o.strip() for o in row_env[LAUNCH_ENV_VAR].split(",") if o.strip() != "off"]
+        wanted = "+".join(["triton", *options])
     if wanted and kernels != [wanted]:
         raise RuntimeError(f"{name}: the SAS layers decoded with kernels {kernels}, not {wanted!r}")
 

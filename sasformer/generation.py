@@ -243,6 +243,9 @@ class StaticDecoder:
     ``compile=True`` compiles the step with ``torch.compile`` (whole graph, static shapes, ``mode``
     ``compile_mode``) before it is captured, so that elementwise work between GEMMs fuses into few
     kernels. The first step then pays the compilation (seconds to minutes).
+
+    Steps read the weights as of the last :meth:`prefill` or :meth:`refresh_weights`: nothing is checked
+    per token, where host time is what a CUDA-graph replay is there to save.
     """
 
     def __init__(self, model: DecoderLM, batch: int, capacity: int, cuda_graph: bool = True,
@@ -273,6 +276,7 @@ class StaticDecoder:
         self._step_fn = StaticDecoder._step
         if compile:
             self._step_fn = torch.compile(StaticDecoder._step, fullgraph=True, dynamic=False, mode=compile_mode)
+        self.refresh_weights()
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor) -> Tensor:
@@ -283,7 +287,20 @@ class StaticDecoder:
         self.position.fill_(self.cache.seq_len)
         for layer in self.cache.layers:
             layer.write_at(self.position)
+        self.refresh_weights()
         return logits
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """Bring the step's weight-derived operands (SAS decode plans, kept concatenations of fused
+        projections) up to date with the model's weights, in place where their shapes allow.
+
+        :meth:`prefill` calls this, so every generation reads the weights as they are when it starts.
+        Steps do not check (a Python pass over every parameter would cost more host time per token than a
+        CUDA-graph replay): call it after changing weights between the steps of one generation."""
+        reallocated = bool(self._sas_layers) and prepare_decode(self.model, self._sas_layers)
+        if keep_concats(self._fused_groups) or reallocated:
+            self.graph = None  # new storage: the captured graph read the old one
 
     def _step(self) -> Tensor:
         model = self.model
@@ -316,12 +333,6 @@ class StaticDecoder:
         if self.cache.seq_len >= self.capacity:
             raise ValueError(f"KV cache capacity {self.capacity} exceeded; create the decoder with a larger capacity")
         self.token.copy_(token_B1)
-        # weights may have changed since the last step: refresh the SAS decode operands (in place, which
-        # a captured graph sees; new storage means capturing again)
-        if self._sas_layers and prepare_decode(self.model, self._sas_layers):
-            self.graph = None
-        if keep_concats(self._fused_groups):
-            self.graph = None
         if self.cuda_graph:
             if self.graph is None:
                 self._capture()

@@ -26,8 +26,10 @@ is chosen by :data:`DECODE_LAUNCH` or, when that is None, the environment variab
 subset of ``stack`` (queries, keys and simulated values by one launch where their head shapes agree,
 i.e. on an MHA base: one launch per layer instead of three; on a GQA/MQA base the three stay apart)
 and ``split`` (each launch's few tokens spread over
-more programs, by groups of simulated heads and blocks of output columns); unset or ``off``: one
-launch per tensor, one program per block of tokens. The kernel is chosen per layer
+more programs, by groups of simulated heads and blocks of output columns); unset means ``stack``
+(:data:`DEFAULT_LAUNCH`: on the H200 it took the kernel time of a batch-1 step of GPT-small from 956 to
+813 us, where ``split`` added 21 us; ``benchmarks/results/h200/decode_run13*``); ``off``: one launch per
+tensor, one program per block of tokens. The kernel is chosen per layer
 with :func:`set_decode_kernel` or, for layers without a choice, the environment variable
 ``SASFORMER_DECODE_KERNEL`` (``auto``, ``dense`` or ``triton``; unset means ``auto``), read when a plan
 is built. ``"auto"`` (the default) is ``"triton"`` where the kernel can run on the GPU (Triton
@@ -77,8 +79,9 @@ DECODE_PATH_MODES = ("auto", "on", "off")
 # "auto" picks "triton" where it can run on the GPU, else "dense"
 DECODE_KERNELS = ("auto", "dense", "triton")
 KERNEL_ENV_VAR = "SASFORMER_DECODE_KERNEL"
-# how the "triton" kernel launches (see the module docstring); None: LAUNCH_ENV_VAR, unset = "off"
+# how the "triton" kernel launches (see the module docstring); None: LAUNCH_ENV_VAR, unset = DEFAULT_LAUNCH
 DECODE_LAUNCH: str | None = None
+DEFAULT_LAUNCH = "stack"
 DECODE_LAUNCH_OPTIONS = ("stack", "split")
 LAUNCH_ENV_VAR = "SASFORMER_DECODE_LAUNCH"
 
@@ -178,9 +181,10 @@ def resolve_decode_kernel(attn: SimulatedAttention) -> str:
 
 def decode_launch() -> frozenset[str]:
     """The "triton" kernel's launch options, a subset of :data:`DECODE_LAUNCH_OPTIONS`, from
-    :data:`DECODE_LAUNCH` or else ``SASFORMER_DECODE_LAUNCH`` (comma-separated; "" or "off": none)."""
+    :data:`DECODE_LAUNCH` or else ``SASFORMER_DECODE_LAUNCH`` (comma-separated; "" or "off": none;
+    unset: :data:`DEFAULT_LAUNCH`)."""
     chosen = DECODE_LAUNCH
-    text = chosen if chosen is not None else os.environ.get(LAUNCH_ENV_VAR, "")
+    text = chosen if chosen is not None else os.environ.get(LAUNCH_ENV_VAR, DEFAULT_LAUNCH)
     names = {t.strip().lower() for t in text.split(",")} - {"", "off"}
     unknown = names - set(DECODE_LAUNCH_OPTIONS)
     if unknown:

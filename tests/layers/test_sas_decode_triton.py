@@ -140,7 +140,8 @@ def decode_two_steps(model: DecoderLM, decoder: StaticDecoder, tokens: torch.Ten
 
 
 @torch.no_grad()
-def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
+def test_static_step_traces_as_one_graph_and_sees_refreshed_weights(monkeypatch) -> None:
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "off")  # one launch per tensor (stacked: below)
     model, tokens, decoder, graphs = traced_triton_decoder(7)
     decode_two_steps(model, decoder, tokens)
     assert len(graphs) == 1
@@ -148,7 +149,8 @@ def test_static_step_traces_as_one_graph_and_sees_weight_changes() -> None:
     assert sum("simulate_prepared" in t for t in targets) == 3 * 2  # Q, K, V in two layers
     assert not any("baddbmm" in t for t in targets)  # no dense operand left
     plan = model.blocks[1].attn.__dict__["_decode_plan"]
-    model.blocks[1].attn.heads_q.w2.mul_(3.0)  # StaticDecoder.step refreshes the operands in place
+    model.blocks[1].attn.heads_q.w2.mul_(3.0)
+    decoder.refresh_weights()  # refreshes the operands in place: the traced step stays valid
     after = decoder.step(tokens[:, 5:6])
     assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and len(graphs) == 1
     assert rel_err(after, model(tokens[:, :6])[:, -1]) <= 1e-5
@@ -206,13 +208,15 @@ def test_launch_option_is_read_when_a_plan_is_built(monkeypatch) -> None:
     sas_decode.set_decode_kernel(model, "triton")
     tokens = ids(1, 4)
     calls = record_launches(monkeypatch)
+    monkeypatch.delenv(sas_decode.LAUNCH_ENV_VAR, raising=False)
     cached_logits(model, tokens, [3, 1])
-    assert [kernel for kernel, _ in calls] == ["_simulate_fwd_kernel"] * 3  # unset: one launch per tensor
-    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "stack")  # the module setting wins over the variable
+    assert sas_decode.DEFAULT_LAUNCH == "stack"
+    assert calls == [("_simulate_split_kernel", (1, 1, 3))]  # unset: Q, K, V stacked in one launch, not split
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "off")  # the module setting wins over the variable
     monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "split")
     sas_decode.clear_decode_plans(model)
     assert rel_err(cached_logits(model, tokens, [3, 1]), model(tokens)) <= 1e-5
-    assert calls[3:] == [("_simulate_split_kernel", (1, 1, 3))]  # Q, K, V stacked, not split
+    assert [kernel for kernel, _ in calls[1:]] == ["_simulate_fwd_kernel"] * 3  # one launch per tensor
     monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", None)
     monkeypatch.setenv(sas_decode.LAUNCH_ENV_VAR, "stack,fast")
     sas_decode.clear_decode_plans(model)
@@ -222,15 +226,16 @@ def test_launch_option_is_read_when_a_plan_is_built(monkeypatch) -> None:
 
 @torch.no_grad()
 def test_stacked_step_traces_as_one_graph(monkeypatch) -> None:
+    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "stack,split")  # read when the decoder builds its plans
     model, tokens, decoder, graphs = traced_triton_decoder(6)
-    monkeypatch.setattr(sas_decode, "DECODE_LAUNCH", "stack,split")
     decode_two_steps(model, decoder, tokens)
     # the stacked operands are refreshed in place from changed weights
     plan = model.blocks[1].attn.__dict__["_decode_plan"]
     model.blocks[1].attn.features_q.w4.mul_(3.0)  # queries: the cached keys and values stay valid
+    decoder.refresh_weights()
     after = decoder.step(tokens[:, 5:6])
     assert rel_err(after, model(tokens)[:, -1]) <= 1e-5
-    assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and sorted(plan.fused) == ["qkv"]
+    assert model.blocks[1].attn.__dict__["_decode_plan"] is plan and sorted(plan.fused) == ["qkv"] and plan.split
     assert len(graphs) == 1
     targets = [str(node.target) for node in graphs[0].graph.nodes]
     assert sum("simulate_prepared" in t for t in targets) == 2  # Q, K, V in one launch, two layers

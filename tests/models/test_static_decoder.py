@@ -64,8 +64,8 @@ def test_step_traces_as_one_graph(attention: str, args: dict) -> None:
 
 
 @torch.no_grad()
-def test_weight_changes_between_compiled_steps_are_seen() -> None:
-    # a compiled step does not check the weights itself: StaticDecoder.step refreshes the operands
+def test_weight_changes_between_compiled_steps_are_seen_after_a_refresh() -> None:
+    # a compiled step does not check the weights: refresh_weights (called by prefill) updates the operands
     model = tiny("sas", SAS_ARGS, n_layers=2)
     tokens = ids(1, 6)
     decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
@@ -77,6 +77,7 @@ def test_weight_changes_between_compiled_steps_are_seen() -> None:
     # the last layer's query side and output projection: the cached keys and values stay valid
     model.blocks[1].attn.heads_q.w2.mul_(3.0)
     model.blocks[1].attn.o_proj.weight.mul_(-1.0)
+    decoder.refresh_weights()
     after = decoder.step(tokens[:, 5:6])
     assert model.blocks[1].attn.__dict__["_decode_plan"] is plan  # refreshed in place
     torch.testing.assert_close(after, model(tokens)[:, -1], atol=1e-5, rtol=1e-5)
@@ -84,7 +85,7 @@ def test_weight_changes_between_compiled_steps_are_seen() -> None:
 
 @torch.no_grad()
 def test_step_reads_kept_concatenations_and_sees_weight_changes() -> None:
-    # the fused projections' weights are concatenated once, not in every step, and refreshed between steps
+    # the fused projections' weights are concatenated once, not in every step, and refreshed on request
     model = tiny("mha", {"n_heads": 3}, n_layers=2)
     tokens = ids(1, 7)
     decoder = StaticDecoder(model, 1, 8, cuda_graph=False)
@@ -97,12 +98,44 @@ def test_step_reads_kept_concatenations_and_sees_weight_changes() -> None:
     # the last layer's query and gate projections change in place; the cached keys and values stay valid
     model.blocks[1].attn.q_proj.weight.mul_(-1.5)
     model.blocks[1].mlp.gate_proj.weight.mul_(2.0)
+    decoder.refresh_weights()
     decoder.step(tokens[:, 5:6])
     after = decoder.step(tokens[:, 6:7])
     assert len(graphs) == 1
     torch.testing.assert_close(after, model(tokens)[:, -1], atol=1e-5, rtol=1e-5)
     del decoder
     assert not any("_kept_concat" in vars(m) for m in model.modules())  # freed with the decoder
+
+
+@torch.no_grad()
+def test_steps_do_no_host_pass_over_the_weights(monkeypatch) -> None:
+    # per-token host work is what a CUDA graph saves: the weight checks run at prefill, not per step
+    import sasformer.generation as generation
+
+    model = tiny("sas", SAS_ARGS, n_layers=2)
+    tokens = ids(1, 9)
+    decoder = StaticDecoder(model, 1, 10, cuda_graph=False)
+    decoder._step_fn = torch.compile(type(decoder)._step, backend="eager", fullgraph=True, dynamic=False)
+    calls: list[str] = []
+
+    def counted(name: str):
+        real = getattr(generation, name)
+
+        def wrapper(*args):
+            calls.append(name)
+            return real(*args)
+        return wrapper
+
+    for name in ("prepare_decode", "keep_concats"):
+        monkeypatch.setattr(generation, name, counted(name))
+    decoder.prefill(tokens[:, :4])
+    assert sorted(calls) == ["keep_concats", "prepare_decode"]
+    calls.clear()
+    for t in range(4, 6):
+        decoder.step(tokens[:, t:t + 1])
+    assert calls == []
+    torch.testing.assert_close(decoder.step(tokens[:, 6:7]), model(tokens[:, :7])[:, -1], atol=1e-5, rtol=1e-5)
+    assert calls == []
 
 
 def test_compile_mode_needs_compile() -> None:
