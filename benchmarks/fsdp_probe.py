@@ -15,7 +15,7 @@ and whether the two GPUs computed at the same time or took turns. The runs (``--
 - ``one``, ``ddp``, ``fsdp`` (the library's defaults: one block per unit, forward prefetch);
 - ``fsdp-b64``: FSDP2 at twice the batch per GPU. If the step is bound by the host, its time hardly
   grows with the batch (the GPU work doubles, the host work does not), and tokens/s nearly doubles;
-  ``one-b64`` is the 1-GPU run at that global batch, its baseline;
+  ``one-b64`` is the 1-GPU run at that global batch, its baseline; ``fsdp-b128`` and ``one-b128``: four times;
 - ``fsdp-all``: the whole model one unit; ``fsdp-noprefetch``: FSDP2's own forward order;
 - ``fsdp-u6-keep``: two units of six blocks, parameters kept gathered from forward to backward.
 
@@ -52,6 +52,8 @@ RUNS = {
     "ddp": (2, 1, ["--parallel", "ddp"]),
     "fsdp": (2, 1, ["--parallel", "fsdp", "--profile", "--trace"]),
     "fsdp-b64": (2, 2, ["--parallel", "fsdp"]),
+    "one-b128": (1, 4, []),
+    "fsdp-b128": (2, 4, ["--parallel", "fsdp"]),
     "fsdp-all": (2, 1, ["--parallel", "fsdp", "--fsdp-blocks-per-unit", "0"]),
     "fsdp-noprefetch": (2, 1, ["--parallel", "fsdp", "--no-fsdp-forward-prefetch"]),
     "fsdp-u6-keep": (2, 1, ["--parallel", "fsdp", "--fsdp-blocks-per-unit", "6", "--no-fsdp-reshard-after-forward"]),
