@@ -27,8 +27,8 @@ subset of ``stack`` (queries, keys and simulated values by one launch where thei
 i.e. on an MHA base: one launch per layer instead of three; on a GQA/MQA base the three stay apart)
 and ``split`` (each launch's few tokens spread over
 more programs, by groups of simulated heads and blocks of output columns); unset means ``stack``
-(:data:`DEFAULT_LAUNCH`: on the H200 it took the kernel time of a batch-1 step of GPT-small from 956 to
-813 us, where ``split`` added 21 us; ``benchmarks/results/h200/decode_run13*``); ``off``: one launch per
+(:data:`DEFAULT_LAUNCH`: on the H200 it took the kernel time of a batch-1 step of GPT-small from 952 to
+800 us, 802 with ``split`` as well; ``benchmarks/results/h200/decode_run13.md``); ``off``: one launch per
 tensor, one program per block of tokens. The kernel is chosen per layer
 with :func:`set_decode_kernel` or, for layers without a choice, the environment variable
 ``SASFORMER_DECODE_KERNEL`` (``auto``, ``dense`` or ``triton``; unset means ``auto``), read when a plan
