@@ -128,6 +128,27 @@ def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None =
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def use_static_decoder(on_cuda: bool, unpadded: bool, max_new_tokens: int) -> bool:
+    """:func:`generate`'s automatic choice: the static decoder (a CUDA graph per step) for unpadded prompts
+    on CUDA, where decoding token by token through the ordinary forward is bound by kernel launches; it
+    needs two new tokens or more to repay capturing the graph."""
+    return on_cuda and unpadded and max_new_tokens > 1
+
+
+def _next_tokens(logits_BV: Tensor, done_B: Tensor, temperature: float, top_k: int | None,
+                 generator: torch.Generator | None, vocab_limit: int | None, eos_id: int | None) -> Tensor:
+    """Sample the next ids (B,) and mark the rows that produced ``eos_id`` in ``done_B`` (in place);
+    rows already done get ``eos_id`` again."""
+    if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
+        logits_BV = logits_BV.clone()  # the static decoder's logits are its graph's output buffer
+        logits_BV[:, vocab_limit:] = float("-inf")
+    nxt = sample_next(logits_BV, temperature, top_k, generator)
+    if eos_id is not None:
+        nxt = nxt.masked_fill(done_B, eos_id)
+        done_B |= nxt == eos_id
+    return nxt
+
+
 @torch.no_grad()
 def generate(
     model: DecoderLM,
@@ -139,27 +160,43 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     vocab_limit: int | None = None,
+    static: bool | None = None,
 ) -> Tensor:
     """Prefill ``input_ids`` (B, T; left-padded when ``attention_mask`` has zeros), then decode token by
     token with a preallocated cache. Returns (B, T + n) with n <= ``max_new_tokens`` (stops early once
     every row has produced ``eos_id``; rows that finished are padded with ``eos_id``). ``vocab_limit``
-    keeps ids below it (a tokenizer smaller than the model's padded vocabulary)."""
+    keeps ids below it (a tokenizer smaller than the model's padded vocabulary).
+
+    ``static``: decode with a :class:`StaticDecoder` (fixed shapes, one CUDA graph replayed per token on
+    CUDA, run eagerly elsewhere); it needs unpadded prompts. None (the default) takes it where
+    :func:`use_static_decoder` says it pays: unpadded prompts on CUDA."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     B, T = input_ids.shape
-    cache = model.new_cache(capacity=T + max_new_tokens)
-    mask = attention_mask
+    unpadded = attention_mask is None or bool(attention_mask.all())
+    if static is None:
+        static = use_static_decoder(input_ids.is_cuda, unpadded, max_new_tokens)
+    if static and not unpadded:
+        raise ValueError("static=True needs unpadded prompts (an attention_mask of ones, or none)")
+    pick = dict(temperature=temperature, top_k=top_k, generator=generator, vocab_limit=vocab_limit, eos_id=eos_id)
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    if static and max_new_tokens > 0:
+        decoder = StaticDecoder(model, B, T + max_new_tokens, cuda_graph=input_ids.is_cuda)
+        logits = decoder.prefill(input_ids)
+        for i in range(max_new_tokens):
+            nxt = _next_tokens(logits, done, **pick)
+            tokens.append(nxt[:, None])
+            if (eos_id is not None and bool(done.all())) or i + 1 == max_new_tokens:
+                break
+            logits = decoder.step(nxt[:, None])
+        return torch.cat(tokens, dim=1)
+    cache = model.new_cache(capacity=T + max_new_tokens)
+    mask = attention_mask
     step_ids = input_ids
     for _ in range(max_new_tokens):
         logits = model(step_ids, attention_mask=mask, cache=cache)[:, -1]
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[:, vocab_limit:] = float("-inf")
-        nxt = sample_next(logits, temperature, top_k, generator)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(done, eos_id)
-            done |= nxt == eos_id
+        nxt = _next_tokens(logits, done, **pick)
         tokens.append(nxt[:, None])
         step_ids = nxt[:, None]
         if mask is not None:

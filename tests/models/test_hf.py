@@ -226,6 +226,40 @@ def test_plain_generate_matches_hf_generate() -> None:
     assert stopped.shape == (1, 7) and stopped[0, -1] == eos
 
 
+@pytest.mark.parametrize("name", ["mha", "mla", "tpa", "sas-simulated", "sas-compact", "sas-gqa"])
+@torch.no_grad()
+def test_static_generate_matches_the_ordinary_loop(name: str) -> None:
+    # the static decoder (run eagerly on CPU; a CUDA graph on GPUs) gives the ordinary loop's tokens
+    decoder = tiny_decoder(name, tie=False)
+    ids = random_ids(2, 6)
+    ordinary = generate(decoder, ids, 7, temperature=0.0, static=False)
+    static = generate(decoder, ids, 7, temperature=0.0, attention_mask=torch.ones_like(ids), static=True)
+    assert torch.equal(static, ordinary) and static.shape == (2, 13)
+    assert len(set(ordinary[0, 6:].tolist())) > 1  # a non-degenerate continuation
+    eos = int(ordinary[0, 8])
+    stopped = [generate(decoder, ids, 7, temperature=0.0, eos_id=eos, static=flag) for flag in (False, True)]
+    assert torch.equal(stopped[0], stopped[1]) and (stopped[1][0, 8:] == eos).all()
+    limited = generate(decoder, ids, 5, temperature=5.0, vocab_limit=7, static=True,
+                       generator=torch.Generator().manual_seed(0))
+    assert limited[:, 6:].max() < 7
+
+
+def test_static_generate_needs_unpadded_prompts_and_is_chosen_on_cuda_only() -> None:
+    from sasformer.generation import use_static_decoder
+
+    decoder = tiny_decoder("mha", tie=False)
+    ids = random_ids(2, 4)
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    with pytest.raises(ValueError, match="unpadded prompts"):
+        generate(decoder, ids, 3, attention_mask=mask, static=True)
+    assert use_static_decoder(True, True, 8)
+    assert not use_static_decoder(False, True, 8)  # the CPU: no graph to replay
+    assert not use_static_decoder(True, False, 8)  # left padding: the ordinary loop
+    assert not use_static_decoder(True, True, 1)  # one token does not repay the capture
+    assert torch.equal(generate(decoder, ids, 0, static=True), ids)
+
+
 def test_generate_command_prints_a_continuation(tmp_path, capsys) -> None:
     from sasformer.commands import generate as generate_command
 
