@@ -277,7 +277,8 @@ def decode_plan(attn: SimulatedAttention) -> tuple[DecodePlan | None, bool]:
     (a CUDA graph that read the old plan must then be captured again).
 
     Under ``torch.compile`` the stored plan is returned unchecked (None if there is none): the check
-    is host-side and :func:`prepare_decode` runs it before every compiled step."""
+    is host-side, and whoever runs the compiled step calls :func:`prepare_decode` when the weights may
+    have changed (``StaticDecoder`` in ``prefill`` and ``refresh_weights``)."""
     plan = attn.__dict__.get("_decode_plan")
     if torch.compiler.is_compiling():
         return plan, False
@@ -303,8 +304,8 @@ def sas_layers(model: nn.Module) -> list[SimulatedAttention]:
 def prepare_decode(model: nn.Module, layers: list[SimulatedAttention] | None = None) -> bool:
     """Build or refresh the decode plan of every SAS layer in ``model``; True if any plan got new storage.
 
-    ``layers``: the model's :func:`sas_layers`, when a caller that runs this before every step has
-    them already (walking the modules each step would cost host time in a launch-bound loop)."""
+    ``layers``: the model's :func:`sas_layers`, when the caller has them already (walking the modules
+    costs host time)."""
     reallocated = False
     for module in sas_layers(model) if layers is None else layers:
         if module.args.cache_mode == "simulated":
