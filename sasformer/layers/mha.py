@@ -21,7 +21,8 @@ from sasformer.layers.base import (
     require,
 )
 from sasformer.ops.attention import attend
-from sasformer.ops.linear import linear_split
+from sasformer.ops.linear import linear_fused
+from sasformer.ops.rope_qkv import rope_qkv
 
 
 @dataclass
@@ -64,15 +65,14 @@ class MultiHeadAttention(Attention):
         self.rope_dims = (D,)
 
     def fused_linear_groups(self) -> list[tuple[nn.Linear, ...]]:
-        """The maps :func:`linear_split` runs as one (a decoder keeps their concatenation)."""
+        """The maps :func:`linear_fused` runs as one (a decoder keeps their concatenation)."""
         return [(self.q_proj, self.k_proj, self.v_proj)]
 
     def forward(self, x_BTd: Tensor, ctx: AttentionContext) -> Tensor:
         B, T, _ = x_BTd.shape
-        q, k, v = linear_split(x_BTd, self.q_proj, self.k_proj, self.v_proj)
-        q = ctx.rotary.rotate(q.view(B, T, self.n_heads, self.head_dim))
-        k = ctx.rotary.rotate(k.view(B, T, self.n_kv_heads, self.head_dim))
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        qkv = linear_fused(x_BTd, self.q_proj, self.k_proj, self.v_proj)
+        cos, sin = ctx.rotary(self.head_dim)
+        q, k, v = rope_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads)
         if ctx.cache is not None:
             full = ctx.cache.append(k=k, v=v)
             k, v = full["k"], full["v"]

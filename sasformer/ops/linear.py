@@ -108,18 +108,31 @@ def _kept(layers: tuple[nn.Linear, ...]) -> KeptConcat | None:
     return layers[0].__dict__[_KEPT]
 
 
-def linear_split(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:
-    """``tuple(layer(x) for layer in layers)`` computed as one ``F.linear``; outputs are views of one buffer.
+def linear_fused(x: Tensor, *layers: nn.Linear) -> Tensor:
+    """``torch.cat([layer(x) for layer in layers], -1)`` computed as one ``F.linear``.
 
     With gradients off and a concatenation kept by :func:`keep_concat`, that is used (refreshed first if a
     part changed, outside ``torch.compile``) instead of concatenating the weights again."""
     if len(layers) == 1:
-        return (layers[0](x),)
+        return layers[0](x)
     kept = _kept(layers) if layers else None
     weight, bias = (kept.weight, kept.bias) if kept is not None else concat_linear(*layers)
-    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+    return F.linear(x, weight, bias)
+
+
+def linear_split(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:
+    """``tuple(layer(x) for layer in layers)`` computed as one ``F.linear`` (:func:`linear_fused`); outputs
+    are views of one buffer."""
+    if len(layers) == 1:
+        return (layers[0](x),)
+    return linear_fused(x, *layers).split([layer.out_features for layer in layers], dim=-1)
 
 
 def linear_split_naive(x: Tensor, *layers: nn.Linear) -> tuple[Tensor, ...]:
     """Reference of :func:`linear_split`: one matmul per layer."""
     return tuple(layer(x) for layer in layers)
+
+
+def linear_fused_naive(x: Tensor, *layers: nn.Linear) -> Tensor:
+    """Reference of :func:`linear_fused`: one matmul per layer, concatenated."""
+    return torch.cat(linear_split_naive(x, *layers), dim=-1)

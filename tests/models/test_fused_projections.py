@@ -12,14 +12,15 @@ import sasformer.models.decoder as decoder_module
 from sasformer.layers.registry import build_attention
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
-from sasformer.ops.linear import linear_split_naive
+from sasformer.ops.linear import linear_fused_naive, linear_split_naive
 from tests.layers.helpers import D_MODEL, VARIANTS, context
 
 FUSED = [name for name, (kind, _) in VARIANTS.items() if kind in ("mha", "gqa", "mqa", "sas")]
 
 
 def _separate(monkeypatch):
-    for module in (mha_module, sas_module, decoder_module):
+    monkeypatch.setattr(mha_module, "linear_fused", linear_fused_naive)
+    for module in (sas_module, decoder_module):
         monkeypatch.setattr(module, "linear_split", linear_split_naive)
 
 
