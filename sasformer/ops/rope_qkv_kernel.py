@@ -20,22 +20,35 @@ BLOCK_TOKENS = 32
 
 
 @triton.jit
+def _token_block(N, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tokens (rows), the columns of a half row, and the mask of both."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    return rows, cols, (rows < N)[:, None] & (cols < HALF)[None, :]
+
+
+@triton.jit
+def _load_tables(cos_ptr, sin_ptr, table, mask, HALF: tl.constexpr):
+    """cos and sin of the two halves at ``table`` offsets, in fp32."""
+    c1 = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + table + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + table + HALF, mask=mask, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _rope_qkv_fwd_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, N, T, stride_x, stride_cb, stride_ct,
                          H, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     head = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_HALF)
-    mask = (rows < N)[:, None] & (cols < HALF)[None, :]
+    rows, cols, mask = _token_block(N, HALF, BLOCK_HALF, BLOCK_N)
     src = x_ptr + rows[:, None] * stride_x + head * D + cols[None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     if head < H + HKV:
         table = (rows // T)[:, None] * stride_cb + (rows % T)[:, None] * stride_ct + cols[None, :]
-        c1 = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + table + HALF, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + table + HALF, mask=mask, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _load_tables(cos_ptr, sin_ptr, table, mask, HALF)
         y1 = x1 * c1 - x2 * s1  # rotate-half: (x1, x2) -> (-x2, x1)
         y2 = x2 * c2 + x1 * s2
         if head < H:
@@ -56,9 +69,7 @@ def _rope_qkv_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dx_ptr, N, T,
                          H, HKV, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     head = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_HALF)
-    mask = (rows < N)[:, None] & (cols < HALF)[None, :]
+    rows, cols, mask = _token_block(N, HALF, BLOCK_HALF, BLOCK_N)
     b = (rows // T)[:, None]
     t = (rows % T)[:, None]
     if head < H:
@@ -71,10 +82,7 @@ def _rope_qkv_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dx_ptr, N, T,
     g2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     if head < H + HKV:
         table = b * stride_cb + t * stride_ct + cols[None, :]
-        c1 = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + table + HALF, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + table + HALF, mask=mask, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _load_tables(cos_ptr, sin_ptr, table, mask, HALF)
         d1 = g1 * c1 + g2 * s2  # the transpose of the forward's 2 x 2 rotation per feature pair
         d2 = g2 * c2 - g1 * s1
     else:

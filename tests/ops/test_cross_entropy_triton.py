@@ -5,11 +5,6 @@ On a machine without CUDA the kernel runs in Triton's interpreter (tests/conftes
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,6 +18,7 @@ from sasformer.ops.cross_entropy import (
 )
 from sasformer.ops.cross_entropy.kernel import block_and_warps, cross_entropy_rows_
 from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive
+from tests.ops.compile_helpers import run_without_interpreter
 from tests.ops.test_cross_entropy import (
     _loss_and_grads,
     assert_matches_naive_fp32,
@@ -163,11 +159,4 @@ for dtype in ("bf16", "fp32"):
 
 def test_kernel_compiles_for_sm90():
     # the interpreter does not type-check loop-carried values or layouts; the real compiler does
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("Triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 4
+    assert run_without_interpreter(SCRIPT).count("compiled") == 4

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from sasformer.ops import rope_qkv as rq
 from sasformer.ops.rope import RotaryTables
+from tests.ops.compile_helpers import run_without_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -147,16 +148,4 @@ for dtype in ("bf16", "fp32"):
 
 def test_kernels_compile_for_sm90() -> None:
     # the interpreter does not type-check the branches' values; the real compiler does
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("Triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 4
+    assert run_without_interpreter(SM90_SCRIPT).count("compiled") == 4

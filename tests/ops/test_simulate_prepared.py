@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,6 +18,7 @@ from sasformer.ops.simulate.decode_fused import (
 )
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
 from tests.decode_helpers import record_launches
+from tests.ops.compile_helpers import run_without_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -274,18 +270,12 @@ for launch in launches:
 def test_split_kernel_compiles_for_sm90_without_spills():
     # the interpreter hides layout errors and register pressure: compile for Hopper in a subprocess
     # (the interpreter setting replaces the kernels at import time)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("Triton's ptxas is not available here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("compiled")]
+    stdout = run_without_interpreter(COMPILE_SCRIPT)
+    lines = [line for line in stdout.splitlines() if line.startswith("compiled")]
     expected = [("16", "4"), ("32", "1"), ("16", "1")]  # (heads, column blocks) per program
     assert [line.split("|")[0].split()[1:] for line in lines] == [
         ["_simulate_split_kernel", *hg_eb] for hg_eb in expected
-    ], proc.stdout
+    ], stdout
     for line in lines:
         if "ptxas not found" not in line:
             assert "spill stores/loads 0/0 bytes" in line, line
