@@ -117,6 +117,10 @@ def rope_qkv(qkv_BTF: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, n_heads: int, n_
     """Split a fused projection (B, T, (H + 2 H_kv) D) into queries (B, T, H, D), keys and values
     (B, T, H_kv, D), queries and keys rotated by the tables (B or 1, T, D); by :func:`resolve_impl`'s
     choice. Gradients flow to the projection (not to the tables)."""
+    heads = n_heads + 2 * n_kv_heads
+    if qkv_BTF.dim() != 3 or qkv_BTF.shape[-1] % heads or (qkv_BTF.shape[-1] // heads) % 2:
+        raise ValueError(f"rope_qkv: a projection (B, T, (H + 2 H_kv) D) with D even, got shape "
+                         f"{tuple(qkv_BTF.shape)} for H={n_heads}, H_kv={n_kv_heads}")
     if resolve_impl(qkv_BTF) == "triton":
         return rope_qkv_op(qkv_BTF, cos_BTD, sin_BTD, n_heads, n_kv_heads)
     return rope_qkv_reference(qkv_BTF, cos_BTD, sin_BTD, n_heads, n_kv_heads)

@@ -78,6 +78,9 @@ def test_traced_by_compile_with_gradients() -> None:
 
 def test_choice_of_implementation(monkeypatch) -> None:
     x = torch.zeros(1, 2, 12, device=DEVICE)
+    cos, sin = tables(1, 2, 4, per_row=False)
+    with pytest.raises(ValueError, match="D even"):
+        rq.rope_qkv(x, cos, sin, 2, 1)  # 12 features: 4 heads of 3, an odd size
     monkeypatch.delenv(rq.ENV_VAR, raising=False)
     assert rq.resolve_impl(x) == "torch"  # the Triton form is opt-in
     monkeypatch.setenv(rq.ENV_VAR, "triton")
