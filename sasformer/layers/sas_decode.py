@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from sasformer.layers.base import AttentionContext
 from sasformer.ops.attention import attend
-from sasformer.ops.linear import concat_linear
+from sasformer.ops.linear import concat_linear, version_key
 from sasformer.ops.simulate import ENV_VAR, KERNEL_DTYPES, triton_available
 from sasformer.ops.simulate.decode import (
     conv_operands,
@@ -137,12 +137,7 @@ def _members(attn: SimulatedAttention) -> list[tuple[str, nn.Linear, nn.Module, 
 
 
 def _weights_key(attn: nn.Module) -> tuple:
-    # inference tensors carry no version counter: their storage is the only thing to compare
-    key = []
-    for p in attn.parameters():
-        key.append((p.data_ptr(), None if p.is_inference() else p._version))
-    first = next(attn.parameters())
-    return (first.device, first.dtype, *key)
+    return version_key(attn.parameters())
 
 
 def triton_decode_problem(weight: Tensor, interpreter: bool = True) -> str | None:

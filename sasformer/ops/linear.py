@@ -10,6 +10,7 @@ token, keeps the concatenation instead (:func:`keep_concat`). The reference is :
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -42,18 +43,24 @@ class KeptConcat:
     key: tuple
 
 
-def _parts_key(layers: tuple[nn.Linear, ...]) -> tuple:
-    # inference tensors carry no version counter: their storage is the only thing to compare
+def version_key(tensors: Iterable[Tensor]) -> tuple:
+    """Identity, storage, version counter, dtype and device of each tensor: a key that changes when any of
+    them is edited in place or replaced (for operands derived from weights and kept between calls).
+    Inference tensors carry no version counter: their storage is the only thing to compare."""
     return tuple((id(t), t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
-                 for layer in layers for t in (layer.weight, layer.bias) if t is not None)
+                 for t in tensors)
+
+
+def _parts_key(layers: tuple[nn.Linear, ...]) -> tuple:
+    return version_key(t for layer in layers for t in (layer.weight, layer.bias) if t is not None)
 
 
 def keep_concat(*layers: nn.Linear) -> bool:
-    """Keep the concatenation of ``layers``' weights for gradient-free calls of :func:`linear_split`, made
-    now or refreshed in place when a part changed; True if new storage was allocated (a CUDA graph that
-    read the old one must be captured again).
+    """Keep the concatenation of ``layers``' weights for gradient-free calls of :func:`linear_fused` (and
+    :func:`linear_split`), made now or refreshed in place when a part changed; True if new storage was
+    allocated (a CUDA graph that read the old one must be captured again).
 
-    Decoding a few tokens per call reads each weight once per step, so the copy :func:`linear_split`
+    Decoding a few tokens per call reads each weight once per step, so the copy :func:`linear_fused`
     makes otherwise (one concatenation per call) is as many bytes again; keeping it costs the memory of
     those weights once more. :func:`drop_concats` frees it."""
     kept: KeptConcat | None = layers[0].__dict__.get(_KEPT)
@@ -77,7 +84,8 @@ def keep_concat(*layers: nn.Linear) -> bool:
 
 
 def fused_groups(model: nn.Module) -> list[tuple[nn.Linear, ...]]:
-    """The groups of linear maps ``model``'s modules run through :func:`linear_split` (each module lists its
+    """The groups of linear maps ``model``'s modules run through :func:`linear_fused` or :func:`linear_split`
+    (each module lists its
     own in a ``fused_linear_groups()`` method)."""
     return [group for module in model.modules() if hasattr(module, "fused_linear_groups")
             for group in module.fused_linear_groups()]

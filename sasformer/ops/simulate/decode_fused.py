@@ -12,8 +12,9 @@ matrices.
 decode step keeps one graph; it allocates only its fixed-size output and never syncs with the host,
 so a CUDA graph can capture it. The reference it is held to is :mod:`.naive` (tests).
 
-Two ways to use more of the GPU at a few tokens, both off by default (the caller chooses; the
-decode benchmark times them as separate rows): tensors of equal shapes (queries and keys on an MHA
+Two ways to use more of the GPU at a few tokens, chosen by the caller (the SAS decode path stacks by
+default and splits on request, :func:`sasformer.layers.sas_decode.decode_launch`; the decode benchmark
+times each as a row of its own): tensors of equal shapes (queries and keys on an MHA
 base) prepared as one stacked set (:func:`stack_simulations`) are simulated in one launch, and
 ``split=True`` spreads each token's feature MLP and RoPE over programs by groups of simulated heads
 and blocks of output columns (:func:`~sasformer.ops.simulate.fused.launch_forward`).
