@@ -61,8 +61,9 @@ def is_repeat(name: str) -> bool:
     return name.startswith("one-repeat")
 
 
-def plan(world: int, repeats: int = 1) -> list[list[Run]]:
-    """Stages of runs; the runs of one stage start together (1-process runs on different GPUs)."""
+def plan(world: int, repeats: int = 1, only: list[str] | None = None) -> list[list[Run]]:
+    """Stages of runs; the runs of one stage start together (1-process runs on different GPUs). ``only``:
+    just the runs of these names (a resumed run's source among them; ``one``, the reference, always)."""
     singles = [Run("one", 1)] + [Run("one-repeat" + (str(i + 1) if i else ""), 1) for i in range(repeats)]
     stages = []
     for first in range(0, len(singles), world):
@@ -70,13 +71,24 @@ def plan(world: int, repeats: int = 1) -> list[list[Run]]:
         for gpu, run in enumerate(stage):
             run.gpu = gpu
         stages.append(stage)
-    return stages + [
+    stages += [
         [Run("ddp", world, "ddp")],
         [Run("fsdp", world, "fsdp")],
         [Run("ddp>one", 1, resume_from="ddp", gpu=0), Run("fsdp>one", 1, resume_from="fsdp", gpu=1 % world)],
         [Run("one>ddp", world, "ddp", resume_from="one")],
         [Run("one>fsdp", world, "fsdp", resume_from="one")],
     ]
+    if only is None:
+        return stages
+    known = {run.name for stage in stages for run in stage}
+    if unknown := set(only) - known:
+        raise ValueError(f"unknown runs {sorted(unknown)}; the plan has {sorted(known)}")
+    if "one" not in only:
+        raise ValueError("the runs must include 'one', the 1-GPU run every other is judged against")
+    for run in (run for stage in stages for run in stage if run.name in only and run.resume_from):
+        if run.resume_from not in only:
+            raise ValueError(f"run {run.name!r} resumes from {run.resume_from!r}: include that run too")
+    return [kept for stage in stages if (kept := [run for run in stage if run.name in only])]
 
 
 def run_dir(out: Path, attention: str, name: str) -> Path:
@@ -95,6 +107,7 @@ def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path)
         "checkpoint_interval": args.steps // 2, "keep_last": 3, "compile": str(args.compile).lower(),
         "dtype": args.dtype, "device": args.device, "parallel": run.parallel if run.world > 1 else "ddp",
         "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit,
+        **({"fsdp_param_dtype": args.fsdp_param_dtype} if run.parallel == "fsdp" and run.world > 1 else {}),
         "progress": "false", "tensorboard": "false", "out_dir": run_dir(out, attention, run.name),
         "resume": (run_dir(out, attention, run.resume_from) / "checkpoints" / f"step_{args.steps // 2:06d}"
                    if run.resume_from else "none"),
@@ -112,12 +125,15 @@ def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> No
     if args.device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(run.gpu + i) for i in range(run.world))
     done_marker = folder / "finished.json"
-    if done_marker.exists():  # a finished run from an earlier, interrupted invocation into the same --out
-        run.rc, run.seconds = (json.loads(done_marker.read_text())[k] for k in ("rc", "seconds"))
+    cmd = train_command(args, attention, run, out)
+    done = json.loads(done_marker.read_text()) if done_marker.exists() else {}
+    # a run finished by an earlier, interrupted invocation into the same --out is kept, if its command
+    # was this one (a changed setting runs it again)
+    if done.get("command") == cmd:
+        run.rc, run.seconds = done["rc"], done["seconds"]
     else:
-        shutil.rmtree(folder)  # a failed or interrupted attempt: start clean
+        shutil.rmtree(folder)  # a failed or interrupted attempt, or another command: start clean
         folder.mkdir(parents=True)
-        cmd = train_command(args, attention, run, out)
         start = time.perf_counter()
         with (folder / "train.log").open("w") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
@@ -129,7 +145,7 @@ def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> No
                 run.rc = 124
         run.seconds = time.perf_counter() - start
         if run.rc == 0:
-            done_marker.write_text(json.dumps({"rc": run.rc, "seconds": run.seconds}))
+            done_marker.write_text(json.dumps({"rc": run.rc, "seconds": run.seconds, "command": cmd}))
     metrics = folder / "metrics.jsonl"
     records = [r for r in read_metrics(metrics) if r.get("kind") == "train"] if metrics.exists() else []
     run.losses = {r["step"]: r["loss"] for r in records}
@@ -222,7 +238,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"global batch {meta['global_batch']} = micro-batch {meta['micro_batch']} x {meta['world']} "
         f"({meta['world']} accumulation steps on 1 GPU), {meta['steps']} steps, compile {meta['compile']}, "
         f"dtype {meta.get('dtype', 'auto')}, FSDP2 blocks per unit {meta.get('fsdp_blocks_per_unit', 1)} "
-        "(0: the whole model).", "",
+        f"(0: the whole model), FSDP2 parameters gathered in {meta.get('fsdp_param_dtype', 'compute')}.", "",
         f"Loss: the largest relative difference over the {meta['log_interval']}-step windows: from `one` for runs "
         f"from scratch, judged against {meta['rtol']} or the noise floor where larger (the largest gap of the "
         "`one-repeat*` runs, the same 1-GPU run again, which are not judged themselves); from the run it "
@@ -330,7 +346,13 @@ def main() -> int:
                         help="float32 takes bf16 rounding out of the comparison (auto: bf16 on CUDA)")
     parser.add_argument("--fsdp-blocks-per-unit", type=int, default=1,
                         help="FSDP2 runs: consecutive blocks per sharded unit (0: the whole model one unit)")
+    parser.add_argument("--fsdp-param-dtype", choices=["float32", "compute"], default="float32",
+                        help="FSDP2 runs: gather fp32 parameters (autocast casts per op, as one GPU does) or "
+                             "parameters in the compute dtype (FSDP2's mixed precision)")
     parser.add_argument("--repeats", type=int, default=1, help="1-GPU runs repeated to measure the noise")
+    parser.add_argument("--runs", type=lambda text: [name.strip() for name in text.split(",")], default=None,
+                        metavar="NAMES", help="only these runs, comma-separated (e.g. one,one-repeat,fsdp,"
+                                              "fsdp>one,one>fsdp); default: all")
     parser.add_argument("--rtol", type=float, default=0.01, help="largest relative loss difference from 1 GPU")
     parser.add_argument("--min-scaling", type=float, default=1.8)
     parser.add_argument("--run-timeout", type=float, default=600, help="seconds per training run")
@@ -343,12 +365,16 @@ def main() -> int:
         parser.error("--data-dir is required (unless --report)")
     if args.steps % (2 * args.log_interval):
         parser.error("--steps must be a multiple of twice --log-interval (runs resume from the middle)")
+    try:
+        plan(args.world, args.repeats, args.runs)
+    except ValueError as error:
+        parser.error(str(error))
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for attention in args.attention:
         runs: dict[str, Run] = {}
-        for stage in plan(args.world, args.repeats):
+        for stage in plan(args.world, args.repeats, args.runs):
             with ThreadPoolExecutor(len(stage)) as pool:
                 list(pool.map(lambda run, a=attention: execute(args, a, run, args.out), stage))
             runs.update({run.name: run for run in stage})
@@ -360,7 +386,7 @@ def main() -> int:
             "global_batch": args.micro_batch * args.world, "micro_batch": args.micro_batch, "world": args.world,
             "steps": args.steps, "compile": args.compile, "dtype": args.dtype, "log_interval": args.log_interval,
             "rtol": args.rtol, "skip_steps": args.skip_steps, "min_scaling": args.min_scaling,
-            "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit,
+            "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit, "fsdp_param_dtype": args.fsdp_param_dtype,
         }
         write_report(args.out, rows, meta)
     print(markdown(rows, meta))

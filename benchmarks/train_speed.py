@@ -386,7 +386,7 @@ def main() -> int:
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
         "attention_backend": args.attention_backend or "auto",
-        "rope_impl": args.rope_impl or os.environ.get(ROPE_ENV) or "torch",
+        "rope_impl": args.rope_impl or os.environ.get(ROPE_ENV) or "auto",
         "grad_accum": args.grad_accum,
         "peak_tflops": rows[0]["peak_tflops"] if rows else None,
         "warmup_steps": args.warmup,

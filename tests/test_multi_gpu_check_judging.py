@@ -1,4 +1,4 @@
-"""The judging rules of benchmarks/multi_gpu_check.py (the GPU runs themselves are not run here)."""
+"""The judging rules and run plan of benchmarks/multi_gpu_check.py (the GPU runs themselves are not run here)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
+from benchmarks import multi_gpu_check as mgc
 from benchmarks.multi_gpu_check import Run, judge, report_again
 
 ARGS = argparse.Namespace(steps=40, log_interval=10, skip_steps=0, rtol=0.01, min_scaling=1.8)
@@ -57,3 +60,50 @@ def test_run_10_judged_again_keeps_its_verdicts(tmp_path):
     assert abs(rows[("sas", "ddp")]["loss_limit"] - 0.01) < 1e-12
     assert rows[("mha", "ddp")]["passed"]
     assert rows[("mha", "fsdp")]["checks"] == {"complete": True, "loss": True, "scaling": False}
+
+
+def _names(stages: list[list[Run]]) -> list[list[str]]:
+    return [[run.name for run in stage] for stage in stages]
+
+
+def test_the_plan_keeps_only_the_named_runs():
+    fsdp_only = ["one", "one-repeat", "fsdp", "fsdp>one", "one>fsdp"]
+    assert _names(mgc.plan(2, 1, fsdp_only)) == [["one", "one-repeat"], ["fsdp"], ["fsdp>one"], ["one>fsdp"]]
+    assert sum(map(len, mgc.plan(2, 1))) == 8
+    with pytest.raises(ValueError, match="resumes from 'ddp'"):
+        mgc.plan(2, 1, ["one", "ddp>one"])
+    with pytest.raises(ValueError, match="must include 'one'"):
+        mgc.plan(2, 1, ["ddp"])
+    with pytest.raises(ValueError, match="unknown runs"):
+        mgc.plan(2, 1, ["one", "tp"])
+
+
+def _args(tmp_path: Path, **changes) -> argparse.Namespace:
+    values = dict(size="small", data_dir=str(tmp_path), seq_len=64, micro_batch=2, world=2, steps=40, warmup_steps=2,
+                  lr=1e-3, log_interval=10, compile=False, dtype="auto", device="cpu", fsdp_blocks_per_unit=1,
+                  fsdp_param_dtype="float32", config="configs/small.yaml", run_timeout=10)
+    return argparse.Namespace(**{**values, **changes})
+
+
+def test_the_fsdp_parameter_dtype_reaches_the_fsdp_runs_only(tmp_path):
+    args = _args(tmp_path, fsdp_param_dtype="compute")
+    commands = {run.name: " ".join(mgc.train_command(args, "mha", run, tmp_path))
+                for stage in mgc.plan(2) for run in stage}
+    with_it = {name for name, cmd in commands.items() if "--fsdp_param_dtype compute" in cmd}
+    assert with_it == {"fsdp", "one>fsdp"}  # fsdp>one resumes on one process: no FSDP there
+
+
+def test_a_finished_run_is_kept_only_when_its_command_is_unchanged(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return argparse.Namespace(returncode=0)
+
+    monkeypatch.setattr(mgc.subprocess, "run", fake_run)
+    run = lambda: Run("fsdp", 2, "fsdp")  # noqa: E731
+    mgc.execute(_args(tmp_path), "mha", run(), tmp_path)
+    mgc.execute(_args(tmp_path), "mha", run(), tmp_path)  # finished with this command: kept
+    assert len(calls) == 1
+    mgc.execute(_args(tmp_path, fsdp_param_dtype="compute"), "mha", run(), tmp_path)  # another setting: run again
+    assert len(calls) == 2 and "compute" in calls[-1]

@@ -125,6 +125,11 @@ class TrainConfig:
     # FSDP2: consecutive blocks per sharded unit (0: the whole model one unit); each unit costs host
     # time per step, which a small model's short steps may not hide
     fsdp_blocks_per_unit: int = 1
+    # FSDP2 under bf16 autocast: float32 gathers the fp32 parameters and lets autocast cast per op, the
+    # arithmetic of one process and of DDP (fp32 embeddings, norms and residual stream); compute gathers them
+    # in the autocast dtype (FSDP2's mixed precision: half the all-gather bytes and activation memory, but
+    # the residual stream and norms then run in bf16, so the loss curve departs from one process's)
+    fsdp_param_dtype: str = "float32"
     eval_interval: int = 200  # 0 disables periodic validation
     eval_batches: int = 20
     log_interval: int = 10
@@ -159,6 +164,8 @@ class TrainConfig:
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
         need(self.loss_chunk_size >= 1, f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
+        need(self.fsdp_param_dtype in ("float32", "compute"),
+             f"fsdp_param_dtype={self.fsdp_param_dtype!r}: use float32 or compute")
         need(self.fsdp_blocks_per_unit >= 0,
              f"fsdp_blocks_per_unit={self.fsdp_blocks_per_unit} must be >= 0 (0: the whole model one unit)")
         for name in ("eval_interval", "checkpoint_interval"):

@@ -165,8 +165,8 @@ class Trainer:
                 for block in model.blocks:
                     block.compile(mode=cfg.compile_mode)
                 model.head_loss = torch.compile(model.head_loss, mode=cfg.compile_mode)
-            D.apply_fsdp(model, model.blocks, self.autocast_dtype, cfg.fsdp_reshard_after_forward,
-                         cfg.fsdp_blocks_per_unit)
+            param_dtype = self.autocast_dtype if cfg.fsdp_param_dtype == "compute" else None
+            D.apply_fsdp(model, model.blocks, param_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks_per_unit)
             return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
         module: nn.Module = LossModel(model, cfg.loss_impl, cfg.loss_chunk_size)
         ddp = None

@@ -82,7 +82,15 @@ def test_choice_of_implementation(monkeypatch) -> None:
     with pytest.raises(ValueError, match="D even"):
         rq.rope_qkv(x, cos, sin, 2, 1)  # 12 features: 4 heads of 3, an odd size
     monkeypatch.delenv(rq.ENV_VAR, raising=False)
-    assert rq.resolve_impl(x) == "torch"  # the Triton form is opt-in
+    auto = "triton" if rq.TRITON_AVAILABLE and x.is_cuda else "torch"
+    assert rq.resolve_impl(x) == auto  # unset: auto, Triton on CUDA only
+    monkeypatch.setenv(rq.ENV_VAR, "auto")
+    assert rq.resolve_impl(x) == auto
+    assert rq.resolve_impl(x.cpu()) == "torch"
+    available = rq.TRITON_AVAILABLE
+    monkeypatch.setattr(rq, "TRITON_AVAILABLE", False)
+    assert rq.resolve_impl(x) == "torch"  # no Triton: the plain form, whatever the device
+    monkeypatch.setattr(rq, "TRITON_AVAILABLE", available)
     monkeypatch.setenv(rq.ENV_VAR, "triton")
     assert rq.resolve_impl(x) == "triton"
     monkeypatch.setattr(rq, "ROPE_IMPL", "fast")  # the module setting wins over the variable

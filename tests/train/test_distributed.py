@@ -131,6 +131,23 @@ def test_fsdp_with_larger_units_matches_one_process(tmp_path, reference, blocks_
     _assert_close(_losses(out_dir), _losses(reference))
 
 
+def test_fsdp_under_bf16_autocast_keeps_the_arithmetic_of_ddp_unless_told_otherwise(tmp_path):
+    # fsdp_param_dtype float32 (the default): fp32 parameters gathered, autocast casting per op, as under DDP;
+    # compute: bf16 parameters gathered (FSDP2's mixed precision), so the embeddings, norms and residual
+    # stream run in bf16 and the losses differ
+    runs = {"ddp": {"parallel": "ddp"}, "float32": {"parallel": "fsdp"},
+            "compute": {"parallel": "fsdp", "fsdp_param_dtype": "compute"}}
+    losses = {}
+    for name, changes in runs.items():
+        _spawn(tmp_path / name, micro_batch_size=1, dtype="bfloat16", **changes)
+        losses[name] = _losses(tmp_path / name)
+    assert losses["float32"].keys() == losses["ddp"].keys() == losses["compute"].keys() and losses["ddp"]
+    for step, loss in losses["float32"].items():
+        assert loss == pytest.approx(losses["ddp"][step], rel=1e-6), step
+    assert any(loss != pytest.approx(losses["ddp"][step], rel=1e-6) for step, loss in losses["compute"].items())
+    _assert_close(losses["compute"], losses["ddp"])  # but only by bf16 rounding on this tiny model
+
+
 def _fake_fully_shard(calls: list, prefetches: list):
     """Records fully_shard's calls, and gives the modules the prefetch setter FSDP2 would."""
     def fully_shard(module, **kw):
