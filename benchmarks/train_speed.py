@@ -116,7 +116,8 @@ def parallel_label(args: argparse.Namespace) -> str:
     notes = ([f"fake world of {args.fake_world}, no communication"] if args.fake_world else []) + \
         ([] if args.fsdp_reshard_after_forward else ["no reshard"]) + \
         ([] if args.fsdp_forward_prefetch else ["no forward prefetch"]) + \
-        ([f"{args.fsdp_blocks_per_unit or 'all'} blocks per unit"] if args.fsdp_blocks_per_unit != 1 else [])
+        ([f"{args.fsdp_blocks_per_unit or 'all'} blocks per unit"] if args.fsdp_blocks_per_unit != 1 else []) + \
+        (["bf16 parameters"] if args.fsdp_param_dtype == "compute" else [])
     return ", ".join(["fsdp", *notes])
 
 
@@ -156,6 +157,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "parallel": args.parallel,
         "fsdp_reshard_after_forward": args.fsdp_reshard_after_forward,
         "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit,
+        "fsdp_param_dtype": args.fsdp_param_dtype,
     })
     trainer = Trainer(config, SyntheticData(args.vocab_size))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
@@ -327,6 +329,8 @@ def main() -> int:
                              "default, sasformer.train.distributed.FORWARD_PREFETCH), or FSDP2's own order")
     parser.add_argument("--fsdp-blocks-per-unit", type=int, default=1,
                         help="FSDP2: consecutive blocks per sharded unit (0: the whole model one unit)")
+    parser.add_argument("--fsdp-param-dtype", choices=["float32", "compute"], default="float32",
+                        help="FSDP2 under bf16: gather the fp32 parameters (the trainer's default) or bf16 ones")
     parser.add_argument("--fake-world", type=int, default=0, metavar="N",
                         help="FSDP2 in this one process as rank 0 of N whose collectives do nothing: the step's "
                              "own host and device work without communication (timing only; launch with python)")
