@@ -109,6 +109,16 @@ def init_fake_world(world_size: int) -> None:
     dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
 
 
+def compile_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--compile-option``, the value read as YAML (true, 4, a string)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)
+
+
 def parallel_label(args: argparse.Namespace) -> str:
     """``ddp``, or ``fsdp`` with its settings where they are not the defaults."""
     if args.parallel == "ddp":
@@ -143,6 +153,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
         "compile_mode": args.compile_mode,
+        "compile_options": dict(args.compile_option),
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
         "device": args.device,
@@ -239,12 +250,13 @@ def breakdown_steps(trainer: Trainer, steps: int, sync) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    options = "".join(f", {key}={value}" for key, value in meta.get("compile_options", {}).items())
     lines = [
         f"# Training step throughput ({meta['device']}, {meta['dtype']}, compile={meta['compile']})",
         "",
         f"Command: `{meta['command']}`  ",
         (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
-         f"compile mode {meta['compile_mode']}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
+         f"compile mode {meta['compile_mode']}{options}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
          f"attention backend {meta['attention_backend']}, RoPE {meta.get('rope_impl', 'torch')}"),
         "",
         "| attention | params (M) | processes | micro-batch x T x accum | loss | step (ms) | host ms | tokens/s "
@@ -303,6 +315,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--compile-option", action="append", default=[], type=compile_option, metavar="KEY=VALUE",
+                        help="an Inductor option for torch.compile (the trainer's compile_options; YAML value), "
+                             "e.g. coordinate_descent_tuning=true; repeatable; not with --compile-mode")
     parser.add_argument("--loss-impl", default="chunked", choices=IMPLS,
                         help="LM head + cross-entropy: fused chunks (the library's choice, or forced "
                              "chunked_triton / chunked_torch), or full logits (naive)")
@@ -387,6 +402,7 @@ def main() -> int:
         "dtype": "bfloat16" if args.device == "cuda" else "float32",
         "compile": not args.no_compile,
         "compile_mode": args.compile_mode,
+        "compile_options": dict(args.compile_option),
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
         "attention_backend": args.attention_backend or "auto",

@@ -112,6 +112,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
+    # Inductor options for torch.compile (its ``options``, e.g. {coordinate_descent_tuning: true}), instead of
+    # a compile_mode other than default; names are checked against torch._inductor.list_options()
+    compile_options: dict[str, Any] = field(default_factory=dict)
     # chunked: fused LM head + cross-entropy without full logits (Triton kernel on CUDA when installed, else
     # PyTorch) | chunked_triton | chunked_torch (either forced) | naive (full logits, the reference)
     loss_impl: str = "chunked"
@@ -161,6 +164,8 @@ class TrainConfig:
         need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype={self.dtype!r}: use auto, bfloat16 or float32")
         need(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: use auto, cpu or cuda")
         need(self.compile_mode in COMPILE_MODES, f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
+        need(not (self.compile_options and self.compile_mode != "default"),
+             f"set compile_mode={self.compile_mode!r} or compile_options, not both (torch.compile takes one of them)")
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
         need(self.loss_chunk_size >= 1, f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")

@@ -163,8 +163,8 @@ class Trainer:
                 # starts tracing at the block's forward and FSDP2's hooks (excluded from dynamo) run
                 # eagerly around it: compiling the forward alone, or after fully_shard, times the same
                 for block in model.blocks:
-                    block.compile(mode=cfg.compile_mode)
-                model.head_loss = torch.compile(model.head_loss, mode=cfg.compile_mode)
+                    block.compile(**self._compile_kwargs())
+                model.head_loss = torch.compile(model.head_loss, **self._compile_kwargs())
             param_dtype = self.autocast_dtype if cfg.fsdp_param_dtype == "compute" else None
             D.apply_fsdp(model, model.blocks, param_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks_per_unit)
             return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
@@ -173,8 +173,19 @@ class Trainer:
         if self.dist.enabled:
             module = ddp = D.apply_ddp(module, self.device)
         if cfg.compile:
-            module = torch.compile(module, mode=cfg.compile_mode)
+            module = torch.compile(module, **self._compile_kwargs())
         return module, ddp
+
+    def _compile_kwargs(self) -> dict[str, Any]:
+        """``torch.compile``'s ``mode``, or its Inductor ``options`` when the config sets them."""
+        options = self.config.compile_options
+        if not options:
+            return {"mode": self.config.compile_mode}
+        from torch._inductor import list_options
+
+        if unknown := sorted(set(options) - set(list_options())):
+            raise ValueError(f"compile_options {unknown} are not Inductor options (torch._inductor.list_options())")
+        return {"options": dict(options)}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

@@ -60,6 +60,7 @@ def test_unknown_key_in_file(tmp_path):
         ({"loss_impl": "fast"}, "loss_impl='fast': use one of"),
         ({"loss_chunk_size": 0}, "loss_chunk_size=0 must be >= 1"),
         ({"compile_mode": "reduce-overhead"}, "compile_mode='reduce-overhead'"),
+        ({"compile_mode": "max-autotune-no-cudagraphs", "compile_options": {"max_autotune": True}}, "not both"),
     ],
 )
 def test_bad_values(overrides, fragment):

@@ -116,3 +116,13 @@ def test_resume_explicit_path_and_none(make_config, tmp_path):
     assert Trainer(make_config(max_steps=8, resume="none"), FakeData()).step == 0
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         Trainer(make_config(resume=str(tmp_path / "missing")), FakeData())
+
+
+def test_compile_options_reach_torch_compile_and_unknown_ones_are_refused(make_config, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: (seen.append(kwargs), module)[1])
+    Trainer(make_config("mode", compile=True, compile_mode="max-autotune-no-cudagraphs"), FakeData())
+    Trainer(make_config("options", compile=True, compile_options={"coordinate_descent_tuning": True}), FakeData())
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}, {"options": {"coordinate_descent_tuning": True}}]
+    with pytest.raises(ValueError, match=r"\['no_such_option'\] are not Inductor options"):
+        Trainer(make_config("bad", compile=True, compile_options={"no_such_option": 1}), FakeData())
