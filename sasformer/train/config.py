@@ -130,7 +130,7 @@ class TrainConfig:
     fsdp_blocks_per_unit: int = 1
     # FSDP2 under bf16 autocast: float32 gathers the fp32 parameters and lets autocast cast per op, the
     # arithmetic of one process and of DDP (fp32 embeddings, norms and residual stream); compute gathers them
-    # in the autocast dtype (FSDP2's mixed precision: half the all-gather bytes and activation memory, but
+    # in the autocast dtype (FSDP2's mixed precision: half the all-gather bytes, less activation memory, but
     # the residual stream and norms then run in bf16, so the loss curve departs from one process's)
     fsdp_param_dtype: str = "float32"
     eval_interval: int = 200  # 0 disables periodic validation
