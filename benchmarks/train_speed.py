@@ -50,11 +50,13 @@ sys.path.insert(0, str(REPO))
 from profiling import profile_calls, profile_markdown  # benchmarks/profiling.py, beside this script
 
 from sasformer.layers.registry import variant_names
+from sasformer.ops import swiglu as swiglu_module
 from sasformer.ops.attention import BACKENDS
 from sasformer.ops.attention import ENV_VAR as ATTENTION_ENV
 from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, IMPLS, resolve_impl
 from sasformer.ops.rope_qkv import ENV_VAR as ROPE_ENV
-from sasformer.ops.rope_qkv import IMPLS as ROPE_IMPLS
+from sasformer.ops.swiglu import ENV_VAR as SWIGLU_ENV
+from sasformer.ops.triton_support import IMPLS as OP_IMPLS
 from sasformer.train import distributed
 from sasformer.train.config import COMPILE_MODES, TrainConfig
 from sasformer.train.metrics import peak_memory_gib, throughput
@@ -257,7 +259,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Command: `{meta['command']}`  ",
         (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
          f"compile mode {meta['compile_mode']}{options}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
-         f"attention backend {meta['attention_backend']}, RoPE {meta.get('rope_impl', 'torch')}"),
+         f"attention backend {meta['attention_backend']}, RoPE {meta.get('rope_impl', 'torch')}, "
+         f"SwiGLU {meta.get('swiglu_impl', 'torch')}"),
         "",
         "| attention | params (M) | processes | micro-batch x T x accum | loss | step (ms) | host ms | tokens/s "
         "| TFLOP/s per GPU | MFU | peak mem (GiB) |",
@@ -324,8 +327,11 @@ def main() -> int:
     parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--attention-backend", default=None, choices=BACKENDS,
                         help=f"force an SDPA backend (sets {ATTENTION_ENV}); default: the library's choice")
-    parser.add_argument("--rope-impl", default=None, choices=ROPE_IMPLS,
+    parser.add_argument("--rope-impl", default=None, choices=OP_IMPLS,
                         help=f"RoPE of the fused Q/K/V projection (sets {ROPE_ENV}); default: the library's choice")
+    parser.add_argument("--swiglu-impl", default=None, choices=OP_IMPLS,
+                        help=f"SwiGLU gating of the fused gate/up projection (sets {SWIGLU_ENV}); default: the "
+                             "library's choice")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile a few steps and add the top-20 CUDA kernels to the Markdown")
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -370,6 +376,8 @@ def main() -> int:
         os.environ[ATTENTION_ENV] = args.attention_backend
     if args.rope_impl is not None:
         os.environ[ROPE_ENV] = args.rope_impl
+    if args.swiglu_impl is not None:
+        os.environ[SWIGLU_ENV] = args.swiglu_impl
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = variant_names() if args.all else args.attention
@@ -407,6 +415,7 @@ def main() -> int:
         "loss_chunk_size": args.loss_chunk_size,
         "attention_backend": args.attention_backend or "auto",
         "rope_impl": args.rope_impl or os.environ.get(ROPE_ENV) or "auto",
+        "swiglu_impl": args.swiglu_impl or os.environ.get(SWIGLU_ENV) or swiglu_module.DEFAULT,
         "grad_accum": args.grad_accum,
         "peak_tflops": rows[0]["peak_tflops"] if rows else None,
         "warmup_steps": args.warmup,

@@ -11,8 +11,9 @@ from sasformer.layers.registry import build_attention
 from sasformer.models.config import ModelConfig
 from sasformer.ops.attention import padded_causal_mask
 from sasformer.ops.cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
-from sasformer.ops.linear import linear_split
+from sasformer.ops.linear import linear_fused
 from sasformer.ops.rope import RotaryCache
+from sasformer.ops.swiglu import swiglu
 
 
 class KVCache:
@@ -46,7 +47,8 @@ class KVCache:
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``; gate and up run as one matmul (:func:`linear_split`)."""
+    """``down(silu(gate(x)) * up(x))``; gate and up run as one matmul (:func:`linear_fused`), gated by
+    :func:`sasformer.ops.swiglu.swiglu` (the plain form, or one Triton kernel each way)."""
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
@@ -55,12 +57,11 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def fused_linear_groups(self) -> list[tuple[nn.Linear, ...]]:
-        """The maps :func:`linear_split` runs as one (a decoder keeps their concatenation)."""
+        """The maps :func:`linear_fused` runs as one (a decoder keeps their concatenation)."""
         return [(self.gate_proj, self.up_proj)]
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = linear_split(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(linear_fused(x, self.gate_proj, self.up_proj)))
 
 
 class DecoderBlock(nn.Module):

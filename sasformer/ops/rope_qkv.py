@@ -15,15 +15,13 @@ training step of GPT-small at batch 32 x 1024 from 69.5 to 64.9 ms (`docs/perfor
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from sasformer.ops.rope import apply_rope
-from sasformer.ops.triton_support import TRITON_AVAILABLE
+from sasformer.ops.triton_support import IMPLS, TRITON_AVAILABLE, choose_impl
 
-IMPLS = ("auto", "torch", "triton")
+__all__ = ["ENV_VAR", "IMPLS", "ROPE_IMPL", "resolve_impl", "rope_qkv", "rope_qkv_reference"]
 ENV_VAR = "SASFORMER_ROPE"
 # None: ENV_VAR, unset = "auto"
 ROPE_IMPL: str | None = None
@@ -31,19 +29,8 @@ ROPE_IMPL: str | None = None
 
 def resolve_impl(x: Tensor) -> str:
     """The implementation (``torch`` or ``triton``) for a projection ``x``; raises ValueError on an unknown or
-    unusable choice."""
-    choice = ROPE_IMPL if ROPE_IMPL is not None else os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-    if choice not in IMPLS:
-        source = "rope_qkv.ROPE_IMPL" if ROPE_IMPL is not None else ENV_VAR
-        raise ValueError(f"{source}={choice!r} is not a RoPE implementation; choose one of {IMPLS}")
-    if choice == "auto":
-        return "triton" if TRITON_AVAILABLE and x.is_cuda else "torch"
-    if choice == "triton":
-        if not TRITON_AVAILABLE:
-            raise ValueError("RoPE impl 'triton' needs the triton package; use 'torch'")
-        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError("RoPE impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'torch'")
-    return choice
+    unusable choice (:func:`sasformer.ops.triton_support.choose_impl`)."""
+    return choose_impl(ROPE_IMPL, "rope_qkv.ROPE_IMPL", ENV_VAR, x, TRITON_AVAILABLE)
 
 
 def rope_qkv_reference(qkv_BTF: Tensor, cos_BTD: Tensor, sin_BTD: Tensor, n_heads: int, n_kv_heads: int

@@ -19,9 +19,9 @@ FUSED = [name for name, (kind, _) in VARIANTS.items() if kind in ("mha", "gqa", 
 
 
 def _separate(monkeypatch):
-    monkeypatch.setattr(mha_module, "linear_fused", linear_fused_naive)
-    for module in (sas_module, decoder_module):
-        monkeypatch.setattr(module, "linear_split", linear_split_naive)
+    for module in (mha_module, decoder_module):
+        monkeypatch.setattr(module, "linear_fused", linear_fused_naive)
+    monkeypatch.setattr(sas_module, "linear_split", linear_split_naive)
 
 
 def _outputs_and_grads(fn, module, *inputs):

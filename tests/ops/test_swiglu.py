@@ -1,0 +1,133 @@
+"""The Triton SwiGLU gating of a fused gate/up projection matches ``silu(gate) * up``: outputs and the
+projection's gradient, fp32 and bf16, odd sizes, non-contiguous rows, traced by ``torch.compile``, and in a
+whole decoder. On a machine without CUDA the kernels run in Triton's interpreter (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sasformer.ops import swiglu as sw
+from tests.ops.compile_helpers import run_without_interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def output_and_grad(fn, gate_up: torch.Tensor) -> list[torch.Tensor]:
+    x = gate_up.detach().clone().requires_grad_(True)
+    h = fn(x)
+    upstream = torch.randn(h.shape, generator=torch.Generator().manual_seed(5)).to(h)
+    (h * upstream).sum().backward()
+    return [h.detach(), x.grad]
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 2 * 5), (3, 2 * 33), (1, 1, 3, 2 * 1030)])
+def test_triton_matches_reference_fp32(shape) -> None:
+    torch.manual_seed(0)
+    gate_up = 3 * torch.randn(shape, device=DEVICE)  # both signs, and the flat tails of the sigmoid
+    want = output_and_grad(sw.swiglu_reference, gate_up)
+    got = output_and_grad(sw.swiglu_op, gate_up)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.is_contiguous()
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_is_one_rounding_of_the_fp32_result() -> None:
+    torch.manual_seed(1)
+    gate_up = torch.randn(4, 9, 2 * 24, device=DEVICE)
+    want = output_and_grad(sw.swiglu_reference, gate_up)
+    got = output_and_grad(sw.swiglu_op, gate_up.bfloat16())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, atol=2e-2, rtol=2e-2)
+
+
+def test_rows_with_a_stride_and_a_gradient_of_other_strides() -> None:
+    torch.manual_seed(2)
+    wide = torch.randn(6, 2 * 16 + 3, device=DEVICE)
+    gate_up = wide[:, : 2 * 16]  # rows of a larger buffer: stride 35, not 32
+    x = gate_up.detach().clone().requires_grad_(True)
+    want_h = sw.swiglu_reference(gate_up)
+    h = sw.swiglu_op(gate_up)
+    torch.testing.assert_close(h, want_h, atol=1e-5, rtol=1e-5)
+    dh = torch.randn(16, 6, device=DEVICE).t()  # a transposed (non-contiguous) incoming gradient
+    got = sw.swiglu_backward_op(gate_up, dh)
+    torch.autograd.backward(sw.swiglu_reference(x), dh)
+    torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_choice_of_implementation(monkeypatch) -> None:
+    x = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="gate and up halves"):
+        sw.swiglu(torch.zeros(2, 7, device=DEVICE))
+    monkeypatch.delenv(sw.ENV_VAR, raising=False)
+    assert sw.resolve_impl(x) == "torch"  # opt-in until timed
+    monkeypatch.setenv(sw.ENV_VAR, "auto")
+    assert sw.resolve_impl(x) == ("triton" if sw.TRITON_AVAILABLE and x.is_cuda else "torch")
+    assert sw.resolve_impl(x.cpu()) == "torch"
+    monkeypatch.setenv(sw.ENV_VAR, "triton")
+    assert sw.resolve_impl(x) == "triton"
+    monkeypatch.setattr(sw, "SWIGLU_IMPL", "fast")  # the module setting wins over the variable
+    with pytest.raises(ValueError, match=r"SWIGLU_IMPL='fast'"):
+        sw.resolve_impl(x)
+
+
+def test_traced_by_compile_with_gradients() -> None:
+    torch.manual_seed(3)
+    gate_up = torch.randn(3, 5, 2 * 12, device=DEVICE)
+    compiled = torch.compile(sw.swiglu_op, backend="aot_eager", fullgraph=True)
+    want = output_and_grad(sw.swiglu_reference, gate_up)
+    got = output_and_grad(compiled, gate_up)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_with_triton_swiglu_matches_plain(monkeypatch) -> None:
+    from sasformer.models.config import ModelConfig
+    from sasformer.models.decoder import DecoderLM
+
+    torch.manual_seed(4)
+    model = DecoderLM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, max_seq_len=32, attention="mha",
+                                  attention_args={"n_heads": 2})).to(DEVICE)
+    ids = torch.randint(0, 61, (2, 11), device=DEVICE)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    monkeypatch.setattr(sw, "SWIGLU_IMPL", "torch")
+    want = loss_and_grads()
+    monkeypatch.setattr(sw, "SWIGLU_IMPL", "triton")
+    calls = []
+    monkeypatch.setattr(sw, "swiglu_op", lambda *a, _op=sw.swiglu_op: (calls.append(1), _op(*a))[1])
+    got = loss_and_grads()
+    assert len(calls) == 2  # once per block
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+SM90_SCRIPT = r"""
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sasformer.ops import swiglu_kernel as k
+
+for dtype in ("bf16", "fp32"):
+    fwd = {"gu_ptr": "*" + dtype, "h_ptr": "*" + dtype, "stride_gu": "i64", "stride_h": "i64"}
+    bwd = {"gu_ptr": "*" + dtype, "dh_ptr": "*" + dtype, "dgu_ptr": "*" + dtype, "stride_gu": "i64",
+           "stride_dh": "i64", "stride_dgu": "i64"}
+    for fn, sig in ((k._swiglu_fwd_kernel, fwd), (k._swiglu_bwd_kernel, bwd)):
+        signature = {n: sig.get(n) or ("i32" if n in ("N", "H") else "constexpr") for n in fn.arg_names}
+        blocks = {"BLOCK_N": k.BLOCK_ROWS, "BLOCK_H": k.BLOCK_COLS}
+        compiled = k.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=blocks),
+                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"]
+        print("compiled", fn.__name__, dtype)
+"""
+
+
+def test_kernels_compile_for_sm90() -> None:
+    assert run_without_interpreter(SM90_SCRIPT).count("compiled") == 4
