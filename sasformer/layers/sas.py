@@ -12,6 +12,10 @@ shared d x d output projection (``peaa="mean"``), or projects all H' heads at on
     x -> v_proj -> (Hkv, D)  -> heads_v -> (H'kv, D) ---------------------------/        |
                                                                mean over G groups -> o_proj -> d
 
+Without a cache, where the simulation implementation is ``banded`` and RoPE is applied after the
+simulation (or not at all), the Q/K/V projections fold into the first head convolutions
+(:meth:`SimulatedAttention.simulate_from_input`): the compact heads are never formed.
+
 Cached decoding of a few tokens without gradients takes a shorter route with the same result
 (:mod:`sasformer.layers.sas_decode`): operands precomputed from the weights, simulated by the fused
 Triton kernel on CUDA or by dense GEMMs with Q, K and V stacked (its ``decode_kernel``).
@@ -39,8 +43,11 @@ from sasformer.layers.simulation import (
     HeadSimulation,
     feature_simulation_flops,
     head_simulation_flops,
+    simulate_heads_projected,
     simulate_qk,
+    simulate_qk_projected,
 )
+from sasformer.ops import simulate
 from sasformer.ops.attention import attend
 from sasformer.ops.linear import linear_split
 from sasformer.ops.rope import RotaryTables
@@ -152,6 +159,25 @@ class SimulatedAttention(Attention):
             v = v_BTHD.repeat(1, 1, self.groups, 1)
         return k, v
 
+    def folds_projections(self, x_BTd: Tensor, ctx: AttentionContext) -> bool:
+        """Whether this call simulates straight from the input, the Q/K/V projections folded into the first
+        head convolutions: without a cache (the compact K, V are not formed), with RoPE after the simulation
+        or none, and where the simulation implementation folds (``banded``)."""
+        return (ctx.cache is None and self.args.rope != "before"
+                and simulate.folds_projection(self.heads_q.impl, x_BTd))
+
+    def simulate_from_input(self, x_BTd: Tensor, rotary: RotaryTables) -> tuple[Tensor, Tensor, Tensor]:
+        """Simulated Q~, K~, V~ from the layer input, each projection folded where its block's
+        implementation does that (:meth:`folds_projections`)."""
+        after = rotary if self.args.rope == "after" else None
+        q = simulate_qk_projected(self.heads_q, self.features_q, self.q_proj, x_BTd, after)
+        k = simulate_qk_projected(self.heads_k, self.features_k, self.k_proj, x_BTd, after)
+        if self.heads_v is not None:
+            v = simulate_heads_projected(self.heads_v, self.v_proj, x_BTd)
+        else:
+            v = self.v_proj(x_BTd).unflatten(-1, (self.n_kv_heads, self.head_dim)).repeat(1, 1, self.groups, 1)
+        return q, k, v
+
     def aggregate(self, o_BTHD: Tensor) -> Tensor:
         """PEAA: mean over the G groups of H heads, then one shared projection (or 'full')."""
         B, T = o_BTHD.shape[:2]
@@ -166,6 +192,9 @@ class SimulatedAttention(Attention):
             plan, _ = decode_plan(self)
             if plan is not None:
                 return decode_forward(self, plan, x_BTd, ctx)
+        if self.folds_projections(x_BTd, ctx):
+            q, k, v = self.simulate_from_input(x_BTd, ctx.rotary)
+            return self.attend_and_aggregate(q, k, v, ctx)
         B, T, _ = x_BTd.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = linear_split(x_BTd, self.q_proj, self.k_proj, self.v_proj)
@@ -187,6 +216,10 @@ class SimulatedAttention(Attention):
                 raise ValueError("cache_mode='compact' needs AttentionContext.key_positions")
             key_rotary = RotaryTables(ctx.key_positions, ctx.rotary.theta, ctx.rotary.precomputed)
             k, v = self.simulate_kv(full["k"], full["v"], key_rotary)
+        return self.attend_and_aggregate(q, k, v, ctx)
+
+    def attend_and_aggregate(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """Attention over the simulated (B, T, heads, size) Q~, K~, V~, then PEAA."""
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.mask,
                    scale=1.0 / math.sqrt(self.sim_head_dim))
         return self.aggregate(o.transpose(1, 2))

@@ -100,6 +100,32 @@ def simulate_qk(
     )
 
 
+def _bias_free(proj: nn.Linear) -> None:
+    if proj.bias is not None:
+        raise ValueError("a projection folded into the head simulation must have no bias")
+
+
+def simulate_qk_projected(
+    heads: HeadSimulation, features: FeatureSimulation, proj: nn.Linear, x_BTd: Tensor,
+    rotary: RotaryTables | None = None,
+) -> Tensor:
+    """:func:`simulate_qk` of the heads ``proj(x)``, the projection folded into the first head convolution
+    where the implementation does that (:func:`sasformer.ops.simulate.simulate_qk_projected`)."""
+    _bias_free(proj)
+    rope = rotary(features.out_dim) if rotary is not None else None
+    return simulate.simulate_qk_projected(
+        x_BTd, proj.weight, heads.w1, heads.b1, heads.w2, heads.b2,
+        features.w3, features.b3, features.w4, features.b4, impl=heads.impl, rope=rope,
+    )
+
+
+def simulate_heads_projected(heads: HeadSimulation, proj: nn.Linear, x_BTd: Tensor) -> Tensor:
+    """``heads(proj(x))``, folded where the implementation does that."""
+    _bias_free(proj)
+    return simulate.simulate_heads_projected(x_BTd, proj.weight, heads.w1, heads.b1, heads.w2, heads.b2,
+                                             impl=heads.impl)
+
+
 def set_simulation_impl(module: nn.Module, impl: str | None) -> None:
     """Pick the simulation implementation (None = automatic) for every simulation block in ``module``."""
     if impl is not None and impl not in simulate.IMPLS:

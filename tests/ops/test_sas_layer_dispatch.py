@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sasformer.layers.base import AttentionContext
+from sasformer.layers.base import AttentionContext, LayerCache
 from sasformer.layers.sas import SASArgs, SimulatedAttention
 from sasformer.layers.simulation import set_simulation_impl
+from sasformer.ops import simulate as simulate_ops
 from sasformer.ops.rope import RotaryTables
 
 
@@ -53,3 +54,30 @@ def test_set_simulation_impl_rejects_unknown():
     layer = SimulatedAttention(24, SASArgs(n_heads=3))
     with pytest.raises(ValueError, match="impl"):
         set_simulation_impl(layer, "cuda")
+
+
+@pytest.mark.parametrize(("rope", "cached", "n_kv_heads", "folded"),
+                         [("after", False, 3, 3), ("none", False, 3, 3), ("after", False, 1, 1),
+                          ("before", False, 3, 0), ("after", True, 3, 0)])
+def test_banded_layer_folds_the_projections_only_where_it_can(rope, cached, n_kv_heads, folded, monkeypatch):
+    # folding needs the input to reach the first convolution unchanged (no RoPE between) and no cache of
+    # the compact K, V, and it is taken where it saves FLOPs (an MQA base: queries only); where it runs,
+    # the layer equals the naive one (test above) and the unfolded banded one
+    calls = []
+    for name in ("simulate_qk_banded_folded", "simulate_heads_banded_folded"):
+        original = getattr(simulate_ops, name)
+        monkeypatch.setattr(simulate_ops, name, lambda *a, _f=original: (calls.append(1), _f(*a))[1])
+    torch.manual_seed(0)
+    args = SASArgs(n_heads=3, n_kv_heads=n_kv_heads, n_sim_heads=6, sim_head_dim=10, rope=rope)
+    layer = SimulatedAttention(24, args).double()
+    set_simulation_impl(layer, "banded")
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    positions = torch.arange(5).view(1, -1)
+    ctx = AttentionContext(RotaryTables(positions, 10000.0), cache=LayerCache() if cached else None,
+                           key_positions=positions)
+    out = layer(x, ctx)
+    assert len(calls) == folded
+    monkeypatch.setattr(simulate_ops, "folds_projection", lambda impl, x: False)  # projections run first
+    ctx = AttentionContext(RotaryTables(positions, 10000.0), cache=LayerCache() if cached else None,
+                           key_positions=positions)
+    torch.testing.assert_close(out, layer(x, ctx), atol=1e-10, rtol=1e-10)

@@ -386,3 +386,73 @@ def test_fused_custom_ops_pass_opcheck(features):
     x = x.detach()
     dy2 = torch.randn(5, 6, 8, device=DEVICE)
     torch.library.opcheck(fused.heads_backward_op, (x, *ws[:4], dy2))
+
+
+@pytest.mark.parametrize("features", [True, False])
+@pytest.mark.parametrize("H", [3, 1])  # a GQA/MQA base: fewer heads in than the projection's input width
+def test_banded_folded_equals_projection_then_banded(features, H):
+    # (x W^T) M1 = x (W^T M1): the projection folded into the first convolution, forward and every gradient
+    torch.manual_seed(H)
+    d, D, HS = 20, 8, 6
+    x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(H * D, d, dtype=torch.float64, requires_grad=True)
+    ws = [w.double().detach().requires_grad_() for w in make_weights(H, HS, 3, D, 10, torch.float64, features)]
+    from sasformer.ops.simulate.banded import simulate_heads_banded_folded, simulate_qk_banded_folded
+
+    heads = torch.nn.functional.linear(x, weight).unflatten(-1, (H, D))
+    want = fast(heads, ws, "banded")
+    got = (simulate_qk_banded_folded if features else simulate_heads_banded_folded)(x, weight, *ws)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    inputs = [x, weight, *ws]
+    for a, b in zip(torch.autograd.grad(want, inputs, grad), torch.autograd.grad(got, inputs, grad)):
+        torch.testing.assert_close(b, a)
+
+
+def test_the_fold_is_taken_where_it_saves_flops():
+    # d = 768, D = 64: an MHA base's 12 heads -> 24 fold (768*1536 < 768*768 + 768*1536); an MQA base's
+    # single key head -> 2 does not (768*128 > 768*64 + 64*128)
+    assert simulate.fold_pays(torch.empty(768, 768), torch.empty(24, 12, 3))
+    assert not simulate.fold_pays(torch.empty(64, 768), torch.empty(2, 1, 3))
+
+
+def test_banded_folded_traces_and_runs_under_bf16_autocast():
+    # compiled: the traced form in one graph; eager under autocast: the Function's backward, which runs
+    # outside autocast, gets operands of one dtype (the projection's, bf16)
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 48, requires_grad=True)
+    weight = (torch.randn(3 * 8, 48) / 48**0.5).requires_grad_()
+    ws = make_weights(3, 6, 3, 8, 12, torch.float32)
+    inputs = [x, weight, *ws]
+
+    def unfolded(x, weight, *ws):
+        return simulate.simulate_qk(torch.nn.functional.linear(x, weight).unflatten(-1, (3, 8)), *ws, impl="banded")
+
+    def folded(x, weight, *ws):
+        return simulate.simulate_qk_projected(x, weight, *ws, impl="banded")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(folded, backend="aot_eager", fullgraph=True)
+    want = unfolded(*inputs)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, inputs, grad)
+    for fn in (compiled, folded):
+        out = fn(*inputs)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+        for a, b in zip(want_grads, torch.autograd.grad(out, inputs, grad)):
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, out = unfolded(*inputs), folded(*inputs)
+    assert out.dtype == plain.dtype == torch.bfloat16
+
+    def error(a: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((a.float() - ref).norm() / ref.norm()).item()
+
+    # the folded form rounds W^T M1 (and its gradient) to bf16 where the plain one rounds the heads: its
+    # error from fp32 is of the same size as the plain form's, not the same numbers
+    assert error(out, want) < 2 * error(plain, want) + 1e-3
+    got_grads = torch.autograd.grad(out.float(), inputs, grad)
+    for a, b, ref in zip(torch.autograd.grad(plain.float(), inputs, grad), got_grads, want_grads):
+        assert b.dtype == a.dtype
+        assert error(b, ref) < 2 * error(a, ref) + 1e-2

@@ -22,10 +22,16 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sasformer.ops.rope import apply_rope
-from sasformer.ops.simulate.banded import simulate_heads_banded, simulate_qk_banded
+from sasformer.ops.simulate.banded import (
+    simulate_heads_banded,
+    simulate_heads_banded_folded,
+    simulate_qk_banded,
+    simulate_qk_banded_folded,
+)
 from sasformer.ops.simulate.chunked import simulate_heads_chunked, simulate_qk_chunked
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
@@ -149,6 +155,56 @@ def simulate_heads(
     return simulate_heads_naive(x_BTHD, w1, b1, w2, b2)
 
 
+def _projected_probe(x_BTd: Tensor) -> Tensor:
+    """An empty tensor with the (B, T) shape, device and dtype the projected heads would have, for the
+    automatic choice (no memory)."""
+    device = x_BTd.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_BTd.dtype
+    return x_BTd.new_empty((*x_BTd.shape[:2], 0), dtype=dtype)
+
+
+def fold_pays(weight: Tensor, w1: Tensor) -> bool:
+    """Whether folding the projection ``weight`` (H*D, d) into the banded first convolution ``w1`` (H', H, k)
+    takes fewer FLOPs per token: d*H'*D against d*H*D + (H*D)*(H'*D). True for an MHA base (H = d/D); not for a
+    base with few key/value heads (an MQA base's K and V: H = 1, H' = H'/H_q)."""
+    H, HS = w1.shape[1], w1.shape[0]
+    d, D = weight.shape[1], weight.shape[0] // H
+    return d * HS * D < d * H * D + H * D * HS * D
+
+
+def folds_projection(impl: str | None, x_BTd: Tensor) -> bool:
+    """Whether the implementation chosen for the heads projected from ``x_BTd`` (B, T, d) folds the projection
+    into the first head convolution (``banded`` does: :mod:`.banded`)."""
+    return resolve_impl(impl, _projected_probe(x_BTd)) == "banded"
+
+
+def simulate_qk_projected(
+    x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, impl: str | None = None,
+    rope: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """:func:`simulate_qk` of the heads ``linear(x, weight)`` (H*D features, H = ``w1``'s input heads): (B, T, d)
+    -> (B, T, H', D'). ``banded`` folds the projection into its first GEMM where that takes fewer FLOPs
+    (:func:`fold_pays`); otherwise the projection runs first."""
+    which = resolve_impl(impl, _projected_probe(x_BTd))
+    if which != "banded" or not fold_pays(weight, w1):
+        heads = F.linear(x_BTd, weight).unflatten(-1, (w1.shape[1], -1))
+        return simulate_qk(heads, w1, b1, w2, b2, w3, b3, w4, b4, impl=which, rope=rope)
+    out = simulate_qk_banded_folded(x_BTd, weight, w1, b1, w2, b2, w3, b3, w4, b4)
+    return out if rope is None else rope_simulated(out, *rope)
+
+
+def simulate_heads_projected(
+    x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, impl: str | None = None
+) -> Tensor:
+    """:func:`simulate_heads` of the heads ``linear(x, weight)``: (B, T, d) -> (B, T, H', D); folded by ``banded``
+    where that pays (:func:`fold_pays`)."""
+    which = resolve_impl(impl, _projected_probe(x_BTd))
+    if which != "banded" or not fold_pays(weight, w1):
+        return simulate_heads(F.linear(x_BTd, weight).unflatten(-1, (w1.shape[1], -1)), w1, b1, w2, b2, impl=which)
+    return simulate_heads_banded_folded(x_BTd, weight, w1, b1, w2, b2)
+
+
 def simulate_features(
     y_BTHD: Tensor, w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, impl: str | None = None
 ) -> Tensor:
@@ -163,11 +219,15 @@ __all__ = [
     "IMPLS",
     "TRITON_DEFAULT",
     "default_impl",
+    "fold_pays",
+    "folds_projection",
     "resolve_impl",
     "simulate_features",
     "simulate_features_naive",
     "simulate_heads",
     "simulate_heads_naive",
+    "simulate_heads_projected",
     "simulate_qk",
+    "simulate_qk_projected",
     "triton_available",
 ]

@@ -17,6 +17,12 @@ constant shift matrices (differentiable, so autograd turns the dense matrix grad
 the conv weight gradient). The autograd function saves only the compact input and the weights;
 its backward recomputes the intermediates (a few GEMMs) instead of keeping four tensors of
 simulated size per call alive until the backward pass.
+
+The first convolution is linear in the compact heads, which are linear in the layer's input, so the
+projection folds into it: ``(x W^T) M1 = x (W^T M1)``. The ``*_folded`` forms take the layer input and
+the projection weight, and run one (N, d) @ (d, H'*D) GEMM where the unfolded pair runs the projection
+and then the first convolution; the compact heads are then never formed, nor kept for the backward.
+Building ``W^T M1`` costs d*H*D*H'*D multiply-adds a call, whatever the number of tokens.
 """
 
 from __future__ import annotations
@@ -160,6 +166,39 @@ def simulate_qk_banded(
     features = [w.to(dt) for w in (w3, b3, w4, b4)]
     out = _simulate(_rows(x_BTHD), *heads, *features)
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
+
+
+def _folded_operands(x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+                     ) -> tuple[Tensor, list[Tensor]]:
+    """The layer input as rows in the dtype its projection would run in, and the head operands with the
+    projection ``weight`` (H*D, d) folded into the first matrix: (d, H'*D)."""
+    device = x_BTd.device.type
+    # under autocast the projection would have run in the autocast dtype: so do the folded GEMMs, and the
+    # eager Function's backward (which runs outside autocast) sees one dtype
+    dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_BTd.dtype
+    D = weight.shape[0] // w1.shape[1]
+    m1, c1, m2, c2 = conv_operands(w1.to(dt), b1.to(dt), w2.to(dt), b2.to(dt), D)
+    return x_BTd.reshape(-1, x_BTd.shape[-1]).to(dt), [weight.to(dt).t() @ m1, c1, m2, c2]
+
+
+def simulate_qk_banded_folded(
+    x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+    w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor,
+) -> Tensor:
+    """``simulate_qk_banded(linear(x, weight) as heads, ...)`` with the projection folded into the first
+    convolution: (..., d) -> (..., H', D')."""
+    rows, heads = _folded_operands(x_BTd, weight, w1, b1, w2, b2)
+    features = [w.to(rows.dtype) for w in (w3, b3, w4, b4)]
+    out = _simulate(rows, *heads, *features)
+    return out.view(*x_BTd.shape[:-1], w1.shape[0], w3.shape[0])
+
+
+def simulate_heads_banded_folded(x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+                                 ) -> Tensor:
+    """``simulate_heads_banded(linear(x, weight) as heads, ...)``, folded: (..., d) -> (..., H', D)."""
+    rows, heads = _folded_operands(x_BTd, weight, w1, b1, w2, b2)
+    out = _simulate(rows, *heads, None, None, None, None)
+    return out.view(*x_BTd.shape[:-1], w1.shape[0], weight.shape[0] // w1.shape[1])
 
 
 def simulate_heads_banded(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
