@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 
 from sasformer.ops import rope_qkv as rq
 from sasformer.ops.rope import RotaryTables
-from tests.ops.compile_helpers import run_without_interpreter
+from tests.ops.compile_helpers import assert_kernels_compile_for_sm90
+from tests.ops.model_helpers import assert_model_matches_with_triton_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -106,57 +107,22 @@ def test_choice_of_implementation(monkeypatch) -> None:
 @pytest.mark.parametrize(("attention", "args"), [("mha", {"n_heads": 2}), ("gqa", {"n_heads": 4, "n_kv_heads": 2})])
 def test_model_with_triton_rope_matches_plain(attention, args, monkeypatch) -> None:
     # the whole decoder, loss and every parameter's gradient, with left padding (per-row tables)
-    from sasformer.models.config import ModelConfig
-    from sasformer.models.decoder import DecoderLM
-
-    torch.manual_seed(3)
-    model = DecoderLM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, max_seq_len=32, attention=attention,
-                                  attention_args=args)).to(DEVICE)
-    ids = torch.randint(0, 61, (2, 11), device=DEVICE)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(ids, attention_mask=mask).float().logsumexp(-1).mean()
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
-    monkeypatch.setattr(rq, "ROPE_IMPL", "torch")
-    want = loss_and_grads()
-    monkeypatch.setattr(rq, "ROPE_IMPL", "triton")
-    calls = []
-    monkeypatch.setattr(rq, "rope_qkv_op", lambda *a, _op=rq.rope_qkv_op: (calls.append(1), _op(*a))[1])
-    got = loss_and_grads()
-    assert len(calls) == 2  # the op ran, once per layer
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-
-
-SM90_SCRIPT = r"""
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sasformer.ops import rope_qkv_kernel as k
-
-D = 64
-consts = {"D": D, "HALF": D // 2, "BLOCK_HALF": D // 2, "BLOCK_N": k.BLOCK_TOKENS}
-ints = {name: "i32" for name in ("N", "T", "H", "HKV", "F")}
-for dtype in ("bf16", "fp32"):
-    fwd = {"x_ptr": "*" + dtype, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*" + dtype, "k_ptr": "*" + dtype,
-           "v_ptr": "*" + dtype, "stride_x": "i64", "stride_cb": "i64", "stride_ct": "i64"}
-    strides = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "stride_cb", "stride_ct")
-    bwd = {"dq_ptr": "*" + dtype, "dk_ptr": "*" + dtype, "dv_ptr": "*" + dtype, "cos_ptr": "*fp32",
-           "sin_ptr": "*fp32", "dx_ptr": "*" + dtype, **{s: "i64" for s in strides}}
-    for fn, sig in ((k._rope_qkv_fwd_kernel, fwd), (k._rope_qkv_bwd_kernel, bwd)):
-        names = fn.arg_names
-        signature = {n: sig.get(n) or ints.get(n) or "constexpr" for n in names}
-        compiled = k.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"]
-        print("compiled", fn.__name__, dtype)
-"""
+    assert_model_matches_with_triton_op(monkeypatch, rq, "ROPE_IMPL", "rope_qkv_op", attention, args, DEVICE,
+                                        left_pad=True)
 
 
 def test_kernels_compile_for_sm90() -> None:
-    # the interpreter does not type-check the branches' values; the real compiler does
-    assert run_without_interpreter(SM90_SCRIPT).count("compiled") == 4
+    from sasformer.ops import rope_qkv_kernel as k
+
+    D = 64
+    ints = {name: "i32" for name in ("N", "T", "H", "HKV", "F")}
+    kernels = []
+    for dtype in ("bf16", "fp32"):
+        fwd = {"x_ptr": "*" + dtype, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*" + dtype,
+               "k_ptr": "*" + dtype, "v_ptr": "*" + dtype, "stride_x": "i64", "stride_cb": "i64", "stride_ct": "i64"}
+        strides = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "stride_cb", "stride_ct")
+        bwd = {"dq_ptr": "*" + dtype, "dk_ptr": "*" + dtype, "dv_ptr": "*" + dtype, "cos_ptr": "*fp32",
+               "sin_ptr": "*fp32", "dx_ptr": "*" + dtype, **{s: "i64" for s in strides}}
+        kernels += [("_rope_qkv_fwd_kernel", {**ints, **fwd}), ("_rope_qkv_bwd_kernel", {**ints, **bwd})]
+    assert_kernels_compile_for_sm90("sasformer.ops.rope_qkv_kernel", kernels,
+                                    {"D": D, "HALF": D // 2, "BLOCK_HALF": D // 2, "BLOCK_N": k.BLOCK_TOKENS})

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from sasformer.ops import swiglu as sw
-from tests.ops.compile_helpers import run_without_interpreter
+from tests.ops.compile_helpers import assert_kernels_compile_for_sm90
+from tests.ops.model_helpers import assert_model_matches_with_triton_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -85,49 +86,18 @@ def test_traced_by_compile_with_gradients() -> None:
 
 
 def test_decoder_with_triton_swiglu_matches_plain(monkeypatch) -> None:
-    from sasformer.models.config import ModelConfig
-    from sasformer.models.decoder import DecoderLM
-
-    torch.manual_seed(4)
-    model = DecoderLM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, max_seq_len=32, attention="mha",
-                                  attention_args={"n_heads": 2})).to(DEVICE)
-    ids = torch.randint(0, 61, (2, 11), device=DEVICE)
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(ids).float().logsumexp(-1).mean()
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-
-    monkeypatch.setattr(sw, "SWIGLU_IMPL", "torch")
-    want = loss_and_grads()
-    monkeypatch.setattr(sw, "SWIGLU_IMPL", "triton")
-    calls = []
-    monkeypatch.setattr(sw, "swiglu_op", lambda *a, _op=sw.swiglu_op: (calls.append(1), _op(*a))[1])
-    got = loss_and_grads()
-    assert len(calls) == 2  # once per block
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-
-
-SM90_SCRIPT = r"""
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sasformer.ops import swiglu_kernel as k
-
-for dtype in ("bf16", "fp32"):
-    fwd = {"gu_ptr": "*" + dtype, "h_ptr": "*" + dtype, "stride_gu": "i64", "stride_h": "i64"}
-    bwd = {"gu_ptr": "*" + dtype, "dh_ptr": "*" + dtype, "dgu_ptr": "*" + dtype, "stride_gu": "i64",
-           "stride_dh": "i64", "stride_dgu": "i64"}
-    for fn, sig in ((k._swiglu_fwd_kernel, fwd), (k._swiglu_bwd_kernel, bwd)):
-        signature = {n: sig.get(n) or ("i32" if n in ("N", "H") else "constexpr") for n in fn.arg_names}
-        blocks = {"BLOCK_N": k.BLOCK_ROWS, "BLOCK_H": k.BLOCK_COLS}
-        compiled = k.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=blocks),
-                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"]
-        print("compiled", fn.__name__, dtype)
-"""
+    assert_model_matches_with_triton_op(monkeypatch, sw, "SWIGLU_IMPL", "swiglu_op", "mha", {"n_heads": 2}, DEVICE)
 
 
 def test_kernels_compile_for_sm90() -> None:
-    assert run_without_interpreter(SM90_SCRIPT).count("compiled") == 4
+    from sasformer.ops import swiglu_kernel as k
+
+    kernels = []
+    for dtype in ("bf16", "fp32"):
+        ints = {"N": "i32", "H": "i32"}
+        kernels += [("_swiglu_fwd_kernel", {"gu_ptr": "*" + dtype, "h_ptr": "*" + dtype, "stride_gu": "i64",
+                                            "stride_h": "i64", **ints}),
+                    ("_swiglu_bwd_kernel", {"gu_ptr": "*" + dtype, "dh_ptr": "*" + dtype, "dgu_ptr": "*" + dtype,
+                                            "stride_gu": "i64", "stride_dh": "i64", "stride_dgu": "i64", **ints})]
+    assert_kernels_compile_for_sm90("sasformer.ops.swiglu_kernel", kernels,
+                                    {"BLOCK_N": k.BLOCK_ROWS, "BLOCK_H": k.BLOCK_COLS})
