@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sasformer.ops.rope import apply_rope
 from sasformer.ops.simulate.banded import (
+    projection_dtype,
     simulate_heads_banded,
     simulate_heads_banded_folded,
     simulate_qk_banded,
@@ -158,9 +159,7 @@ def simulate_heads(
 def _projected_probe(x_BTd: Tensor) -> Tensor:
     """An empty tensor with the (B, T) shape, device and dtype the projected heads would have, for the
     automatic choice (no memory)."""
-    device = x_BTd.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_BTd.dtype
-    return x_BTd.new_empty((*x_BTd.shape[:2], 0), dtype=dtype)
+    return x_BTd.new_empty((*x_BTd.shape[:2], 0), dtype=projection_dtype(x_BTd))
 
 
 def fold_pays(weight: Tensor, w1: Tensor) -> bool:

@@ -168,14 +168,19 @@ def simulate_qk_banded(
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
 
 
+def projection_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear projection of ``x`` computes in: autocast's where it is on, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _folded_operands(x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
                      ) -> tuple[Tensor, list[Tensor]]:
     """The layer input as rows in the dtype its projection would run in, and the head operands with the
     projection ``weight`` (H*D, d) folded into the first matrix: (d, H'*D)."""
-    device = x_BTd.device.type
-    # under autocast the projection would have run in the autocast dtype: so do the folded GEMMs, and the
-    # eager Function's backward (which runs outside autocast) sees one dtype
-    dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_BTd.dtype
+    # the folded GEMMs run in the projection's dtype, so the eager Function's backward (which runs outside
+    # autocast) sees one dtype
+    dt = projection_dtype(x_BTd)
     D = weight.shape[0] // w1.shape[1]
     m1, c1, m2, c2 = conv_operands(w1.to(dt), b1.to(dt), w2.to(dt), b2.to(dt), D)
     return x_BTd.reshape(-1, x_BTd.shape[-1]).to(dt), [weight.to(dt).t() @ m1, c1, m2, c2]
