@@ -118,6 +118,17 @@ def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path)
     return cmd
 
 
+def run_identity(args: argparse.Namespace, attention: str, run: Run, out: Path) -> list[list[str]]:
+    """The commands a run's result depends on: its own and, for a resumed run, those of the runs it resumed
+    from (a source run again with another setting makes the resumed run stale too)."""
+    runs = {r.name: r for stage in plan(args.world, args.repeats) for r in stage}
+    chain = [train_command(args, attention, run, out)]
+    while run.resume_from:
+        run = runs[run.resume_from]
+        chain.append(train_command(args, attention, run, out))
+    return chain
+
+
 def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> None:
     folder = run_dir(out, attention, run.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,10 +137,11 @@ def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> No
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(run.gpu + i) for i in range(run.world))
     done_marker = folder / "finished.json"
     cmd = train_command(args, attention, run, out)
+    identity = run_identity(args, attention, run, out)
     done = json.loads(done_marker.read_text()) if done_marker.exists() else {}
-    # a run finished by an earlier, interrupted invocation into the same --out is kept, if its command
-    # was this one (a changed setting runs it again)
-    if done.get("command") == cmd:
+    # a run finished by an earlier, interrupted invocation into the same --out is kept, if its command (and
+    # its source's) was this one: a changed setting runs it again
+    if done.get("commands") == identity:
         run.rc, run.seconds = done["rc"], done["seconds"]
     else:
         shutil.rmtree(folder)  # a failed or interrupted attempt, or another command: start clean
@@ -145,7 +157,7 @@ def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> No
                 run.rc = 124
         run.seconds = time.perf_counter() - start
         if run.rc == 0:
-            done_marker.write_text(json.dumps({"rc": run.rc, "seconds": run.seconds, "command": cmd}))
+            done_marker.write_text(json.dumps({"rc": run.rc, "seconds": run.seconds, "commands": identity}))
     metrics = folder / "metrics.jsonl"
     records = [r for r in read_metrics(metrics) if r.get("kind") == "train"] if metrics.exists() else []
     run.losses = {r["step"]: r["loss"] for r in records}

@@ -81,7 +81,7 @@ def test_the_plan_keeps_only_the_named_runs():
 def _args(tmp_path: Path, **changes) -> argparse.Namespace:
     values = dict(size="small", data_dir=str(tmp_path), seq_len=64, micro_batch=2, world=2, steps=40, warmup_steps=2,
                   lr=1e-3, log_interval=10, compile=False, dtype="auto", device="cpu", fsdp_blocks_per_unit=1,
-                  fsdp_param_dtype="float32", config="configs/small.yaml", run_timeout=10)
+                  fsdp_param_dtype="float32", config="configs/small.yaml", run_timeout=10, repeats=1)
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -101,9 +101,14 @@ def test_a_finished_run_is_kept_only_when_its_command_is_unchanged(tmp_path, mon
         return argparse.Namespace(returncode=0)
 
     monkeypatch.setattr(mgc.subprocess, "run", fake_run)
-    run = lambda: Run("fsdp", 2, "fsdp")  # noqa: E731
-    mgc.execute(_args(tmp_path), "mha", run(), tmp_path)
-    mgc.execute(_args(tmp_path), "mha", run(), tmp_path)  # finished with this command: kept
-    assert len(calls) == 1
-    mgc.execute(_args(tmp_path, fsdp_param_dtype="compute"), "mha", run(), tmp_path)  # another setting: run again
-    assert len(calls) == 2 and "compute" in calls[-1]
+    fsdp, resumed = (lambda: Run("fsdp", 2, "fsdp")), (lambda: Run("fsdp>one", 1, resume_from="fsdp", gpu=1))
+    for args in (_args(tmp_path), _args(tmp_path)):  # the second time: finished with these commands, kept
+        mgc.execute(args, "mha", fsdp(), tmp_path)
+        mgc.execute(args, "mha", resumed(), tmp_path)
+    assert len(calls) == 2
+    changed = _args(tmp_path, fsdp_param_dtype="compute")
+    mgc.execute(changed, "mha", fsdp(), tmp_path)  # another setting: run again
+    assert len(calls) == 3 and "compute" in calls[-1]
+    # the resumed run's own command is unchanged (one process), but its source's is not: run again
+    mgc.execute(changed, "mha", resumed(), tmp_path)
+    assert len(calls) == 4 and "compute" not in calls[-1]

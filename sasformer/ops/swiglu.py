@@ -94,6 +94,6 @@ def swiglu(gate_up: Tensor) -> Tensor:
     :func:`resolve_impl`'s choice."""
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu: a projection (..., 2H) with gate and up halves, got shape {tuple(gate_up.shape)}")
-    if resolve_impl(gate_up) == "triton":
+    if gate_up.numel() and resolve_impl(gate_up) == "triton":  # nothing to launch for an empty tensor
         return swiglu_op(gate_up)
     return swiglu_reference(gate_up)

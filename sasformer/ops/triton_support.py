@@ -7,9 +7,13 @@ import importlib.util
 import os
 from typing import Any
 
+import torch
+
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 IMPLS = ("auto", "torch", "triton")
+# what ``auto`` hands to a kernel that computes in fp32 (float64 would lose precision there)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def choose_impl(setting: str | None, setting_name: str, env_var: str, x: Any,
@@ -21,14 +25,15 @@ def choose_impl(setting: str | None, setting_name: str, env_var: str, x: Any,
     form. Raises ValueError on an unknown choice or a ``triton`` that cannot run here (it needs Triton and
     CUDA tensors, or ``TRITON_INTERPRET=1``)."""
     choice = setting if setting is not None else os.environ.get(env_var, "").strip().lower() or default
+    source = setting_name if setting is not None else env_var
     if choice not in IMPLS:
-        source = setting_name if setting is not None else env_var
         raise ValueError(f"{source}={choice!r} is not an implementation; choose one of {IMPLS}")
     if choice == "auto":
-        return "triton" if triton_available and x.is_cuda else "torch"
+        # the kernels compute in fp32: float64 keeps the plain form's precision
+        return "triton" if triton_available and x.is_cuda and x.dtype in KERNEL_DTYPES else "torch"
     if choice == "triton":
         if not triton_available:
-            raise ValueError(f"{setting_name} 'triton' needs the triton package; use 'torch'")
+            raise ValueError(f"{source}='triton' needs the triton package; use 'torch'")
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(f"{setting_name} 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'torch'")
+            raise ValueError(f"{source}='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'torch'")
     return choice

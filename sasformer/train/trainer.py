@@ -57,6 +57,17 @@ class LossModel(nn.Module):
 StepHook = Callable[["Trainer", int], None]
 
 
+def _dotted(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings flattened to dotted names: {"triton": {"cudagraphs": False}} -> {"triton.cudagraphs": False}."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class Trainer:
     """Train ``config``; ``data`` defaults to the prepared shards in ``config.data_dir``.
 
@@ -178,10 +189,12 @@ class Trainer:
 
     def _compile_kwargs(self) -> dict[str, Any]:
         """``torch.compile``'s ``mode``, or its Inductor ``options`` when the config sets them."""
-        options = self.config.compile_options
-        if not options:
+        if not self.config.compile_options:
             return {"mode": self.config.compile_mode}
         from torch._inductor import list_options
+
+        # a dotted option given as nested keys (``--compile_options.triton.cudagraphs false``) is one name
+        options = _dotted(self.config.compile_options)
 
         if unknown := sorted(set(options) - set(list_options())):
             raise ValueError(f"compile_options {unknown} are not Inductor options (torch._inductor.list_options())")

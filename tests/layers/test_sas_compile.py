@@ -67,6 +67,22 @@ def test_traced_banded_with_recompute_matches_eager(model_and_batch, monkeypatch
     assert "checkpoint" not in " ".join(g.code for g in _graphs(model, x, targets=y).graphs)
 
 
+def test_compiled_folded_banded_matches_eager(monkeypatch):
+    # 3 x 100 tokens: the Q/K/V projections fold into the banded convolution (it pays from 256 at this size)
+    import sasformer.ops.simulate as simulate_ops
+
+    calls = []
+    for name in ("simulate_qk_banded_folded", "simulate_heads_banded_folded"):
+        original = getattr(simulate_ops, name)
+        monkeypatch.setattr(simulate_ops, name, lambda *a, _f=original: (calls.append(1), _f(*a))[1])
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", "sas", n_layers=2, vocab_size=97, max_seq_len=128))
+    set_simulation_impl(model, "banded")
+    x = torch.randint(0, 97, (3, 100))
+    _compiled_matches_eager(model, x, torch.roll(x, -1, dims=1))
+    assert calls  # the fold ran
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 def test_fused_kernels_trace_as_custom_ops(model_and_batch):
     # a compiled model that forces the fused kernels keeps one graph (they are custom ops; the CPU runs

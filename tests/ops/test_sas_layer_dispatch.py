@@ -71,8 +71,8 @@ def test_banded_layer_folds_the_projections_only_where_it_can(rope, cached, n_kv
     args = SASArgs(n_heads=3, n_kv_heads=n_kv_heads, n_sim_heads=6, sim_head_dim=10, rope=rope)
     layer = SimulatedAttention(24, args).double()
     set_simulation_impl(layer, "banded")
-    x = torch.randn(2, 5, 24, dtype=torch.float64)
-    positions = torch.arange(5).view(1, -1)
+    x = torch.randn(2, 33, 24, dtype=torch.float64)  # 66 tokens: enough for the fold to pay (above 48)
+    positions = torch.arange(33).view(1, -1)
     ctx = AttentionContext(RotaryTables(positions, 10000.0), cache=LayerCache() if cached else None,
                            key_positions=positions)
     out = layer(x, ctx)
@@ -81,3 +81,14 @@ def test_banded_layer_folds_the_projections_only_where_it_can(rope, cached, n_kv
     ctx = AttentionContext(RotaryTables(positions, 10000.0), cache=LayerCache() if cached else None,
                            key_positions=positions)
     torch.testing.assert_close(out, layer(x, ctx), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("impl", [None, "banded"])
+def test_layer_runs_on_the_meta_device(impl):
+    # shape-only runs (parameter counting, FLOP counting) build and call models on the meta device, where
+    # autocast is not available
+    with torch.device("meta"):
+        layer = SimulatedAttention(24, SASArgs(n_heads=3))
+        set_simulation_impl(layer, impl)
+        ctx = AttentionContext(RotaryTables(torch.arange(5).view(1, -1), 10000.0))
+        assert layer(torch.zeros(2, 5, 24), ctx).shape == (2, 5, 24)

@@ -413,18 +413,35 @@ def test_banded_folded_equals_projection_then_banded(features, H):
 def test_the_fold_is_taken_where_it_saves_flops():
     # d = 768, D = 64: an MHA base's 12 heads -> 24 fold (768*1536 < 768*768 + 768*1536); an MQA base's
     # single key head -> 2 does not (768*128 > 768*64 + 64*128)
-    assert simulate.fold_pays(torch.empty(768, 768), torch.empty(24, 12, 3))
-    assert not simulate.fold_pays(torch.empty(64, 768), torch.empty(2, 1, 3))
+    # ... from H*D = 768 tokens a call on, since building W^T M1 costs d*(H*D)*(H'*D) a call
+    assert simulate.fold_pays(torch.empty(768, 768), torch.empty(24, 12, 3), tokens=2048)
+    assert not simulate.fold_pays(torch.empty(768, 768), torch.empty(24, 12, 3), tokens=512)
+    assert not simulate.fold_pays(torch.empty(64, 768), torch.empty(2, 1, 3), tokens=10**6)
 
 
-def test_banded_folded_traces_and_runs_under_bf16_autocast():
+def test_projection_dtype_follows_autocast_but_not_for_float64():
+    from sasformer.ops.simulate.banded import projection_dtype
+
+    x32, x64 = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64)
+    assert projection_dtype(x32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert projection_dtype(x32) == torch.bfloat16
+        assert projection_dtype(x64) == torch.float64  # autocast leaves float64 alone, as F.linear does
+        assert torch.nn.functional.linear(x64, x64).dtype == torch.float64
+    assert projection_dtype(torch.zeros(2, 3, device="meta")) == torch.float32  # no autocast on meta
+
+
+def test_banded_folded_traces_and_runs_under_bf16_autocast(monkeypatch):
     # compiled: the traced form in one graph; eager under autocast: the Function's backward, which runs
     # outside autocast, gets operands of one dtype (the projection's, bf16)
     torch.manual_seed(0)
-    x = torch.randn(4, 64, 48, requires_grad=True)
-    weight = (torch.randn(3 * 8, 48) / 48**0.5).requires_grad_()
+    x = torch.randn(4, 64, 24, requires_grad=True)  # an MHA base: d = H*D, and 256 tokens, so the fold pays
+    weight = (torch.randn(3 * 8, 24) / 24**0.5).requires_grad_()
     ws = make_weights(3, 6, 3, 8, 12, torch.float32)
     inputs = [x, weight, *ws]
+    calls = []
+    monkeypatch.setattr(simulate, "simulate_qk_banded_folded",
+                        lambda *a, _f=simulate.simulate_qk_banded_folded: (calls.append(1), _f(*a))[1])
 
     def unfolded(x, weight, *ws):
         return simulate.simulate_qk(torch.nn.functional.linear(x, weight).unflatten(-1, (3, 8)), *ws, impl="banded")
@@ -443,8 +460,10 @@ def test_banded_folded_traces_and_runs_under_bf16_autocast():
         for a, b in zip(want_grads, torch.autograd.grad(out, inputs, grad)):
             torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain, out = unfolded(*inputs), folded(*inputs)
-    assert out.dtype == plain.dtype == torch.bfloat16
+        plain, out, traced = unfolded(*inputs), folded(*inputs), compiled(*inputs)
+    assert out.dtype == plain.dtype == traced.dtype == torch.bfloat16
+    torch.testing.assert_close(traced, out, atol=2e-2, rtol=2e-2)  # the same bf16 GEMMs, compiled
+    assert len(calls) == 4  # every folded call above took the fold: compiled and eager, fp32 and autocast
 
     def error(a: torch.Tensor, ref: torch.Tensor) -> float:
         return ((a.float() - ref).norm() / ref.norm()).item()

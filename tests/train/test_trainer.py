@@ -123,6 +123,9 @@ def test_compile_options_reach_torch_compile_and_unknown_ones_are_refused(make_c
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: (seen.append(kwargs), module)[1])
     Trainer(make_config("mode", compile=True, compile_mode="max-autotune-no-cudagraphs"), FakeData())
     Trainer(make_config("options", compile=True, compile_options={"coordinate_descent_tuning": True}), FakeData())
-    assert seen == [{"mode": "max-autotune-no-cudagraphs"}, {"options": {"coordinate_descent_tuning": True}}]
+    # a dotted name given as nested keys, as ``--compile_options.triton.cudagraphs false`` gives it
+    Trainer(make_config("nested", compile=True, compile_options={"triton": {"cudagraphs": False}}), FakeData())
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}, {"options": {"coordinate_descent_tuning": True}},
+                    {"options": {"triton.cudagraphs": False}}]
     with pytest.raises(ValueError, match=r"\['no_such_option'\] are not Inductor options"):
         Trainer(make_config("bad", compile=True, compile_options={"no_such_option": 1}), FakeData())

@@ -162,13 +162,16 @@ def _projected_probe(x_BTd: Tensor) -> Tensor:
     return x_BTd.new_empty((*x_BTd.shape[:2], 0), dtype=projection_dtype(x_BTd))
 
 
-def fold_pays(weight: Tensor, w1: Tensor) -> bool:
+def fold_pays(weight: Tensor, w1: Tensor, tokens: int) -> bool:
     """Whether folding the projection ``weight`` (H*D, d) into the banded first convolution ``w1`` (H', H, k)
-    takes fewer FLOPs per token: d*H'*D against d*H*D + (H*D)*(H'*D). True for an MHA base (H = d/D); not for a
-    base with few key/value heads (an MQA base's K and V: H = 1, H' = H'/H_q)."""
+    takes fewer FLOPs for a call of ``tokens`` tokens. Per token the folded GEMM costs d*H'*D against
+    d*H*D + (H*D)*(H'*D) unfolded; building W^T M1 costs d*(H*D)*(H'*D) a call, whatever the tokens (forward
+    and backward scale alike). Pays for an MHA base from about H*D tokens (768 at GPT-small's queries); never
+    for a base with few key/value heads (an MQA base's K and V: H = 1)."""
     H, HS = w1.shape[1], w1.shape[0]
     d, D = weight.shape[1], weight.shape[0] // H
-    return d * HS * D < d * H * D + H * D * HS * D
+    saved_per_token = d * H * D + H * D * HS * D - d * HS * D
+    return saved_per_token > 0 and tokens * saved_per_token > d * H * D * HS * D
 
 
 def folds_projection(impl: str | None, x_BTd: Tensor) -> bool:
@@ -186,7 +189,7 @@ def simulate_qk_projected(
     -> (B, T, H', D'). ``banded`` folds the projection into its first GEMM where that takes fewer FLOPs
     (:func:`fold_pays`); otherwise the projection runs first."""
     which = resolve_impl(impl, _projected_probe(x_BTd))
-    if which != "banded" or not fold_pays(weight, w1):
+    if which != "banded" or not fold_pays(weight, w1, x_BTd.shape[:-1].numel()):
         heads = F.linear(x_BTd, weight).unflatten(-1, (w1.shape[1], -1))
         return simulate_qk(heads, w1, b1, w2, b2, w3, b3, w4, b4, impl=which, rope=rope)
     out = simulate_qk_banded_folded(x_BTd, weight, w1, b1, w2, b2, w3, b3, w4, b4)
@@ -199,7 +202,7 @@ def simulate_heads_projected(
     """:func:`simulate_heads` of the heads ``linear(x, weight)``: (B, T, d) -> (B, T, H', D); folded by ``banded``
     where that pays (:func:`fold_pays`)."""
     which = resolve_impl(impl, _projected_probe(x_BTd))
-    if which != "banded" or not fold_pays(weight, w1):
+    if which != "banded" or not fold_pays(weight, w1, x_BTd.shape[:-1].numel()):
         return simulate_heads(F.linear(x_BTd, weight).unflatten(-1, (w1.shape[1], -1)), w1, b1, w2, b2, impl=which)
     return simulate_heads_banded_folded(x_BTd, weight, w1, b1, w2, b2)
 

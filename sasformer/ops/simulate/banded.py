@@ -169,9 +169,12 @@ def simulate_qk_banded(
 
 
 def projection_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a linear projection of ``x`` computes in: autocast's where it is on, else ``x``'s."""
+    """The dtype a linear projection of ``x`` computes in: autocast's where it is on (it leaves float64 alone),
+    else ``x``'s."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if x.dtype == torch.float64 or not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return x.dtype
+    return torch.get_autocast_dtype(device)
 
 
 def _folded_operands(x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
