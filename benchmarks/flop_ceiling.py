@@ -9,7 +9,8 @@ Two counts per variant, both per token of a training step (3x the forward):
   one dense (in_heads*D, out_heads*D) GEMM per convolution, D/k times the useful work; *folded*: with
   the Q/K/V projections folded into the first of them where that saves FLOPs, as ``banded`` runs a
   layer without a cache (one (d, out_heads*D) GEMM for projection and convolution; the per-call product
-  that builds its matrix does not grow with the tokens and is left out);
+  that builds its matrix does not grow with the tokens and is left out; the rule is applied at 16 x 1024
+  tokens a call);
 - *chunked c* (``--chunks``): as the ``chunked`` path executes them, GEMMs over chunks of c features
   with their (k-1)-feature halo, (c+k-1)/k times the useful work.
 A path that runs every FLOP at the same rate as MHA's step would reach MHA's tokens/s times the ratio
@@ -39,6 +40,10 @@ def conv_extra_flops(attn: SimulatedAttention, window: int | None = None) -> flo
     return sum(2.0 * D * (window - k) * out_h * (in_h + out_h) for in_h, out_h in pairs)
 
 
+# the fold's rule also weighs a per-call cost against the tokens of a call: counted at the benchmarks' batch
+FOLD_TOKENS_PER_CALL = 16 * 1024
+
+
 def fold_saved_flops(attn: SimulatedAttention) -> float:
     """Forward FLOPs per token the folded projections save over projection + banded first convolution."""
     d, D = attn.d_model, attn.head_dim
@@ -47,7 +52,7 @@ def fold_saved_flops(attn: SimulatedAttention) -> float:
         blocks.append((attn.v_proj, attn.heads_v))
     saved = 0.0
     for proj, heads in blocks:
-        if simulate.fold_pays(proj.weight, heads.w1):  # the rule the layer applies
+        if simulate.fold_pays(proj.weight, heads.w1, FOLD_TOKENS_PER_CALL):  # the rule the layer applies
             in_h, out_h = heads.in_heads, heads.out_heads
             saved += 2.0 * (d * in_h * D + in_h * D * out_h * D - d * out_h * D)
     return saved

@@ -13,8 +13,9 @@ shared d x d output projection (``peaa="mean"``), or projects all H' heads at on
                                                                mean over G groups -> o_proj -> d
 
 Without a cache, where the simulation implementation is ``banded`` and RoPE is applied after the
-simulation (or not at all), the Q/K/V projections fold into the first head convolutions
-(:meth:`SimulatedAttention.simulate_from_input`): the compact heads are never formed.
+simulation (or not at all), the Q/K/V projections fold into the first head convolutions where that takes
+fewer FLOPs (:meth:`SimulatedAttention.simulate_from_input`, ``simulate.fold_pays``): those compact heads are
+never formed.
 
 Cached decoding of a few tokens without gradients takes a shorter route with the same result
 (:mod:`sasformer.layers.sas_decode`): operands precomputed from the weights, simulated by the fused
