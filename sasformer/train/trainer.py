@@ -173,9 +173,10 @@ class Trainer:
                 # which would otherwise run eager (with full-size fp32 temporaries of the logits). Dynamo
                 # starts tracing at the block's forward and FSDP2's hooks (excluded from dynamo) run
                 # eagerly around it: compiling the forward alone, or after fully_shard, times the same
+                compile_kwargs = self._compile_kwargs()
                 for block in model.blocks:
-                    block.compile(**self._compile_kwargs())
-                model.head_loss = torch.compile(model.head_loss, **self._compile_kwargs())
+                    block.compile(**compile_kwargs)
+                model.head_loss = torch.compile(model.head_loss, **compile_kwargs)
             param_dtype = self.autocast_dtype if cfg.fsdp_param_dtype == "compute" else None
             D.apply_fsdp(model, model.blocks, param_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks_per_unit)
             return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None

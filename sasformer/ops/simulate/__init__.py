@@ -180,6 +180,19 @@ def folds_projection(impl: str | None, x_BTd: Tensor) -> bool:
     return resolve_impl(impl, _projected_probe(x_BTd)) == "banded"
 
 
+def _fold_or_impl(impl: str | None, x_BTd: Tensor, weight: Tensor, w1: Tensor) -> str | None:
+    """None where ``banded`` folds the projection ``weight`` into the first convolution ``w1`` (it is chosen
+    and :func:`fold_pays`); otherwise the implementation to run on the projected heads."""
+    which = resolve_impl(impl, _projected_probe(x_BTd))
+    folds = which == "banded" and fold_pays(weight, w1, x_BTd.shape[:-1].numel())
+    return None if folds else which
+
+
+def _project(x_BTd: Tensor, weight: Tensor, w1: Tensor) -> Tensor:
+    """The heads ``linear(x, weight)`` as (B, T, H, D), H = ``w1``'s input heads."""
+    return F.linear(x_BTd, weight).unflatten(-1, (w1.shape[1], -1))
+
+
 def simulate_qk_projected(
     x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, impl: str | None = None,
@@ -188,10 +201,9 @@ def simulate_qk_projected(
     """:func:`simulate_qk` of the heads ``linear(x, weight)`` (H*D features, H = ``w1``'s input heads): (B, T, d)
     -> (B, T, H', D'). ``banded`` folds the projection into its first GEMM where that takes fewer FLOPs
     (:func:`fold_pays`); otherwise the projection runs first."""
-    which = resolve_impl(impl, _projected_probe(x_BTd))
-    if which != "banded" or not fold_pays(weight, w1, x_BTd.shape[:-1].numel()):
-        heads = F.linear(x_BTd, weight).unflatten(-1, (w1.shape[1], -1))
-        return simulate_qk(heads, w1, b1, w2, b2, w3, b3, w4, b4, impl=which, rope=rope)
+    which = _fold_or_impl(impl, x_BTd, weight, w1)
+    if which is not None:
+        return simulate_qk(_project(x_BTd, weight, w1), w1, b1, w2, b2, w3, b3, w4, b4, impl=which, rope=rope)
     out = simulate_qk_banded_folded(x_BTd, weight, w1, b1, w2, b2, w3, b3, w4, b4)
     return out if rope is None else rope_simulated(out, *rope)
 
@@ -201,9 +213,9 @@ def simulate_heads_projected(
 ) -> Tensor:
     """:func:`simulate_heads` of the heads ``linear(x, weight)``: (B, T, d) -> (B, T, H', D); folded by ``banded``
     where that pays (:func:`fold_pays`)."""
-    which = resolve_impl(impl, _projected_probe(x_BTd))
-    if which != "banded" or not fold_pays(weight, w1, x_BTd.shape[:-1].numel()):
-        return simulate_heads(F.linear(x_BTd, weight).unflatten(-1, (w1.shape[1], -1)), w1, b1, w2, b2, impl=which)
+    which = _fold_or_impl(impl, x_BTd, weight, w1)
+    if which is not None:
+        return simulate_heads(_project(x_BTd, weight, w1), w1, b1, w2, b2, impl=which)
     return simulate_heads_banded_folded(x_BTd, weight, w1, b1, w2, b2)
 
 
