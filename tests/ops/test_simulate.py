@@ -431,6 +431,19 @@ def test_projection_dtype_follows_autocast_but_not_for_float64():
     assert projection_dtype(torch.zeros(2, 3, device="meta")) == torch.float32  # no autocast on meta
 
 
+def test_projection_dtype_asks_for_autocast_support_only_off_cuda_and_cpu(monkeypatch):
+    # torch 2.11's dynamo breaks the graph on `is_autocast_available`, once per simulated layer (a compiled
+    # SAS model ran at 0.33x MHA instead of 0.43x on the H200); cuda and cpu must not call it
+    from sasformer.ops.simulate.banded import projection_dtype
+
+    asked = []
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device: asked.append(device) or False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert projection_dtype(torch.zeros(2, 3)) == torch.bfloat16
+    assert projection_dtype(torch.zeros(2, 3, device="meta")) == torch.float32
+    assert asked == ["meta"]
+
+
 def test_banded_folded_traces_and_runs_under_bf16_autocast(monkeypatch):
     # compiled: the traced form in one graph; eager under autocast: the Function's backward, which runs
     # outside autocast, gets operands of one dtype (the projection's, bf16)

@@ -172,7 +172,10 @@ def projection_dtype(x: Tensor) -> torch.dtype:
     """The dtype a linear projection of ``x`` computes in: autocast's where it is on (it leaves float64 alone),
     else ``x``'s."""
     device = x.device.type
-    if x.dtype == torch.float64 or not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    # cuda and cpu always have autocast; asking only for other devices keeps the check out of torch 2.11's
+    # dynamo, which breaks the graph on `_is_autocast_available`
+    available = device in ("cuda", "cpu") or torch.amp.is_autocast_available(device)
+    if x.dtype == torch.float64 or not (available and torch.is_autocast_enabled(device)):
         return x.dtype
     return torch.get_autocast_dtype(device)
 
