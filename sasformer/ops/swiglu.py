@@ -6,9 +6,11 @@ fused projection, which loads gate, up and the incoming gradient again for each 
 ``"triton"`` implementation is a pair of custom ops (:mod:`sasformer.ops.swiglu_kernel`) whose backward
 reads each input once and writes both halves.
 
-Choose with :data:`SWIGLU_IMPL` or, when that is None, ``SASFORMER_SWIGLU``: ``torch`` (the default until the
-kernels are timed on a GPU), ``triton``, or ``auto`` (``triton`` for CUDA tensors when Triton is installed,
-``torch`` otherwise; :func:`sasformer.ops.triton_support.choose_impl`).
+Choose with :data:`SWIGLU_IMPL` or, when that is None, ``SASFORMER_SWIGLU``: ``auto`` (the default: ``triton``
+for CUDA tensors that need a gradient when Triton is installed, ``torch`` otherwise), ``torch`` or ``triton``
+(:func:`sasformer.ops.triton_support.choose_impl`). ``auto`` leaves forward-only calls (inference, decoding)
+to the plain form: the kernel's gain is its backward, and a compiled forward fuses the plain gating into its
+neighbours.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ __all__ = ["ENV_VAR", "IMPLS", "SWIGLU_IMPL", "resolve_impl", "swiglu", "swiglu_
 
 ENV_VAR = "SASFORMER_SWIGLU"
 SWIGLU_IMPL: str | None = None  # None: ENV_VAR, unset = DEFAULT
-DEFAULT = "torch"  # the Triton form is opt-in until it is timed on a GPU
+DEFAULT = "auto"
 
 
 def resolve_impl(x: Tensor) -> str:
     """The implementation (``torch`` or ``triton``) for a projection ``x``; raises ValueError on an unknown or
     unusable choice."""
-    return choose_impl(SWIGLU_IMPL, "swiglu.SWIGLU_IMPL", ENV_VAR, x, TRITON_AVAILABLE, DEFAULT)
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return choose_impl(SWIGLU_IMPL, "swiglu.SWIGLU_IMPL", ENV_VAR, x, TRITON_AVAILABLE, DEFAULT, auto_pays=needs_grad)
 
 
 def swiglu_reference(gate_up: Tensor) -> Tensor:

@@ -4,12 +4,15 @@ whole decoder. On a machine without CUDA the kernels run in Triton's interpreter
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from sasformer.ops import swiglu as sw
+from sasformer.ops.triton_support import choose_impl
 from tests.ops.compile_helpers import assert_kernels_compile_for_sm90
 from tests.ops.model_helpers import assert_model_matches_with_triton_op
 
@@ -73,10 +76,17 @@ def test_choice_of_implementation(monkeypatch) -> None:
     with pytest.raises(ValueError, match="gate and up halves"):
         sw.swiglu(torch.zeros(2, 7, device=DEVICE))
     monkeypatch.delenv(sw.ENV_VAR, raising=False)
-    assert sw.resolve_impl(x) == "torch"  # opt-in until timed
-    monkeypatch.setenv(sw.ENV_VAR, "auto")
-    assert sw.resolve_impl(x) == ("triton" if sw.TRITON_AVAILABLE and x.is_cuda else "torch")
-    assert sw.resolve_impl(x.cpu()) == "torch"
+    assert sw.DEFAULT == "auto"
+    trains = x.clone().requires_grad_()
+    # auto: the kernel where a backward will run on CUDA; forward-only calls keep the plain form
+    assert sw.resolve_impl(trains) == ("triton" if sw.TRITON_AVAILABLE and x.is_cuda else "torch")
+    assert sw.resolve_impl(x) == "torch"
+    with torch.no_grad():
+        assert sw.resolve_impl(trains) == "torch"
+    assert sw.resolve_impl(trains.detach().cpu().requires_grad_()) == "torch"
+    cuda_like = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what auto looks at, without a GPU
+    assert choose_impl(None, "SWIGLU_IMPL", sw.ENV_VAR, cuda_like, True, sw.DEFAULT, auto_pays=True) == "triton"
+    assert choose_impl(None, "SWIGLU_IMPL", sw.ENV_VAR, cuda_like, True, sw.DEFAULT, auto_pays=False) == "torch"
     monkeypatch.setenv(sw.ENV_VAR, "triton")
     assert sw.resolve_impl(x) == "triton"
     if not torch.cuda.is_available():
