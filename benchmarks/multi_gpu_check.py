@@ -296,12 +296,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for col, attention in enumerate(attentions):
         mine = [r for r in rows if r["attention"] == attention]
         ref = next(r["losses"] for r in mine if r["run"] == "one")
-        for r in mine:
+        for i, r in enumerate(mine):
             steps = sorted(r["losses"])
-            axes[0][col].plot(steps, [r["losses"][s] for s in steps], label=r["run"], marker=".")
+            style = {"label": r["run"], "marker": ".", "color": f"C{i % 10}"}  # one colour per run in both panels
+            axes[0][col].plot(steps, [r["losses"][s] for s in steps], **style)
             if r["run"] != "one":
                 common = [s for s in steps if s in ref]
-                axes[1][col].plot(common, [r["losses"][s] - ref[s] for s in common], label=r["run"], marker=".")
+                axes[1][col].plot(common, [r["losses"][s] - ref[s] for s in common], **style)
         axes[0][col].set(title=f"{attention}: train loss", xlabel="step", ylabel="loss (window mean)")
         axes[1][col].set(title=f"{attention}: loss minus 1-GPU loss", xlabel="step", ylabel="difference")
         axes[1][col].axhline(0.0, color="grey", linewidth=0.8)
