@@ -106,7 +106,7 @@ def train_command(args: argparse.Namespace, attention: str, run: Run, out: Path)
         "optim.lr": args.lr, "log_interval": args.log_interval, "eval_interval": 0,
         "checkpoint_interval": args.steps // 2, "keep_last": 3, "compile": str(args.compile).lower(),
         "dtype": args.dtype, "device": args.device, "parallel": run.parallel if run.world > 1 else "ddp",
-        "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit,
+        "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit, "compile_scope": args.compile_scope,
         **({"fsdp_param_dtype": args.fsdp_param_dtype} if run.parallel == "fsdp" and run.world > 1 else {}),
         "progress": "false", "tensorboard": "false", "out_dir": run_dir(out, attention, run.name),
         "resume": (run_dir(out, attention, run.resume_from) / "checkpoints" / f"step_{args.steps // 2:06d}"
@@ -250,7 +250,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"global batch {meta['global_batch']} = micro-batch {meta['micro_batch']} x {meta['world']} "
         f"({meta['world']} accumulation steps on 1 GPU), {meta['steps']} steps, compile {meta['compile']}, "
         f"dtype {meta.get('dtype', 'auto')}, FSDP2 blocks per unit {meta.get('fsdp_blocks_per_unit', 1)} "
-        f"(0: the whole model), FSDP2 parameters gathered in {meta.get('fsdp_param_dtype', 'compute')}.", "",
+        f"(0: the whole model), FSDP2 parameters gathered in {meta.get('fsdp_param_dtype', 'compute')}, "
+        f"compile scope {meta.get('compile_scope', 'auto')}.", "",
         f"Loss: the largest relative difference over the {meta['log_interval']}-step windows: from `one` for runs "
         f"from scratch, judged against {meta['rtol']} or the noise floor where larger (the largest gap of the "
         "`one-repeat*` runs, the same 1-GPU run again, which are not judged themselves); from the run it "
@@ -362,6 +363,9 @@ def main() -> int:
     parser.add_argument("--fsdp-param-dtype", choices=["float32", "compute"], default="float32",
                         help="FSDP2 runs: gather fp32 parameters (autocast casts per op, as one GPU does) or "
                              "parameters in the compute dtype (FSDP2's mixed precision)")
+    parser.add_argument("--compile-scope", choices=["auto", "block"], default="auto",
+                        help="block: every run compiles each decoder block on its own, as FSDP2 must, so all runs "
+                             "run the same compiled graphs (auto: the whole model on 1 GPU and under DDP)")
     parser.add_argument("--repeats", type=int, default=1, help="1-GPU runs repeated to measure the noise")
     parser.add_argument("--runs", type=lambda text: [name.strip() for name in text.split(",")], default=None,
                         metavar="NAMES", help="only these runs, comma-separated (e.g. one,one-repeat,fsdp,"
@@ -400,6 +404,7 @@ def main() -> int:
             "steps": args.steps, "compile": args.compile, "dtype": args.dtype, "log_interval": args.log_interval,
             "rtol": args.rtol, "skip_steps": args.skip_steps, "min_scaling": args.min_scaling,
             "fsdp_blocks_per_unit": args.fsdp_blocks_per_unit, "fsdp_param_dtype": args.fsdp_param_dtype,
+            "compile_scope": args.compile_scope,
         }
         write_report(args.out, rows, meta)
     print(markdown(rows, meta))

@@ -81,7 +81,8 @@ def test_the_plan_keeps_only_the_named_runs():
 def _args(tmp_path: Path, **changes) -> argparse.Namespace:
     values = dict(size="small", data_dir=str(tmp_path), seq_len=64, micro_batch=2, world=2, steps=40, warmup_steps=2,
                   lr=1e-3, log_interval=10, compile=False, dtype="auto", device="cpu", fsdp_blocks_per_unit=1,
-                  fsdp_param_dtype="float32", config="configs/small.yaml", run_timeout=10, repeats=1)
+                  fsdp_param_dtype="float32", compile_scope="auto", config="configs/small.yaml",
+                  run_timeout=10, repeats=1)
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -91,6 +92,12 @@ def test_the_fsdp_parameter_dtype_reaches_the_fsdp_runs_only(tmp_path):
                 for stage in mgc.plan(2) for run in stage}
     with_it = {name for name, cmd in commands.items() if "--fsdp_param_dtype compute" in cmd}
     assert with_it == {"fsdp", "one>fsdp"}  # fsdp>one resumes on one process: no FSDP there
+
+
+def test_the_compile_scope_reaches_every_run(tmp_path):
+    args = _args(tmp_path, compile_scope="block")
+    commands = [mgc.train_command(args, "mha", run, tmp_path) for stage in mgc.plan(2) for run in stage]
+    assert commands and all(" --compile_scope block " in " ".join(cmd) + " " for cmd in commands)
 
 
 def test_a_finished_run_is_kept_only_when_its_command_is_unchanged(tmp_path, monkeypatch):

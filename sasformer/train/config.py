@@ -115,6 +115,10 @@ class TrainConfig:
     # Inductor options for torch.compile (its ``options``, e.g. {coordinate_descent_tuning: true}), instead of
     # a compile_mode other than default; names are checked against torch._inductor.list_options()
     compile_options: dict[str, Any] = field(default_factory=dict)
+    # what one torch.compile covers: model (the model with its loss, one graph), block (each decoder block, and
+    # the final norm, head and loss, on their own: faster to compile, and the graphs FSDP2 runs), auto (block
+    # under FSDP2, whose hooks sit between the blocks, else model)
+    compile_scope: str = "auto"
     # chunked: fused LM head + cross-entropy without full logits (Triton kernel on CUDA when installed, else
     # PyTorch) | chunked_triton | chunked_torch (either forced) | naive (full logits, the reference)
     loss_impl: str = "chunked"
@@ -166,6 +170,11 @@ class TrainConfig:
         need(self.compile_mode in COMPILE_MODES, f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES}")
         need(not (self.compile_options and self.compile_mode != "default"),
              f"set compile_mode={self.compile_mode!r} or compile_options, not both (torch.compile takes one of them)")
+        need(self.compile_scope in ("auto", "model", "block"),
+             f"compile_scope={self.compile_scope!r}: use auto, model or block")
+        need(not (self.compile_scope == "model" and self.parallel == "fsdp"),
+             "compile_scope='model' cannot run under parallel='fsdp' (FSDP2's hooks sit between the blocks); "
+             "use auto or block")
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl={self.loss_impl!r}: use one of {LOSS_IMPLS}")
         need(self.loss_chunk_size >= 1, f"loss_chunk_size={self.loss_chunk_size} must be >= 1")
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")

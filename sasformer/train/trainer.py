@@ -167,16 +167,10 @@ class Trainer:
     def _parallelize(self) -> tuple[nn.Module, nn.Module | None]:
         """The callable module computing the loss, and the DDP wrapper if any (for ``no_sync``)."""
         cfg, model = self.config, self.model
-        if self.dist.enabled and cfg.parallel == "fsdp":
-            if cfg.compile:
-                # FSDP2's hooks sit between the blocks: compile each block, and the head and loss,
-                # which would otherwise run eager (with full-size fp32 temporaries of the logits). Dynamo
-                # starts tracing at the block's forward and FSDP2's hooks (excluded from dynamo) run
-                # eagerly around it: compiling the forward alone, or after fully_shard, times the same
-                compile_kwargs = self._compile_kwargs()
-                for block in model.blocks:
-                    block.compile(**compile_kwargs)
-                model.head_loss = torch.compile(model.head_loss, **compile_kwargs)
+        fsdp = self.dist.enabled and cfg.parallel == "fsdp"
+        if cfg.compile and self.compile_scope == "block":
+            self._compile_blocks()
+        if fsdp:
             param_dtype = self.autocast_dtype if cfg.fsdp_param_dtype == "compute" else None
             D.apply_fsdp(model, model.blocks, param_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks_per_unit)
             return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
@@ -184,9 +178,29 @@ class Trainer:
         ddp = None
         if self.dist.enabled:
             module = ddp = D.apply_ddp(module, self.device)
-        if cfg.compile:
+        if cfg.compile and self.compile_scope == "model":
             module = torch.compile(module, **self._compile_kwargs())
         return module, ddp
+
+    @property
+    def compile_scope(self) -> str:
+        """``model`` or ``block``: what one ``torch.compile`` covers (config ``compile_scope``, ``auto`` resolved)."""
+        if self.config.compile_scope != "auto":
+            return self.config.compile_scope
+        return "block" if self.dist.enabled and self.config.parallel == "fsdp" else "model"
+
+    def _compile_blocks(self) -> None:
+        """Compile each decoder block, and the final norm, head and loss, on their own.
+
+        FSDP2's hooks sit between the blocks, so it needs this form; the head and loss would otherwise run
+        eager, with full-size fp32 temporaries of the logits. Dynamo starts tracing at the block's forward and
+        FSDP2's hooks (excluded from dynamo) run eagerly around it: compiling before or after ``fully_shard``
+        times the same.
+        """
+        compile_kwargs = self._compile_kwargs()
+        for block in self.model.blocks:
+            block.compile(**compile_kwargs)
+        self.model.head_loss = torch.compile(self.model.head_loss, **compile_kwargs)
 
     def _compile_kwargs(self) -> dict[str, Any]:
         """``torch.compile``'s ``mode``, or its Inductor ``options`` when the config sets them."""

@@ -61,6 +61,8 @@ def test_unknown_key_in_file(tmp_path):
         ({"loss_chunk_size": 0}, "loss_chunk_size=0 must be >= 1"),
         ({"compile_mode": "reduce-overhead"}, "compile_mode='reduce-overhead'"),
         ({"compile_mode": "max-autotune-no-cudagraphs", "compile_options": {"max_autotune": True}}, "not both"),
+        ({"compile_scope": "layer"}, "compile_scope='layer': use auto, model or block"),
+        ({"compile_scope": "model", "parallel": "fsdp"}, "cannot run under parallel='fsdp'"),
     ],
 )
 def test_bad_values(overrides, fragment):

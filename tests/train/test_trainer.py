@@ -9,7 +9,7 @@ from fakes import FakeData
 
 from sasformer.train import checkpoint as ckpt
 from sasformer.train.metrics import read_metrics
-from sasformer.train.trainer import NonFiniteLossError, Trainer
+from sasformer.train.trainer import LossModel, NonFiniteLossError, Trainer
 
 
 class Interrupt(Exception):
@@ -129,3 +129,32 @@ def test_compile_options_reach_torch_compile_and_unknown_ones_are_refused(make_c
                     {"options": {"triton.cudagraphs": False}}]
     with pytest.raises(ValueError, match=r"\['no_such_option'\] are not Inductor options"):
         Trainer(make_config("bad", compile=True, compile_options={"no_such_option": 1}), FakeData())
+
+
+def test_compile_scope_decides_what_one_compile_covers(make_config, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (compiled.append(fn), fn)[1])
+    whole = Trainer(make_config("model", compile=True), FakeData())  # auto: one graph for model and loss
+    assert whole.compile_scope == "model" and len(compiled) == 1 and isinstance(compiled[0], LossModel)
+    compiled.clear()
+    blocks = Trainer(make_config("block", compile=True, compile_scope="block"), FakeData())
+    n_blocks = len(blocks.model.blocks)
+    assert blocks.compile_scope == "block" and len(compiled) == n_blocks + 1
+    assert [getattr(fn, "__self__", None) for fn in compiled[:n_blocks]] == list(blocks.model.blocks)
+    assert compiled[-1].__func__ is type(blocks.model).head_loss
+
+
+def test_blocks_compiled_one_by_one_train_like_eager(make_config):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = make_config("eager", max_steps=3, checkpoint_interval=0)
+    Trainer(eager, FakeData()).fit()
+    torch._dynamo.utils.counters.clear()
+    blocks = make_config("blocks", max_steps=3, checkpoint_interval=0, compile=True, compile_scope="block")
+    Trainer(blocks, FakeData()).fit()
+    # one graph shared by the blocks and one for the head and loss, no graph breaks
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    for step, loss in _losses(blocks.out_dir).items():
+        assert loss == pytest.approx(_losses(eager.out_dir)[step], rel=1e-4), step
