@@ -39,6 +39,8 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, triton simulation": ("inductor", True, {"SASFORMER_SIMULATE": "triton"}),
     "compiled bf16, banded recompute": ("inductor", True, {"SASFORMER_BANDED_RECOMPUTE": "1"}),
     "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),
+    # cuDNN with unpadded values while compiling (auto pads them there, for a fault seen on CPU)
+    "compiled bf16, cudnn attention": ("inductor", True, {"SASFORMER_ATTENTION": "cudnn"}),
     "compiled fp32, auto paths": ("inductor", False, {}),
     "compiled fp32, math attention": ("inductor", False, {"SASFORMER_ATTENTION": "math"}),
     # where a fault could sit: Dynamo alone, Dynamo + AOTAutograd, Inductor without some of its passes
