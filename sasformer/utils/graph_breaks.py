@@ -12,8 +12,7 @@ that compiles (a benchmark's warm-up steps, say) and report what was found::
 The numbers are Dynamo's own records, which are private: the reason it keeps for each break (with the
 source line; ``torch._dynamo.utils.graph_break_reasons``), else its counter per message
 (``counters["graph_break"]``, which misses breaks on data-dependent branching); where neither exists, the
-count is None ("unknown"), never an error. ``torch._dynamo.reset()`` inside the block clears the former:
-end the block before resetting.
+count is None ("unknown"), never an error.
 """
 
 from __future__ import annotations
@@ -167,7 +166,7 @@ def _dynamo_state() -> dict[str, Any]:
     reasons = getattr(utils, "graph_break_reasons", None)
     if isinstance(reasons, list):
         state["reasons"] = reasons
-        state["n_reasons"] = len(reasons)
+        state["last_reason"] = reasons[-1] if reasons else None
     counters = getattr(utils, "counters", None)
     if counters is not None:
         state["break_counts"] = Counter(counters.get("graph_break", {}))
@@ -184,9 +183,10 @@ def _since(before: dict[str, Any], after: dict[str, Any], result: GraphBreaks) -
     """Fill ``result`` with what happened between two :func:`_dynamo_state` snapshots."""
     reasons: Counter[str] = Counter()
     if "reasons" in after:
-        # a reset inside the block empties the list: then everything in it is new
-        start = before.get("n_reasons", 0) if after["n_reasons"] >= before.get("n_reasons", 0) else 0
-        for r in after["reasons"][start:]:
+        # new entries follow the last one seen before; a reset inside the block removed it: all are new
+        listed, last = after["reasons"], before.get("last_reason")
+        start = next((i + 1 for i in range(len(listed) - 1, -1, -1) if listed[i] is last), 0)
+        for r in listed[start:]:
             text = str(getattr(r, "reason", r))
             if text.startswith(INTENTIONAL_PREFIX):
                 result.intentional += 1
@@ -213,7 +213,8 @@ def watch_graph_breaks() -> Iterator[GraphBreaks]:
 
     Yields an empty :class:`GraphBreaks` that is filled when the block ends (also when it raises). Compiled
     code that ran before the block and does not compile again inside it is not counted: wrap the first
-    calls (the compilation), not only later ones.
+    calls (the compilation), not only later ones. A ``torch._dynamo.reset()`` inside the block may make
+    ``recompiles`` too low (it restarts Dynamo's count); the graph breaks stay right.
     """
     before = _dynamo_state()
     result = GraphBreaks()
