@@ -18,6 +18,8 @@ row, so a crash in one variant keeps the rows measured before it.
   failed the check, to show which settings are wrong; at most --tiles-budget-s seconds.
 - model: GPT-small training tokens/s and peak memory for MHA, GQA, MQA, MLA, TPA and SAS, eager and
   compiled, random tokens, fused AdamW, bf16 autocast; SAS runs the automatic simulation path.
+  Compiled rows count their graph breaks (and recompilations, eager fallbacks): a warning in the log,
+  the reasons under the table, and exit status 1 with --fail-on-graph-break.
 - sdpa: attention with query/key size 128 and value size 64 on every backend.
 Writes DIR/sas_speed.json and DIR/sas_speed.md and prints the tables.
 """
@@ -56,6 +58,7 @@ from sasformer.ops import simulate
 from sasformer.ops.rope import RotaryTables
 from sasformer.ops.simulate import banded as banded_ops
 from sasformer.ops.simulate import chunked as chunked_ops
+from sasformer.utils import graph_breaks
 
 SECTIONS = ("check", "layer", "profile", "tiles", "model", "sdpa")
 SKIPPED = {"error": "skipped: time budget reached (raise --budget-s)"}
@@ -568,6 +571,7 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     out[key] = {"error": f"refused: simulation path {path} failed the correctness check"}
                     continue
                 model = opt = None
+                breaks = None  # set once compilation starts
                 try:
                     torch.manual_seed(0)
                     cfg = preset(opts.size, attn, attention_args=args, max_seq_len=T)
@@ -580,7 +584,8 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=DEV)
                     fwd = torch.compile(model) if mode == "compiled" else model
                     step = train_step_fn(model, opt, ids[:, :-1], ids[:, 1:], fwd)
-                    with structure_env(structure):
+                    # a graph break or recompilation, in compilation or later, slows every timed step
+                    with structure_env(structure), graph_breaks.watch_graph_breaks() as breaks:
                         t0 = time.time()
                         step()  # first step: compilation, allocator warmup
                         first_s = time.time() - t0
@@ -596,6 +601,11 @@ def section_model(opts, passed: dict[str, bool], deadline: float, out: dict, sav
                     out[key] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
                     log(f"model {key}: {type(err).__name__}: {str(err)[:200]}")
                 finally:
+                    if mode == "compiled" and breaks is not None and key in out:
+                        out[key]["graph_breaks"] = breaks.to_dict()
+                        warning = graph_breaks.warning_line(f"model {key}", breaks.to_dict())
+                        if warning:
+                            log(warning)
                     del model, opt
                     if mode == "compiled":
                         torch._dynamo.reset()
@@ -660,18 +670,19 @@ def markdown(res: dict) -> str:
         lines += ["## GPT-small training (random tokens, fused AdamW, bf16 autocast)", "",
                   ("SAS rows without a path in their name use the automatic simulation path: "
                    f"`{model.get('simulation_impl')}`."), "",
-                  "| T | mode | variant | tokens/s | vs MHA | peak GiB | vs MHA | params |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for key, row in model.items():
-            if not isinstance(row, dict) or key == "section_error":
-                continue
+                  "| T | mode | variant | tokens/s | vs MHA | peak GiB | vs MHA | params | graph breaks |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = {key: row for key, row in model.items() if isinstance(row, dict) and key != "section_error"}
+        for key, row in rows.items():
             T, mode, name = key.split("/")
+            breaks = graph_breaks.cell(row.get("graph_breaks"))
             if "error" in row:
-                lines.append(f"| {T[1:]} | {mode} | {name} | {row['error']} | | | | |")
+                lines.append(f"| {T[1:]} | {mode} | {name} | {row['error']} | | | | | {breaks} |")
                 continue
             lines.append(f"| {T[1:]} | {mode} | {name} | {row['tokens_per_s']:,.0f} | "
                          f"{fmt(row.get('throughput_vs_mha'), '.2f')} | {row['peak_gib']:.1f} | "
-                         f"{fmt(row.get('memory_vs_mha'), '.2f')} | {row['params'] / 1e6:.1f}M |")
+                         f"{fmt(row.get('memory_vs_mha'), '.2f')} | {row['params'] / 1e6:.1f}M | {breaks} |")
+        lines += graph_breaks.markdown_notes([(key, row.get("graph_breaks")) for key, row in rows.items()])
         lines.append("")
     layer = res.get("layer", {})
     if layer:
@@ -770,6 +781,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiles-budget-s", type=float, default=45, help="time cap of the tiles section")
     p.add_argument("--budget-s", type=float, default=250,
                    help="skip remaining measurements after this many seconds (one in flight still finishes)")
+    p.add_argument("--fail-on-graph-break", action="store_true",
+                   help="exit with status 1 (after writing the results) when a compiled model row broke its graph "
+                        "or its graph breaks cannot be counted; default: report them only")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU: checks that every code path runs; the numbers mean nothing")
     opts = p.parse_args(argv)
@@ -845,7 +859,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown(res))
     log(f"done in {time.time() - start:.0f} s; results in {opts.out}")
-    return 0
+    return 1 if opts.fail_on_graph_break and failed_on_graph_breaks(res.get("model", {})) else 0
+
+
+def failed_on_graph_breaks(model: dict) -> bool:
+    """Log why each compiled model row fails ``--fail-on-graph-break``; True if any does."""
+    failed = False
+    for key, row in model.items():
+        if isinstance(row, dict) and row.get("graph_breaks") is not None:
+            try:
+                graph_breaks.GraphBreaks.from_dict(row["graph_breaks"]).check(f"model {key}")
+            except graph_breaks.GraphBreakError as err:
+                log(f"--fail-on-graph-break: {err}")
+                failed = True
+    return failed
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ data and wait for no one; the batch per process is that of the real run)::
 ``host ms`` is the time the host spends in the step calls: near the step time, the step is limited by
 the host (Python, kernel launches, the parallel wrapper's hooks), not by the GPU.
 
+``graph breaks`` counts what ``torch.compile`` did not capture in one graph during the warm-up and timed
+steps (graph breaks, with recompilations and functions run eagerly when any); a nonzero count prints a
+warning, lists the reasons under the table, and with ``--fail-on-graph-break`` makes the exit status 1.
+
 Writes ``train_speed.json`` and ``train_speed.md`` into ``--out`` and prints the table.
 """
 
@@ -47,8 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from profiling import profile_calls, profile_markdown  # benchmarks/profiling.py, beside this script
-
+from benchmarks.profiling import profile_calls, profile_markdown
 from sasformer.layers.registry import variant_names
 from sasformer.ops import swiglu as swiglu_module
 from sasformer.ops.attention import BACKENDS
@@ -61,6 +64,7 @@ from sasformer.train import distributed
 from sasformer.train.config import COMPILE_MODES, TrainConfig
 from sasformer.train.metrics import peak_memory_gib, throughput
 from sasformer.train.trainer import Trainer
+from sasformer.utils import graph_breaks
 
 
 class SyntheticLoader:
@@ -174,22 +178,24 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     })
     trainer = Trainer(config, SyntheticData(args.vocab_size))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    began = time.perf_counter()
-    for _ in range(args.warmup):  # compilation and allocator warm-up
-        trainer.train_step()
-    sync()
-    if trainer.dist.is_main:
-        print(f"  warm-up ({args.warmup} steps, compilation included) took {time.perf_counter() - began:.0f} s",
-              flush=True)
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trainer.device)
-    start = time.perf_counter()
-    host_seconds = 0.0
-    for _ in range(args.steps):
-        called = time.perf_counter()
-        trainer.train_step()
-        host_seconds += time.perf_counter() - called
-    sync()
+    # Dynamo compiles in the first steps: a graph break or recompilation there slows every timed step
+    with graph_breaks.watch_graph_breaks() as breaks:
+        began = time.perf_counter()
+        for _ in range(args.warmup):  # compilation and allocator warm-up
+            trainer.train_step()
+        sync()
+        if trainer.dist.is_main:
+            print(f"  warm-up ({args.warmup} steps, compilation included) took {time.perf_counter() - began:.0f} s",
+                  flush=True)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        start = time.perf_counter()
+        host_seconds = 0.0
+        for _ in range(args.steps):
+            called = time.perf_counter()
+            trainer.train_step()
+            host_seconds += time.perf_counter() - called
+        sync()
     seconds = time.perf_counter() - start
     if not args.fake_world:  # a fake world's collectives return garbage: its loss means nothing
         trainer.check_finite()  # a diverged step would make the timing meaningless
@@ -211,6 +217,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         **throughput(tokens, seconds, trainer.flops_per_token, trainer.dist.world_size, trainer.peak),
         "peak_mem_gib": peak_memory_gib(trainer.device),
         "peak_tflops": trainer.peak,
+        "graph_breaks": breaks.to_dict() if config.compile else None,
     }
     if args.breakdown:
         row["breakdown"] = breakdown_steps(trainer, args.steps, sync)
@@ -251,6 +258,10 @@ def breakdown_steps(trainer: Trainer, steps: int, sync) -> dict:
     return {"steps": steps, "ms_per_step": phases, "total_ms": sum(phases.values())}
 
 
+def row_label(row: dict) -> str:
+    return f"{row['attention']}, batch {row['batch_size']}"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     options = "".join(f", {key}={value}" for key, value in meta.get("compile_options", {}).items())
     lines = [
@@ -263,8 +274,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f"SwiGLU {meta.get('swiglu_impl', 'torch')}"),
         "",
         "| attention | params (M) | processes | micro-batch x T x accum | loss | step (ms) | host ms | tokens/s "
-        "| TFLOP/s per GPU | MFU | peak mem (GiB) |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| TFLOP/s per GPU | MFU | peak mem (GiB) | graph breaks |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
@@ -275,8 +286,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['attention']} | {r['parameters'] / 1e6:.1f} | {processes} | {r['micro_batch_size']}x{r['seq_len']}"
             f"x{r['grad_accum']} | {r['loss_impl']} | {r['step_ms']:.1f} | {host} | {r['tokens_per_s']:,.0f} | "
-            f"{r['tflops']:.1f} | {mfu} | {mem} |"
+            f"{r['tflops']:.1f} | {mfu} | {mem} | {graph_breaks.cell(r.get('graph_breaks'))} |"
         )
+    lines += graph_breaks.markdown_notes([(row_label(r), r.get("graph_breaks")) for r in rows])
     breakdowns = [r for r in rows if r.get("breakdown")]
     if breakdowns:
         phases = list(breakdowns[0]["breakdown"]["ms_per_step"])
@@ -293,7 +305,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                              + f" | {sum(ms.values()):.1f} |")
     for r in rows:
         if r.get("profile"):
-            lines += profile_markdown(f"{r['attention']}, batch {r['batch_size']}", r["profile"])
+            lines += profile_markdown(row_label(r), r["profile"])
     return "\n".join(lines) + "\n"
 
 
@@ -317,6 +329,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps (compilation)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--fail-on-graph-break", action="store_true",
+                        help="exit with status 1 (after writing the results) when a compiled run broke its graph "
+                             "or its graph breaks cannot be counted; default: report them only")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--compile-option", action="append", default=[], type=compile_option, metavar="KEY=VALUE",
                         help="an Inductor option for torch.compile (the trainer's compile_options; YAML value), "
@@ -393,6 +408,9 @@ def main() -> int:
             if main_process:
                 print(f"  {r['step_ms']:.1f} ms/step (host {r['host_ms']:.1f}), {r['tokens_per_s']:,.0f} tokens/s, "
                       f"MFU {mfu}", flush=True)
+                warning = graph_breaks.warning_line(row_label(r), r["graph_breaks"])
+                if warning:
+                    print(f"  {warning}", flush=True)
     distributed.shutdown()
     if not main_process:
         return 0
@@ -425,7 +443,20 @@ def main() -> int:
     table = markdown(rows, meta)
     (out / "train_speed.md").write_text(table)
     print(table)
-    return 0
+    return 1 if args.fail_on_graph_break and failed_on_graph_breaks(rows) else 0
+
+
+def failed_on_graph_breaks(rows: list[dict]) -> bool:
+    """Print why each compiled row fails ``--fail-on-graph-break``; True if any does."""
+    failed = False
+    for r in rows:
+        if r.get("graph_breaks") is not None:
+            try:
+                graph_breaks.GraphBreaks.from_dict(r["graph_breaks"]).check(row_label(r))
+            except graph_breaks.GraphBreakError as err:
+                print(f"--fail-on-graph-break: {err}", file=sys.stderr)
+                failed = True
+    return failed
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Tools the package and its scripts share that belong to no single layer (ops, layers, models, train)."""
