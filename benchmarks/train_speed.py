@@ -23,8 +23,10 @@ data and wait for no one; the batch per process is that of the real run)::
 
     python3 benchmarks/train_speed.py --parallel fsdp --fake-world 2 --batch-size 32 --out DIR
 
-``host ms`` is the time the host spends in the step calls: near the step time, the step is limited by
-the host (Python, kernel launches, the parallel wrapper's hooks), not by the GPU.
+``host ms`` is the time the host spends in the step calls. Far below the step time, the GPU is the limit.
+Near it, either the host is (Python, kernel launches, the parallel wrapper's hooks) or the GPU is and the
+host waited for it: CUDA blocks a launch while about a thousand are pending. ``--profile`` tells them apart:
+kernel time close to the step time means the GPU is busy throughout.
 
 ``graph breaks`` counts what ``torch.compile`` did not capture in one graph during the warm-up and timed
 steps (graph breaks, with recompilations and functions run eagerly when any); a nonzero count prints a
@@ -160,6 +162,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "compile": not args.no_compile,
         "compile_mode": args.compile_mode,
         "compile_options": dict(args.compile_option),
+        "compile_scope": args.compile_scope,
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
         "device": args.device,
@@ -228,7 +231,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
     if args.profile:
         trace = (out_dir / f"trace_{attention}_b{batch_size}_rank{trainer.dist.rank}.json.gz") if args.trace else None
         cuda = trainer.device.type == "cuda"
-        row["profile"] = profile_calls(trainer.train_step, args.profile_steps, sync, cuda, trace)
+        row["profile"] = profile_calls(trainer.train_step, args.profile_steps, sync, cuda, trace, top=args.profile_top)
     del trainer
     gc.collect()
     torch._dynamo.reset()  # the next configuration compiles with static shapes of its own
@@ -269,7 +272,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
-         f"compile mode {meta['compile_mode']}{options}, loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
+         f"compile mode {meta['compile_mode']}{options}, compile scope {meta.get('compile_scope', 'auto')}, "
+         f"loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
          f"attention backend {meta['attention_backend']}, RoPE {meta.get('rope_impl', 'torch')}, "
          f"SwiGLU {meta.get('swiglu_impl', 'torch')}"),
         "",
@@ -333,6 +337,8 @@ def main() -> int:
                         help="exit with status 1 (after writing the results) when a compiled run broke its graph "
                              "or its graph breaks cannot be counted; default: report them only")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--compile-scope", default="auto", choices=["auto", "model", "block"],
+                        help="what one torch.compile covers (the trainer's compile_scope)")
     parser.add_argument("--compile-option", action="append", default=[], type=compile_option, metavar="KEY=VALUE",
                         help="an Inductor option for torch.compile (the trainer's compile_options; YAML value), "
                              "e.g. coordinate_descent_tuning=true; repeatable; not with --compile-mode")
@@ -348,8 +354,10 @@ def main() -> int:
                         help=f"SwiGLU gating of the fused gate/up projection (sets {SWIGLU_ENV}); default: the "
                              "library's choice")
     parser.add_argument("--profile", action="store_true",
-                        help="after timing, profile a few steps and add the top-20 CUDA kernels to the Markdown")
+                        help="after timing, profile a few steps and add the top CUDA kernels (--profile-top) "
+                             "to the Markdown")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-top", type=int, default=20, help="CUDA kernels listed per profiled run")
     parser.add_argument("--trace", action="store_true",
                         help="with --profile, also write each rank's timeline (trace_*_rank*.json.gz, Chrome format)")
     parser.add_argument("--breakdown", action="store_true",
@@ -429,6 +437,7 @@ def main() -> int:
         "compile": not args.no_compile,
         "compile_mode": args.compile_mode,
         "compile_options": dict(args.compile_option),
+        "compile_scope": args.compile_scope,
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
         "attention_backend": args.attention_backend or "auto",
