@@ -257,27 +257,33 @@ def section_layer(opts, passed: dict[str, bool], deadline: float) -> dict:
     for B, T in opts.layer_shapes:
         for cfg_name, args in (("sas_24x128", SAS_MAIN), ("sas_24x64", SAS_SMALL)):
             rows = {}
+            # eager rows for every path, then the --compiled-layer-paths again under torch.compile
             paths = ["reference", "naive", *fast_impls()]
+            paths += [f"{p} compiled" for p in opts.compiled_layer_paths if p == "reference" or p in paths]
             for path in paths:
                 key = f"{cfg_name}/T{T}/{path}"
+                impl, compiled = path.removesuffix(" compiled"), path.endswith(" compiled")
                 if time.time() > deadline:
                     rows[path] = SKIPPED
                     continue
-                if path in passed and not passed[path]:
+                if impl in passed and not passed[impl]:
                     rows[path] = {"error": "refused: correctness check failed"}
                     continue
                 try:
                     layer = sas_layer(args, torch.bfloat16)
-                    structure = "reference" if path == "reference" else "fast"
+                    structure = "reference" if impl == "reference" else "fast"
                     if structure == "reference":
                         make_reference(layer)
                     else:
-                        set_simulation_impl(layer, path)
+                        set_simulation_impl(layer, impl)
+                    if compiled:
+                        torch._dynamo.reset()  # each layer compiles afresh, not against an earlier one's cache
+                    run_layer = torch.compile(layer) if compiled else layer
                     x = torch.randn(B, T, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True)
                     grad = torch.randn_like(x)
-                    with structure_env(structure):
+                    with structure_env(structure), graph_breaks.watch_graph_breaks() as breaks:
                         def fwd():
-                            return layer(x, layer_ctx(T))
+                            return run_layer(x, layer_ctx(T))
 
                         def step():
                             fwd().backward(grad)
@@ -287,8 +293,11 @@ def section_layer(opts, passed: dict[str, bool], deadline: float) -> dict:
                         base = memory_allocated()
                         ms = cuda_time_ms(step, warmup=2, reps=opts.reps)
                         peak = max_memory_allocated() - base
-                    rows[path] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": ms, "peak_gib": gib(peak)}
+                    rows[path] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": ms, "peak_gib": gib(peak),
+                                  **({"graph_breaks": breaks.to_dict()} if compiled else {})}
                     log(f"layer {key}: fwd {fwd_ms:.2f} ms, fwd+bwd {ms:.2f} ms, +{gib(peak):.2f} GiB")
+                    if compiled and (warning := graph_breaks.warning_line(f"layer {key}", breaks.to_dict())):
+                        log(warning)
                 except Exception as err:  # noqa: BLE001 - recorded, run continues
                     rows[path] = {"error": f"{type(err).__name__}: {err}"}
                     log(f"layer {key}: {type(err).__name__}: {err}")
@@ -772,6 +781,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compiled-variants", default="mha,sas_24x128",
                    help="variants also timed under torch.compile (compilation is slow)")
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager,compiled")
+    p.add_argument("--compiled-layer-paths", default="reference,banded",
+                   help="layer-section paths also timed under torch.compile (speedups are against the eager "
+                        "reference structure)")
     p.add_argument("--seq-lens", default="1024,4096", help="comma list of sequence lengths")
     p.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // T (16 x 1024)")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per model")
@@ -795,10 +807,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.variants = [v for v in opts.variants.split(",") if v]
     opts.compiled_variants = [v for v in opts.compiled_variants.split(",") if v]
     opts.modes = [m for m in opts.modes.split(",") if m]
+    opts.compiled_layer_paths = [p for p in opts.compiled_layer_paths.split(",") if p]
     opts.seq_lens = [int(t) for t in opts.seq_lens.split(",") if t]
     for name, given, known in (("sections", opts.sections, SECTIONS), ("variants", opts.variants, VARIANTS),
                                ("compiled-variants", opts.compiled_variants, VARIANTS),
-                               ("modes", opts.modes, ("eager", "compiled"))):
+                               ("modes", opts.modes, ("eager", "compiled")),
+                               ("compiled-layer-paths", opts.compiled_layer_paths,
+                                ("reference", "naive", "matmul", "banded", "chunked", "triton"))):
         unknown = [g for g in given if g not in known]
         if unknown:
             p.error(f"--{name}: unknown {unknown}; choose from {list(known)}")
