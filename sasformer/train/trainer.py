@@ -14,6 +14,7 @@ import platform
 import random
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sasformer.train.config import TrainConfig
 from sasformer.train.data import DataSource, PreparedData
 from sasformer.train.metrics import MetricsLogger, peak_memory_gib, peak_tflops, throughput
 from sasformer.train.optim import CosineSchedule, apply_hyperparameters, build_optimizer
+from sasformer.utils.graph_breaks import watch_graph_breaks
 
 
 class NonFiniteLossError(RuntimeError):
@@ -359,6 +361,17 @@ class Trainer:
         late = torch.tensor(float(self.train_seconds >= self.config.max_time_s), device=self.device)
         return bool(D.all_reduce_sum(late).item() > 0)
 
+    def _first_compiled_step(self) -> None:
+        """The step that compiles, watched for graph breaks: a broken graph can make a compiled model much slower
+        than one graph would, and torch says so only in its log. Warned about, and logged as a ``compile`` record."""
+        with watch_graph_breaks() as breaks:
+            self.train_step()
+        if breaks.clean or not self.dist.is_main:
+            return
+        warnings.warn(breaks.warning("the compiled training step"), stacklevel=3)
+        if self.logger is not None:
+            self.logger.log({"kind": "compile", "step": self.step, "graph_breaks": breaks.to_dict()})
+
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps`` (or ``max_time_s``); returns the last train record (and validation loss)."""
         cfg = self.config
@@ -375,9 +388,14 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         clock = window_start
         time_up = self.out_of_time()
+        first = True
         try:
             while self.step < self.total_steps and not time_up:
-                self.train_step()
+                if first and cfg.compile:
+                    self._first_compiled_step()
+                else:
+                    self.train_step()
+                first = False
                 window_steps += 1
                 now = time.perf_counter()
                 self.train_seconds += now - clock

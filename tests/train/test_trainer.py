@@ -156,5 +156,24 @@ def test_blocks_compiled_one_by_one_train_like_eager(make_config):
     # one graph shared by the blocks and one for the head and loss, no graph breaks
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert not read_metrics(Path(blocks.out_dir) / "metrics.jsonl", kind="compile")  # a clean compile logs nothing
     for step, loss in _losses(blocks.out_dir).items():
         assert loss == pytest.approx(_losses(eager.out_dir)[step], rel=1e-4), step
+
+
+def test_a_graph_break_in_the_compiled_step_is_warned_about_and_logged(make_config, monkeypatch):
+    import torch._dynamo
+
+    original = LossModel.forward
+
+    def broken(self, *args):
+        torch._dynamo.graph_break()
+        return original(self, *args)
+
+    monkeypatch.setattr(LossModel, "forward", broken)
+    torch._dynamo.reset()
+    cfg = make_config(max_steps=2, checkpoint_interval=0, compile=True)
+    with pytest.warns(UserWarning, match=r"the compiled training step: 1 graph break"):
+        Trainer(cfg, FakeData()).fit()
+    (record,) = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", kind="compile")
+    assert record["step"] == 1 and record["graph_breaks"]["count"] == 1
