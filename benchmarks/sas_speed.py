@@ -10,7 +10,8 @@ row, so a crash in one variant keeps the rows measured before it.
 - check: fast simulation paths against the plain reference on the GPU (bf16, forward and every
   gradient, relative norm error); when it fails, no speed of a failing path is reported.
 - layer: one SAS layer (GPT-small shapes) forward+backward: fast paths vs the reference structure
-  (Conv1d-style simulation over (B*T, H, D), per-group output projection then mean, default SDPA).
+  (Conv1d-style simulation over (B*T, H, D), per-group output projection then mean, default SDPA),
+  eager; the --compiled-layer-paths also under torch.compile, with their graph breaks counted as in model.
 - profile: torch.profiler over a few forward+backward steps of one SAS layer per simulation path
   and of an MHA layer: the top CUDA kernels by total time.
 - tiles: the Triton kernels' tile settings, each checked (output and every gradient, bf16 vs fp32)
@@ -696,8 +697,8 @@ def markdown(res: dict) -> str:
     layer = res.get("layer", {})
     if layer:
         lines += ["## SAS layer forward+backward (bf16)", "",
-                  "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference |",
-                  "|---|---|---|---|---|---|"]
+                  "| config | path | fwd ms | fwd+bwd ms | extra GiB | speedup vs reference | graph breaks |",
+                  "|---|---|---|---|---|---|---|"]
         for key, rows in layer.items():
             if not isinstance(rows, dict):
                 continue
@@ -705,13 +706,14 @@ def markdown(res: dict) -> str:
                 if not isinstance(row, dict):
                     continue
                 if "error" in row:
-                    lines.append(f"| {key} | {path} | {row['error']} | | | |")
+                    lines.append(f"| {key} | {path} | {row['error']} | | | | |")
                 elif "fwd_bwd_ms" in row:
                     lines.append(f"| {key} | {path} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | "
-                                 f"{row['peak_gib']:.2f} | {fmt(row.get('speedup_vs_reference'), '.2f')} |")
+                                 f"{row['peak_gib']:.2f} | {fmt(row.get('speedup_vs_reference'), '.2f')} | "
+                                 f"{graph_breaks.cell(row.get('graph_breaks'))} |")
                 elif "q_and_v_fwd_bwd_ms" in row:
                     lines.append(f"| {key} (Q+V) | {path} | | {row['q_and_v_fwd_bwd_ms']:.2f} | "
-                                 f"{row['peak_gib']:.2f} | |")
+                                 f"{row['peak_gib']:.2f} | | |")
         lines.append("")
     lines += _profile_markdown(res.get("profile", {}))
     lines += _tiles_markdown(res.get("tiles", {}))
@@ -874,20 +876,25 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown(res))
     log(f"done in {time.time() - start:.0f} s; results in {opts.out}")
-    return 1 if opts.fail_on_graph_break and failed_on_graph_breaks(res.get("model", {})) else 0
+    return 1 if opts.fail_on_graph_break and any_graph_breaks(res) else 0
 
 
-def failed_on_graph_breaks(model: dict) -> bool:
-    """Log why each compiled model row fails ``--fail-on-graph-break``; True if any does."""
-    failed = False
-    for key, row in model.items():
-        if isinstance(row, dict) and row.get("graph_breaks") is not None:
-            try:
-                graph_breaks.GraphBreaks.from_dict(row["graph_breaks"]).check(f"model {key}")
-            except graph_breaks.GraphBreakError as err:
-                log(f"--fail-on-graph-break: {err}")
-                failed = True
-    return failed
+def any_graph_breaks(res: dict) -> bool:
+    """Whether a compiled row of the model or layer section broke its graph; logs every such row."""
+    layer_rows = {f"{config}/{path}": row for config, rows in res.get("layer", {}).items() if isinstance(rows, dict)
+                  for path, row in rows.items()}
+    # both sections are checked, so the log names every failing row
+    failed = [failed_on_graph_breaks(res.get("model", {})), failed_on_graph_breaks(layer_rows, "layer")]
+    return any(failed)
+
+
+def failed_on_graph_breaks(rows: dict, section: str = "model") -> bool:
+    """Log why each compiled row of a section's results fails ``--fail-on-graph-break``; True if any does."""
+    labelled = [(f"{section} {key}", row.get("graph_breaks")) for key, row in rows.items() if isinstance(row, dict)]
+    messages = graph_breaks.failures(labelled)
+    for message in messages:
+        log(f"--fail-on-graph-break: {message}")
+    return bool(messages)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "loss_impl": resolve_impl(config.loss_impl, torch.empty(0, device=trainer.device)),
         "world_size": trainer.dist.world_size,
         "parallel": parallel_label(args) if trainer.dist.enabled else None,
+        "compile_scope": trainer.compile_scope if config.compile else None,  # auto resolved
         "step_ms": 1000 * seconds / args.steps,
         "host_ms": 1000 * host_seconds / args.steps,
         **throughput(tokens, seconds, trainer.flops_per_token, trainer.dist.world_size, trainer.peak),
@@ -457,15 +458,10 @@ def main() -> int:
 
 def failed_on_graph_breaks(rows: list[dict]) -> bool:
     """Print why each compiled row fails ``--fail-on-graph-break``; True if any does."""
-    failed = False
-    for r in rows:
-        if r.get("graph_breaks") is not None:
-            try:
-                graph_breaks.GraphBreaks.from_dict(r["graph_breaks"]).check(row_label(r))
-            except graph_breaks.GraphBreakError as err:
-                print(f"--fail-on-graph-break: {err}", file=sys.stderr)
-                failed = True
-    return failed
+    messages = graph_breaks.failures([(row_label(r), r.get("graph_breaks")) for r in rows])
+    for message in messages:
+        print(f"--fail-on-graph-break: {message}", file=sys.stderr)
+    return bool(messages)
 
 
 if __name__ == "__main__":

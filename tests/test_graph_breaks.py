@@ -181,6 +181,15 @@ def test_sas_speed_reports_graph_breaks():
     assert sas_speed.failed_on_graph_breaks(res["model"])
     del res["model"]["T1024/compiled/sas_24x128"]
     assert not sas_speed.failed_on_graph_breaks(res["model"])
+    # the layer section's compiled rows count as well, with their own column
+    layer = {"fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "peak_gib": 0.5}
+    res["layer"] = {"sas_24x128/T1024": {"B": 16, "T": 1024, "banded": layer,
+                                         "banded compiled": {**layer, "graph_breaks": CLEAN}}}
+    assert not sas_speed.any_graph_breaks(res)
+    res["layer"]["sas_24x128/T1024"]["banded compiled"]["graph_breaks"] = BROKEN
+    assert sas_speed.any_graph_breaks(res)
+    rows = [line for line in sas_speed.markdown(res).split("\n") if line.startswith("| sas_24x128/T1024 |")]
+    assert [line.rsplit("|", 2)[1].strip() for line in rows] == ["n/a", "**12 (1 recompile)**"]
 
 
 @pytest.fixture()

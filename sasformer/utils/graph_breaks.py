@@ -132,6 +132,19 @@ def markdown_notes(labelled: list[tuple[str, dict[str, Any] | None]]) -> list[st
     return lines
 
 
+def failures(labelled: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
+    """Why each labelled result fails :meth:`GraphBreaks.check` (results not compiled, None, pass)."""
+    messages = []
+    for label, data in labelled:
+        if data is None:
+            continue
+        try:
+            GraphBreaks.from_dict(data).check(label)
+        except GraphBreakError as err:
+            messages.append(str(err))
+    return messages
+
+
 def short_reason(message: str) -> str:
     """A break's message in one line: its first line, plus the explanation's start where torch gives one."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
