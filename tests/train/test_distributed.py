@@ -118,6 +118,16 @@ def test_compiled_fsdp_compiles_blocks_and_head_and_matches_one_process(tmp_path
     _assert_close(_losses(out_dir, "grad_norm"), _losses(reference, "grad_norm"))
 
 
+def test_compiled_ddp_with_blocks_compiled_one_by_one_matches_one_process(tmp_path, reference):
+    # compile_scope block, as FSDP2 runs it, under DDP: DDP's gradient hooks work through the compiled blocks
+    out_dir = tmp_path / "ddp_blocks"
+    _spawn(out_dir, parallel="ddp", compile=True, compile_scope="block")
+    assert json.loads((out_dir / "compiled.json").read_text()) == {"blocks": True, "head_loss": True,
+                                                                     "graph_breaks": 0, "graphs": 2}
+    _assert_close(_losses(out_dir), _losses(reference))
+    _assert_close(_losses(out_dir, "grad_norm"), _losses(reference, "grad_norm"))
+
+
 def test_fsdp_without_resharding_matches_one_process(tmp_path, reference):
     out_dir = tmp_path / "fsdp_zero2"
     _spawn(out_dir, parallel="fsdp", fsdp_reshard_after_forward=False)
