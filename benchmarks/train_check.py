@@ -41,6 +41,9 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),
     # cuDNN with unpadded values while compiling (auto pads them there, for a fault seen on CPU)
     "compiled bf16, cudnn attention": ("inductor", True, {"SASFORMER_ATTENTION": "cudnn"}),
+    # the plain-PyTorch RoPE and SwiGLU gating (auto takes their Triton kernels on CUDA)
+    "compiled bf16, plain RoPE and SwiGLU": ("inductor", True, {"SASFORMER_ROPE": "torch",
+                                                                "SASFORMER_SWIGLU": "torch"}),
     "compiled fp32, auto paths": ("inductor", False, {}),
     "compiled fp32, math attention": ("inductor", False, {"SASFORMER_ATTENTION": "math"}),
     # where a fault could sit: Dynamo alone, Dynamo + AOTAutograd, Inductor without some of its passes
@@ -50,7 +53,8 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, inductor without padding": ("inductor", True, {}, {"shape_padding": False,
                                                                       "comprehensive_padding": False}),
 }
-ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_BANDED_RECOMPUTE")
+ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_BANDED_RECOMPUTE", "SASFORMER_ROPE",
+            "SASFORMER_SWIGLU")
 
 
 def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, backend: str | None, bf16: bool,
