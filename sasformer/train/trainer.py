@@ -366,7 +366,7 @@ class Trainer:
         than one graph would, and torch says so only in its log. Warned about, and logged as a ``compile`` record."""
         with watch_graph_breaks() as breaks:
             self.train_step()
-        if breaks.clean or not self.dist.is_main:
+        if breaks.clean or breaks.count is None or not self.dist.is_main:  # a torch without the records: silent
             return
         warnings.warn(breaks.warning("the compiled training step"), stacklevel=3)
         if self.logger is not None:
