@@ -107,21 +107,15 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, reference):
     _assert_close(_losses(single), {s: v for s, v in _losses(reference).items() if s > 3})
 
 
-def test_compiled_fsdp_compiles_blocks_and_head_and_matches_one_process(tmp_path, reference):
-    out_dir = tmp_path / "fsdp_compiled"
-    _spawn(out_dir, parallel="fsdp", compile=True)
-    # FSDP2's hooks run outside the compiled code: no graph breaks, one graph shared by the blocks and one
-    # for the head and loss, over all steps (a recompilation per step or per block would add graphs)
-    assert json.loads((out_dir / "compiled.json").read_text()) == {"blocks": True, "head_loss": True,
-                                                                     "graph_breaks": 0, "graphs": 2}
-    _assert_close(_losses(out_dir), _losses(reference))
-    _assert_close(_losses(out_dir, "grad_norm"), _losses(reference, "grad_norm"))
-
-
-def test_compiled_ddp_with_blocks_compiled_one_by_one_matches_one_process(tmp_path, reference):
-    # compile_scope block, as FSDP2 runs it, under DDP: DDP's gradient hooks work through the compiled blocks
-    out_dir = tmp_path / "ddp_blocks"
-    _spawn(out_dir, parallel="ddp", compile=True, compile_scope="block")
+@pytest.mark.parametrize("changes", [{"parallel": "fsdp"}, {"parallel": "ddp", "compile_scope": "block"}],
+                         ids=["fsdp", "ddp-blocks"])
+def test_blocks_compiled_one_by_one_match_one_process(tmp_path, reference, changes):
+    # FSDP2 compiles block by block (its hooks run outside the compiled code), and so does DDP under
+    # compile_scope block (its gradient hooks work through the compiled blocks): no graph breaks, one graph
+    # shared by the blocks and one for the head and loss, over all steps (a recompilation per step or per
+    # block would add graphs)
+    out_dir = tmp_path / "compiled"
+    _spawn(out_dir, compile=True, **changes)
     assert json.loads((out_dir / "compiled.json").read_text()) == {"blocks": True, "head_loss": True,
                                                                      "graph_breaks": 0, "graphs": 2}
     _assert_close(_losses(out_dir), _losses(reference))
