@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -108,6 +110,13 @@ class DecoderLM(nn.Module):
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         return KVCache(self.config.n_layers, capacity)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a compiled head and loss set on the instance (the trainer's compile_scope "block") cannot be pickled;
+        # dropped, as nn.Module drops a compiled forward, so the copy runs the plain method
+        state = super().__getstate__()
+        state.pop("head_loss", None)
+        return state
 
     def forward(
         self,

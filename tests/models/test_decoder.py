@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sasformer import DecoderLM, ModelConfig, lm_loss
+from sasformer.models.presets import preset
 
 VARIANTS = ["mha", "gqa", "mqa", "mla", "tpa", "sas"]
 
@@ -72,3 +73,21 @@ def test_blocks_compiled_one_by_one_share_one_graph(attention):
         block.compile(backend=counter)
     model(torch.randint(0, config.vocab_size, (2, 7))).sum().backward()
     assert len(model.blocks) > 1 and counter.frame_count == 1
+
+
+def test_a_model_with_a_compiled_head_and_loss_still_pickles():
+    import io
+
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", "mha", n_layers=1))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    targets = torch.roll(ids, -1, dims=1)
+    want = model(ids, targets=targets)
+    # what the trainer does under compile_scope "block"
+    model.head_loss = torch.compile(model.head_loss, backend="eager")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copy = torch.load(buffer, weights_only=False)
+    assert "head_loss" in vars(model) and "head_loss" not in vars(copy)  # the copy runs the plain method
+    torch.testing.assert_close(copy(ids, targets=targets), want)
