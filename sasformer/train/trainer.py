@@ -169,10 +169,9 @@ class Trainer:
     def _parallelize(self) -> tuple[nn.Module, nn.Module | None]:
         """The callable module computing the loss, and the DDP wrapper if any (for ``no_sync``)."""
         cfg, model = self.config, self.model
-        fsdp = self.dist.enabled and cfg.parallel == "fsdp"
         if cfg.compile and self.compile_scope == "block":
             self._compile_blocks()
-        if fsdp:
+        if self.fsdp_sharded:
             param_dtype = self.autocast_dtype if cfg.fsdp_param_dtype == "compute" else None
             D.apply_fsdp(model, model.blocks, param_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks_per_unit)
             return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
@@ -185,11 +184,16 @@ class Trainer:
         return module, ddp
 
     @property
+    def fsdp_sharded(self) -> bool:
+        """Whether FSDP2 shards the model: ``parallel: fsdp`` on more than one process."""
+        return self.dist.enabled and self.config.parallel == "fsdp"
+
+    @property
     def compile_scope(self) -> str:
         """``model`` or ``block``: what one ``torch.compile`` covers (config ``compile_scope``, ``auto`` resolved)."""
         if self.config.compile_scope != "auto":
             return self.config.compile_scope
-        return "block" if self.dist.enabled and self.config.parallel == "fsdp" else "model"
+        return "block" if self.fsdp_sharded else "model"
 
     def _compile_blocks(self) -> None:
         """Compile each decoder block, and the final norm, head and loss, on their own.
