@@ -136,8 +136,8 @@ def execute(args: argparse.Namespace, attention: str, run: Run, out: Path) -> No
     if args.device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(run.gpu + i) for i in range(run.world))
     done_marker = folder / "finished.json"
-    cmd = train_command(args, attention, run, out)
     identity = run_identity(args, attention, run, out)
+    cmd = identity[0]  # the run's own command comes first
     done = json.loads(done_marker.read_text()) if done_marker.exists() else {}
     # a run finished by an earlier, interrupted invocation into the same --out is kept, if its command (and
     # its source's) was this one: a changed setting runs it again
