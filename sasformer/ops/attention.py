@@ -38,13 +38,15 @@ def resolve_backend(backend: str | None, q_BHTD: Tensor, v_BHSE: Tensor, causal_
     if choice != "auto":
         return choice
     unequal = q_BHTD.shape[-1] != v_BHSE.shape[-1]
-    if unequal and v_BHSE.shape[-1] < q_BHTD.shape[-1] and torch.compiler.is_compiling() and torch.is_grad_enabled():
+    if (unequal and v_BHSE.shape[-1] < q_BHTD.shape[-1] and not q_BHTD.is_cuda and torch.compiler.is_compiling()
+            and torch.is_grad_enabled()):
         # Inductor on CPU (torch 2.13, bf16) got the key gradient of SAS's attention (value size <
         # query/key size, keys from the simulation with RoPE) wrong: NaN
         # (tests/ops/test_attention_compiled.py). Plain projections or MLA with the same sizes did not
         # show it, so the trigger is narrower than the sizes; with V zero-padded to the query size the
-        # graph holds equal-size attention only, and the fault is gone. (The wrong compiled gradients
-        # seen on the H200 had another cause, in the simulation: docs/performance.md.) Without gradients
+        # graph holds equal-size attention only, and the fault is gone. On CUDA the compiled model's
+        # gradients with cuDNN over the unpadded values passed benchmarks/train_check.py (H200, torch 2.11),
+        # so the padding, a copy of V and a third more attention work, is kept to CPUs. Without gradients
         # (a compiled decode step) the padding would copy the whole value cache every step, so it is skipped.
         return "flash_pad"
     half = q_BHTD.dtype in (torch.float16, torch.bfloat16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -63,6 +65,20 @@ def test_compiled_values_are_padded_only_when_gradients_are_on(monkeypatch):
         assert attention.resolve_backend(None, q, v, causal_no_mask=False) == "default"
     q, k, v = inputs(1, 9, D=6)  # equal sizes: nothing to pad
     assert attention.resolve_backend(None, q, v, causal_no_mask=False) == "default"
+
+
+def test_compiled_cuda_training_takes_cudnn_over_unpadded_values(monkeypatch):
+    # the padding is a CPU workaround; on CUDA the compiled gradients through cuDNN were checked on the GPU
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_cudnn_failed", False)
+
+    def cuda_like(E: int) -> SimpleNamespace:  # what resolve_backend looks at, without a GPU
+        return SimpleNamespace(shape=(2, 24, 1024, E), dtype=torch.bfloat16, is_cuda=True)
+
+    assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=True) == "cudnn"
+    monkeypatch.setattr(attention, "_cudnn_failed", True)  # refused once: flash over padded values
+    assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=True) == "flash_pad"
 
 
 def test_unknown_backend_is_refused(monkeypatch):
