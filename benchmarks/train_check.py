@@ -39,7 +39,8 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, triton simulation": ("inductor", True, {"SASFORMER_SIMULATE": "triton"}),
     "compiled bf16, banded recompute": ("inductor", True, {"SASFORMER_BANDED_RECOMPUTE": "1"}),
     "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),
-    # cuDNN with unpadded values while compiling (auto pads them there, for a fault seen on CPU)
+    # cuDNN with unpadded values while compiling (auto does the same on CUDA in bf16 without a mask since run 16;
+    # before, it padded them there, for a fault seen on CPU)
     "compiled bf16, cudnn attention": ("inductor", True, {"SASFORMER_ATTENTION": "cudnn"}),
     # the plain-PyTorch RoPE and SwiGLU gating (auto takes their Triton kernels on CUDA)
     "compiled bf16, plain RoPE and SwiGLU": ("inductor", True, {"SASFORMER_ROPE": "torch",

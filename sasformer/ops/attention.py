@@ -38,22 +38,25 @@ def resolve_backend(backend: str | None, q_BHTD: Tensor, v_BHSE: Tensor, causal_
     if choice != "auto":
         return choice
     unequal = q_BHTD.shape[-1] != v_BHSE.shape[-1]
-    if (unequal and v_BHSE.shape[-1] < q_BHTD.shape[-1] and not q_BHTD.is_cuda and torch.compiler.is_compiling()
-            and torch.is_grad_enabled()):
+    half = q_BHTD.dtype in (torch.float16, torch.bfloat16)
+    fits_cudnn = q_BHTD.is_cuda and unequal and half and causal_no_mask
+    if fits_cudnn and not _cudnn_failed and torch.backends.cudnn.is_available() \
+            and max(q_BHTD.shape[-1], v_BHSE.shape[-1]) <= 128:
+        # also while compiling: the compiled model's gradients through cuDNN over unpadded values passed
+        # benchmarks/train_check.py on the H200 (torch 2.11), bit for bit those of the padded call
+        return "cudnn"
+    if unequal and v_BHSE.shape[-1] < q_BHTD.shape[-1] and torch.compiler.is_compiling() and torch.is_grad_enabled():
         # Inductor on CPU (torch 2.13, bf16) got the key gradient of SAS's attention (value size <
         # query/key size, keys from the simulation with RoPE) wrong: NaN
         # (tests/ops/test_attention_compiled.py). Plain projections or MLA with the same sizes did not
         # show it, so the trigger is narrower than the sizes; with V zero-padded to the query size the
-        # graph holds equal-size attention only, and the fault is gone. On CUDA the compiled model's
-        # gradients with cuDNN over the unpadded values passed benchmarks/train_check.py (H200, torch 2.11),
-        # so the padding, a copy of V and a third more attention work, is kept to CPUs. Without gradients
-        # (a compiled decode step) the padding would copy the whole value cache every step, so it is skipped.
+        # graph holds equal-size attention only, and the fault is gone. Kept wherever cuDNN does not take
+        # the call (CPU, fp32, masks), since only the cuDNN case was checked without it on a GPU. Without
+        # gradients (a compiled decode step) the padding would copy the whole value cache every step, so it
+        # is skipped.
         return "flash_pad"
-    half = q_BHTD.dtype in (torch.float16, torch.bfloat16)
-    if not (q_BHTD.is_cuda and unequal and half and causal_no_mask):
+    if not fits_cudnn:
         return "default"
-    if not _cudnn_failed and torch.backends.cudnn.is_available() and max(q_BHTD.shape[-1], v_BHSE.shape[-1]) <= 128:
-        return "cudnn"
     return "flash_pad" if v_BHSE.shape[-1] < q_BHTD.shape[-1] <= 256 else "default"
 
 

@@ -68,16 +68,21 @@ def test_compiled_values_are_padded_only_when_gradients_are_on(monkeypatch):
 
 
 def test_compiled_cuda_training_takes_cudnn_over_unpadded_values(monkeypatch):
-    # the padding is a CPU workaround; on CUDA the compiled gradients through cuDNN were checked on the GPU
+    # the padding works around a fault seen on CPU; on CUDA only the cuDNN case was checked without it
+    # (on the GPU), so every other compiled training call with a smaller V stays padded
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
     monkeypatch.setattr(attention, "_cudnn_failed", False)
 
-    def cuda_like(E: int) -> SimpleNamespace:  # what resolve_backend looks at, without a GPU
-        return SimpleNamespace(shape=(2, 24, 1024, E), dtype=torch.bfloat16, is_cuda=True)
+    def cuda_like(E: int, dtype: torch.dtype = torch.bfloat16) -> SimpleNamespace:
+        return SimpleNamespace(shape=(2, 24, 1024, E), dtype=dtype, is_cuda=True)  # what resolve_backend reads
 
     assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=True) == "cudnn"
-    monkeypatch.setattr(attention, "_cudnn_failed", True)  # refused once: flash over padded values
+    assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=False) == "flash_pad"
+    fp32 = attention.resolve_backend(None, cuda_like(128, torch.float32), cuda_like(64, torch.float32), True)
+    assert fp32 == "flash_pad"
+    assert attention.resolve_backend(None, cuda_like(192), cuda_like(128), causal_no_mask=True) == "flash_pad"
+    monkeypatch.setattr(attention, "_cudnn_failed", True)  # refused once: padded again
     assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=True) == "flash_pad"
 
 
