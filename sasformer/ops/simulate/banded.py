@@ -106,8 +106,11 @@ class _BandedSimulate(torch.autograd.Function):
 
 
 def _second_conv(a1: Tensor, r1: Tensor, m2: Tensor, b2: Tensor) -> Tensor:
-    """Y2 = Y1 + ReLU(Y1) M2 + b2 from Y1 = X M1 + b1 and its ReLU; rows = tokens, columns = (head, feature)."""
-    return torch.addmm(a1, r1, m2).add_(b2)
+    """Y2 = Y1 + ReLU(Y1) M2 + b2 from Y1 = X M1 + b1 and its ReLU; rows = tokens, columns = (head, feature).
+
+    The residual is added after the product: ``addmm`` with a full matrix to add copies it into the output
+    before the GEMM (a device-to-device copy per call on CUDA), while a bias vector rides on the GEMM."""
+    return torch.addmm(b2, r1, m2).add_(a1)
 
 
 def conv_operands(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, D: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -136,10 +139,10 @@ def _banded_traced(x, m1, b1, m2, b2, w3, b3, w4, b4) -> Tensor:
     AOTAutograd derives the backward and its partitioner decides what to recompute.
     """
     a1 = torch.addmm(b1, x, m1)
-    out = torch.addmm(a1, torch.relu(a1), m2) + b2
+    out = torch.addmm(b2, torch.relu(a1), m2) + a1  # residuals after the product, as in _second_conv
     if w3 is not None:
         z1 = torch.addmm(b3, out.view(-1, w3.shape[1]), w3.t())
-        out = torch.addmm(z1, torch.relu(z1), w4.t()) + b4
+        out = torch.addmm(b4, torch.relu(z1), w4.t()) + z1
     return out
 
 
