@@ -76,7 +76,7 @@ def main() -> None:
     qs, ks = (torch.randn(B, 16, T, 128, device=dev) for _ in range(2))
     vs = torch.randn(B, 16, T, 64, device=dev)
     cases: list[tuple[str, Callable, list[torch.Tensor], dict[str, str]]] = []
-    impls = ["naive", "matmul", "banded", "chunked"]
+    impls = ["naive", *simulate.PYTORCH_FAST_IMPLS]
     if dev == "cuda" and simulate.triton_available():
         impls.append("triton")
     for impl in (None, *impls):

@@ -83,6 +83,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "sas_24x128_matmul": ("sas", SAS_MAIN, "matmul"),
     # the two candidates for compiled training: banded GEMMs (traced) and the fused kernels (custom ops)
     "sas_24x128_banded": ("sas", SAS_MAIN, "banded"),
+    # banded with the second head convolution as diagonal blocks of 16 features plus their borders
+    "sas_24x128_blocked": ("sas", SAS_MAIN, "blocked"),
     "sas_24x128_triton": ("sas", SAS_MAIN, "triton"),
     # banded with the traced simulation checkpointed (recomputed in the backward): memory against time
     "sas_24x128_banded_recompute": ("sas", SAS_MAIN, "banded_recompute"),
@@ -146,7 +148,7 @@ def structure_env(structure: str):
 
 def fast_impls() -> list[str]:
     kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return ["matmul", "banded", "chunked"] + (["triton"] if kernels and simulate.triton_available() else [])
+    return list(simulate.PYTORCH_FAST_IMPLS) + (["triton"] if kernels and simulate.triton_available() else [])
 
 
 def auto_impl() -> str:
@@ -419,7 +421,7 @@ def section_tiles(opts, passed: dict[str, bool], deadline: float) -> dict:
     finally:
         fused.BLOCK_ROWS, fused.BWD_BLOCK_ROWS, fused.NUM_WARPS = default
     # the PyTorch paths on the same work, for comparison
-    for impl in ("naive", "matmul", "banded", "chunked"):
+    for impl in ("naive", *simulate.PYTORCH_FAST_IMPLS):
         x = x32.bfloat16().requires_grad_()
         ws = [w.bfloat16() for w in weights32]
         g = g32.bfloat16()
@@ -818,7 +820,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                ("compiled-variants", opts.compiled_variants, VARIANTS),
                                ("modes", opts.modes, ("eager", "compiled")),
                                ("compiled-layer-paths", opts.compiled_layer_paths,
-                                ("reference", "naive", "matmul", "banded", "chunked", "triton"))):
+                                ("reference", "naive", *simulate.PYTORCH_FAST_IMPLS, "triton"))):
         unknown = [g for g in given if g not in known]
         if unknown:
             p.error(f"--{name}: unknown {unknown}; choose from {list(known)}")

@@ -36,6 +36,7 @@ SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, ind
     "compiled bf16, math attention": ("inductor", True, {"SASFORMER_ATTENTION": "math"}),
     "compiled bf16, naive simulation": ("inductor", True, {"SASFORMER_SIMULATE": "naive"}),
     "compiled bf16, banded simulation": ("inductor", True, {"SASFORMER_SIMULATE": "banded"}),
+    "compiled bf16, blocked simulation": ("inductor", True, {"SASFORMER_SIMULATE": "blocked"}),
     "compiled bf16, triton simulation": ("inductor", True, {"SASFORMER_SIMULATE": "triton"}),
     "compiled bf16, banded recompute": ("inductor", True, {"SASFORMER_BANDED_RECOMPUTE": "1"}),
     "compiled bf16, default attention": ("inductor", True, {"SASFORMER_ATTENTION": "default"}),

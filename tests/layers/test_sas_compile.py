@@ -47,7 +47,7 @@ def _compiled_matches_eager(model, x, y, backend: str = "inductor") -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("impl", [None, "naive", "banded", "matmul", "chunked"])
+@pytest.mark.parametrize("impl", [None, "naive", "banded", "matmul", "chunked", "blocked"])
 def test_traced_gradients_match_eager(model_and_batch, impl):
     model, x, y = model_and_batch
     set_simulation_impl(model, impl)

@@ -27,7 +27,7 @@ CASES = [(1, 3, 3, True), (7, 1, 5, True), (63, 3, 1, False)]
 # the interpreter is slow: the kernels get the short sequences (the ops tests cover 63 tokens)
 @pytest.mark.parametrize(
     "impl,T,n_kv_heads,kernel_size,simulate_v",
-    [(impl, *c) for impl in ("matmul", "banded", "chunked") for c in CASES]
+    [(impl, *c) for impl in simulate_ops.PYTORCH_FAST_IMPLS for c in CASES]
     + [("triton", *c) for c in CASES[:2]] + [("triton", 5, 3, 1, False)],
 )
 def test_layer_fast_equals_naive(impl, T, n_kv_heads, kernel_size, simulate_v):
@@ -56,21 +56,22 @@ def test_set_simulation_impl_rejects_unknown():
         set_simulation_impl(layer, "cuda")
 
 
+@pytest.mark.parametrize("impl", simulate_ops.FOLDING_IMPLS)
 @pytest.mark.parametrize(("rope", "cached", "n_kv_heads", "folded"),
                          [("after", False, 3, 3), ("none", False, 3, 3), ("after", False, 1, 1),
                           ("before", False, 3, 0), ("after", True, 3, 0)])
-def test_banded_layer_folds_the_projections_only_where_it_can(rope, cached, n_kv_heads, folded, monkeypatch):
+def test_layer_folds_the_projections_only_where_it_can(impl, rope, cached, n_kv_heads, folded, monkeypatch):
     # folding needs the input to reach the first convolution unchanged (no RoPE between) and no cache of
     # the compact K, V, and it is taken where it saves FLOPs (an MQA base: queries only); where it runs,
     # the layer equals the naive one (test above) and the unfolded banded one
     calls = []
-    for name in ("simulate_qk_banded_folded", "simulate_heads_banded_folded"):
+    for name in (f"simulate_qk_{impl}_folded", f"simulate_heads_{impl}_folded"):
         original = getattr(simulate_ops, name)
         monkeypatch.setattr(simulate_ops, name, lambda *a, _f=original: (calls.append(1), _f(*a))[1])
     torch.manual_seed(0)
     args = SASArgs(n_heads=3, n_kv_heads=n_kv_heads, n_sim_heads=6, sim_head_dim=10, rope=rope)
     layer = SimulatedAttention(24, args).double()
-    set_simulation_impl(layer, "banded")
+    set_simulation_impl(layer, impl)
     x = torch.randn(2, 33, 24, dtype=torch.float64)  # 66 tokens: enough for the fold to pay (above 48)
     positions = torch.arange(33).view(1, -1)
     ctx = AttentionContext(RotaryTables(positions, 10000.0), cache=LayerCache() if cached else None,
@@ -83,7 +84,7 @@ def test_banded_layer_folds_the_projections_only_where_it_can(rope, cached, n_kv
     torch.testing.assert_close(out, layer(x, ctx), atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("impl", [None, "banded"])
+@pytest.mark.parametrize("impl", [None, "banded", "blocked"])
 def test_layer_runs_on_the_meta_device(impl):
     # shape-only runs (parameter counting, FLOP counting) build and call models on the meta device, where
     # autocast is not available

@@ -56,7 +56,7 @@ def check(impl: str, N: int, H: int, HS: int, k: int, D: int, DS: int, features:
         torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
-PYTORCH_FAST = ["matmul", "banded", "chunked"]
+PYTORCH_FAST = list(simulate.PYTORCH_FAST_IMPLS)
 
 
 @pytest.mark.parametrize("impl", PYTORCH_FAST)
@@ -107,6 +107,49 @@ def test_chunked_several_chunks_per_token(chunk, k, features, monkeypatch):
     check("chunked", 7, 3, 6, k, 8, 10, features, torch.float64, 1e-10, 1e-10)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("features", [True, False])
+def test_blocked_several_chunks_per_token(chunk, k, features, monkeypatch):
+    # 8 features in chunks of 1 (k = 3: every output feature crosses both borders; k = 5: the borders would
+    # reach past the neighbouring chunk, so one chunk), 2 (k = 5: a border takes the whole neighbour) and 4
+    from sasformer.ops.simulate import chunked
+
+    monkeypatch.setattr(chunked, "CHUNK", chunk)
+    check("blocked", 7, 3, 6, k, 8, 10, features, torch.float64, 1e-10, 1e-10)
+
+
+def test_blocked_second_convolution_is_the_convolution():
+    # the in-chunk block and the two border blocks together are the convolution over the whole feature axis
+    from sasformer.ops.simulate.blocked import _second_conv, second_conv_blocks
+
+    w = torch.randn(5, 5, 3, dtype=torch.float64)
+    x_NCD = torch.randn(4, 5, 12, dtype=torch.float64)
+    conv = torch.nn.functional.conv1d(x_NCD, w, padding=1)  # (N, OUT, D)
+    rows = x_NCD.transpose(1, 2).reshape(4, -1)  # feature-major
+    out = _second_conv(rows, second_conv_blocks(w, 4), 4, 3, 4, 5, 1)  # (N, G, c, OUT)
+    torch.testing.assert_close(out.reshape(4, 12, 5).transpose(1, 2), conv)
+
+
+@pytest.mark.parametrize("features", [True, False])
+def test_blocked_folded_equals_projection_then_blocked(features):
+    from sasformer.ops.simulate import blocked
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3 * 8, 7, dtype=torch.float64, requires_grad=True)
+    ws = make_weights(3, 6, 3, 8, 10, torch.float64, features)
+    heads = torch.nn.functional.linear(x, weight).unflatten(-1, (3, 8))
+    if features:
+        ref, out = blocked.simulate_qk_blocked(heads, *ws), blocked.simulate_qk_blocked_folded(x, weight, *ws)
+    else:
+        ref, out = blocked.simulate_heads_blocked(heads, *ws), blocked.simulate_heads_blocked_folded(x, weight, *ws)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, [x, weight, *ws], grad), torch.autograd.grad(out, [x, weight, *ws], grad)):
+        torch.testing.assert_close(b, a)
+
+
 def test_chunk_size_from_the_environment(monkeypatch):
     from sasformer.ops.simulate import chunked
 
@@ -138,7 +181,7 @@ def test_banded_traced_form_equals_the_autograd_function(features):
         torch.testing.assert_close(gb, ga)
 
 
-@pytest.mark.parametrize("impl", ["banded", "chunked"])
+@pytest.mark.parametrize("impl", ["banded", "chunked", "blocked"])
 def test_gemm_paths_trace_into_one_graph(impl):
     # the trainer compiles the model: the CUDA paths must not break the graph
     torch._dynamo.reset()

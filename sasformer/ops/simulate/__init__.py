@@ -9,6 +9,9 @@ Implementations (all compute the same function; tests hold them to ``naive``):
   H*D; more FLOPs than needed but at tensor-core speed, recomputing backward (:mod:`.banded`).
 - ``chunked``: the band cut into chunks of features with a halo, GEMMs of inner size H*(c+k-1):
   fewer wasted FLOPs than ``banded``, a few more copies (:mod:`.chunked`).
+- ``blocked``: ``banded`` with the second convolution as one GEMM over diagonal blocks of c features
+  (read in place, feature-major) plus two small GEMMs over the chunk borders: c/k times the useful
+  FLOPs there instead of D/k (:mod:`.blocked`).
 - ``triton``: fused kernels that read the compact heads once and write the simulated tensor once
   (:mod:`.fused`); CUDA tensors with Triton installed.
 
@@ -33,13 +36,23 @@ from sasformer.ops.simulate.banded import (
     simulate_qk_banded,
     simulate_qk_banded_folded,
 )
+from sasformer.ops.simulate.blocked import (
+    simulate_heads_blocked,
+    simulate_heads_blocked_folded,
+    simulate_qk_blocked,
+    simulate_qk_blocked_folded,
+)
 from sasformer.ops.simulate.chunked import simulate_heads_chunked, simulate_qk_chunked
 from sasformer.ops.simulate.matmul import simulate_features_matmul, simulate_heads_matmul, simulate_qk_matmul
 from sasformer.ops.simulate.naive import simulate_features_naive, simulate_heads_naive
 from sasformer.ops.simulate.rotate import rope_simulated
 from sasformer.ops.triton_support import TRITON_AVAILABLE
 
-IMPLS = ("naive", "matmul", "banded", "chunked", "triton")
+IMPLS = ("naive", "matmul", "banded", "chunked", "blocked", "triton")
+# the implementations in plain PyTorch besides the reference (no kernel of their own)
+PYTORCH_FAST_IMPLS = ("matmul", "banded", "chunked", "blocked")
+# the implementations that fold the Q/K/V projection into their first GEMM (:func:`fold_pays`)
+FOLDING_IMPLS = ("banded", "blocked")
 ENV_VAR = "SASFORMER_SIMULATE"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -135,6 +148,8 @@ def simulate_qk(
         out = simulate_qk_matmul(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
     elif which == "chunked":
         out = simulate_qk_chunked(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
+    elif which == "blocked":
+        out = simulate_qk_blocked(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
     else:
         out = simulate_qk_banded(x_BTHD, w1, b1, w2, b2, w3, b3, w4, b4)
     return out if rope is None else rope_simulated(out, *rope)
@@ -153,6 +168,8 @@ def simulate_heads(
         return simulate_heads_banded(x_BTHD, w1, b1, w2, b2)
     if which == "chunked":
         return simulate_heads_chunked(x_BTHD, w1, b1, w2, b2)
+    if which == "blocked":
+        return simulate_heads_blocked(x_BTHD, w1, b1, w2, b2)
     return simulate_heads_naive(x_BTHD, w1, b1, w2, b2)
 
 
@@ -176,16 +193,15 @@ def fold_pays(weight: Tensor, w1: Tensor, tokens: int) -> bool:
 
 def folds_projection(impl: str | None, x_BTd: Tensor) -> bool:
     """Whether the implementation chosen for the heads projected from ``x_BTd`` (B, T, d) folds the projection
-    into the first head convolution (``banded`` does: :mod:`.banded`)."""
-    return resolve_impl(impl, _projected_probe(x_BTd)) == "banded"
+    into the first head convolution (:data:`FOLDING_IMPLS`: :mod:`.banded`, :mod:`.blocked`)."""
+    return resolve_impl(impl, _projected_probe(x_BTd)) in FOLDING_IMPLS
 
 
-def _fold_or_impl(impl: str | None, x_BTd: Tensor, weight: Tensor, w1: Tensor) -> str | None:
-    """None where ``banded`` folds the projection ``weight`` into the first convolution ``w1`` (it is chosen
-    and :func:`fold_pays`); otherwise the implementation to run on the projected heads."""
+def _fold_or_impl(impl: str | None, x_BTd: Tensor, weight: Tensor, w1: Tensor) -> tuple[str, bool]:
+    """The implementation for the heads projected by ``weight``, and whether it folds that projection into
+    the first convolution ``w1`` (it is one of :data:`FOLDING_IMPLS` and :func:`fold_pays`)."""
     which = resolve_impl(impl, _projected_probe(x_BTd))
-    folds = which == "banded" and fold_pays(weight, w1, x_BTd.shape[:-1].numel())
-    return None if folds else which
+    return which, which in FOLDING_IMPLS and fold_pays(weight, w1, x_BTd.shape[:-1].numel())
 
 
 def _project(x_BTd: Tensor, weight: Tensor, w1: Tensor) -> Tensor:
@@ -201,10 +217,11 @@ def simulate_qk_projected(
     """:func:`simulate_qk` of the heads ``linear(x, weight)`` (H*D features, H = ``w1``'s input heads): (B, T, d)
     -> (B, T, H', D'). ``banded`` folds the projection into its first GEMM where that takes fewer FLOPs
     (:func:`fold_pays`); otherwise the projection runs first."""
-    which = _fold_or_impl(impl, x_BTd, weight, w1)
-    if which is not None:
+    which, folds = _fold_or_impl(impl, x_BTd, weight, w1)
+    if not folds:
         return simulate_qk(_project(x_BTd, weight, w1), w1, b1, w2, b2, w3, b3, w4, b4, impl=which, rope=rope)
-    out = simulate_qk_banded_folded(x_BTd, weight, w1, b1, w2, b2, w3, b3, w4, b4)
+    folded = simulate_qk_blocked_folded if which == "blocked" else simulate_qk_banded_folded
+    out = folded(x_BTd, weight, w1, b1, w2, b2, w3, b3, w4, b4)
     return out if rope is None else rope_simulated(out, *rope)
 
 
@@ -213,10 +230,11 @@ def simulate_heads_projected(
 ) -> Tensor:
     """:func:`simulate_heads` of the heads ``linear(x, weight)``: (B, T, d) -> (B, T, H', D); folded by ``banded``
     where that pays (:func:`fold_pays`)."""
-    which = _fold_or_impl(impl, x_BTd, weight, w1)
-    if which is not None:
+    which, folds = _fold_or_impl(impl, x_BTd, weight, w1)
+    if not folds:
         return simulate_heads(_project(x_BTd, weight, w1), w1, b1, w2, b2, impl=which)
-    return simulate_heads_banded_folded(x_BTd, weight, w1, b1, w2, b2)
+    folded = simulate_heads_blocked_folded if which == "blocked" else simulate_heads_banded_folded
+    return folded(x_BTd, weight, w1, b1, w2, b2)
 
 
 def simulate_features(
@@ -230,7 +248,9 @@ def simulate_features(
 
 __all__ = [
     "ENV_VAR",
+    "FOLDING_IMPLS",
     "IMPLS",
+    "PYTORCH_FAST_IMPLS",
     "TRITON_DEFAULT",
     "default_impl",
     "fold_pays",
