@@ -85,6 +85,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "sas_24x128_banded": ("sas", SAS_MAIN, "banded"),
     # banded with the second head convolution as diagonal blocks of 16 features plus their borders
     "sas_24x128_blocked": ("sas", SAS_MAIN, "blocked"),
+    # blocks of 32 features: twice the FLOPs of 16 in GEMMs of twice the inner size
+    "sas_24x128_blocked32": ("sas", SAS_MAIN, "blocked32"),
     "sas_24x128_triton": ("sas", SAS_MAIN, "triton"),
     # banded with the traced simulation checkpointed (recomputed in the backward): memory against time
     "sas_24x128_banded_recompute": ("sas", SAS_MAIN, "banded_recompute"),
@@ -132,17 +134,17 @@ def env(name: str, value: str | None):
 
 
 # structures that are a simulation implementation plus an environment setting
-STRUCTURE_IMPL = {"banded_recompute": "banded", "chunked8": "chunked"}
+STRUCTURE_IMPL = {"banded_recompute": "banded", "chunked8": "chunked", "blocked32": "blocked"}
 
 
 @contextlib.contextmanager
 def structure_env(structure: str):
     """The reference structure also uses PyTorch's default SDPA choice, as it was first measured;
-    ``banded_recompute`` sets the banded path's recompute switch, ``chunked8`` the chunk size."""
+    ``banded_recompute`` sets the banded path's recompute switch, ``chunked8`` and ``blocked32`` the chunk size."""
     recompute = "1" if structure == "banded_recompute" else None
     with env(attention_ops.ENV_VAR, "default" if structure == "reference" else None), \
             env(banded_ops.RECOMPUTE_ENV_VAR, recompute), \
-            env(chunked_ops.CHUNK_ENV_VAR, "8" if structure == "chunked8" else None):
+            env(chunked_ops.CHUNK_ENV_VAR, {"chunked8": "8", "blocked32": "32"}.get(structure)):
         yield
 
 
