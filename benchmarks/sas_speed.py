@@ -59,6 +59,7 @@ from sasformer.ops import attention as attention_ops
 from sasformer.ops import simulate
 from sasformer.ops.rope import RotaryTables
 from sasformer.ops.simulate import banded as banded_ops
+from sasformer.ops.simulate import blocked as blocked_ops
 from sasformer.ops.simulate import chunked as chunked_ops
 from sasformer.utils import graph_breaks
 
@@ -144,7 +145,8 @@ def structure_env(structure: str):
     recompute = "1" if structure == "banded_recompute" else None
     with env(attention_ops.ENV_VAR, "default" if structure == "reference" else None), \
             env(banded_ops.RECOMPUTE_ENV_VAR, recompute), \
-            env(chunked_ops.CHUNK_ENV_VAR, {"chunked8": "8", "blocked32": "32"}.get(structure)):
+            env(chunked_ops.CHUNK_ENV_VAR, "8" if structure == "chunked8" else None), \
+            env(blocked_ops.BLOCK_ENV_VAR, "32" if structure == "blocked32" else None):
         yield
 
 

@@ -107,27 +107,67 @@ def test_chunked_several_chunks_per_token(chunk, k, features, monkeypatch):
     check("chunked", 7, 3, 6, k, 8, 10, features, torch.float64, 1e-10, 1e-10)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 4])
-@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("block", [1, 2, 3, 4])
+@pytest.mark.parametrize("k,D", [(1, 8), (3, 8), (5, 8), (7, 6), (7, 12)])
 @pytest.mark.parametrize("features", [True, False])
-def test_blocked_several_chunks_per_token(chunk, k, features, monkeypatch):
-    # 8 features in chunks of 1 (k = 3: every output feature crosses both borders; k = 5: the borders would
-    # reach past the neighbouring chunk, so one chunk), 2 (k = 5: a border takes the whole neighbour) and 4
-    from sasformer.ops.simulate import chunked
+def test_blocked_several_chunks_per_token(block, k, D, features, monkeypatch):
+    # chunks of 1 to 4 features (every output crossing both borders; a border as wide as a whole chunk at
+    # k = 5, block 2 and k = 7, block 3; a setting below (k-1)/2 raised to the next divisor that fits)
+    from sasformer.ops.simulate import blocked
 
-    monkeypatch.setattr(chunked, "CHUNK", chunk)
-    check("blocked", 7, 3, 6, k, 8, 10, features, torch.float64, 1e-10, 1e-10)
+    monkeypatch.setattr(blocked, "BLOCK", block)
+    check("blocked", 7, 3, 6, k, D, 10, features, torch.float64, 1e-10, 1e-10)
+    check("blocked", 5, 2, 1, k, D, 3, features, torch.float64, 1e-10, 1e-10)  # one simulated head
+
+
+def test_blocked_batched_input_equals_naive(monkeypatch):
+    from sasformer.ops.simulate import blocked
+
+    monkeypatch.setattr(blocked, "BLOCK", 4)
+    x = torch.randn(3, 5, 2, 8, dtype=torch.float64, requires_grad=True)
+    ws = make_weights(2, 4, 3, 8, 6, torch.float64)
+    ref, out = reference(x, ws), fast(x, ws, "blocked")
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, [x, *ws], grad), torch.autograd.grad(out, [x, *ws], grad)):
+        torch.testing.assert_close(b, a)
+
+
+def test_block_size(monkeypatch):
+    from sasformer.ops.simulate import blocked
+
+    assert blocked.block_size(64, 3) == 16
+    assert blocked.block_size(12, 3) == 12  # 16 > 12: one chunk
+    monkeypatch.setenv(blocked.BLOCK_ENV_VAR, "5")
+    assert blocked.block_size(12, 3) == 6  # the next divisor of 12
+    monkeypatch.setenv(blocked.BLOCK_ENV_VAR, "1")
+    assert blocked.block_size(12, 7) == 3  # a border of 3 features must fit in the neighbouring chunk
+    monkeypatch.setenv(blocked.BLOCK_ENV_VAR, "one")
+    with pytest.raises(ValueError, match="SASFORMER_BLOCK"):
+        blocked.block_size(64, 3)
+
+
+@pytest.mark.parametrize("features", [True, False])
+def test_blocked_under_autocast_returns_the_projection_dtype(features):
+    # as banded: fp32 heads under bf16 autocast give bf16 simulated heads, within bf16 error of fp32
+    x = torch.randn(1, 9, 3, 8)
+    ws = [w.detach() for w in make_weights(3, 6, 3, 8, 10, torch.float32, features)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, banded = fast(x, ws, "blocked"), fast(x, ws, "banded")
+    assert out.dtype == banded.dtype == torch.bfloat16
+    exact = reference(x.double(), [w.double() for w in ws])
+    assert (out.double() - exact).norm() / exact.norm() < 3e-2
 
 
 def test_blocked_second_convolution_is_the_convolution():
     # the in-chunk block and the two border blocks together are the convolution over the whole feature axis
-    from sasformer.ops.simulate.blocked import _second_conv, second_conv_blocks
+    from sasformer.ops.simulate.blocked import second_conv_blocks, second_conv_product
 
     w = torch.randn(5, 5, 3, dtype=torch.float64)
     x_NCD = torch.randn(4, 5, 12, dtype=torch.float64)
     conv = torch.nn.functional.conv1d(x_NCD, w, padding=1)  # (N, OUT, D)
     rows = x_NCD.transpose(1, 2).reshape(4, -1)  # feature-major
-    out = _second_conv(rows, second_conv_blocks(w, 4), 4, 3, 4, 5, 1)  # (N, G, c, OUT)
+    out = second_conv_product(rows, second_conv_blocks(w, 4), 4)  # (N, G, c, OUT)
     torch.testing.assert_close(out.reshape(4, 12, 5).transpose(1, 2), conv)
 
 

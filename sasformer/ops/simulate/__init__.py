@@ -180,7 +180,7 @@ def _projected_probe(x_BTd: Tensor) -> Tensor:
 
 
 def fold_pays(weight: Tensor, w1: Tensor, tokens: int) -> bool:
-    """Whether folding the projection ``weight`` (H*D, d) into the banded first convolution ``w1`` (H', H, k)
+    """Whether folding the projection ``weight`` (H*D, d) into the dense first convolution ``w1`` (H', H, k)
     takes fewer FLOPs for a call of ``tokens`` tokens. Per token the folded GEMM costs d*H'*D against
     d*H*D + (H*D)*(H'*D) unfolded; building W^T M1 costs d*(H*D)*(H'*D) a call, whatever the tokens (forward
     and backward scale alike). Pays for an MHA base from about H*D tokens (768 at GPT-small's queries); never
@@ -215,8 +215,8 @@ def simulate_qk_projected(
     rope: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """:func:`simulate_qk` of the heads ``linear(x, weight)`` (H*D features, H = ``w1``'s input heads): (B, T, d)
-    -> (B, T, H', D'). ``banded`` folds the projection into its first GEMM where that takes fewer FLOPs
-    (:func:`fold_pays`); otherwise the projection runs first."""
+    -> (B, T, H', D'). ``banded`` and ``blocked`` fold the projection into their first GEMM where that takes
+    fewer FLOPs (:func:`fold_pays`); otherwise the projection runs first."""
     which, folds = _fold_or_impl(impl, x_BTd, weight, w1)
     if not folds:
         return simulate_qk(_project(x_BTd, weight, w1), w1, b1, w2, b2, w3, b3, w4, b4, impl=which, rope=rope)
@@ -228,8 +228,8 @@ def simulate_qk_projected(
 def simulate_heads_projected(
     x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, impl: str | None = None
 ) -> Tensor:
-    """:func:`simulate_heads` of the heads ``linear(x, weight)``: (B, T, d) -> (B, T, H', D); folded by ``banded``
-    where that pays (:func:`fold_pays`)."""
+    """:func:`simulate_heads` of the heads ``linear(x, weight)``: (B, T, d) -> (B, T, H', D); folded by
+    ``banded`` and ``blocked`` where that pays (:func:`fold_pays`)."""
     which, folds = _fold_or_impl(impl, x_BTd, weight, w1)
     if not folds:
         return simulate_heads(_project(x_BTd, weight, w1), w1, b1, w2, b2, impl=which)

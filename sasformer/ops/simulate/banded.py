@@ -147,7 +147,8 @@ def _banded_traced(x, m1, b1, m2, b2, w3, b3, w4, b4) -> Tensor:
 
 
 # under torch.compile, "1" recomputes the traced form in the backward (activation checkpointing), as the
-# eager Function does, instead of keeping what the partitioner saves: less memory for more GEMMs
+# eager Function does, instead of keeping what the partitioner saves: less memory for more GEMMs (``blocked``,
+# which shares the first GEMM, reads it too)
 RECOMPUTE_ENV_VAR = "SASFORMER_BANDED_RECOMPUTE"
 
 

@@ -11,7 +11,7 @@ over (token, chunk) rows read in place:
 
 with c/k times the useful FLOPs (5.3x at c = 16, against 21x). What crosses a chunk border, the
 (k-1)/2 edge features of each chunk from the neighbouring chunk's edge, is two more GEMMs over those
-edges alone ((k-1)/c of the tensor each). The residual and bias are added in the pass that turns
+edges alone ((k-1)/(2c) of the tensor each). The residual and bias are added in the pass that turns
 the result back into head-major rows for the feature MLP and attention, which the compiled graph
 fuses with those sums.
 
@@ -19,7 +19,7 @@ The first convolution (and the projection folded into it, as ``banded`` does) is
 matrix with its columns reordered, no more FLOPs. Plain autograd ops throughout: under
 ``torch.compile`` the partitioner chooses what to keep (``SASFORMER_BANDED_RECOMPUTE=1`` checkpoints
 the simulation, as for ``banded``); eager calls run under ``torch.utils.checkpoint`` and keep only
-the compact input. Chunk size: :func:`.chunked.chunk_size` (``SASFORMER_CHUNK``, default 16).
+the compact input. Features per chunk: :func:`block_size` (``SASFORMER_BLOCK``, default 16).
 """
 
 from __future__ import annotations
@@ -27,12 +27,25 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
 from sasformer.ops.simulate.banded import RECOMPUTE_ENV_VAR, banded_conv_matrix, projection_dtype
-from sasformer.ops.simulate.chunked import chunk_size
+
+# features per chunk (``SASFORMER_BLOCK`` overrides it): the second convolution costs c/k times its useful
+# FLOPs, in GEMMs of inner size c*H'
+BLOCK = 16
+BLOCK_ENV_VAR = "SASFORMER_BLOCK"
+
+
+def block_size(D: int, k: int) -> int:
+    """Features per chunk for heads of ``D`` features and kernel ``k``: the smallest divisor of D that is at
+    least the setting and at least (k-1)/2 (a border must not reach past the neighbouring chunk)."""
+    text = os.environ.get(BLOCK_ENV_VAR, "").strip()
+    if text and not text.isdigit():
+        raise ValueError(f"{BLOCK_ENV_VAR}={text!r} must be a positive integer (features per chunk)")
+    least = max(int(text) if text else BLOCK, (k - 1) // 2, 1)
+    return next(c for c in range(least, D + 1) if D % c == 0) if least <= D else D
 
 
 def feature_major_conv_matrix(w: Tensor, D: int) -> Tensor:
@@ -65,38 +78,41 @@ def second_conv_blocks(w2: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
             block_matrix(w2, c + edge, c - pad + edge))  # the next chunk's head just after it
 
 
-def _second_conv(r1: Tensor, blocks: tuple[Tensor, Tensor, Tensor], N: int, G: int, c: int, HS: int,
-                 pad: int) -> Tensor:
-    """ReLU(Y1) M2 for feature-major rows ``r1`` (N, D*H'): (N, G, c, H')."""
+def second_conv_product(r1: Tensor, blocks: tuple[Tensor, Tensor, Tensor], c: int) -> Tensor:
+    """ReLU(Y1) M2 (no bias, no residual) for feature-major rows ``r1`` (N, D*H') in chunks of ``c``
+    features: (N, D/c, c, H')."""
     inner, from_prev, from_next = blocks
+    N, HS = r1.shape[0], inner.shape[1] // c
+    G, pad = r1.shape[1] // (c * HS), from_prev.shape[0] // HS
     out = (r1.view(N * G, c * HS) @ inner).view(N, G, c, HS)
     if pad == 0 or G == 1:
         return out
     r4 = r1.view(N, G, c, HS)
-    # chunk g's first features from chunk g-1's last ones (chunk 0 has none: the token's zero padding)
-    left = (r4[:, :-1, c - pad:].reshape(-1, pad * HS) @ from_prev).view(N, G - 1, pad, HS)
-    # chunk g's last features from chunk g+1's first ones
-    right = (r4[:, 1:, :pad].reshape(-1, pad * HS) @ from_next).view(N, G - 1, pad, HS)
-    return out + F.pad(left, (0, 0, 0, c - pad, 1, 0)) + F.pad(right, (0, 0, c - pad, 0, 0, 1))
+    # chunk g's first features from chunk g-1's last ones (chunk 0 has none: the token's zero padding),
+    # its last features from chunk g+1's first ones; added in place (the product does not save its output)
+    out[:, 1:, :pad] += (r4[:, :-1, c - pad:].reshape(-1, pad * HS) @ from_prev).view(N, G - 1, pad, HS)
+    out[:, :-1, c - pad:] += (r4[:, 1:, :pad].reshape(-1, pad * HS) @ from_next).view(N, G - 1, pad, HS)
+    return out
 
 
-def _blocked_traced(x: Tensor, m1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, c: int,
-                    w3: Tensor | None, b3: Tensor | None, w4: Tensor | None, b4: Tensor | None) -> Tensor:
+def _blocked_traced(x: Tensor, m1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                    w3: Tensor | None, b3: Tensor | None, w4: Tensor | None, b4: Tensor | None, c: int) -> Tensor:
     """x (N, in) rows, ``m1`` (in, D*H') feature-major -> heads (N, H'*D), or with the feature MLP (N*H', D')."""
     N, HS = x.shape[0], w2.shape[0]
     D = m1.shape[1] // HS
-    G, pad = D // c, (w2.shape[-1] - 1) // 2
-    a1 = torch.addmm(b1.repeat(D), x, m1)  # Y1, feature-major
-    conv2 = _second_conv(torch.relu(a1), second_conv_blocks(w2, c), N, G, c, HS, pad)
+    a1 = torch.addmm(b1.repeat(D), x, m1)  # Y1, feature-major: the bias of head o at every column j*H' + o
+    conv2 = second_conv_product(torch.relu(a1), second_conv_blocks(w2, c), c)
     # Y2 = Y1 + ReLU(Y1) M2 + b2, turned head-major in the same pass
-    y2 = (a1.view(N, G, c, HS) + conv2 + b2).view(N, D, HS).transpose(1, 2).reshape(N, HS * D)
+    y2 = (a1.view(conv2.shape) + conv2 + b2).view(N, D, HS).transpose(1, 2).reshape(N, HS * D)
     if w3 is None:
         return y2
     z1 = torch.addmm(b3, y2.view(-1, D), w3.t())
     return torch.addmm(b4, torch.relu(z1), w4.t()) + z1
 
 
-def _simulate(x: Tensor, *operands) -> Tensor:
+def _simulate(x: Tensor, *operands: Tensor | int | None) -> Tensor:
+    """``_blocked_traced``, checkpointed in eager mode (only the compact input is kept) and, when compiling,
+    with ``SASFORMER_BANDED_RECOMPUTE=1`` (the switch ``banded`` reads)."""
     compiling = torch.compiler.is_compiling()
     recompute = os.environ.get(RECOMPUTE_ENV_VAR, "") == "1" if compiling else True
     tensors = [x, *(o for o in operands if isinstance(o, Tensor))]
@@ -106,19 +122,19 @@ def _simulate(x: Tensor, *operands) -> Tensor:
 
 
 def _operands(rows: Tensor, D: int, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-              weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+              features: tuple[Tensor | None, ...], weight: Tensor | None = None) -> list[Tensor | int | None]:
+    """``_blocked_traced``'s arguments after ``x``, in ``rows``' dtype."""
     dt = rows.dtype
     m1 = feature_major_conv_matrix(w1.to(dt), D)
     if weight is not None:
         m1 = weight.to(dt).t() @ m1  # the projection folded into the first convolution
-    c = chunk_size(D)
-    if c < (w2.shape[-1] - 1) // 2:
-        c = D  # a border would reach past the neighbouring chunk
-    return m1, b1.to(dt), w2.to(dt), b2.to(dt), c
+    return [m1, b1.to(dt), w2.to(dt), b2.to(dt), *(None if w is None else w.to(dt) for w in features),
+            block_size(D, w2.shape[-1])]
 
 
-def _features(dt: torch.dtype, w3: Tensor | None, b3: Tensor | None, w4: Tensor | None, b4: Tensor | None):
-    return [None if w is None else w.to(dt) for w in (w3, b3, w4, b4)]
+def _rows(x: Tensor, width: int) -> Tensor:
+    # in the dtype a projection of x would compute in (autocast's), as the GEMMs that follow will
+    return x.reshape(-1, width).to(projection_dtype(x))
 
 
 def simulate_qk_blocked(
@@ -127,22 +143,17 @@ def simulate_qk_blocked(
 ) -> Tensor:
     """Head then feature simulation, (..., H, D) -> (..., H', D'); equals the naive pair."""
     D = x_BTHD.shape[-1]
-    rows = x_BTHD.reshape(-1, x_BTHD.shape[-2] * D)
-    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2), *_features(rows.dtype, w3, b3, w4, b4))
+    rows = _rows(x_BTHD, x_BTHD.shape[-2] * D)
+    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2, (w3, b3, w4, b4)))
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], w3.shape[0])
 
 
 def simulate_heads_blocked(x_BTHD: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """Head simulation only, (..., H, D) -> (..., H', D)."""
     D = x_BTHD.shape[-1]
-    rows = x_BTHD.reshape(-1, x_BTHD.shape[-2] * D)
-    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2), None, None, None, None)
+    rows = _rows(x_BTHD, x_BTHD.shape[-2] * D)
+    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2, (None,) * 4))
     return out.view(*x_BTHD.shape[:-2], w1.shape[0], D)
-
-
-def _input_rows(x_BTd: Tensor) -> Tensor:
-    # the GEMMs run in the dtype the projection would have run in
-    return x_BTd.reshape(-1, x_BTd.shape[-1]).to(projection_dtype(x_BTd))
 
 
 def simulate_qk_blocked_folded(
@@ -151,14 +162,14 @@ def simulate_qk_blocked_folded(
 ) -> Tensor:
     """``simulate_qk_blocked(linear(x, weight) as heads, ...)``, the projection folded into the first
     convolution: (..., d) -> (..., H', D')."""
-    rows, D = _input_rows(x_BTd), weight.shape[0] // w1.shape[1]
-    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2, weight), *_features(rows.dtype, w3, b3, w4, b4))
+    rows, D = _rows(x_BTd, x_BTd.shape[-1]), weight.shape[0] // w1.shape[1]
+    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2, (w3, b3, w4, b4), weight))
     return out.view(*x_BTd.shape[:-1], w1.shape[0], w3.shape[0])
 
 
 def simulate_heads_blocked_folded(x_BTd: Tensor, weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
                                   ) -> Tensor:
     """``simulate_heads_blocked(linear(x, weight) as heads, ...)``, folded: (..., d) -> (..., H', D)."""
-    rows, D = _input_rows(x_BTd), weight.shape[0] // w1.shape[1]
-    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2, weight), None, None, None, None)
+    rows, D = _rows(x_BTd, x_BTd.shape[-1]), weight.shape[0] // w1.shape[1]
+    out = _simulate(rows, *_operands(rows, D, w1, b1, w2, b2, (None,) * 4, weight))
     return out.view(*x_BTd.shape[:-1], w1.shape[0], D)
