@@ -32,6 +32,8 @@ ROWS = {
     "sas": ("sas", {}),
     "sas-banded": ("sas", {"SASFORMER_SIMULATE": "banded"}),
     "sas-banded-recompute": ("sas", {"SASFORMER_SIMULATE": "banded", "SASFORMER_BANDED_RECOMPUTE": "1"}),
+    "sas-blocked": ("sas", {"SASFORMER_SIMULATE": "blocked"}),
+    "sas-blocked-recompute": ("sas", {"SASFORMER_SIMULATE": "blocked", "SASFORMER_BANDED_RECOMPUTE": "1"}),
 }
 
 
@@ -105,7 +107,8 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--size", default="small")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seq-lens", type=int, nargs=2, default=[256, 512],
+    # long enough for the SAS layer to fold its projections as in training (from 1,536 tokens a call at small)
+    parser.add_argument("--seq-lens", type=int, nargs=2, default=[2048, 4096],
                         help="two sequence lengths; the difference cancels what does not grow with tokens")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--timeout-s", type=float, default=600)
