@@ -134,19 +134,23 @@ def env(name: str, value: str | None):
             os.environ[name] = old
 
 
-# structures that are a simulation implementation plus an environment setting
-STRUCTURE_IMPL = {"banded_recompute": "banded", "chunked8": "chunked", "blocked32": "blocked"}
+# structures that are a simulation implementation plus one environment setting: (implementation, variable, value)
+STRUCTURE_SETTINGS = {
+    "banded_recompute": ("banded", banded_ops.RECOMPUTE_ENV_VAR, "1"),
+    "chunked8": ("chunked", chunked_ops.CHUNK_ENV_VAR, "8"),
+    "blocked32": ("blocked", blocked_ops.BLOCK_ENV_VAR, "32"),
+}
+STRUCTURE_IMPL = {structure: impl for structure, (impl, _, _) in STRUCTURE_SETTINGS.items()}
 
 
 @contextlib.contextmanager
 def structure_env(structure: str):
-    """The reference structure also uses PyTorch's default SDPA choice, as it was first measured;
-    ``banded_recompute`` sets the banded path's recompute switch, ``chunked8`` and ``blocked32`` the chunk size."""
-    recompute = "1" if structure == "banded_recompute" else None
-    with env(attention_ops.ENV_VAR, "default" if structure == "reference" else None), \
-            env(banded_ops.RECOMPUTE_ENV_VAR, recompute), \
-            env(chunked_ops.CHUNK_ENV_VAR, "8" if structure == "chunked8" else None), \
-            env(blocked_ops.BLOCK_ENV_VAR, "32" if structure == "blocked32" else None):
+    """The reference structure also uses PyTorch's default SDPA choice, as it was first measured; a structure
+    of :data:`STRUCTURE_SETTINGS` sets its variable, and every other structure's variable is unset."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(env(attention_ops.ENV_VAR, "default" if structure == "reference" else None))
+        for name, (_, variable, value) in STRUCTURE_SETTINGS.items():
+            stack.enter_context(env(variable, value if name == structure else None))
         yield
 
 
