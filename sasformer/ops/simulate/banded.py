@@ -152,9 +152,14 @@ def _banded_traced(x, m1, b1, m2, b2, w3, b3, w4, b4) -> Tensor:
 RECOMPUTE_ENV_VAR = "SASFORMER_BANDED_RECOMPUTE"
 
 
+def recompute_when_compiled() -> bool:
+    """Whether a compiled simulation is checkpointed (``SASFORMER_BANDED_RECOMPUTE=1``)."""
+    return os.environ.get(RECOMPUTE_ENV_VAR, "") == "1"
+
+
 def _simulate(x: Tensor, *operands: Tensor | None) -> Tensor:
     if torch.compiler.is_compiling():
-        if os.environ.get(RECOMPUTE_ENV_VAR, "") == "1":
+        if recompute_when_compiled():
             return torch.utils.checkpoint.checkpoint(_banded_traced, x, *operands, use_reentrant=False)
         return _banded_traced(x, *operands)
     return _BandedSimulate.apply(x, *operands)

@@ -30,7 +30,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from sasformer.ops.simulate.banded import RECOMPUTE_ENV_VAR, banded_conv_matrix, projection_dtype
+from sasformer.ops.simulate.banded import banded_conv_matrix, projection_dtype, recompute_when_compiled
 
 # features per chunk (``SASFORMER_BLOCK`` overrides it): the second convolution costs c/k times its useful
 # FLOPs, in GEMMs of inner size c*H'
@@ -113,8 +113,7 @@ def _blocked_traced(x: Tensor, m1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 def _simulate(x: Tensor, *operands: Tensor | int | None) -> Tensor:
     """``_blocked_traced``, checkpointed in eager mode (only the compact input is kept) and, when compiling,
     with ``SASFORMER_BANDED_RECOMPUTE=1`` (the switch ``banded`` reads)."""
-    compiling = torch.compiler.is_compiling()
-    recompute = os.environ.get(RECOMPUTE_ENV_VAR, "") == "1" if compiling else True
+    recompute = recompute_when_compiled() if torch.compiler.is_compiling() else True
     tensors = [x, *(o for o in operands if isinstance(o, Tensor))]
     if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return torch.utils.checkpoint.checkpoint(_blocked_traced, x, *operands, use_reentrant=False)
