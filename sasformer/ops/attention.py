@@ -27,6 +27,9 @@ ENV_VAR = "SASFORMER_ATTENTION"
 _PINNED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 # set after cuDNN attention refuses an input once, so the fallback costs one exception, not one per call
 _cudnn_failed = False
+# read once: Dynamo cannot trace torch.backends.cudnn.is_available() (it breaks the graph there, and on the
+# H200 a compiled SAS model broken there got wrong gradients through cuDNN attention)
+_HAS_CUDNN = torch.backends.cudnn.is_available()
 
 
 def resolve_backend(backend: str | None, q_BHTD: Tensor, v_BHSE: Tensor, causal_no_mask: bool) -> str:
@@ -40,8 +43,7 @@ def resolve_backend(backend: str | None, q_BHTD: Tensor, v_BHSE: Tensor, causal_
     unequal = q_BHTD.shape[-1] != v_BHSE.shape[-1]
     half = q_BHTD.dtype in (torch.float16, torch.bfloat16)
     fits_cudnn = q_BHTD.is_cuda and unequal and half and causal_no_mask
-    if fits_cudnn and not _cudnn_failed and torch.backends.cudnn.is_available() \
-            and max(q_BHTD.shape[-1], v_BHSE.shape[-1]) <= 128:
+    if fits_cudnn and not _cudnn_failed and _HAS_CUDNN and max(q_BHTD.shape[-1], v_BHSE.shape[-1]) <= 128:
         # also while compiling: the compiled model's gradients through cuDNN over unpadded values passed
         # benchmarks/train_check.py on the H200 (torch 2.11), bit for bit those of the padded call
         return "cudnn"

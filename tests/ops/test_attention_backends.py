@@ -50,6 +50,11 @@ def test_backends_match_reference(backend, T, S, masked):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
 
 
+def cuda_like(E: int, dtype: torch.dtype = torch.bfloat16) -> SimpleNamespace:
+    """What ``resolve_backend`` reads of a CUDA query or value tensor (2, 24, 1024, E)."""
+    return SimpleNamespace(shape=(2, 24, 1024, E), dtype=dtype, is_cuda=True)
+
+
 def test_auto_keeps_cpu_on_default():
     q, k, v = inputs(5, 5)
     assert attention.resolve_backend(None, q, v, causal_no_mask=True) == "default"
@@ -71,12 +76,8 @@ def test_compiled_cuda_training_takes_cudnn_over_unpadded_values(monkeypatch):
     # the padding works around a fault seen on CPU; on CUDA only the cuDNN case was checked without it
     # (on the GPU), so every other compiled training call with a smaller V stays padded
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_HAS_CUDNN", True)
     monkeypatch.setattr(attention, "_cudnn_failed", False)
-
-    def cuda_like(E: int, dtype: torch.dtype = torch.bfloat16) -> SimpleNamespace:
-        return SimpleNamespace(shape=(2, 24, 1024, E), dtype=dtype, is_cuda=True)  # what resolve_backend reads
-
     assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=True) == "cudnn"
     assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=False) == "flash_pad"
     fp32 = attention.resolve_backend(None, cuda_like(128, torch.float32), cuda_like(64, torch.float32), True)
@@ -84,6 +85,23 @@ def test_compiled_cuda_training_takes_cudnn_over_unpadded_values(monkeypatch):
     assert attention.resolve_backend(None, cuda_like(192), cuda_like(128), causal_no_mask=True) == "flash_pad"
     monkeypatch.setattr(attention, "_cudnn_failed", True)  # refused once: padded again
     assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=True) == "flash_pad"
+
+
+@pytest.mark.parametrize("has_cudnn", [True, False])
+def test_the_cuda_choice_traces_into_one_graph(monkeypatch, has_cudnn):
+    # a graph break in the choice split every compiled SAS layer in two, and on the GPU the model's
+    # gradients through cuDNN attention came out wrong that way
+    monkeypatch.setattr(attention, "_HAS_CUDNN", has_cudnn)
+    monkeypatch.setattr(attention, "_cudnn_failed", False)
+    q, v = cuda_like(128), cuda_like(64)
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def choose(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return x + 1, attention.resolve_backend(None, q, v, causal_no_mask=True)
+
+    assert choose(torch.zeros(3))[1] == attention.resolve_backend(None, q, v, causal_no_mask=True)
+    torch._dynamo.reset()
 
 
 def test_unknown_backend_is_refused(monkeypatch):
