@@ -14,6 +14,7 @@ Parameters whose true gradient is about zero are listed and not judged. Writes `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 from benchmarks.checks import relative_error
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.presets import preset
+from sasformer.utils import graph_breaks
 
 SETTINGS = {  # name: (compile backend or None for eager, bf16, environment, inductor config overrides)
     "eager bf16, auto paths": (None, True, {}),
@@ -60,7 +62,12 @@ ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_BANDED_RECOM
 
 
 def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, backend: str | None, bf16: bool,
-              env: dict[str, str], inductor: dict | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+              env: dict[str, str], inductor: dict | None = None,
+              ) -> tuple[float, dict[str, torch.Tensor], dict | None]:
+    """Loss, gradients and, when compiled, the graph breaks (``GraphBreaks.to_dict``) of one step.
+
+    The breaks are reported because a broken graph has cost gradients before: on the H200 (run 17) a
+    break before cuDNN attention gave a compiled SAS model wrong gradients with the right loss."""
     import torch._inductor.config as inductor_config
 
     for name in ENV_VARS:
@@ -68,10 +75,14 @@ def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, backend: str |
     torch._dynamo.reset()
     model.zero_grad(set_to_none=True)
     step = model if backend is None else torch.compile(model, backend=backend)
-    with inductor_config.patch(inductor or {}), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(inductor_config.patch(inductor or {}))
+        stack.enter_context(torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16))
+        breaks = None if backend is None else stack.enter_context(graph_breaks.watch_graph_breaks())
         loss = step(x, targets=y)
         loss.backward()
-    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, None if breaks is None else breaks.to_dict()
 
 
 BASELINE = "eager bf16, auto paths"
@@ -136,18 +147,20 @@ def main() -> None:
         T = model.config.max_seq_len
         x = torch.randint(0, model.config.vocab_size, (args.batch, T), device=args.device)
         y = torch.roll(x, -1, dims=1)
-        ref_loss, ref = gradients(model, x, y, None, False, {"SASFORMER_SIMULATE": "naive",
-                                                                  "SASFORMER_ATTENTION": "math"})
+        ref_loss, ref, _ = gradients(model, x, y, None, False, {"SASFORMER_SIMULATE": "naive",
+                                                                     "SASFORMER_ATTENTION": "math"})
         report[spec] = {"reference_loss": ref_loss, "settings": {}}
         lines += [f"## {spec} (reference loss {ref_loss:.5f})", "",
-                  "| setting | result | loss diff | worst parameters (relative gradient error) |", "|---|---|---:|---|"]
+                  "| setting | result | loss diff | worst parameters (relative gradient error) | graph breaks |",
+                  "|---|---|---:|---|---|"]
         judged = judged_parameters(ref)
         baseline: dict[str, float] | None = None
+        breaks_by_setting: list[tuple[str, dict | None]] = []
         for name in [BASELINE, *(n for n in args.settings if n != BASELINE)]:
             try:
-                loss, grads = gradients(model, x, y, *SETTINGS[name])
+                loss, grads, breaks = gradients(model, x, y, *SETTINGS[name])
             except Exception as error:  # noqa: BLE001 -- report and go on: one broken setting must not hide the others
-                lines.append(f"| {name} | FAIL | {type(error).__name__}: {str(error)[:80]} | |")
+                lines.append(f"| {name} | FAIL | {type(error).__name__}: {str(error)[:80]} | | |")
                 failures += 1
                 continue
             errors = relative_errors(grads, ref)
@@ -168,9 +181,12 @@ def main() -> None:
             if name == BASELINE and passed:
                 result = "pass (baseline)"
             worst = sorted(((n, errors[n]) for n in judged), key=lambda kv: -kv[1])[:4]
-            report[spec]["settings"][name] = {"loss": loss, "errors": errors, "passed": passed}
+            report[spec]["settings"][name] = {"loss": loss, "errors": errors, "passed": passed,
+                                              "graph_breaks": breaks}
+            breaks_by_setting.append((name, breaks))
             lines.append(f"| {name} | {result} | {loss - ref_loss:+.5f} | "
-                         + ", ".join(f"`{n}` {e:.3g}" for n, e in worst) + " |")
+                         + ", ".join(f"`{n}` {e:.3g}" for n, e in worst) + f" | {graph_breaks.cell(breaks)} |")
+        lines += graph_breaks.markdown_notes(breaks_by_setting, measured="gradients")
         unjudged = sorted(set(ref) - set(judged))
         if unjudged:
             lines += ["", "Not judged (reference gradient below 1e-2 of the median parameter's, so only rounding "

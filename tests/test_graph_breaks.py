@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from benchmarks import sas_speed, train_speed
+from benchmarks import sas_speed, train_check, train_speed
 from sasformer.layers.mha import MultiHeadAttention
 from sasformer.utils import graph_breaks
 from sasformer.utils.graph_breaks import GraphBreakError, GraphBreaks, watch_graph_breaks
@@ -232,3 +232,21 @@ def test_sas_speed_compiled_rows_record_breaks(broken_attention, monkeypatch):
     breaks = out["T7/compiled/mha"]["graph_breaks"]
     assert breaks["count"] >= 2 and all("graph_break()" in reason for reason in breaks["reasons"])
     assert sas_speed.failed_on_graph_breaks(out)
+
+
+def test_train_check_reports_breaks_beside_the_gradients(broken_attention, tmp_path, monkeypatch):
+    # a broken graph once cost a compiled model its gradients (right loss, wrong gradients), so the
+    # gradient check names the breaks of every compiled setting
+    argv = ["train_check.py", "--out", str(tmp_path), "--attention", "mha", "--size", "tiny", "--layers", "1",
+            "--batch", "2", "--device", "cpu", "--settings", "compiled bf16, eager backend"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        train_check.main()
+    settings = json.loads((tmp_path / "train_check.json").read_text())["mha"]["settings"]
+    assert settings["eager bf16, auto paths"]["graph_breaks"] is None
+    breaks = settings["compiled bf16, eager backend"]["graph_breaks"]
+    assert breaks["count"] >= 1 and all("graph_break()" in reason for reason in breaks["reasons"])
+    text = (tmp_path / "train_check.md").read_text()
+    eager_row, compiled_row = (line for line in text.split("\n") if line.startswith(("| eager", "| compiled")))
+    assert eager_row.endswith("| n/a |") and compiled_row.rsplit("|", 2)[1].strip().startswith("**")
+    assert "the gradients above are those of the broken graphs" in text.replace("\n", " ")

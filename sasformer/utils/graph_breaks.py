@@ -115,8 +115,9 @@ def warning_line(what: str, data: dict[str, Any] | None) -> str | None:
     return None if breaks.clean else breaks.warning(what)
 
 
-def markdown_notes(labelled: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
-    """Markdown lines listing each result's graph-break reasons (none when every result is clean)."""
+def markdown_notes(labelled: list[tuple[str, dict[str, Any] | None]], measured: str = "speeds") -> list[str]:
+    """Markdown lines listing each result's graph-break reasons (none when every result is clean);
+    ``measured`` names what the results above the notes hold."""
     lines: list[str] = []
     for label, data in labelled:
         if data is None:
@@ -128,7 +129,7 @@ def markdown_notes(labelled: list[tuple[str, dict[str, Any] | None]]) -> list[st
         lines += [f"  - {n}x {reason}" for reason, n in breaks.reasons.items()]
     if lines:
         lines = ["", "**torch.compile did not make one clean graph** (reasons and the times each was seen; the "
-                 "speeds above are those of the broken graphs):", "", *lines]
+                 f"{measured} above are those of the broken graphs):", "", *lines]
     return lines
 
 
