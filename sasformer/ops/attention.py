@@ -8,7 +8,7 @@ falls back to the memory-efficient kernel, which is about 3x slower than cuDNN's
 (q/k 128, v 64). So on CUDA, causal attention with unequal sizes uses cuDNN, or, where cuDNN
 attention is unavailable, flash with the values zero-padded to the query size (the padded output
 columns are dropped). Everything else, and every CPU call, takes PyTorch's default. The choice can
-be forced with the ``backend`` argument or the ``SASFORMER_ATTENTION`` environment variable
+be forced (``flash`` pins PyTorch's flash kernel, which needs equal sizes) with the ``backend`` argument or the ``SASFORMER_ATTENTION`` environment variable
 (one of :data:`BACKENDS`); ``benchmarks/sas_speed.py`` measures them all.
 """
 
@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("auto", "default", "cudnn", "flash_pad", "efficient", "math")
+BACKENDS = ("auto", "default", "cudnn", "flash", "flash_pad", "efficient", "math")
 ENV_VAR = "SASFORMER_ATTENTION"
-_PINNED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+_PINNED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+           "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 # set after cuDNN attention refuses an input once, so the fallback costs one exception, not one per call
 _cudnn_failed = False
 # read once: Dynamo cannot trace torch.backends.cudnn.is_available() (it breaks the graph there, and on the
@@ -68,6 +69,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str, strict: bool = True, **k
     ``strict=False`` (the automatic choice) lets a refused cuDNN call fall back to padded flash.
     """
     global _cudnn_failed
+    if backend == "flash" and v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"the flash backend needs equal query and value sizes, not {q.shape[-1]} and "
+                         f"{v.shape[-1]}; flash_pad pads the values to the query size")
     if backend == "flash_pad" and v.shape[-1] < q.shape[-1]:
         E = v.shape[-1]
         out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - E)), **kwargs)

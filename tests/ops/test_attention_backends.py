@@ -104,6 +104,23 @@ def test_the_cuda_choice_traces_into_one_graph(monkeypatch, has_cudnn):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("T,S", [(7, 7), (1, 9), (3, 9)])
+def test_flash_matches_reference_at_equal_sizes(T, S):
+    q, k, v = inputs(T, S, E=10)
+    out = attend(q, k, v, None, scale=0.3, backend="flash")
+    ref = reference(q, k, v, None, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, (q, k, v), grad), torch.autograd.grad(out, (q, k, v), grad)):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+def test_flash_refuses_unequal_sizes_with_the_way_out():
+    q, k, v = inputs(5, 5)  # value size 6, query size 10
+    with pytest.raises(ValueError, match="flash_pad"):
+        attend(q, k, v, None, backend="flash")
+
+
 def test_unknown_backend_is_refused(monkeypatch):
     q, k, v = inputs(2, 2)
     with pytest.raises(ValueError, match="backend"):
