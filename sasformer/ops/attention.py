@@ -8,8 +8,9 @@ falls back to the memory-efficient kernel, which is about 3x slower than cuDNN's
 (q/k 128, v 64). So on CUDA, causal attention with unequal sizes uses cuDNN, or, where cuDNN
 attention is unavailable, flash with the values zero-padded to the query size (the padded output
 columns are dropped). Everything else, and every CPU call, takes PyTorch's default. The choice can
-be forced (``flash`` pins PyTorch's flash kernel, which needs equal sizes) with the ``backend`` argument or the ``SASFORMER_ATTENTION`` environment variable
-(one of :data:`BACKENDS`); ``benchmarks/sas_speed.py`` measures them all.
+be forced with the ``backend`` argument or the ``SASFORMER_ATTENTION`` environment variable (one of
+:data:`BACKENDS`; ``flash`` pins PyTorch's flash kernel, which needs equal sizes);
+``benchmarks/sas_speed.py`` measures them.
 """
 
 from __future__ import annotations
