@@ -7,8 +7,10 @@ For every variant and setting it prints the loss difference and the parameters w
 from the reference (relative L2 error). bf16 alone gives errors of about 1e-2 (up to 0.1 on a few bias
 gradients); a wrong kernel or backend gives errors of order 1, or NaN. Eager bf16 is the baseline every
 other bf16 setting is held to (``--bf16-factor``, ``--bf16-min``); fp32 settings to ``--max-error-fp32``.
-Parameters whose true gradient is about zero are listed and not judged. Writes ``train_check.json`` and
-``train_check.md``; exits 1 when a setting fails.
+Parameters whose true gradient is about zero are listed and not judged. Every compiled setting's graph
+breaks are reported beside its gradients (column and notes in the Markdown, ``graph_breaks`` in the JSON,
+a warning on the console): a broken graph has cost a compiled model its gradients before. Writes
+``train_check.json`` and ``train_check.md``; exits 1 when a setting fails.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,7 +66,7 @@ ENV_VARS = ("SASFORMER_SIMULATE", "SASFORMER_ATTENTION", "SASFORMER_BANDED_RECOM
 
 def gradients(model: DecoderLM, x: torch.Tensor, y: torch.Tensor, backend: str | None, bf16: bool,
               env: dict[str, str], inductor: dict | None = None,
-              ) -> tuple[float, dict[str, torch.Tensor], dict | None]:
+              ) -> tuple[float, dict[str, torch.Tensor], dict[str, Any] | None]:
     """Loss, gradients and, when compiled, the graph breaks (``GraphBreaks.to_dict``) of one step.
 
     The breaks are reported because a broken graph has cost gradients before: on the H200 (run 17) a
@@ -155,7 +158,7 @@ def main() -> None:
                   "|---|---|---:|---|---|"]
         judged = judged_parameters(ref)
         baseline: dict[str, float] | None = None
-        breaks_by_setting: list[tuple[str, dict | None]] = []
+        breaks_by_setting: list[tuple[str, dict[str, Any] | None]] = []
         for name in [BASELINE, *(n for n in args.settings if n != BASELINE)]:
             try:
                 loss, grads, breaks = gradients(model, x, y, *SETTINGS[name])
@@ -184,6 +187,9 @@ def main() -> None:
             report[spec]["settings"][name] = {"loss": loss, "errors": errors, "passed": passed,
                                               "graph_breaks": breaks}
             breaks_by_setting.append((name, breaks))
+            warning = graph_breaks.warning_line(f"{spec}, {name}", breaks)
+            if warning:
+                print(warning, flush=True)
             lines.append(f"| {name} | {result} | {loss - ref_loss:+.5f} | "
                          + ", ".join(f"`{n}` {e:.3g}" for n, e in worst) + f" | {graph_breaks.cell(breaks)} |")
         lines += graph_breaks.markdown_notes(breaks_by_setting, measured="gradients")

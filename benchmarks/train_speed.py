@@ -271,7 +271,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Training step throughput ({meta['device']}, {meta['dtype']}, compile={meta['compile']})",
         "",
-        f"Command: `{meta['command']}`  ",
+        f"Command: `{' '.join(f'{k}={v}' for k, v in meta.get('environment', {}).items())}"
+        f"{' ' if meta.get('environment') else ''}{meta['command']}`  ",
         (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
          f"compile mode {meta['compile_mode']}{options}, compile scope {meta.get('compile_scope', 'auto')}, "
          f"loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
@@ -448,6 +449,8 @@ def main() -> int:
         "peak_tflops": rows[0]["peak_tflops"] if rows else None,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
+        # the switches the command line does not show (SASFORMER_SIMULATE=blocked, say)
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SASFORMER_") and v},
     }
     (out / "train_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = markdown(rows, meta)

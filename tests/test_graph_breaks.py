@@ -160,6 +160,10 @@ def test_train_speed_reports_graph_breaks(capsys):
     eager = train_speed.markdown([_train_row("mha", None)], {**meta, "compile": False})
     assert eager.split("\n")[7].endswith("| n/a |") and "did not make one clean graph" not in eager
     assert "did not make one clean graph" not in train_speed.markdown(rows[:1], meta)
+    # switches set in the environment are part of the command a reader would repeat
+    assert "Command: `python3 train_speed.py`" in text
+    with_env = train_speed.markdown(rows, {**meta, "environment": {"SASFORMER_SIMULATE": "blocked"}})
+    assert "Command: `SASFORMER_SIMULATE=blocked python3 train_speed.py`" in with_env
 
 
 def test_warning_line():
@@ -217,10 +221,12 @@ def test_train_speed_run_records_breaks(broken_attention, tmp_path, monkeypatch,
     assert "WARNING: mha, batch 2: " in out and "did not make one clean graph" in out
     monkeypatch.setattr(sys, "argv", [*argv, "--fail-on-graph-break"])
     assert train_speed.main() == 1
+    monkeypatch.setenv("SASFORMER_SIMULATE", "naive")
     monkeypatch.setattr(sys, "argv", [*argv, "--no-compile", "--fail-on-graph-break"])
     assert train_speed.main() == 0
-    [row] = json.loads((tmp_path / "train_speed.json").read_text())["rows"]
-    assert row["graph_breaks"] is None
+    result = json.loads((tmp_path / "train_speed.json").read_text())
+    assert result["rows"][0]["graph_breaks"] is None
+    assert result["meta"]["environment"] == {"SASFORMER_SIMULATE": "naive"}
 
 
 def test_sas_speed_compiled_rows_record_breaks(broken_attention, monkeypatch):
@@ -234,14 +240,17 @@ def test_sas_speed_compiled_rows_record_breaks(broken_attention, monkeypatch):
     assert sas_speed.failed_on_graph_breaks(out)
 
 
-def test_train_check_reports_breaks_beside_the_gradients(broken_attention, tmp_path, monkeypatch):
+def test_train_check_reports_breaks_beside_the_gradients(broken_attention, tmp_path, monkeypatch, capsys):
     # a broken graph once cost a compiled model its gradients (right loss, wrong gradients), so the
     # gradient check names the breaks of every compiled setting
     argv = ["train_check.py", "--out", str(tmp_path), "--attention", "mha", "--size", "tiny", "--layers", "1",
             "--batch", "2", "--device", "cpu", "--settings", "compiled bf16, eager backend"]
     monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit):
+    for name in train_check.ENV_VARS:  # the check sets them per setting; restored after the test
+        monkeypatch.setenv(name, "")
+    with pytest.raises(SystemExit) as verdict:
         train_check.main()
+    assert verdict.value.code == 0  # the gradients pass: breaks are reported, not judged
     settings = json.loads((tmp_path / "train_check.json").read_text())["mha"]["settings"]
     assert settings["eager bf16, auto paths"]["graph_breaks"] is None
     breaks = settings["compiled bf16, eager backend"]["graph_breaks"]
@@ -250,3 +259,4 @@ def test_train_check_reports_breaks_beside_the_gradients(broken_attention, tmp_p
     eager_row, compiled_row = (line for line in text.split("\n") if line.startswith(("| eager", "| compiled")))
     assert eager_row.endswith("| n/a |") and compiled_row.rsplit("|", 2)[1].strip().startswith("**")
     assert "the gradients above are those of the broken graphs" in text.replace("\n", " ")
+    assert "WARNING: mha, compiled bf16, eager backend: " in capsys.readouterr().out

@@ -9,8 +9,8 @@ falls back to the memory-efficient kernel, which is about 3x slower than cuDNN's
 attention is unavailable, flash with the values zero-padded to the query size (the padded output
 columns are dropped). Everything else, and every CPU call, takes PyTorch's default. The choice can
 be forced with the ``backend`` argument or the ``SASFORMER_ATTENTION`` environment variable (one of
-:data:`BACKENDS`; ``flash`` pins PyTorch's flash kernel, which needs equal sizes);
-``benchmarks/sas_speed.py`` measures them.
+:data:`BACKENDS`; ``flash`` pins PyTorch's flash kernel, which needs equal sizes and, on CUDA, no
+explicit mask); ``benchmarks/sas_speed.py`` times the automatic choice against the others.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def resolve_backend(backend: str | None, q_BHTD: Tensor, v_BHSE: Tensor, causal_
     fits_cudnn = q_BHTD.is_cuda and unequal and half and causal_no_mask
     if fits_cudnn and not _cudnn_failed and _HAS_CUDNN and max(q_BHTD.shape[-1], v_BHSE.shape[-1]) <= 128:
         # also while compiling: the compiled model's gradients through cuDNN over unpadded values passed
-        # benchmarks/train_check.py on the H200 (torch 2.11), bit for bit those of the padded call
+        # benchmarks/train_check.py on the H200 (torch 2.11): pinned (run 16, bit for bit those of the padded
+        # call) and chosen here (run 17, once this choice traced without a graph break)
         return "cudnn"
     if unequal and v_BHSE.shape[-1] < q_BHTD.shape[-1] and torch.compiler.is_compiling() and torch.is_grad_enabled():
         # Inductor on CPU (torch 2.13, bf16) got the key gradient of SAS's attention (value size <
@@ -71,8 +72,10 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str, strict: bool = True, **k
     """
     global _cudnn_failed
     if backend == "flash" and v.shape[-1] != q.shape[-1]:
+        way_out = ("flash_pad pads the values to the query size" if v.shape[-1] < q.shape[-1]
+                   else "default lets PyTorch choose a kernel that takes them")
         raise ValueError(f"the flash backend needs equal query and value sizes, not {q.shape[-1]} and "
-                         f"{v.shape[-1]}; flash_pad pads the values to the query size")
+                         f"{v.shape[-1]}; {way_out}")
     if backend == "flash_pad" and v.shape[-1] < q.shape[-1]:
         E = v.shape[-1]
         out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - E)), **kwargs)

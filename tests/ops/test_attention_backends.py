@@ -87,21 +87,26 @@ def test_compiled_cuda_training_takes_cudnn_over_unpadded_values(monkeypatch):
     assert attention.resolve_backend(None, cuda_like(128), cuda_like(64), causal_no_mask=True) == "flash_pad"
 
 
-@pytest.mark.parametrize("has_cudnn", [True, False])
-def test_the_cuda_choice_traces_into_one_graph(monkeypatch, has_cudnn):
+@pytest.fixture()
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("has_cudnn,expected", [(True, "cudnn"), (False, "flash_pad")])
+def test_the_cuda_choice_traces_into_one_graph(monkeypatch, fresh_dynamo, has_cudnn, expected):
     # a graph break in the choice split every compiled SAS layer in two, and on the GPU the model's
     # gradients through cuDNN attention came out wrong that way
-    monkeypatch.setattr(attention, "_HAS_CUDNN", has_cudnn)
+    monkeypatch.setattr(attention, "_HAS_CUDNN", has_cudnn, raising=False)
     monkeypatch.setattr(attention, "_cudnn_failed", False)
     q, v = cuda_like(128), cuda_like(64)
-    torch._dynamo.reset()
 
     @torch.compile(backend="eager", fullgraph=True)
     def choose(x: torch.Tensor) -> tuple[torch.Tensor, str]:
         return x + 1, attention.resolve_backend(None, q, v, causal_no_mask=True)
 
-    assert choose(torch.zeros(3))[1] == attention.resolve_backend(None, q, v, causal_no_mask=True)
-    torch._dynamo.reset()
+    assert choose(torch.zeros(3))[1] == expected
 
 
 @pytest.mark.parametrize("T,S", [(7, 7), (1, 9), (3, 9)])
@@ -117,7 +122,10 @@ def test_flash_matches_reference_at_equal_sizes(T, S):
 
 def test_flash_refuses_unequal_sizes_with_the_way_out():
     q, k, v = inputs(5, 5)  # value size 6, query size 10
-    with pytest.raises(ValueError, match="flash_pad"):
+    with pytest.raises(ValueError, match="needs equal query and value sizes.*flash_pad"):
+        attend(q, k, v, None, backend="flash")
+    q, k, v = inputs(5, 5, D=6, E=10)  # value size above the query size: no padding helps
+    with pytest.raises(ValueError, match="needs equal query and value sizes.*default"):
         attend(q, k, v, None, backend="flash")
 
 

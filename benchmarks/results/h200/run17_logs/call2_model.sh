@@ -1,4 +1,4 @@
-# calls 2 and 3: the model table at one length (SEQ), loss in the forward as the trainer computes it
+# call 2 (SEQ=1024): the model table at one length (SEQ), loss in the forward as the trainer computes it
 . .carry/common.sh
 V=mha,sas_24x128,sas_24x128_blocked,sas_24x64,sas_24x128_reference,gqa,mqa,mla,tpa,sas_24x128_blocked32
 C=mha,sas_24x128,sas_24x128_blocked,sas_24x64,sas_24x128_reference,sas_24x128_blocked32

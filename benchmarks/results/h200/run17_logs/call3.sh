@@ -1,4 +1,4 @@
-# call A: after the graph-break fix: whole-model gradient check, compiled model rows at T=1024, trainer steps
+# call 3: after the graph-break fix: whole-model gradient check, compiled model rows at T=1024, trainer steps
 . .carry/common.sh
 timeout 150 python3 benchmarks/train_check.py --out $R/train_check --attention sas \
   --settings "compiled bf16, auto paths" "compiled bf16, blocked simulation" > $R/train_check.log 2>&1
