@@ -62,7 +62,9 @@ def test_folded_projection_and_expanded_input(N: int) -> None:
                        torch.stack([m2, m2]), torch.stack([b2, b2]))
     ref = simulate_heads_naive(F.linear(x, w_proj).view(1, N, H, D), *w)[0]
     torch.testing.assert_close(y2[0].view(N, Hs, D), ref, **TOL)
-    torch.testing.assert_close(y2[1], y2[0], atol=0, rtol=0)
+    # each member read the whole input through the stride-0 view; equal up to rounding, since the batched
+    # GEMM may not run its members through the same kernel (a loaded 2-core CPU gave a bit of difference)
+    torch.testing.assert_close(y2[1], y2[0], **TOL)
 
 
 @pytest.mark.parametrize("B", [1, 3])

@@ -146,10 +146,16 @@ def test_fsdp_under_bf16_autocast_keeps_the_arithmetic_of_ddp_unless_told_otherw
         _spawn(tmp_path / name, micro_batch_size=1, dtype="bfloat16", **changes)
         losses[name] = _losses(tmp_path / name)
     assert losses["float32"].keys() == losses["ddp"].keys() == losses["compute"].keys() and losses["ddp"]
-    for step, loss in losses["float32"].items():
-        assert loss == pytest.approx(losses["ddp"][step], rel=1e-6), step
-    assert any(loss != pytest.approx(losses["ddp"][step], rel=1e-6) for step, loss in losses["compute"].items())
-    _assert_close(losses["compute"], losses["ddp"])  # but only by bf16 rounding on this tiny model
+    # the first loss comes before any update, so it is the forward's arithmetic alone: equal bit for bit with
+    # fp32 parameters gathered, not with bf16 ones
+    first = min(losses["ddp"])
+    assert losses["float32"][first] == losses["ddp"][first]
+    assert losses["compute"][first] != losses["ddp"][first]
+    # later losses also carry the gradient reduction (reduce-scatter against all-reduce), whose summation order
+    # may round differently in the last bits, which bf16 autocast then magnifies (4e-6 by the sixth step on one
+    # CPU, 0 on another): close, as the bf16 run is, on this tiny model
+    _assert_close(losses["float32"], losses["ddp"])
+    _assert_close(losses["compute"], losses["ddp"])
 
 
 def _fake_fully_shard(calls: list, prefetches: list):
