@@ -10,7 +10,8 @@ attention is unavailable, flash with the values zero-padded to the query size (t
 columns are dropped). Everything else, and every CPU call, takes PyTorch's default. The choice can
 be forced with the ``backend`` argument or the ``SASFORMER_ATTENTION`` environment variable (one of
 :data:`BACKENDS`; ``flash`` pins PyTorch's flash kernel, which needs equal sizes and, on CUDA, no
-explicit mask); ``benchmarks/sas_speed.py`` times the automatic choice against the others.
+explicit mask); ``benchmarks/sas_speed.py`` times the automatic choice against cuDNN, padded flash,
+memory-efficient and math.
 """
 
 from __future__ import annotations
