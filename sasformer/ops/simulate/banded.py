@@ -140,10 +140,15 @@ def _banded_traced(x, m1, b1, m2, b2, w3, b3, w4, b4) -> Tensor:
     """
     a1 = torch.addmm(b1, x, m1)
     out = torch.addmm(b2, torch.relu(a1), m2) + a1  # residuals after the product, as in _second_conv
-    if w3 is not None:
-        z1 = torch.addmm(b3, out.view(-1, w3.shape[1]), w3.t())
-        out = torch.addmm(b4, torch.relu(z1), w4.t()) + z1
-    return out
+    return out if w3 is None else residual_feature_mlp(out, w3, b3, w4, b4)
+
+
+def residual_feature_mlp(heads: Tensor, w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor) -> Tensor:
+    """The feature simulation in plain differentiable ops: Z1 = Y W3^T + b3, Z1 + ReLU(Z1) W4^T + b4 over
+    rows of one simulated head's features, (N*H', D'); the residual added after the product, as in
+    ``_second_conv``."""
+    z1 = torch.addmm(b3, heads.view(-1, w3.shape[1]), w3.t())
+    return torch.addmm(b4, torch.relu(z1), w4.t()) + z1
 
 
 # under torch.compile, "1" recomputes the traced form in the backward (activation checkpointing), as the

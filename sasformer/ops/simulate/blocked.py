@@ -30,7 +30,12 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from sasformer.ops.simulate.banded import banded_conv_matrix, projection_dtype, recompute_when_compiled
+from sasformer.ops.simulate.banded import (
+    banded_conv_matrix,
+    projection_dtype,
+    recompute_when_compiled,
+    residual_feature_mlp,
+)
 
 # features per chunk (``SASFORMER_BLOCK`` overrides it): the second convolution costs c/k times its useful
 # FLOPs, in GEMMs of inner size c*H'
@@ -104,10 +109,7 @@ def _blocked_traced(x: Tensor, m1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     conv2 = second_conv_product(torch.relu(a1), second_conv_blocks(w2, c), c)
     # Y2 = Y1 + ReLU(Y1) M2 + b2, turned head-major in the same pass
     y2 = (a1.view(conv2.shape) + conv2 + b2).view(N, D, HS).transpose(1, 2).reshape(N, HS * D)
-    if w3 is None:
-        return y2
-    z1 = torch.addmm(b3, y2.view(-1, D), w3.t())
-    return torch.addmm(b4, torch.relu(z1), w4.t()) + z1
+    return y2 if w3 is None else residual_feature_mlp(y2, w3, b3, w4, b4)
 
 
 def _simulate(x: Tensor, *operands: Tensor | int | None) -> Tensor:
