@@ -16,7 +16,7 @@ from sasformer.ops.cross_entropy import (
     linear_cross_entropy_naive,
     resolve_impl,
 )
-from sasformer.ops.cross_entropy.kernel import block_and_warps, cross_entropy_rows_
+from sasformer.ops.cross_entropy.kernel import TILE_ENV_VAR, block_and_warps, cross_entropy_rows_
 from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive
 from tests.ops.compile_helpers import run_without_interpreter
 from tests.ops.test_cross_entropy import (
@@ -77,6 +77,34 @@ def test_kernel_rejects_bad_layouts_and_blocks():
         block_and_warps(97, block=48)
     assert block_and_warps(50304) == (16384, 32)
     assert block_and_warps(97) == (128, 1)
+    assert block_and_warps(50304, 4096, 8) == (4096, 8)
+    with pytest.raises(ValueError, match="warps=3"):
+        block_and_warps(97, block=64, warps=3)
+
+
+@pytest.mark.parametrize(("block", "warps"), [(32, 1), (64, 2), (128, 4), (32, 8)])
+def test_every_launch_shape_gives_the_reference(block, warps):
+    """The shape only changes how a row is split over threads: loss and gradient stay the reference's."""
+    logits, targets = _rows(9, 200, torch.bfloat16)
+    scale = torch.tensor([0.37], device=DEVICE)
+    want_loss, want_grad = cross_entropy_rows_naive(logits, targets, scale)
+    loss = torch.full((9,), float("nan"), device=DEVICE)
+    got = logits.clone()
+    cross_entropy_rows_(got, targets, loss, scale, -100, with_grad=True, block=block, warps=warps)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.float(), want_grad.float(), rtol=0, atol=2e-3)
+
+
+def test_launch_shape_from_the_environment(monkeypatch):
+    monkeypatch.setenv(TILE_ENV_VAR, "256x4")
+    assert block_and_warps(50304) == (256, 4)
+    assert block_and_warps(50304, block=64) == (64, 1), "a shape named by the caller wins over the variable"
+    monkeypatch.setenv(TILE_ENV_VAR, "4096")
+    with pytest.raises(ValueError, match="SASFORMER_CE_TILE='4096': expected BLOCKxWARPS"):
+        block_and_warps(50304)
+    monkeypatch.setenv(TILE_ENV_VAR, "4096x3")
+    with pytest.raises(ValueError, match="warps=3"):
+        block_and_warps(50304)
 
 
 def _inputs(n: int, ignore_every: int | None = 3):

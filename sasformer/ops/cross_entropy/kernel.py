@@ -15,12 +15,17 @@ The plain-PyTorch reference is :func:`sasformer.ops.cross_entropy.naive.cross_en
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from torch import Tensor
 
 # 16 values per thread at 32 warps: 43 registers and no spills on sm_90 (ptxas); blocks of 32768 spill
 MAX_BLOCK = 16384
+# "BLOCKxWARPS" (e.g. 4096x8) overrides the launch shape of every call that names none:
+# benchmarks/loss_speed.py times the shapes, train_speed.py runs a whole step with one
+TILE_ENV_VAR = "SASFORMER_CE_TILE"
 
 
 @triton.jit
@@ -59,19 +64,42 @@ def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, scale_ptr, V, 
             tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def block_and_warps(vocab: int, block: int | None = None) -> tuple[int, int]:
-    """Block width (a power of two) and warps per program for rows of ``vocab`` logits."""
+def block_and_warps(vocab: int, block: int | None = None, warps: int | None = None) -> tuple[int, int]:
+    """Block width (a power of two) and warps per program for rows of ``vocab`` logits.
+
+    Neither given: both come from ``SASFORMER_CE_TILE`` when it is set. Otherwise the block is the row's
+    power of two up to :data:`MAX_BLOCK`, and the warps block // 512 (16 values a thread), 1 to 32."""
+    if block is None and warps is None:
+        block, warps = tile_from_env()
     if block is None:
         block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
     if block < 16 or block & (block - 1):
         raise ValueError(f"block={block} must be a power of two >= 16")
-    return block, max(1, min(32, block // 512))
+    if warps is None:
+        warps = max(1, min(32, block // 512))
+    if warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"warps={warps} must be one of 1, 2, 4, 8, 16, 32")
+    return block, warps
+
+
+def tile_from_env() -> tuple[int | None, int | None]:
+    """(block, warps) from ``SASFORMER_CE_TILE=BLOCKxWARPS``, or (None, None) when it is unset."""
+    value = os.environ.get(TILE_ENV_VAR, "").strip().lower()
+    if not value:
+        return None, None
+    try:
+        block, warps = (int(part) for part in value.split("x"))
+    except ValueError:
+        raise ValueError(f"{TILE_ENV_VAR}={value!r}: expected BLOCKxWARPS, e.g. 4096x8") from None
+    return block, warps
 
 
 def cross_entropy_rows_(logits_CV: Tensor, targets_C: Tensor, loss_C: Tensor, scale: Tensor, ignore_index: int,
-                        with_grad: bool, block: int | None = None) -> None:
+                        with_grad: bool, block: int | None = None, warps: int | None = None) -> None:
     """Write each row's loss into ``loss_C`` (fp32) and, if ``with_grad``, overwrite ``logits_CV`` with
-    ``(softmax - onehot) * scale`` (``scale`` a one-element fp32 tensor, e.g. 1 / valid tokens)."""
+    ``(softmax - onehot) * scale`` (``scale`` a one-element fp32 tensor, e.g. 1 / valid tokens).
+
+    ``block`` and ``warps`` set the launch shape (see :func:`block_and_warps`)."""
     C, V = logits_CV.shape
     if logits_CV.stride(1) != 1 or targets_C.shape != (C,) or loss_C.shape != (C,) or scale.numel() != 1:
         raise ValueError(f"expected row-contiguous logits (C, V), targets (C,), loss (C,) and a one-element scale; "
@@ -79,6 +107,6 @@ def cross_entropy_rows_(logits_CV: Tensor, targets_C: Tensor, loss_C: Tensor, sc
                          f"{tuple(loss_C.shape)}, {tuple(scale.shape)}")
     if C == 0:
         return
-    block, warps = block_and_warps(V, block)
+    block, warps = block_and_warps(V, block, warps)
     _cross_entropy_rows_kernel[(C,)](logits_CV, targets_C, loss_C, scale, V, logits_CV.stride(0), ignore_index,
                                      BLOCK=block, N_BLOCKS=triton.cdiv(V, block), WITH_GRAD=with_grad, num_warps=warps)
