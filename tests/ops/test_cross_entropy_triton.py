@@ -75,7 +75,10 @@ def test_kernel_rejects_bad_layouts_and_blocks():
         cross_entropy_rows_(logits.T.contiguous().T, targets, loss, torch.ones(1, device=DEVICE), -100, True)
     with pytest.raises(ValueError, match="power of two"):
         block_and_warps(97, block=48)
-    assert block_and_warps(50304) == (16384, 32)
+    with pytest.raises(ValueError, match="from 16 to 16384"):
+        block_and_warps(50304, block=32768)  # spills registers at 32 warps
+    assert block_and_warps(50304) == (4096, 4)
+    assert block_and_warps(2000) == (2048, 2)
     assert block_and_warps(97) == (128, 1)
     assert block_and_warps(50304, 4096, 8) == (4096, 8)
     with pytest.raises(ValueError, match="warps=3"):
@@ -154,9 +157,10 @@ def test_dispatch(monkeypatch):
     want = linear_cross_entropy_naive(h, w, targets)
     for impl in ("chunked", "chunked_torch", "chunked_triton", "naive"):
         torch.testing.assert_close(linear_cross_entropy(h, w, targets, impl=impl, chunk_size=3), want)
-    assert resolve_impl("chunked", h) == "chunked_torch"  # the Triton kernel is opt-in (TRITON_DEFAULT)
-    monkeypatch.setattr("sasformer.ops.cross_entropy.TRITON_DEFAULT", True)
+    # the Triton kernel is the default for CUDA tensors (TRITON_DEFAULT); the CPU keeps the PyTorch chunks
     assert resolve_impl("chunked", h) == ("chunked_triton" if h.is_cuda else "chunked_torch")
+    monkeypatch.setattr("sasformer.ops.cross_entropy.TRITON_DEFAULT", False)
+    assert resolve_impl("chunked", h) == "chunked_torch"
     with pytest.raises(ValueError, match="impl='fast'"):
         resolve_impl("fast", h)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
