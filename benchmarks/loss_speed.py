@@ -126,17 +126,20 @@ def rows_section(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
     work = torch.empty_like(pristine)
     loss = torch.empty(C, dtype=torch.float32, device=device)
+    # every variant is timed after the same copy, so each starts with the GPU busy and its launch hidden alike
+    restore = lambda: work.copy_(pristine)  # noqa: E731
     for block, warps in parse_tiles(args.tiles):
         def kernel(block=block, warps=warps):
             cross_entropy_rows_(work, targets, loss, scale, -100, with_grad=True, block=block, warps=warps)
-        work.copy_(pristine)
+        restore()
+        loss.fill_(float("nan"))  # a row the kernel does not write fails the check
         kernel()
-        record(f"triton {block}x{warps}", loss.clone(), work.clone(), kernel, lambda: work.copy_(pristine))
+        record(f"triton {block}x{warps}", loss.clone(), work.clone(), kernel, restore)
 
     compiled = compiler(args.smoke)(rows_torch)
     got_loss, got_grad = compiled(pristine, targets, scale)
     record("torch compiled (chunked_torch's code)", got_loss, got_grad, lambda: compiled(pristine, targets, scale),
-           lambda: None)
+           restore)
     return out
 
 
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder for loss_speed.json and loss_speed.md")
     p.add_argument("--rows", type=int, default=8192, help="rows of the chunk (the trainer's chunk size)")
     p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--tiles", default=DEFAULT_TILES, help="comma list of BLOCKxWARPS launch shapes")
+    p.add_argument("--tiles", default=None, help=f"comma list of BLOCKxWARPS launch shapes (default {DEFAULT_TILES})")
     p.add_argument("--tokens", type=int, default=32768, help="tokens of the whole-loss measurement")
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--chunk-size", type=int, default=8192)
@@ -244,9 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+        # Triton picks the interpreter when a kernel is defined: it has to be on before the first import
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--smoke runs the kernels in Triton's interpreter, which has to be chosen before "
+                             "Triton is imported; run it in a fresh process")
+        os.environ["TRITON_INTERPRET"] = "1"
         args.rows, args.vocab, args.tokens, args.d_model, args.chunk_size, args.reps = 9, 300, 21, 16, 8, 2
-        args.tiles = "64x1,128x2"
+        args.tiles = args.tiles or "64x1,128x2"
+    args.tiles = args.tiles or DEFAULT_TILES
     import torch
 
     from sasformer.compare.env import environment
@@ -255,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print("loss_speed.py needs a CUDA GPU (or --smoke for a CPU run of the code paths)", file=sys.stderr)
         return 2
     device = "cpu" if args.smoke else "cuda"
-    res: dict[str, Any] = {"command": " ".join(["python3", *sys.argv]),
+    args_given = sys.argv[1:] if argv is None else argv
+    res: dict[str, Any] = {"command": " ".join(["python3", "benchmarks/loss_speed.py", *args_given]),
                            "environment": environment(torch.device(device)), "errors": {}}
     sections = {s.strip() for s in args.sections.split(",")}
     best = None

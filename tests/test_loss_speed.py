@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
 from benchmarks import loss_speed  # noqa: E402
 from sasformer.ops.cross_entropy import kernel  # noqa: E402
+
+# --smoke needs Triton's interpreter, chosen at import (tests/conftest.py does so only on a machine without CUDA);
+# on a GPU the script's real run is the check
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="--smoke is the CPU run of loss_speed.py")
 
 
 def test_smoke_run_checks_and_times_every_variant(tmp_path):
@@ -44,6 +49,18 @@ def test_a_wrong_kernel_is_reported_and_not_timed(tmp_path, monkeypatch):
         assert rows[name]["errors"]["grad"] == pytest.approx(0.1, rel=0.05)
     assert rows["torch compiled (chunked_torch's code)"]["passed"]
     assert "| triton 64x1 | FAILED |" in (tmp_path / "loss_speed.md").read_text()
+
+
+def test_a_kernel_that_writes_no_loss_fails(tmp_path, monkeypatch):
+    real = kernel.cross_entropy_rows_
+
+    def loss_elsewhere(logits, targets, loss, *args, **kwargs):
+        real(logits, targets, loss.clone(), *args, **kwargs)  # right gradient, the loss written to a copy
+
+    monkeypatch.setattr(kernel, "cross_entropy_rows_", loss_elsewhere)
+    assert loss_speed.main(["--smoke", "--sections", "rows", "--tiles", "64x1", "--out", str(tmp_path)]) == 1
+    row = json.loads((tmp_path / "loss_speed.json").read_text())["rows"]["variants"]["triton 64x1"]
+    assert not row["passed"] and "ms" not in row and row["errors"]["grad"] <= loss_speed.GRAD_LIMIT
 
 
 def test_bad_tiles_are_refused():

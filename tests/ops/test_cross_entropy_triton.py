@@ -68,7 +68,8 @@ def test_kernel_without_grad_leaves_logits_and_flags_bad_targets():
     torch.testing.assert_close(loss[keep], want_loss[keep], rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_rejects_bad_layouts_and_blocks():
+def test_kernel_rejects_bad_layouts_and_blocks(monkeypatch):
+    monkeypatch.delenv(TILE_ENV_VAR, raising=False)
     logits, targets = _rows(7, 97, torch.float32)
     loss = torch.empty(7, device=DEVICE)
     with pytest.raises(ValueError, match="row-contiguous"):
@@ -83,12 +84,17 @@ def test_kernel_rejects_bad_layouts_and_blocks():
     assert block_and_warps(50304, 4096, 8) == (4096, 8)
     with pytest.raises(ValueError, match="warps=3"):
         block_and_warps(97, block=64, warps=3)
+    with pytest.raises(ValueError, match="512 values; at most 128"):
+        block_and_warps(50304, block=16384, warps=1)
 
 
-@pytest.mark.parametrize(("block", "warps"), [(32, 1), (64, 2), (128, 4), (32, 8)])
-def test_every_launch_shape_gives_the_reference(block, warps):
-    """The shape only changes how a row is split over threads: loss and gradient stay the reference's."""
-    logits, targets = _rows(9, 200, torch.bfloat16)
+@pytest.mark.parametrize(("V", "block", "warps"), [(200, 32, 1), (200, 64, 2), (200, 128, 4), (200, 32, 8),
+                                                  (5000, 4096, 4), (5000, None, None)])
+def test_every_launch_shape_gives_the_reference(V, block, warps):
+    """The shape only changes how a row is split over programs' threads: loss and gradient stay the
+    reference's. (Triton's interpreter runs a program as one, whatever its warps: on the CPU only the block
+    varies; on a GPU both do.)"""
+    logits, targets = _rows(9, V, torch.bfloat16)
     scale = torch.tensor([0.37], device=DEVICE)
     want_loss, want_grad = cross_entropy_rows_naive(logits, targets, scale)
     loss = torch.full((9,), float("nan"), device=DEVICE)
@@ -106,7 +112,10 @@ def test_launch_shape_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="SASFORMER_CE_TILE='4096': expected BLOCKxWARPS"):
         block_and_warps(50304)
     monkeypatch.setenv(TILE_ENV_VAR, "4096x3")
-    with pytest.raises(ValueError, match="warps=3"):
+    with pytest.raises(ValueError, match="SASFORMER_CE_TILE=4096x3: warps=3"):
+        block_and_warps(50304)
+    monkeypatch.setenv(TILE_ENV_VAR, "16384x1")
+    with pytest.raises(ValueError, match="SASFORMER_CE_TILE=16384x1: block=16384 over 1 warps"):
         block_and_warps(50304)
 
 

@@ -35,7 +35,7 @@ def resolve_impl(impl: str, h_ND: Tensor) -> str:
     ``chunked_torch``; raises ValueError for an unknown impl or a ``chunked_triton`` that cannot run.
 
     ``chunked`` takes the Triton kernel when ``TRITON_DEFAULT`` is set (the default): with its launch shape
-    tuned, the H200's MHA training step ran 0.6-0.9 ms faster with it than with the PyTorch chunks and
+    tuned, the H200's MHA training step ran 0.3-0.9 ms faster with it than with the PyTorch chunks and
     needed 0.7 GiB less (docs/performance.md, run 18); set it False for the PyTorch chunks everywhere."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not a cross-entropy implementation; choose one of {IMPLS}")

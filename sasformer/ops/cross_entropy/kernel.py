@@ -4,9 +4,9 @@ One program handles one row of V logits (bf16, fp16 or fp32). The first loop rea
 block and keeps an online softmax (running max and rescaled sum of exponentials, fp32), so the
 log-sum-exp comes from one read of the row; the target logit is picked up on the way. The second
 loop writes ``(softmax - onehot) * scale`` over the logits in their own dtype, the gradient of the
-scaled loss. It reads the row a second time, mostly from L2.
+scaled loss. It reads the row a second time (from L2 where the rows in flight fit in it: not measured).
 
-Launch shape: blocks of 4096 logits over 4 warps (32 values a thread), several programs per SM. On the
+Launch shape: blocks of 4096 logits over 4 warps (32 values a thread), so several programs share an SM. On the
 H200 (`benchmarks/loss_speed.py`, 8192 x 50304 bf16 logits) that took 0.64 ms a chunk, 2.6 TB/s counting
 one read and one write, against 0.86 ms for one 32-warp program of 16384 a row and 1.00 ms for Inductor's
 kernel of the same arithmetic; every shape of 2 to 8 warps came within 5% of it, 16 and 32 warps did not.
@@ -27,7 +27,10 @@ from torch import Tensor
 
 # 16 values per thread at 32 warps: 43 registers and no spills on sm_90 (ptxas); blocks of 32768 spill
 MAX_BLOCK = 16384
-# the fastest shape measured on the H200 (module docstring); smaller rows take their power of two
+# a thread holds block / (32 x warps) values of each loop; far more than the default's 32 spills registers
+MAX_VALUES_PER_THREAD = 128
+# the fastest shape measured on the H200, several others within 1% (module docstring); smaller rows take
+# their power of two
 DEFAULT_BLOCK, DEFAULT_WARPS = 4096, 4
 # "BLOCKxWARPS" (e.g. 4096x8) overrides the launch shape of every call that names none:
 # benchmarks/loss_speed.py times the shapes, train_speed.py runs a whole step with one
@@ -78,6 +81,11 @@ def block_and_warps(vocab: int, block: int | None = None, warps: int | None = No
     :data:`DEFAULT_WARPS`."""
     if block is None and warps is None:
         block, warps = tile_from_env()
+        if block is not None:
+            try:
+                return block_and_warps(vocab, block, warps)
+            except ValueError as err:
+                raise ValueError(f"{TILE_ENV_VAR}={block}x{warps}: {err}") from None
     if block is None:
         block = min(DEFAULT_BLOCK, triton.next_power_of_2(vocab))
     if block < 16 or block & (block - 1) or block > MAX_BLOCK:
@@ -86,6 +94,9 @@ def block_and_warps(vocab: int, block: int | None = None, warps: int | None = No
         warps = max(1, min(DEFAULT_WARPS, block // 1024))
     if warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"warps={warps} must be one of 1, 2, 4, 8, 16, 32")
+    if block > MAX_VALUES_PER_THREAD * 32 * warps:
+        raise ValueError(f"block={block} over {warps} warps gives a thread {block // (32 * warps)} values; at most "
+                         f"{MAX_VALUES_PER_THREAD} (more spills registers): use more warps or a smaller block")
     return block, warps
 
 

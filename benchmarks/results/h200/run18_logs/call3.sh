@@ -1,4 +1,4 @@
-# run 18, call 3: the MHA step (issue 3): cuDNN against flash attention, batch 64, accumulation, CUDA graphs
+# run 18, call 3: the MHA step: cuDNN against flash attention, batch 64, accumulation, CUDA graphs
 . .carry/common.sh
 ts() { name=$1; shift; timeout $T python3 benchmarks/train_speed.py --attention mha --out $R/ts_$name "$@" > $R/ts_$name.log 2>&1; echo "ts $name rc=$?"; }
 T=60 ts b32_flash_profile --batch-size 32 --warmup 10 --steps 20 --attention-backend flash --profile
