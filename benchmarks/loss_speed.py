@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,27 +48,6 @@ def parse_tiles(text: str) -> list[tuple[int, int]]:
             raise SystemExit(f"--tiles: {item!r} is not BLOCKxWARPS (e.g. 4096x8)") from None
         tiles.append(block_and_warps(1, block, warps))
     return tiles
-
-
-def time_ms(call: Callable[[], object], prepare: Callable[[], object], reps: int, cuda: bool) -> float:
-    """Median milliseconds of ``call`` over ``reps`` runs, each after an untimed ``prepare``."""
-    import torch
-
-    times = []
-    for _ in range(reps):
-        prepare()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            call()
-            times.append(1000 * (time.perf_counter() - began))
-    return sorted(times)[len(times) // 2]
 
 
 def rows_torch(logits_CV, targets_C, scale, ignore_index: int = -100):
@@ -99,6 +77,7 @@ def rows_section(args: argparse.Namespace, device: str) -> dict[str, Any]:
     import torch
 
     from benchmarks.checks import relative_error
+    from benchmarks.timing import median_ms
     from sasformer.ops.cross_entropy.kernel import cross_entropy_rows_
     from sasformer.ops.cross_entropy.naive import cross_entropy_rows_naive
 
@@ -118,7 +97,7 @@ def rows_section(args: argparse.Namespace, device: str) -> dict[str, Any]:
         passed = errors["loss"] <= LOSS_LIMIT and errors["grad"] <= GRAD_LIMIT
         row: dict[str, Any] = {"errors": errors, "passed": passed}
         if row["passed"]:
-            row["ms"] = time_ms(call, prepare, args.reps, cuda)
+            row["ms"] = median_ms(call, args.reps, cuda, prepare)
             row["tb_per_s"] = gigabytes / row["ms"]
         out["variants"][name] = row
         speed = f"{row['ms']:.3f} ms, {row['tb_per_s']:.2f} TB/s" if row["passed"] else "FAILED, not timed"
@@ -147,6 +126,7 @@ def loss_section(args: argparse.Namespace, device: str, best_tile: tuple[int, in
     import torch
 
     from benchmarks.checks import relative_error
+    from benchmarks.timing import median_ms
     from sasformer.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_naive
     from sasformer.ops.cross_entropy.kernel import TILE_ENV_VAR, block_and_warps
 
@@ -189,7 +169,7 @@ def loss_section(args: argparse.Namespace, device: str, best_tile: tuple[int, in
                 tile = "{}x{}".format(*block_and_warps(V))  # what the kernel launched with
             row: dict[str, Any] = {"impl": impl, "tile": tile, "errors": errors, "passed": passed}
             if passed:
-                row["ms"] = time_ms(call, lambda: None, args.reps, cuda)
+                row["ms"] = median_ms(call, args.reps, cuda)
             out["variants"][name] = row
             speed = f"{row['ms']:.2f} ms" if passed else "FAILED, not timed"
             print(f"  loss {name}: {speed} (errors: {', '.join(f'{k} {v:.1e}' for k, v in errors.items())})",

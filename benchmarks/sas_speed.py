@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ sys.path.insert(0, str(REPO))
 import torch
 
 from benchmarks.checks import relative_error
+from benchmarks.timing import median_ms
 from sasformer import DecoderLM, preset
 from sasformer.layers.base import AttentionContext
 from sasformer.layers.sas import SASArgs, SimulatedAttention
@@ -170,22 +170,9 @@ def cuda_time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 10) -> floa
     """Median milliseconds of ``fn`` over ``reps`` runs timed with CUDA events, after ``warmup`` runs."""
     for _ in range(warmup if DEV == "cuda" else 0):
         fn()
-    times = []
-    if DEV == "cpu":
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    return median_ms(fn, reps, cuda=DEV == "cuda")
 
 
 def fresh_memory() -> None:
