@@ -2,7 +2,7 @@
 
 Examples::
 
-    sasformer eval --checkpoint runs/small_sas/checkpoints/step_5000 --data data/corpus \\
+    sasformer eval --checkpoint runs/small_sas/checkpoints/step_005000 --data data/corpus \\
         --eval-dir data/eval --out results.json
     sasformer eval --mqar mha,gqa,sas --out mqar.json
 """
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", type=Path, help="a training checkpoint folder (model.safetensors + config.json)")
     src.add_argument("--model", type=Path, help="a Hugging Face-format saved model folder")
     add("--tokenizer", type=Path, default=None,
-        help="tokenizer folder or a GPT-2 .tiktoken file (default: DATA/tokenizer, then the model folder)")
+        help="tokenizer folder or a GPT-2 .tiktoken file (default: DATA/tokenizer, the model folder, "
+             "CHECKPOINT/tokenizer, then the tokenizer of the data the checkpoint was trained on)")
     add("--tasks", default=None,
         help="comma-separated zero-shot tasks, 'all' or 'none' (default: all when a task source is given)")
     tasks = parser.add_mutually_exclusive_group()
@@ -249,6 +250,18 @@ class _HFTokenizer:
         return self.tok.decode(ids)
 
 
+def _training_run_tokenizer(checkpoint: Path) -> list[Path]:
+    """The tokenizer of the data the checkpoint was trained on (its config's ``data_dir``), as ``generate``
+    and ``export`` find it; nothing when the checkpoint has no readable config."""
+    from sasformer.generation import find_tokenizer
+
+    try:
+        found = find_tokenizer(checkpoint)
+    except ValueError:  # no config.json (or not JSON): the other candidates decide
+        return []
+    return [found] if found is not None else []
+
+
 def _load_tokenizer(args: argparse.Namespace):
     path = args.tokenizer
     if path is None:
@@ -259,6 +272,7 @@ def _load_tokenizer(args: argparse.Namespace):
             candidates.append(args.model)
         if args.checkpoint is not None:
             candidates += [args.checkpoint / "tokenizer", args.checkpoint.parent.parent / "tokenizer"]
+            candidates += _training_run_tokenizer(args.checkpoint)
         path = next((c for c in candidates if c.exists()), None)
         if path is None:
             raise ValueError(f"no tokenizer found (looked in {[str(c) for c in candidates]}); pass --tokenizer")

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="tiny,small,medium", help="comma-separated presets")
+    parser.add_argument("--sizes", default="tiny,mini,small,medium", help="comma-separated presets")
     parser.add_argument("--variants", default="mha,gqa,mqa,mla,tpa,sas", help="comma-separated attention variants")
     parser.add_argument("--seq-len", type=int, default=None, help="context length for FLOPs (default: the preset's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")

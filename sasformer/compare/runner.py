@@ -26,7 +26,7 @@ from sasformer.compare.spec import DataSpec, GridSpec, VariantSpec
 RESULT_FILE = "result.json"
 # training-config keys that may differ between attempts of one run without changing its result
 # (out_dir: a grid folder may be moved)
-_VOLATILE_KEYS = ("progress", "resume", "tensorboard", "out_dir")
+_VOLATILE_KEYS = ("progress", "console", "resume", "tensorboard", "out_dir")
 
 Log = Callable[[str], None]
 # what summarize_metrics measures (None for a run that diverged)
@@ -90,7 +90,8 @@ def plan_runs(spec: GridSpec, data_dir: Path, vocab_size: int, grid_dir: Path) -
         if size is not None:
             model["size"] = size
         for seed in spec.seeds:
-            train: dict[str, Any] = {"tensorboard": False, "progress": spec.progress, **spec.train}
+            # the grid prints its own line per run; its runs' own lines would bury it
+            train: dict[str, Any] = {"tensorboard": False, "progress": spec.progress, "console": False, **spec.train}
             train.update(model=model, data_dir=str(data_dir), out_dir=str(grid_dir / "runs" / run_id(entry, seed)),
                          seed=seed, max_steps=None, max_tokens=1, max_time_s=None, resume="auto")
             try:
@@ -296,7 +297,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     else:
         result.update(summarize_metrics(plan.run_dir / "metrics.jsonl", config.batch_size * config.seq_len,
                                         plan.train_flops_per_token, peak))
-    # where a run's wall time goes (setup and compilation count as training), to plan device time
+    # where a run's wall time goes (setup and compilation count as training), to plan GPU time
     seconds = {"training": time.perf_counter() - start, "zero_shot": None, "mqar": None}
     if tasks and diverged is None:
         began = time.perf_counter()

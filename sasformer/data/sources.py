@@ -176,7 +176,8 @@ class HFDatasetSource:
         try:
             import datasets
         except ImportError as err:
-            raise ValueError(f"Hugging Face dataset {self.name!r} needs `datasets` (pip install datasets)") from err
+            raise ValueError(f"Hugging Face dataset {self.name!r} needs `datasets` "
+                             "(pip install datasets, or the [hub] extra)") from err
         try:
             ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
         except Exception as err:

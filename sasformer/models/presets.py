@@ -30,7 +30,7 @@ class Size:
 
 SIZES: dict[str, Size] = {
     "tiny": Size(d_model=128, n_layers=4, n_heads=4, max_seq_len=256, vocab_size=4096),
-    # the evidence grid's shape (docs/results.md): small enough that a run of 50M+ tokens fits one H200 call
+    # the evidence grid's shape (docs/results.md): small enough that a run of 50M+ tokens takes minutes on one H200
     "mini": Size(d_model=512, n_layers=8, n_heads=8, max_seq_len=512, vocab_size=50304),
     "small": Size(d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=50304),
     "medium": Size(d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024, vocab_size=50304),

@@ -147,6 +147,8 @@ class TrainConfig:
     mfu_peak_tflops: float | None = None  # per-device bf16 dense peak; None: look the device up
     tensorboard: bool = True
     progress: bool = True
+    # without the bar, one line per log_interval on the console; validation losses are printed either way
+    console: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

@@ -388,6 +388,14 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+
+        def say(line: str) -> None:
+            if not (cfg.console and self.dist.is_main):
+                return
+            if bar is not None:
+                bar.write(line)  # above the bar, which redraws below it
+            else:
+                print(line, flush=True)
         last: dict[str, Any] = {"step": self.step}
         window_start, window_steps = time.perf_counter(), 0
         clock = window_start
@@ -417,6 +425,8 @@ class Trainer:
                     last = self._log_train(time.perf_counter() - window_start, window_steps)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                    else:
+                        say(_train_line(last, self.total_steps))
                     window_start, window_steps = time.perf_counter(), 0
                 eval_now = cfg.eval_interval and (self.step % cfg.eval_interval == 0 or done)
                 save_now = (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or done
@@ -426,6 +436,7 @@ class Trainer:
                         self.check_finite()
                         val = self.evaluate()
                         last["val_loss"] = val
+                        say(f"step {self.step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
                         if self.logger is not None:
                             self.logger.log({"kind": "val", "step": self.step, "val_loss": val,
                                              "val_ppl": math.exp(min(val, 50.0))})
@@ -446,6 +457,13 @@ class Trainer:
 
 def _no_mark(phase: str) -> None:
     pass
+
+
+def _train_line(record: dict[str, Any], total_steps: int) -> str:
+    """One console line of a train record: step, loss, lr, tokens/s and MFU where known."""
+    line = f"step {record['step']}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, " \
+           f"{record['tokens_per_s']:,.0f} tokens/s"
+    return line + (f", MFU {record['mfu']:.1%}" if record.get("mfu") is not None else "")
 
 
 def _seed_everything(seed: int) -> None:

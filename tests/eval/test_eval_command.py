@@ -80,3 +80,26 @@ def test_eval_command_mqar_only(tmp_path):
     assert eval_command.run(args) == 0
     rows = json.loads(out.read_text())["mqar"]["rows"]
     assert [r["variant"] for r in rows] == ["mha"] and 0.0 <= rows[0]["accuracy"] <= 1.0
+
+
+def test_a_checkpoint_finds_the_tokenizer_of_the_data_it_was_trained_on(tmp_path, monkeypatch):
+    """As ``generate`` and ``export`` do: the checkpoint's config names the run's data_dir, whose tokenizer/ is used."""
+    from sasformer.generation import CONFIG_FILE, TOKENIZER_DIR, TOKENIZER_META
+
+    data = tmp_path / "elsewhere" / "data"
+    (data / TOKENIZER_DIR).mkdir(parents=True)
+    (data / TOKENIZER_DIR / TOKENIZER_META).write_text("{}")
+    ckpt = tmp_path / "runs" / "x" / "checkpoints" / "step_000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / CONFIG_FILE).write_text(json.dumps({"train": {"data_dir": str(data)}}))
+    tok_module = types.ModuleType("sasformer.data.tokenizer")
+    tok_module.load_tokenizer = lambda path: ("loaded", path)
+    import sasformer.data
+
+    monkeypatch.setitem(sys.modules, "sasformer.data.tokenizer", tok_module)
+    monkeypatch.setattr(sasformer.data, "tokenizer", tok_module, raising=False)
+    args = parse(["--checkpoint", str(ckpt)])
+    assert eval_command._load_tokenizer(args) == ("loaded", data / TOKENIZER_DIR)
+    (ckpt / CONFIG_FILE).write_text(json.dumps({"train": {}}))  # no data_dir: nothing to find
+    with pytest.raises(ValueError, match="no tokenizer found"):
+        eval_command._load_tokenizer(args)

@@ -47,6 +47,21 @@ def test_trains_logs_evaluates_and_checkpoints(make_config):
     assert model.config.d_model == 32
 
 
+def test_console_lines_without_the_bar(make_config, capsys):
+    """Without the progress bar a line per log_interval and each validation loss reach the console, as the
+    metrics file has them; ``console: false`` keeps it quiet (the compare grid prints its own lines)."""
+    Trainer(make_config("loud", max_steps=4, log_interval=2, eval_interval=4), FakeData()).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    records = read_metrics(make_config("loud").out_dir + "/metrics.jsonl")
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4", "step 4"]
+    assert f"loss {records[0]['loss']:.4f}" in lines[0] and "tokens/s" in lines[0]
+    assert ("MFU" in lines[0]) == (records[0]["mfu"] is not None)  # a CPU has no peak to hold it to
+    val = read_metrics(make_config("loud").out_dir + "/metrics.jsonl", kind="val")[0]["val_loss"]
+    assert lines[2].startswith(f"step 4: val loss {val:.4f}, ppl")
+    Trainer(make_config("quiet", max_steps=4, log_interval=2, eval_interval=4, console=False), FakeData()).fit()
+    assert capsys.readouterr().out == ""
+
+
 def test_grad_accumulation_matches_one_big_batch(make_config):
     whole = make_config("whole", max_steps=4, checkpoint_interval=0)
     split = make_config("split", max_steps=4, checkpoint_interval=0, micro_batch_size=1)
