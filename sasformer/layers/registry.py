@@ -35,10 +35,12 @@ _VARIANTS: dict[str, Variant] = {
 
 
 def variant_names() -> list[str]:
+    """The registered attention variants' names, in registration order."""
     return list(_VARIANTS)
 
 
 def attention_class(name: str) -> type[Attention]:
+    """The :class:`Attention` subclass registered as ``name`` (ValueError naming the known ones otherwise)."""
     if name not in _VARIANTS:
         raise ValueError(f"attention={name!r} is not a known variant; choose one of {variant_names()}")
     return _VARIANTS[name].load()
