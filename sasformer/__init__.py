@@ -1,5 +1,6 @@
 """sasformer: SAS (Simulated Attention Score) and the attention variants it is compared with."""
 
+from sasformer.generation import load_decoder
 from sasformer.layers.registry import build_attention, variant_names
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM, KVCache, lm_loss
@@ -21,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "build_attention",
     "lm_loss",
+    "load_decoder",
     "load_reference_sas",
     "matched_attention_args",
     "preset",

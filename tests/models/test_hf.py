@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+import sasformer
+
 pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -189,6 +191,7 @@ def test_export_checkpoint_then_load_everywhere(nested: bool, tmp_path) -> None:
     torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
     torch.testing.assert_close(load_decoder(out)(ids), expected, atol=0, rtol=0)
     torch.testing.assert_close(load_decoder(ckpt)(ids), expected, atol=0, rtol=0)
+    assert sasformer.load_decoder is load_decoder  # the package root's loader is this one
 
     from transformers import AutoTokenizer
 
