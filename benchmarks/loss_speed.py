@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,14 +39,14 @@ LOSS_LIMIT = 1e-4
 
 def parse_tiles(text: str) -> list[tuple[int, int]]:
     """``"4096x8,2048x4"`` -> [(4096, 8), (2048, 4)], each checked by the kernel's own rules."""
-    from sasformer.ops.cross_entropy.kernel import block_and_warps
+    from sasformer.ops.cross_entropy.kernel import block_and_warps, parse_tile
 
     tiles = []
     for item in text.split(","):
         try:
-            block, warps = (int(part) for part in item.strip().lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--tiles: {item!r} is not BLOCKxWARPS (e.g. 4096x8)") from None
+            block, warps = parse_tile(item)
+        except ValueError as err:
+            raise SystemExit(f"--tiles: {err}") from None
         tiles.append(block_and_warps(1, block, warps))
     return tiles
 
@@ -154,11 +155,9 @@ def loss_section(args: argparse.Namespace, device: str, best_tile: tuple[int, in
     if best_tile is not None:
         variants.append((f"chunked_triton, {best_tile[0]}x{best_tile[1]}", "chunked_triton",
                          f"{best_tile[0]}x{best_tile[1]}"))
-    saved = os.environ.get(TILE_ENV_VAR)
-    try:
-        for name, impl, tile in variants:
-            if tile is not None:
-                os.environ[TILE_ENV_VAR] = tile
+    for name, impl, tile in variants:
+        # the kernel reads its shape per call: "" is its default, whatever the caller's environment says
+        with mock.patch.dict(os.environ, {TILE_ENV_VAR: tile or ""}):
             fn = compiler(args.smoke)(lambda h_, w_, t_, impl=impl: linear_cross_entropy(
                 h_, w_, t_, impl=impl, chunk_size=args.chunk_size))
             call = fwd_bwd(fn)
@@ -170,14 +169,10 @@ def loss_section(args: argparse.Namespace, device: str, best_tile: tuple[int, in
             row: dict[str, Any] = {"impl": impl, "tile": tile, "errors": errors, "passed": passed}
             if passed:
                 row["ms"] = median_ms(call, args.reps, cuda)
-            out["variants"][name] = row
-            speed = f"{row['ms']:.2f} ms" if passed else "FAILED, not timed"
-            print(f"  loss {name}: {speed} (errors: {', '.join(f'{k} {v:.1e}' for k, v in errors.items())})",
-                  flush=True)
-            os.environ.pop(TILE_ENV_VAR, None)
-    finally:
-        if saved is not None:
-            os.environ[TILE_ENV_VAR] = saved
+        out["variants"][name] = row
+        speed = f"{row['ms']:.2f} ms" if passed else "FAILED, not timed"
+        print(f"  loss {name}: {speed} (errors: {', '.join(f'{k} {v:.1e}' for k, v in errors.items())})",
+              flush=True)
     return out
 
 

@@ -100,16 +100,25 @@ def block_and_warps(vocab: int, block: int | None = None, warps: int | None = No
     return block, warps
 
 
+def parse_tile(text: str) -> tuple[int, int]:
+    """``"4096x8"`` -> (4096, 8); ValueError for text of another form (the numbers are checked by
+    :func:`block_and_warps`)."""
+    try:
+        block, warps = (int(part) for part in text.strip().lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not BLOCKxWARPS (e.g. 4096x8)") from None
+    return block, warps
+
+
 def tile_from_env() -> tuple[int | None, int | None]:
     """(block, warps) from ``SASFORMER_CE_TILE=BLOCKxWARPS``, or (None, None) when it is unset."""
     value = os.environ.get(TILE_ENV_VAR, "").strip().lower()
     if not value:
         return None, None
     try:
-        block, warps = (int(part) for part in value.split("x"))
+        return parse_tile(value)
     except ValueError:
         raise ValueError(f"{TILE_ENV_VAR}={value!r}: expected BLOCKxWARPS, e.g. 4096x8") from None
-    return block, warps
 
 
 def cross_entropy_rows_(logits_CV: Tensor, targets_C: Tensor, loss_C: Tensor, scale: Tensor, ignore_index: int,
