@@ -165,6 +165,7 @@ def bench_one(args: argparse.Namespace, attention: str, batch_size: int, out_dir
         "compile_scope": args.compile_scope,
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
+        "residual_dtype": args.residual_dtype,
         "device": args.device,
         "eval_interval": 0,
         "checkpoint_interval": 0,
@@ -276,6 +277,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
          f"compile mode {meta['compile_mode']}{options}, compile scope {meta.get('compile_scope', 'auto')}, "
          f"loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
+         f"residual stream {meta.get('residual_dtype', 'float32')}, "
          f"attention backend {meta['attention_backend']}, RoPE {meta.get('rope_impl', 'torch')}, "
          f"SwiGLU {meta.get('swiglu_impl', 'torch')}"),
         "",
@@ -348,6 +350,8 @@ def main() -> int:
                         help="LM head + cross-entropy: fused chunks (the library's choice, or forced "
                              "chunked_triton / chunked_torch), or full logits (naive)")
     parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--residual-dtype", choices=["float32", "compute"], default="float32",
+                        help="the trainer's residual_dtype: the residual stream in fp32, or in the autocast dtype")
     parser.add_argument("--attention-backend", default=None, choices=BACKENDS,
                         help=f"force an SDPA backend (sets {ATTENTION_ENV}); default: the library's choice")
     parser.add_argument("--rope-impl", default=None, choices=OP_IMPLS,
@@ -442,6 +446,7 @@ def main() -> int:
         "compile_scope": args.compile_scope,
         "loss_impl": args.loss_impl,
         "loss_chunk_size": args.loss_chunk_size,
+        "residual_dtype": args.residual_dtype,
         "attention_backend": args.attention_backend or "auto",
         "rope_impl": args.rope_impl or os.environ.get(ROPE_ENV) or "auto",
         "swiglu_impl": args.swiglu_impl or os.environ.get(SWIGLU_ENV) or swiglu_module.DEFAULT,

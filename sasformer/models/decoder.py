@@ -128,6 +128,7 @@ class DecoderLM(nn.Module):
         ignore_index: int = -100,
         loss_impl: str = "chunked",
         loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        residual_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Logits for ``input_ids`` (B, T); with ``targets`` (B, T), the mean loss instead.
 
@@ -137,11 +138,13 @@ class DecoderLM(nn.Module):
         the loss is :func:`sasformer.ops.cross_entropy.linear_cross_entropy` (``loss_impl``
         "chunked" and its forced variants never materialise the logits; "naive" is the plain reference). The loss is
         computed inside ``forward`` so that wrappers hooking the call (FSDP, DDP) see the head too.
+        ``residual_dtype`` (None: the embedding's dtype) is the dtype of the residual stream between the blocks.
         """
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(targets.shape)}")
-        x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids)
+        x = run_blocks(self.embed, self.blocks, self.rotary, input_ids, attention_mask, cache, position_ids,
+                       residual_dtype)
         if targets is None:
             return self.lm_head(self.norm(x))
         return self.head_loss(x, targets, ignore_index, loss_impl, loss_chunk_size)
@@ -180,8 +183,13 @@ def run_blocks(
     attention_mask: Tensor | None = None,
     cache: KVCache | None = None,
     position_ids: Tensor | None = None,
+    residual_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Embed ``input_ids`` and run the decoder blocks; returns the residual stream before the final norm.
+
+    ``residual_dtype`` casts the embeddings, and so the residual stream the blocks add to, to that dtype
+    (None keeps the embedding's: fp32 parameters keep an fp32 stream under autocast, whose matmuls
+    return bf16 that the additions promote back to fp32).
 
     Shared by :class:`DecoderLM` and the Hugging Face wrappers, so both compute exactly the same thing.
     Positions are ``cumsum(attention_mask) - 1`` (0 at the first real token of a left-padded row).
@@ -209,6 +217,8 @@ def run_blocks(
         position_ids = key_positions[:, past:]
     ctx = AttentionContext(rotary.tables(position_ids, S, first_position), mask, None, key_positions)
     x = embed(input_ids)
+    if residual_dtype is not None:
+        x = x.to(residual_dtype)
     for i, block in enumerate(blocks):
         x = block(x, ctx.for_layer(cache.layers[i] if cache is not None else None))
     return x

@@ -137,6 +137,10 @@ class TrainConfig:
     # in the autocast dtype (FSDP2's mixed precision: half the all-gather bytes, less activation memory, but
     # the residual stream and norms then run in bf16, so the loss curve departs from one process's)
     fsdp_param_dtype: str = "float32"
+    # dtype of the residual stream under autocast: float32 (the embedding's dtype: the blocks' bf16 outputs are
+    # added in fp32) or compute (the autocast dtype, as FSDP2's compute parameters give: the norms, residual
+    # adds and their gradients move half the bytes; each addition rounds to bf16). No effect in fp32 runs.
+    residual_dtype: str = "float32"
     eval_interval: int = 200  # 0 disables periodic validation
     eval_batches: int = 20
     log_interval: int = 10
@@ -182,6 +186,8 @@ class TrainConfig:
         need(self.parallel in ("ddp", "fsdp"), f"parallel={self.parallel!r}: use ddp or fsdp")
         need(self.fsdp_param_dtype in ("float32", "compute"),
              f"fsdp_param_dtype={self.fsdp_param_dtype!r}: use float32 or compute")
+        need(self.residual_dtype in ("float32", "compute"),
+             f"residual_dtype={self.residual_dtype!r}: use float32 or compute")
         need(self.fsdp_blocks_per_unit >= 0,
              f"fsdp_blocks_per_unit={self.fsdp_blocks_per_unit} must be >= 0 (0: the whole model one unit)")
         for name in ("eval_interval", "checkpoint_interval"):

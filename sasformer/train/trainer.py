@@ -43,17 +43,21 @@ class LossModel(nn.Module):
 
     ``loss_impl`` (one of :data:`sasformer.ops.cross_entropy.IMPLS`) "chunked" fuses the head with
     the cross-entropy and never materialises the (tokens, vocab) logits (Triton kernel on CUDA,
-    PyTorch elsewhere); "naive" computes them in full (the reference).
+    PyTorch elsewhere); "naive" computes them in full (the reference). ``residual_dtype`` (None: the
+    embedding's) is the dtype of the residual stream (:meth:`DecoderLM.forward`).
     """
 
-    def __init__(self, model: DecoderLM, loss_impl: str = "chunked", chunk_size: int = 8192) -> None:
+    def __init__(self, model: DecoderLM, loss_impl: str = "chunked", chunk_size: int = 8192,
+                 residual_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss_impl = loss_impl
         self.chunk_size = chunk_size
+        self.residual_dtype = residual_dtype
 
     def forward(self, input_ids: Tensor, targets: Tensor) -> Tensor:
-        return self.model(input_ids, targets=targets, loss_impl=self.loss_impl, loss_chunk_size=self.chunk_size)
+        return self.model(input_ids, targets=targets, loss_impl=self.loss_impl, loss_chunk_size=self.chunk_size,
+                          residual_dtype=self.residual_dtype)
 
 
 StepHook = Callable[["Trainer", int], None]
@@ -174,14 +178,21 @@ class Trainer:
         if self.fsdp_sharded:
             param_dtype = self.autocast_dtype if cfg.fsdp_param_dtype == "compute" else None
             D.apply_fsdp(model, model.blocks, param_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks_per_unit)
-            return LossModel(model, cfg.loss_impl, cfg.loss_chunk_size), None
-        module: nn.Module = LossModel(model, cfg.loss_impl, cfg.loss_chunk_size)
+            return self._loss_model(), None
+        module: nn.Module = self._loss_model()
         ddp = None
         if self.dist.enabled:
             module = ddp = D.apply_ddp(module, self.device)
         if cfg.compile and self.compile_scope == "model":
             module = torch.compile(module, **self._compile_kwargs())
         return module, ddp
+
+    def _loss_model(self) -> LossModel:
+        cfg = self.config
+        residual_dtype = self.autocast_dtype if cfg.residual_dtype == "compute" else None
+        if residual_dtype is not None:  # bf16 norm inputs with fp32 weights: eager RMSNorm says it takes its plain path
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        return LossModel(self.model, cfg.loss_impl, cfg.loss_chunk_size, residual_dtype)
 
     @property
     def fsdp_sharded(self) -> bool:

@@ -4,7 +4,7 @@ read once for the loss and overwritten once by their gradient.
 Per chunk of C tokens: one GEMM writes the logits (C, V) into a reused buffer, the kernel
 (:mod:`.kernel`) turns them in place into ``(softmax - onehot) / n_valid`` while writing the row
 losses, and two GEMMs take that gradient to the hidden states (C, d) and to the head weight
-(V, d, accumulated in fp32 over chunks). The mean over valid tokens is part of the gradient, so the
+(V, d, accumulated in fp32 over chunks inside the GEMM on CUDA). The mean over valid tokens is part of the gradient, so the
 autograd backward only multiplies the two saved gradients by ``grad_output``: no logits are
 recomputed or read again.
 
@@ -50,10 +50,23 @@ def linear_cross_entropy_fused_op(
             cross_entropy_rows_(logits_CV, targets_N[start:stop], loss_N[start:stop], scale, ignore_index, with_grad)
             if with_grad:
                 torch.mm(logits_CV, w_VD, out=grad_h[start:stop])
-                grad_w += torch.mm(logits_CV.T, h_CD)
+                accumulate_weight_grad_(grad_w, logits_CV, h_CD)
         # like F.cross_entropy, no valid target gives 0 / 0 = NaN
         loss = loss_N.sum() / n_valid
     return loss, grad_h, grad_w
+
+
+def accumulate_weight_grad_(grad_w_VD: Tensor, grad_logits_CV: Tensor, h_CD: Tensor) -> None:
+    """``grad_w += grad_logits.T @ h`` into the fp32 ``grad_w``, in one GEMM where the device allows it.
+
+    On CUDA the GEMM reads ``grad_w`` and adds its fp32 accumulator to it in the epilogue (``out_dtype``,
+    ``beta = 1``): no bf16 product is written, read back and rounded on the way. Elsewhere (no such
+    GEMM on the CPU) the product is formed in the inputs' dtype and then added.
+    """
+    if grad_w_VD.is_cuda:
+        torch.addmm(grad_w_VD, grad_logits_CV.T, h_CD, out_dtype=torch.float32, out=grad_w_VD)
+    else:
+        grad_w_VD += torch.mm(grad_logits_CV.T, h_CD)
 
 
 @linear_cross_entropy_fused_op.register_fake
