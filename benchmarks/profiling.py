@@ -53,8 +53,12 @@ def profile_calls(call: Callable[[], object], calls: int, sync: Callable[[], Non
     kernels = []
     for event in events:
         if cuda:
-            # CPU-side ops also carry the device time of the kernels they launch: count kernels only
-            self_us = event.self_device_time_total if event.device_type == torch.autograd.DeviceType.CUDA else 0.0
+            # CPU-side ops also carry the device time of the kernels they launch: count kernels only; a
+            # record_function region (the optimiser's "Optimizer.step#AdamW.step") also appears on the GPU,
+            # spanning the kernels it launched, which would count them twice
+            kernel = event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation",
+                                                                                          False)
+            self_us = event.self_device_time_total if kernel else 0.0
         else:
             self_us = event.self_cpu_time_total
         if self_us > 0:

@@ -277,7 +277,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         (f"Git revision: `{meta['git_revision']}`, torch {meta['torch']}, peak {meta['peak_tflops']} TFLOP/s, "
          f"compile mode {meta['compile_mode']}{options}, compile scope {meta.get('compile_scope', 'auto')}, "
          f"loss {meta['loss_impl']} (chunk {meta['loss_chunk_size']}), "
-         f"residual stream {meta.get('residual_dtype', 'float32')}, "
+         f"residual stream {dict(compute='bf16 (compute)').get(meta.get('residual_dtype'), 'float32')}, "
          f"attention backend {meta['attention_backend']}, RoPE {meta.get('rope_impl', 'torch')}, "
          f"SwiGLU {meta.get('swiglu_impl', 'torch')}"),
         "",

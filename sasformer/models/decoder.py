@@ -138,7 +138,8 @@ class DecoderLM(nn.Module):
         the loss is :func:`sasformer.ops.cross_entropy.linear_cross_entropy` (``loss_impl``
         "chunked" and its forced variants never materialise the logits; "naive" is the plain reference). The loss is
         computed inside ``forward`` so that wrappers hooking the call (FSDP, DDP) see the head too.
-        ``residual_dtype`` (None: the embedding's dtype) is the dtype of the residual stream between the blocks.
+        ``residual_dtype`` (None: the embedding's dtype) is the dtype of the residual stream between the blocks;
+        use it under autocast (or with parameters of that dtype), whose matmuls take any input dtype.
         """
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
@@ -189,7 +190,7 @@ def run_blocks(
 
     ``residual_dtype`` casts the embeddings, and so the residual stream the blocks add to, to that dtype
     (None keeps the embedding's: fp32 parameters keep an fp32 stream under autocast, whose matmuls
-    return bf16 that the additions promote back to fp32).
+    return bf16 that the additions promote back to fp32). Meant for autocast, as the trainer's ``residual_dtype``.
 
     Shared by :class:`DecoderLM` and the Hugging Face wrappers, so both compute exactly the same thing.
     Positions are ``cumsum(attention_mask) - 1`` (0 at the first real token of a left-padded row).

@@ -191,7 +191,8 @@ class Trainer:
         cfg = self.config
         residual_dtype = self.autocast_dtype if cfg.residual_dtype == "compute" else None
         if residual_dtype is not None:  # bf16 norm inputs with fp32 weights: eager RMSNorm says it takes its plain path
-            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning,
+                                    module="torch.nn.functional")
         return LossModel(self.model, cfg.loss_impl, cfg.loss_chunk_size, residual_dtype)
 
     @property

@@ -91,3 +91,17 @@ def test_a_model_with_a_compiled_head_and_loss_still_pickles():
     copy = torch.load(buffer, weights_only=False)
     assert "head_loss" in vars(model) and "head_loss" not in vars(copy)  # the copy runs the plain method
     torch.testing.assert_close(copy(ids, targets=targets), want)
+
+
+def test_residual_dtype_under_autocast():
+    # the stream between blocks takes the given dtype; the loss stays that of the fp32 stream up to bf16 rounding
+    config = preset("tiny", "mha").replace(d_model=64, n_layers=3, vocab_size=101)
+    model = DecoderLM(config)
+    inputs, targets = torch.randint(0, 101, (2, 9)), torch.randint(0, 101, (2, 9))
+    seen = []
+    model.blocks[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_stream = model(inputs, targets=targets)
+        bf16_stream = model(inputs, targets=targets, residual_dtype=torch.bfloat16)
+    assert seen == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(bf16_stream, fp32_stream, rtol=2e-2, atol=0)

@@ -57,6 +57,7 @@ def test_unknown_key_in_file(tmp_path):
         ({"optim.min_lr": 1.0}, "min_lr"),
         ({"parallel": "tp"}, "parallel"),
         ({"fsdp_param_dtype": "bfloat16"}, "fsdp_param_dtype"),
+        ({"residual_dtype": "bfloat16"}, "residual_dtype='bfloat16': use float32 or compute"),
         ({"loss_impl": "fast"}, "loss_impl='fast': use one of"),
         ({"loss_chunk_size": 0}, "loss_chunk_size=0 must be >= 1"),
         ({"compile_mode": "reduce-overhead"}, "compile_mode='reduce-overhead'"),

@@ -67,3 +67,15 @@ def test_loss_model_with_the_triton_loss_traces_to_one_graph_and_matches():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_model_with_a_bf16_residual_stream_traces_to_one_graph():
+    # residual_dtype casts inside the traced forward: under autocast it must not split the graph
+    model = _model()
+    inputs, targets = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 7))
+    loss_model = LossModel(model, chunk_size=5, residual_dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(loss_model)(inputs, targets)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

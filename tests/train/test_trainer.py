@@ -192,3 +192,21 @@ def test_a_graph_break_in_the_compiled_step_is_warned_about_and_logged(make_conf
         Trainer(cfg, FakeData()).fit()
     (record,) = read_metrics(Path(cfg.out_dir) / "metrics.jsonl", kind="compile")
     assert record["step"] == 1 and record["graph_breaks"]["count"] == 1
+
+
+@pytest.mark.parametrize("dtype, residual_dtype, stream", [
+    ("bfloat16", "float32", torch.float32),
+    ("bfloat16", "compute", torch.bfloat16),
+    ("float32", "compute", torch.float32),  # no autocast: nothing to follow
+])
+def test_residual_dtype_sets_the_stream_the_blocks_add_to(make_config, dtype, residual_dtype, stream):
+    trainer = Trainer(make_config(dtype=dtype, residual_dtype=residual_dtype, max_steps=2, eval_batches=1), FakeData())
+    seen = []
+    for block in trainer.model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    trainer.train_step()
+    trainer.check_finite()
+    assert seen == [stream] * len(trainer.model.blocks)
+    seen.clear()
+    trainer.evaluate()  # validation runs the stream of training
+    assert seen and set(seen) == {stream}

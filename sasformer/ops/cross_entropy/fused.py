@@ -4,8 +4,8 @@ read once for the loss and overwritten once by their gradient.
 Per chunk of C tokens: one GEMM writes the logits (C, V) into a reused buffer, the kernel
 (:mod:`.kernel`) turns them in place into ``(softmax - onehot) / n_valid`` while writing the row
 losses, and two GEMMs take that gradient to the hidden states (C, d) and to the head weight
-(V, d, accumulated in fp32 over chunks inside the GEMM on CUDA). The mean over valid tokens is part of the gradient, so the
-autograd backward only multiplies the two saved gradients by ``grad_output``: no logits are
+(V, d, accumulated in fp32 over chunks, inside the GEMM on CUDA). The mean over valid tokens is part of
+the gradient, so the autograd backward only multiplies the two saved gradients by ``grad_output``: no logits are
 recomputed or read again.
 
 The forward is one ``torch.library`` custom op, so ``torch.compile`` keeps the model and the loss in
@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 
 from sasformer.ops.cross_entropy.chunked import DEFAULT_CHUNK_SIZE, prepare_call
+
+# addmm with a wider output than its inputs (torch >= 2.8 on CUDA); checked on the GPU by benchmarks/loss_speed.py
+_GEMM_ACCUMULATES_IN_FP32 = hasattr(torch.ops.aten.addmm, "dtype_out") and torch.version.hip is None
 
 
 @torch.library.custom_op("sasformer::linear_cross_entropy_fused", mutates_args=())
@@ -61,9 +64,10 @@ def accumulate_weight_grad_(grad_w_VD: Tensor, grad_logits_CV: Tensor, h_CD: Ten
 
     On CUDA the GEMM reads ``grad_w`` and adds its fp32 accumulator to it in the epilogue (``out_dtype``,
     ``beta = 1``): no bf16 product is written, read back and rounded on the way. Elsewhere (no such
-    GEMM on the CPU) the product is formed in the inputs' dtype and then added.
+    GEMM on the CPU, nor before torch 2.8; ROCm is left out) the product is formed in the inputs' dtype and
+    then added.
     """
-    if grad_w_VD.is_cuda:
+    if grad_w_VD.is_cuda and _GEMM_ACCUMULATES_IN_FP32:
         torch.addmm(grad_w_VD, grad_logits_CV.T, h_CD, out_dtype=torch.float32, out=grad_w_VD)
     else:
         grad_w_VD += torch.mm(grad_logits_CV.T, h_CD)
