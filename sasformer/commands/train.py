@@ -39,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
         print(summary + f"; outputs in {config.out_dir}")
     else:
         print(f"{config.out_dir} is already at step {last['step']} of {config.total_steps()}; nothing to train "
-              "(raise max_steps / max_tokens to continue, or set resume: none)")
+              "(raise max_steps / max_tokens to continue, or start a new run in another out_dir)")
     return 0

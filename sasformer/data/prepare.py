@@ -91,14 +91,13 @@ def _source_record(source: Source) -> dict:
     return {"hf_dataset": source.name, "config": source.config, "split": source.split}
 
 
-def build_key(options: PrepareOptions, sources: list[Source]) -> str:
-    """sha256 over everything that decides the output: input files (path, size, mtime), tokenizer and options."""
+def build_key(options: PrepareOptions, sources: list[Source], tokenizer: Tokenizer | None = None) -> str:
+    """sha256 over everything that decides the output: input files (path, size, mtime), options, and the given
+    tokenizer's fingerprint (its content, however ``--tokenizer`` names it: a file, a prefixed spec, a hub name)."""
     opts = {k: v for k, v in asdict(options).items()
             if PrepareOptions.__dataclass_fields__[k].metadata.get("key", True) and k not in ("inputs", "out")}
-    if options.tokenizer is not None and os.path.exists(options.tokenizer):
-        tok_path = Path(options.tokenizer)
-        files = [tok_path] if tok_path.is_file() else sorted(p for p in tok_path.rglob("*") if p.is_file())
-        opts["tokenizer_files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    if tokenizer is not None:
+        opts["tokenizer_fingerprint"] = tokenizer.fingerprint
     payload = {"format": FORMAT_VERSION, "options": opts, "inputs": [_source_record(s) for s in sources]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -286,7 +285,8 @@ def prepare(options: PrepareOptions) -> dict:
     options.validate()
     out = Path(options.out)
     sources = resolve_inputs(options.inputs, options.text_field)
-    key = build_key(options, sources)
+    given = load_tokenizer(options.tokenizer, options.eot_token) if options.tokenizer is not None else None
+    key = build_key(options, sources, given)
 
     existing = _our_meta(out)
     if out.exists() and existing is None and (not out.is_dir() or any(out.iterdir())):
@@ -308,8 +308,8 @@ def prepare(options: PrepareOptions) -> dict:
     build_dir.mkdir(parents=True)
     start = time.time()
     try:
-        if options.tokenizer is not None:
-            tokenizer = load_tokenizer(options.tokenizer, options.eot_token)
+        if given is not None:
+            tokenizer = given
         else:
             tokenizer = _train_tokenizer(options, sources)
         tokenizer_dir = tokenizer.save(build_dir / "tokenizer")

@@ -81,6 +81,10 @@ class HFTokenizersTokenizer(Tokenizer):
         self._tok = tok
         # documents are plain text: special-token strings inside them are not special
         self._tok.encode_special_tokens = True
+        # whole documents, unpadded: a tokenizer.json saved with truncation or padding on would cut documents
+        # or write pad ids into the shards, every id still in range
+        self._tok.no_truncation()
+        self._tok.no_padding()
         added = {t.content for t in tok.get_added_tokens_decoder().values()}
         self.eot_token = eot_token or _pick_eot(added | set(tok.get_vocab()), source)
         eot_id = tok.token_to_id(self.eot_token)

@@ -26,23 +26,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def execution_flags(device: torch.device) -> dict[str, bool | None]:
+    """How AdamW runs on ``device``: fused (one kernel for all parameters) on CUDA, foreach elsewhere."""
+    fused = device.type == "cuda"
+    return {"fused": fused or None, "foreach": None if fused else True}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimSection, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters) on CUDA, foreach elsewhere."""
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        fused=fused or None,
-        foreach=None if fused else True,
-    )
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **execution_flags(device))
 
 
-def apply_hyperparameters(optimizer: torch.optim.AdamW, cfg: OptimSection) -> None:
-    """Set betas, eps and weight decay from ``cfg`` (after loading a checkpoint, whose values they replace)."""
+def apply_hyperparameters(optimizer: torch.optim.AdamW, cfg: OptimSection, device: torch.device | None = None) -> None:
+    """Set betas, eps and weight decay from ``cfg``, and with ``device`` how AdamW runs there (after loading a
+    checkpoint, whose values they replace: one written on the CPU would otherwise run unfused on a GPU)."""
+    flags = execution_flags(device) if device is not None else {}
     for group in optimizer.param_groups:
         group["betas"], group["eps"] = tuple(cfg.betas), cfg.eps
+        group.update(flags)
     optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (see param_groups)
 
 

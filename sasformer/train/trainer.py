@@ -138,11 +138,12 @@ class Trainer:
         if resume_from is not None:
             D.load_full_state(self.model, self.optimizer, ckpt.read_model_state(resume_from, self.model_config),
                               saved_optim)
-            apply_hyperparameters(self.optimizer, config.optim)  # the config wins over the checkpoint
+            apply_hyperparameters(self.optimizer, config.optim, self.device)  # the config wins over the checkpoint
             self.loader.load_state_dict(saved_state["loader"])
             ckpt.set_rng_state(saved_state["rng"])
             self.step = int(saved_state["step"])
             self.train_seconds = float(saved_state.get("train_seconds", 0.0))
+        self._refuse_newer_checkpoints(resume_from)
         self.resumed_from = resume_from
         self.last_checkpoint: Path | None = resume_from
         self.peak = peak_tflops(self.device, config.mfu_peak_tflops)
@@ -153,6 +154,20 @@ class Trainer:
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._dev_step = torch.full((), self.step, dtype=torch.long, device=self.device)
         self._last_grad_norm = torch.zeros((), device=self.device)
+
+    def _refuse_newer_checkpoints(self, resume_from: Path | None) -> None:
+        """A fresh start, or a resume from an older step, next to checkpoints of a later step would mix two
+        runs: keep_last would delete this run's checkpoints and ``resume: auto`` would continue the other's."""
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        newest = found[-1] if found else None
+        resumed_newest = resume_from is not None and newest is not None and \
+            newest.resolve() == Path(resume_from).resolve()
+        if newest is not None and ckpt.checkpoint_step(newest) >= self.step and not resumed_newest:
+            raise ValueError(
+                f"{self.ckpt_dir} already holds checkpoints up to {found[-1].name} from an earlier run, which this "
+                f"run (starting at step {self.step}) would mix with its own; use another out_dir, move them away, "
+                "or resume: auto to continue that run (nothing was changed)"
+            )
 
     def _autocast_dtype(self) -> torch.dtype | None:
         dtype = self.config.dtype
@@ -273,7 +288,8 @@ class Trainer:
         self.step += 1
         self._dev_step += 1
         step_loss = loss_sum / self.accum
-        newly_bad = (~torch.isfinite(step_loss)) & (self._bad_step < 0)
+        # a finite loss with a non-finite gradient still ruins the weights (clipping spreads the NaN to all)
+        newly_bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)) & (self._bad_step < 0)
         self._bad_step = torch.where(newly_bad, self._dev_step, self._bad_step)
         self._loss_sum += step_loss
         self._steps_in_window += 1
@@ -281,7 +297,8 @@ class Trainer:
         mark("bookkeeping")
 
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteLossError` if any step since the start had a non-finite loss (syncs)."""
+        """Raise :class:`NonFiniteLossError` if any step since the start had a non-finite loss or gradient norm
+        (syncs)."""
         never = torch.iinfo(torch.long).max
         first_bad = D.all_reduce_min(torch.where(self._bad_step >= 0, self._bad_step, never))
         if first_bad.item() != never:
@@ -289,8 +306,22 @@ class Trainer:
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
                 "no checkpoint was written"
             raise NonFiniteLossError(
-                f"loss became NaN/inf at step {bad_step}; training stopped and nothing after it was saved "
+                f"loss or gradient norm became NaN/inf at step {bad_step}; training stopped and nothing after it was "
+                "saved "
                 f"({where}). Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then resume."
+            )
+
+    @torch.no_grad()
+    def _check_parameters_finite(self) -> None:
+        """Refuse to save non-finite weights (an update can overflow with a finite loss and gradient)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        finite = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all().long()
+        if D.all_reduce_min(finite).item() == 0:
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+                "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"the weights hold NaN/inf after step {self.step} (the loss and gradient norm were finite: the "
+                f"update overflowed); training stopped and nothing was saved ({where}). Lower optim.lr, then resume."
             )
 
     @torch.no_grad()
@@ -314,6 +345,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank joins the gather)."""
         self.check_finite()
+        self._check_parameters_finite()
         model_state, optim_state = D.full_state(self.model, self.optimizer)
         path = None
         if self.dist.is_main:

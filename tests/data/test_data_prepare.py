@@ -95,6 +95,17 @@ def test_rerun_is_idempotent_and_changes_rebuild(tmp_path, ranks_file, capsys):
     assert changed["build_key"] != second["build_key"]
 
 
+def test_a_changed_tokenizer_rebuilds_however_it_is_named(tmp_path, make_ranks):
+    # the key holds the tokenizer's fingerprint: a prefixed spec (not a path) must not hide a changed file
+    a = _corpus(tmp_path, "a", 30)
+    ranks = make_ranks("r.tiktoken")
+    opts = _options(tmp_path, [a], tokenizer=f"tiktoken:{ranks}")
+    first = prepare(opts)
+    assert prepare(opts)["build_key"] == first["build_key"]
+    make_ranks("r.tiktoken", [b"th", b"he"])  # other merges: another tokenizer at the same path
+    assert prepare(opts)["build_key"] != first["build_key"]
+
+
 def test_workers_do_not_change_output(tmp_path, ranks_file):
     a = _corpus(tmp_path, "a", 700)
     one = prepare(_options(tmp_path, [a], out="w1", tokenizer=str(ranks_file), shard_tokens=5000))

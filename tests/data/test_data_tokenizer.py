@@ -53,6 +53,23 @@ def test_tokenizers_json_file(bpe, texts, tmp_path):
     assert tok.encode(texts[0]) == bpe.encode(texts[0])
 
 
+def test_tokenizers_json_with_truncation_and_padding_keeps_whole_documents(bpe, texts, tmp_path):
+    # many published tokenizer.json files are saved with truncation on; documents must not be cut or padded
+    from tokenizers import Tokenizer as RawTokenizer
+
+    raw = RawTokenizer.from_str(bpe._tok.to_str())
+    raw.enable_truncation(max_length=4)
+    raw.enable_padding(length=64, pad_id=bpe.eot_id)
+    path = tmp_path / "tokenizer.json"
+    raw.save(str(path))
+    tok = load_tokenizer(path)
+    long_text = max(texts, key=len)
+    assert len(bpe.encode(long_text)) > 4
+    assert tok.encode(long_text) == bpe.encode(long_text)
+    assert tok.encode_batch(texts) == bpe.encode_batch(texts)
+    assert tok.fingerprint == bpe.fingerprint
+
+
 def test_tokenizers_json_unknown_eot(bpe, tmp_path):
     path = tmp_path / "tokenizer.json"
     bpe._tok.save(str(path))

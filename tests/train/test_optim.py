@@ -60,3 +60,13 @@ def test_config_hyperparameters_replace_loaded_ones():
     apply_hyperparameters(new, OptimSection(weight_decay=0.3, betas=(0.8, 0.99), eps=1e-6))
     assert [g["weight_decay"] for g in new.param_groups] == [0.3, 0.0]
     assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in new.param_groups)
+
+
+def test_resume_runs_adamw_the_way_of_this_device():
+    # a checkpoint's param groups carry the flags of the machine that wrote it (foreach on a CPU)
+    model = DecoderLM(preset("tiny", "mha", d_model=32, n_layers=1, vocab_size=50, attention_args={"n_heads": 2}))
+    written_on_cpu = build_optimizer(model, OptimSection(), torch.device("cpu"))
+    loaded = build_optimizer(model, OptimSection(), torch.device("cpu"))
+    loaded.load_state_dict(written_on_cpu.state_dict())
+    apply_hyperparameters(loaded, OptimSection(), torch.device("cuda"))
+    assert all(g["fused"] is True and g["foreach"] is None for g in loaded.param_groups)

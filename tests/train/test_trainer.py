@@ -109,6 +109,43 @@ def test_poisoned_learning_rate_stops(make_config):
         Trainer(cfg, FakeData()).fit()
 
 
+def test_an_infinite_gradient_with_a_finite_loss_stops_before_the_checkpoint(make_config):
+    # the loss of step 8 is finite, its gradient is not: clipping and AdamW would save NaN weights as step 8
+    cfg = make_config(log_interval=3, keep_last=1)
+    trainer = Trainer(cfg, FakeData())
+    weight = trainer.model.blocks[0].mlp.up_proj.weight
+    weight.register_hook(lambda grad: grad * float("inf") if trainer.step == 7 else grad)
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm became NaN/inf at step 8\b.*step_000004"):
+        trainer.fit()
+    checkpoints = ckpt.list_checkpoints(f"{cfg.out_dir}/checkpoints")
+    assert [p.name for p in checkpoints] == ["step_000004"]
+    assert all(torch.isfinite(p).all() for p in ckpt.load_model(checkpoints[0]).parameters())
+
+
+def test_weights_that_overflow_are_not_saved(make_config):
+    # a finite loss and gradient norm, then weights that are not finite: the save refuses them
+    cfg = make_config(max_steps=4, checkpoint_interval=4)
+
+    def overflow(trainer, step):
+        if step == 4:
+            with torch.no_grad():
+                trainer.model.blocks[0].mlp.up_proj.weight[0, 0] = float("inf")
+
+    with pytest.raises(NonFiniteLossError, match="weights hold NaN/inf after step 4.*no checkpoint was written"):
+        Trainer(cfg, FakeData(), step_hooks=[overflow]).fit()
+    assert ckpt.list_checkpoints(f"{cfg.out_dir}/checkpoints") == []
+
+
+def test_a_new_run_beside_a_later_runs_checkpoints_is_refused(make_config):
+    Trainer(make_config(max_steps=8), FakeData()).fit()
+    for resume in ("none", "{out}/checkpoints/step_000004"):
+        cfg = make_config(max_steps=8)
+        cfg = make_config(max_steps=8, resume=resume.format(out=cfg.out_dir))
+        with pytest.raises(ValueError, match="already holds checkpoints up to step_000008"):
+            Trainer(cfg, FakeData())
+    assert Trainer(make_config(max_steps=12), FakeData()).step == 8  # resume: auto continues it
+
+
 def test_resume_with_other_tokenizer_is_refused(make_config):
     cfg = make_config(max_steps=4)
     Trainer(cfg, FakeData()).fit()
@@ -128,7 +165,7 @@ def test_resume_explicit_path_and_none(make_config, tmp_path):
     Trainer(cfg, FakeData()).fit()
     t = Trainer(make_config("other", max_steps=8, resume=f"{cfg.out_dir}/checkpoints/step_000004"), FakeData())
     assert t.step == 4
-    assert Trainer(make_config(max_steps=8, resume="none"), FakeData()).step == 0
+    assert Trainer(make_config("fresh", max_steps=8, resume="none"), FakeData()).step == 0
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         Trainer(make_config(resume=str(tmp_path / "missing")), FakeData())
 
