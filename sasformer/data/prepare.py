@@ -21,7 +21,10 @@ import shutil
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -226,6 +229,31 @@ def _encode_job(job: tuple[bool, list[str], str]) -> tuple[bool, np.ndarray]:
     return is_val, _encode_docs(_worker_tokenizer, texts, np.dtype(dtype))
 
 
+def _encode_in_workers(jobs: Iterator[tuple[bool, list[str], str]], workers: int, ctx, tokenizer_dir: Path
+                       ) -> Iterator[tuple[bool, np.ndarray]]:
+    """The encoded jobs in input order, at most two per worker in flight (memory stays bounded).
+
+    A worker that dies (killed for memory, or failing to load the tokenizer) ends the run with an error,
+    where ``multiprocessing.Pool`` would replace the worker and wait for its job forever.
+    """
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(str(tokenizer_dir),)) as pool:
+        window: deque[Future] = deque()
+        try:
+            for job in jobs:
+                window.append(pool.submit(_encode_job, job))
+                if len(window) >= 2 * workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        except BrokenProcessPool as err:
+            raise RuntimeError(f"a tokenizer worker process died ({err}): killed for memory, or it could not load "
+                               f"the tokenizer; --workers 1 runs in this process and shows the error") from err
+        finally:
+            for future in window:
+                future.cancel()
+
+
 def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokenizer, tokenizer_dir: Path,
               build_dir: Path, forced_val: str | None) -> tuple[dict, str | None]:
     """Write the train/val shards; returns the per-split summary and the key of the lowest-scoring document."""
@@ -260,9 +288,8 @@ def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokeniz
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             try:
-                with ctx.Pool(options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
-                    for is_val, tokens in pool.imap(_encode_job, jobs(), chunksize=1):
-                        writers["val" if is_val else "train"].add(tokens)
+                for is_val, tokens in _encode_in_workers(jobs(), options.workers, ctx, tokenizer_dir):
+                    writers["val" if is_val else "train"].add(tokens)
             finally:
                 if saved is None:
                     del os.environ["TOKENIZERS_PARALLELISM"]

@@ -106,6 +106,25 @@ def test_a_changed_tokenizer_rebuilds_however_it_is_named(tmp_path, make_ranks):
     assert prepare(opts)["build_key"] != first["build_key"]
 
 
+def test_a_worker_that_cannot_start_fails_the_run_instead_of_hanging(tmp_path, ranks_file, monkeypatch):
+    import importlib
+    import signal
+
+    prepare_module = importlib.import_module("sasformer.data.prepare")  # the package exports the function
+
+    def broken_worker(tokenizer_dir):
+        raise OSError("cannot load the tokenizer here")
+
+    monkeypatch.setattr(prepare_module, "_init_worker", broken_worker)
+    signal.alarm(120)  # a hang fails the test instead of the whole suite
+    try:
+        with pytest.raises(RuntimeError, match="tokenizer worker process died"):
+            prepare(_options(tmp_path, [_corpus(tmp_path, "a", 40)], tokenizer=str(ranks_file), workers=2))
+    finally:
+        signal.alarm(0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_workers_do_not_change_output(tmp_path, ranks_file):
     a = _corpus(tmp_path, "a", 700)
     one = prepare(_options(tmp_path, [a], out="w1", tokenizer=str(ranks_file), shard_tokens=5000))
