@@ -61,8 +61,50 @@ def _open_binary(path: Path, raw: IO[bytes]) -> IO[bytes]:
             import zstandard
         except ImportError as err:
             raise ValueError(f"{path} is zstd-compressed: install `zstandard` (pip install zstandard)") from err
-        return zstandard.ZstdDecompressor().stream_reader(raw)
+        return io.BufferedReader(_ZstdReader(raw, zstandard))
     return raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """zstd frames decompressed from ``raw``, one after another; a stream cut short raises ``EOFError`` (zstandard's
+    own reader returns what it has as if the file had ended), and a damaged one ``OSError`` naming zstd's error."""
+
+    def __init__(self, raw: IO[bytes], zstandard) -> None:
+        self._raw, self._zstd = raw, zstandard
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending, self._pos = b"", 0
+        self._started = False  # inside a frame: bytes of it have been fed
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._pending):
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._started and not self._frame.eof:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                return 0
+            self._pending, self._pos = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._pending) - self._pos)
+        buffer[:n] = memoryview(self._pending)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            try:
+                out.append(self._frame.decompress(chunk))
+            except self._zstd.ZstdError as err:
+                raise OSError(f"not a valid zstd stream ({err})") from err
+            self._started = True
+            chunk = b""
+            if self._frame.eof:  # the next frame, if any, starts in what this one left over
+                chunk = self._frame.unused_data
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                self._started = False
+        return b"".join(out)
 
 
 class FileSource:

@@ -111,11 +111,33 @@ def test_jsonl_text_not_string(tmp_path):
         list(iter_documents(str(path)))
 
 
-def test_corrupt_compressed_file(tmp_path):
-    path = tmp_path / "broken.jsonl.xz"
-    path.write_bytes(lzma.compress(b'{"text": "x"}\n' * 100)[:30])
-    with pytest.raises(ValueError, match="cannot decompress .*broken.jsonl.xz"):
+@pytest.mark.parametrize("compression", [c for c in COMPRESSIONS if c])
+@pytest.mark.parametrize("kind", [".jsonl", ".txt"])
+def test_a_truncated_compressed_file_is_an_error(tmp_path, compression, kind):
+    # cut at a line boundary too: a reader that stops quietly would drop the rest of the documents unseen
+    data = b'{"text": "some words of a document"}\n' * 20000 if kind == ".jsonl" else b"a long text. " * 60000
+    packed = _compress(data, compression)
+    path = tmp_path / f"broken{kind}{compression}"
+    path.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(ValueError, match=f"cannot decompress .*broken{kind}{compression}"):
         list(iter_documents(str(path)))
+
+
+def test_a_damaged_zstd_file_names_the_file(tmp_path):
+    pytest.importorskip("zstandard")
+    path = tmp_path / "garbage.txt.zst"
+    path.write_bytes(b"this is not a zstd stream at all")
+    with pytest.raises(ValueError, match="cannot decompress .*garbage.txt.zst: not a valid zstd stream"):
+        list(iter_documents(str(path)))
+
+
+def test_several_zstd_frames_are_one_file(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    lines = [json.dumps({"text": f"document {i}"}) + "\n" for i in range(3000)]
+    packer = zstandard.ZstdCompressor()
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(packer.compress("".join(lines[:1000]).encode()) + packer.compress("".join(lines[1000:]).encode()))
+    assert [d.text for d in iter_documents(str(path))] == [f"document {i}" for i in range(3000)]
 
 
 def test_not_utf8_text(tmp_path):
