@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--split", default="val", help="data split for perplexity (default: val)")
     add("--ppl-multipliers", default="1,2,4", help="context lengths as multiples of the trained one")
     add("--ppl-tokens", type=int, default=1_000_000, help="at most this many tokens per length")
-    add("--max-len", type=int, default=None, help="longest scoring row (default: the model's max_seq_len)")
+    add("--max-len", type=int, default=None,
+        help="longest scoring row, and the base of --ppl-multipliers (default: the length a --checkpoint "
+             "trained at, else the model's max_seq_len)")
     add("--mqar", default=None, help="comma-separated attention variants to train and test on MQAR")
     add("--mqar-steps", type=int, default=3000, help="training steps per run (recall needs thousands)")
     add("--mqar-seeds", default="0", help="comma-separated seeds; one run per variant and seed")
@@ -163,12 +165,13 @@ def _load_model(args: argparse.Namespace, device):
     if args.checkpoint is not None:
         if not args.checkpoint.is_dir():
             raise ValueError(f"--checkpoint {args.checkpoint} is not a folder")
-        from sasformer.train.checkpoint import load_model
+        from sasformer.train.checkpoint import load_model, trained_seq_len
 
         loaded = load_model(args.checkpoint)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model = model.to(device).eval()
-        return model, int(model.config.max_seq_len)
+        # the length the run trained at, which max_seq_len (a preset's, or raised to fit it) can exceed
+        return model, int(trained_seq_len(args.checkpoint) or model.config.max_seq_len)
     if not args.model.is_dir():
         raise ValueError(f"--model {args.model} is not a folder")
     import importlib.util

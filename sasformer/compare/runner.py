@@ -204,10 +204,12 @@ def _zero_shot(spec: GridSpec, tasks: dict[str, list], checkpoint: Path, data_di
                log: Log) -> tuple[dict[str, Any], float]:
     from sasformer.data.loader import load_data_tokenizer
     from sasformer.eval import evaluate_tasks
-    from sasformer.train.checkpoint import load_model
+    from sasformer.train.checkpoint import load_model, trained_seq_len
 
     model = load_model(checkpoint, device)
-    metrics = evaluate_tasks(model, load_data_tokenizer(data_dir), tasks, max_len=model.config.max_seq_len,
+    # no row longer than training saw: variants extrapolate differently, which would bias the ranking
+    max_len = trained_seq_len(checkpoint) or model.config.max_seq_len
+    metrics = evaluate_tasks(model, load_data_tokenizer(data_dir), tasks, max_len=max_len,
                              batch_size=spec.eval.zero_shot_batch_size, device=device, log=log)
     return metrics, sum(m["acc"] for m in metrics.values()) / len(metrics)
 

@@ -126,6 +126,16 @@ def read_config(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads((checkpoint / CONFIG_FILE).read_text())
 
 
+def trained_seq_len(checkpoint: str | Path) -> int | None:
+    """The sequence length the checkpoint's run trained at (its config's ``train.seq_len``; None if not recorded).
+
+    The model's ``max_seq_len`` can be longer (a preset's, or raised to fit ``seq_len``), so evaluations that
+    speak of "the trained length" read this.
+    """
+    seq_len = read_config(checkpoint).get("train", {}).get("seq_len")
+    return int(seq_len) if seq_len is not None else None
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> DecoderLM:
     """A :class:`DecoderLM` with the checkpoint's config and weights, in eval mode."""
     config = read_model_config(checkpoint)

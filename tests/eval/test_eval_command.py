@@ -10,10 +10,11 @@ from eval_fakes import CharTokenizer, unigram
 from sasformer.commands import eval as eval_command
 
 
-def fake_modules(monkeypatch, model, tokenizer, windows):
+def fake_modules(monkeypatch, model, tokenizer, windows, trained_seq_len=None):
     """Stand-ins for the training checkpoint loader and the data package the command imports."""
     checkpoint = types.ModuleType("sasformer.train.checkpoint")
     checkpoint.load_model = lambda path: model
+    checkpoint.trained_seq_len = lambda path: trained_seq_len
     tok_module = types.ModuleType("sasformer.data.tokenizer")
     tok_module.load_tokenizer = lambda path: tokenizer
     loader = types.ModuleType("sasformer.data.loader")
@@ -55,6 +56,23 @@ def test_eval_command_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     assert results["meta"]["max_len"] == 16
     assert "| piqa | 1 | 1.0000" in capsys.readouterr().out
     assert out.with_suffix(".md").exists()
+
+
+def test_lengths_are_those_the_checkpoint_trained_at(tmp_path, monkeypatch):
+    # a preset's max_seq_len (16) can exceed the run's seq_len (8): "1x" must be the length training saw
+    tok = CharTokenizer()
+    model = unigram({tok.encode("g")[0]: 0.5}, tok.vocab_size)
+    model.config = types.SimpleNamespace(max_seq_len=16)
+    fake_modules(monkeypatch, model, tok, lambda L: [torch.zeros(L + 1, dtype=torch.long)] * 2, trained_seq_len=8)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    out = tmp_path / "results.json"
+    args = parse(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--tasks", "none",
+                  "--ppl-multipliers", "1,2", "--out", str(out)])
+    assert eval_command.run(args) == 0
+    results = json.loads(out.read_text())
+    assert [r["seq_len"] for r in results["perplexity"]] == [8, 16]
+    assert results["meta"]["max_len"] == 8
 
 
 def test_eval_command_rejects_bad_requests_before_loading_a_model(tmp_path):

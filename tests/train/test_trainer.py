@@ -45,6 +45,7 @@ def test_trains_logs_evaluates_and_checkpoints(make_config):
     assert run["model"]["vocab_size"] == 64 and run["grad_accum"] == 1
     model = ckpt.load_model(f"{out}/checkpoints/step_000012")
     assert model.config.d_model == 32
+    assert ckpt.trained_seq_len(f"{out}/checkpoints/step_000012") == 16 < model.config.max_seq_len
 
 
 def test_console_lines_without_the_bar(make_config, capsys):
