@@ -199,6 +199,11 @@ def _load_model(args: argparse.Namespace, device):
     return Logits(), int(max_len)
 
 
+def _without_token(decode, token: int):
+    """``decode`` of the ids other than ``token``."""
+    return lambda ids: decode([i for i in ids if i != token])
+
+
 def _autocast(model, device, dtype: str):
     import torch
 
@@ -296,6 +301,11 @@ def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]
     from sasformer.eval.perplexity import evaluate_window_batches
 
     decode = getattr(tokenizer, "decode", None)
+    eot = getattr(tokenizer, "eot_id", None)
+    if decode is not None and eot is not None:
+        # the document separators are no text: "<|endoftext|>" would add 13 bytes a document (other
+        # tokenizers' separators other counts), and bits per byte would stop being comparable across them
+        decode = _without_token(tokenizer.decode, int(eot))
     out = []
     for m in (int(x) for x in args.ppl_multipliers.split(",")):
         length = max_len * m

@@ -8,8 +8,9 @@ tokenizer's end-of-text token.
 Metrics, each with its standard error (sample standard deviation / sqrt(n)):
 
 - ``acc``: the choice with the highest summed log-likelihood is the gold one (ties: first choice).
-- ``acc_norm``: the same after dividing each choice's log-likelihood by the UTF-8 byte length of its
-  continuation (lm-eval's ``acc_norm`` divides by the character count: the same for ASCII text).
+- ``acc_norm``: the same after dividing each choice's log-likelihood by the UTF-8 byte length of the
+  choice without the whitespace that separates it from the context (lm-eval's ``acc_norm`` divides by the
+  character count of the choice without its delimiter: the same for ASCII text).
   Not reported for tasks whose choices share one continuation (winogrande), where it equals
   ``acc`` by construction.
 - lambada: ``acc`` = greedy decoding reproduces the whole target; ``ppl`` = exp(-mean over items
@@ -81,7 +82,7 @@ def choice_metrics(items: Sequence[ChoiceItem], logprobs: Sequence[Sequence[floa
     for item, lps in zip(items, logprobs):
         correct.append(float(_argmax(lps) == item.gold))
         if normalise:
-            nbytes = [max(len(cont.encode("utf-8")), 1) for _, cont in item.pairs]
+            nbytes = [max(len(cont.lstrip().encode("utf-8")), 1) for _, cont in item.pairs]
             correct_norm.append(float(_argmax([lp / b for lp, b in zip(lps, nbytes)]) == item.gold))
     out: dict[str, Any] = {"n": len(items)}
     out["acc"], out["acc_stderr"] = mean_and_stderr(correct)

@@ -37,7 +37,7 @@ def test_eval_command_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     g = tok.encode("g")[0]
     model = unigram({g: 0.5}, tok.vocab_size)
     model.config = types.SimpleNamespace(max_seq_len=16)
-    fake_modules(monkeypatch, model, tok, lambda L: [torch.zeros(L + 1, dtype=torch.long)] * 2)
+    fake_modules(monkeypatch, model, tok, lambda L: [torch.ones(L + 1, dtype=torch.long)] * 2)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "data" / "tokenizer").mkdir(parents=True)
     eval_dir = tmp_path / "eval"
@@ -63,7 +63,7 @@ def test_lengths_are_those_the_checkpoint_trained_at(tmp_path, monkeypatch):
     tok = CharTokenizer()
     model = unigram({tok.encode("g")[0]: 0.5}, tok.vocab_size)
     model.config = types.SimpleNamespace(max_seq_len=16)
-    fake_modules(monkeypatch, model, tok, lambda L: [torch.zeros(L + 1, dtype=torch.long)] * 2, trained_seq_len=8)
+    fake_modules(monkeypatch, model, tok, lambda L: [torch.ones(L + 1, dtype=torch.long)] * 2, trained_seq_len=8)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "data" / "tokenizer").mkdir(parents=True)
     out = tmp_path / "results.json"
@@ -73,6 +73,22 @@ def test_lengths_are_those_the_checkpoint_trained_at(tmp_path, monkeypatch):
     results = json.loads(out.read_text())
     assert [r["seq_len"] for r in results["perplexity"]] == [8, 16]
     assert results["meta"]["max_len"] == 8
+
+
+def test_bits_per_byte_leaves_the_document_separators_out(tmp_path, monkeypatch):
+    # windows of "|aa|aa|aa...": "|" (end-of-text) is predicted too, but it is no text of the documents
+    tok = CharTokenizer()
+    model = unigram({1: 0.5}, tok.vocab_size)
+    model.config = types.SimpleNamespace(max_seq_len=9)
+    fake_modules(monkeypatch, model, tok, lambda L: [torch.tensor([0, 1, 1] * L)[: L + 1]] * 2)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    out = tmp_path / "results.json"
+    args = parse(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--tasks", "none",
+                  "--ppl-multipliers", "1", "--out", str(out)])
+    assert eval_command.run(args) == 0
+    (result,) = json.loads(out.read_text())["perplexity"]
+    assert result["n_tokens"] == 2 * 9 and result["n_bytes"] == 2 * 6  # 3 of each window's 9 targets are "|"
 
 
 def test_eval_command_rejects_bad_requests_before_loading_a_model(tmp_path):

@@ -41,6 +41,17 @@ def test_acc_norm_differs_from_acc_when_lengths_differ():
     assert result["acc_norm"] == 1.0
 
 
+def test_acc_norm_counts_the_choice_without_its_separating_space():
+    # per byte of the choice alone (as lm-eval): " hh" scores (log .2 + 2 log .25) / 2 > (log .2 + log .5) / 1 for
+    # " g"; counting the space too would reverse it ((...) / 3 < (...) / 2)
+    (space,) = TOK.encode(" ")
+    model = unigram({G: 0.5, H: 0.25, space: 0.2}, V)
+    items = [ChoiceItem("0", (("q", " hh"), ("q", " g")), gold=0)]
+    result = evaluate_items(model, TOK, items, max_len=32)
+    assert result["acc"] == 0.0
+    assert result["acc_norm"] == 1.0
+
+
 def test_winogrande_shape_scores_the_shared_continuation_after_each_context():
     # after "x" the model expects " ", after "y" it does not: the context ending in x wins
     x, y, space = TOK.encode("xy ")
