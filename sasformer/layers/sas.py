@@ -212,9 +212,12 @@ class SimulatedAttention(Attention):
             full = cache.append(k=k, v=v)
             k, v = full["k"], full["v"]
         else:  # compact: cache the projected K, V and simulate the whole prefix again
+            if ctx.key_positions is None:  # checked before the cache grows, so a refused call leaves it as it was
+                raise ValueError(
+                    "cache_mode='compact' rotates every cached key again, so it needs all keys' positions: with "
+                    "explicit position_ids after a cached prefix they are not known; pass the attention_mask "
+                    "instead of position_ids, or use cache_mode='simulated'")
             full = cache.append(k=k, v=v)
-            if ctx.key_positions is None:
-                raise ValueError("cache_mode='compact' needs AttentionContext.key_positions")
             key_rotary = RotaryTables(ctx.key_positions, ctx.rotary.theta, ctx.rotary.precomputed)
             k, v = self.simulate_kv(full["k"], full["v"], key_rotary)
         return self.attend_and_aggregate(q, k, v, ctx)

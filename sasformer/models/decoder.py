@@ -216,6 +216,10 @@ def run_blocks(
     first_position = past if attention_mask is None and position_ids is None else None
     if position_ids is None:
         position_ids = key_positions[:, past:]
+    elif past == 0:
+        key_positions = position_ids  # the keys are these tokens, at the positions given
+    else:
+        key_positions = None  # the cached keys' positions were given to earlier calls, not kept
     ctx = AttentionContext(rotary.tables(position_ids, S, first_position), mask, None, key_positions)
     x = embed(input_ids)
     if residual_dtype is not None:

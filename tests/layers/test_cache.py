@@ -83,6 +83,27 @@ def test_chunked_prefill_equals_full_forward(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 @torch.no_grad()
+def test_explicit_positions_cached_equal_the_full_forward_or_are_refused(name: str) -> None:
+    # positions 10.. given by the caller: a cached prefill must use them for queries and keys alike; the
+    # compact cache, which rotates every cached key again, cannot know earlier calls' positions and says so
+    model = tiny_model(name)
+    ids = random_ids(2, 8)
+    positions = torch.arange(8).unsqueeze(0) + 10
+    full = model(ids, position_ids=positions)
+    cache = model.new_cache()
+    prefill = model(ids[:, :5], position_ids=positions[:, :5], cache=cache)
+    torch.testing.assert_close(prefill, full[:, :5], atol=ATOL, rtol=0)
+    if model.config.attention == "sas" and model.config.attention_args.get("cache_mode") == "compact":
+        with pytest.raises(ValueError, match="needs all keys' positions"):
+            model(ids[:, 5:], position_ids=positions[:, 5:], cache=cache)
+        assert cache.seq_len == 5  # the refused call left the cache as it was
+    else:
+        rest = model(ids[:, 5:], position_ids=positions[:, 5:], cache=cache)
+        torch.testing.assert_close(rest, full[:, 5:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@torch.no_grad()
 def test_left_padded_batch_matches_each_sequence_alone(name: str) -> None:
     model = tiny_model(name)
     lengths, T = [11, 4, 1], 11
