@@ -52,7 +52,9 @@ def markdown_frontier(frontier: dict[str, Any]) -> str:
         "",
         (f"Entries: {', '.join(frontier['entries'])}; baseline: {baseline}. A point is one entry at one budget: "
          "its final validation loss and training FLOPs (tokens seen x training FLOPs/token), mean ± sample std "
-         "over seeds (n/a: one seed). Epochs: tokens seen over the training split's tokens (n/a: unknown)."),
+         "over seeds (n/a: one seed). Epochs: tokens seen over the training split's tokens (n/a: unknown). "
+         "Training FLOPs count the attention scores densely (all T x T, the convention of MFU figures), which a "
+         "causal kernel halves; the variants' FLOP ratios, and so the gaps at equal compute, depend on it."),
         "",
         points_table(frontier["points"]),
         "",
