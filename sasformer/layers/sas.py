@@ -25,6 +25,7 @@ Triton kernel on CUDA or by dense GEMMs with Q, K and V stacked (its ``decode_ke
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,10 @@ class SASArgs(AttentionArgs):
     rope: str = "after"
     peaa: str = "mean"
     cache_mode: str = "simulated"
-    sim_init: str = "default"  # "identity": simulation starts as a copy (SAS == MHA at init)
+    # "identity": simulation starts as a copy, so that with H' = H and D' = D the layer is MHA; a check of that
+    # reduction, not a training init: with H' > H every group of heads starts equal, gets equal gradients
+    # under PEAA's mean and stays equal (and with rope "none" the D' - D extra features stay zero)
+    sim_init: str = "default"
 
     def validate(self, d_model: int) -> None:
         require(self.n_heads >= 1, f"n_heads={self.n_heads} must be >= 1")
@@ -138,6 +142,11 @@ class SimulatedAttention(Attention):
         # (sas_decode.set_decode_kernel, resolve_decode_kernel)
         self.decode_kernel: str | None = None
         if args.sim_init == "identity":
+            if (self.n_sim_heads, self.sim_head_dim) != (self.n_heads, self.head_dim):
+                warnings.warn(f"sim_init='identity' with H'={self.n_sim_heads} > H={self.n_heads} or D'="
+                              f"{self.sim_head_dim} != D={self.head_dim}: the simulated groups start equal and "
+                              "training keeps them equal; use it to check the reduction to MHA, not to train",
+                              stacklevel=2)
             self.reset_simulation_identity()
 
     def reset_simulation_identity(self) -> None:
