@@ -115,6 +115,10 @@ def _our_meta(out: Path) -> dict | None:
 
 
 def _complete(out: Path, meta: dict) -> bool:
+    from sasformer.data.tokenizer import META_FILE as TOKENIZER_FILE
+
+    if not (out / meta.get("tokenizer", {}).get("dir", "tokenizer") / TOKENIZER_FILE).is_file():
+        return False  # the shards alone cannot be read: the loader needs the tokenizer saved beside them
     try:
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split, info in meta["splits"].items():
@@ -323,7 +327,8 @@ def prepare(options: PrepareOptions) -> dict:
         )
     if existing is not None:
         if not _complete(out, existing):
-            print(f"{out} is incomplete or damaged (a shard is missing or has the wrong size); rebuilding",
+            print(f"{out} is incomplete or damaged (a shard or the tokenizer is missing, or a shard has the wrong "
+                  "size); rebuilding",
                   file=sys.stderr)
         elif existing.get("build_key") == key and not options.force:
             print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)

@@ -176,6 +176,14 @@ def test_damaged_output_is_rebuilt(tmp_path, ranks_file, capsys):
     rebuilt = prepare(opts)
     assert rebuilt["splits"] == meta["splits"] and read_meta(tmp_path / "out") == rebuilt
     assert "incomplete or damaged" in capsys.readouterr().err
+    # shards without the tokenizer saved beside them cannot be loaded: also rebuilt
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "tokenizer")
+    assert read_meta(tmp_path / "out") is None
+    prepare(opts)
+    assert "incomplete or damaged" in capsys.readouterr().err
+    assert load_data_tokenizer(tmp_path / "out").fingerprint == meta["tokenizer_fingerprint"]
 
 
 def test_option_errors(tmp_path, ranks_file):
