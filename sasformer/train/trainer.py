@@ -143,14 +143,16 @@ class Trainer:
             ckpt.set_rng_state(saved_state["rng"])
             self.step = int(saved_state["step"])
             self.train_seconds = float(saved_state.get("train_seconds", 0.0))
+        # the log window open at the checkpoint (its steps' loss sum), so a resumed run logs the same means
+        window = saved_state.get("log_window", {}) if resume_from is not None else {}
         self._refuse_newer_checkpoints(resume_from)
         self.resumed_from = resume_from
         self.last_checkpoint: Path | None = resume_from
         self.peak = peak_tflops(self.device, config.mfu_peak_tflops)
         self.logger: MetricsLogger | None = None  # opened by fit(), on rank 0
         # device-side accumulators, read only at log time
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._steps_in_window = 0
+        self._loss_sum = torch.tensor(float(window.get("loss_sum", 0.0)), device=self.device)
+        self._steps_in_window = int(window.get("steps", 0))
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._dev_step = torch.full((), self.step, dtype=torch.long, device=self.device)
         self._last_grad_norm = torch.zeros((), device=self.device)
@@ -347,6 +349,8 @@ class Trainer:
         self.check_finite()
         self._check_parameters_finite()
         model_state, optim_state = D.full_state(self.model, self.optimizer)
+        # the open log window's loss sum, averaged over processes as the log line will be (every rank joins)
+        window_loss = float(D.all_reduce_sum(self._loss_sum.clone()) / self.dist.world_size)
         path = None
         if self.dist.is_main:
             train_state = {
@@ -357,6 +361,7 @@ class Trainer:
                 "tokenizer_fingerprint": self.loader.tokenizer_fingerprint,
                 "world_size": self.dist.world_size,
                 "train_seconds": self.train_seconds,
+                "log_window": {"loss_sum": window_loss, "steps": self._steps_in_window},
             }
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, self.model_config, optim_state,
                                         train_state, {"train": self.config.to_dict()}, self.config.keep_last)

@@ -88,6 +88,17 @@ def test_resume_is_exact(make_config):
     assert _losses(part.out_dir) == _losses(full.out_dir)
 
 
+def test_resume_logs_the_same_window_means_when_checkpoints_fall_inside_a_window(make_config):
+    # checkpoints every 4 steps, log lines every 3: the window of steps 4-6 is open at the step-4 checkpoint
+    full = make_config("full", log_interval=3, checkpoint_interval=4)
+    Trainer(full, FakeData()).fit()
+    part = make_config("part", log_interval=3, checkpoint_interval=4)
+    with pytest.raises(Interrupt):
+        Trainer(part, FakeData(), step_hooks=[_stop_at(7)]).fit()
+    Trainer(part, FakeData()).fit()
+    assert _losses(part.out_dir) == _losses(full.out_dir)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(make_config):
     cfg = make_config(log_interval=3)
 
