@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         model, max_len = _load_model(args, device)
         model = _autocast(model, device, args.dtype)
         tokenizer = _load_tokenizer(args)
+        expected = _check_tokenizer(args, tokenizer)
         max_len = args.max_len or max_len
         results["meta"]["max_len"] = max_len
         if items is not None:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             results["zeroshot"] = evaluate_tasks(model, tokenizer, items, max_len, args.batch_size, device,
                                                  show_progress=True, log=_log)
         if args.data is not None:
-            results["perplexity"] = _perplexity(args, model, tokenizer, max_len, device)
+            results["perplexity"] = _perplexity(args, model, tokenizer, max_len, device, expected)
     if args.mqar:
         results["mqar"] = _mqar(args, device)
 
@@ -296,7 +297,23 @@ def _load_tokenizer(args: argparse.Namespace):
     return load(path)
 
 
-def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]:
+def _check_tokenizer(args: argparse.Namespace, tokenizer) -> str | None:
+    """The fingerprint of the tokenizer a --checkpoint trained with (None if unknown), after checking that the
+    tokenizer found for scoring is that one: another one's ids would be scored without any error."""
+    if args.checkpoint is None:
+        return None
+    from sasformer.train.checkpoint import trained_tokenizer_fingerprint
+
+    expected = trained_tokenizer_fingerprint(args.checkpoint)
+    found = getattr(tokenizer, "fingerprint", None)
+    if expected is not None and found is not None and found != expected:
+        raise ValueError(f"the tokenizer found ({found[:16]}) is not the one {args.checkpoint} was trained with "
+                         f"({expected[:16]}); pass --data / --tokenizer of that training run")
+    return expected
+
+
+def _perplexity(args, model, tokenizer, max_len, device, expected_fingerprint: str | None = None
+                ) -> list[dict[str, Any]]:
     from sasformer.data.loader import eval_batches
     from sasformer.eval.perplexity import evaluate_window_batches
 
@@ -311,7 +328,8 @@ def _perplexity(args, model, tokenizer, max_len, device) -> list[dict[str, Any]]
         length = max_len * m
         batch_size = max(1, args.batch_size // m)
         print(f"perplexity at {length} tokens", file=sys.stderr, flush=True)
-        batches = eval_batches(args.data, args.split, length, batch_size)
+        # shards of another tokenizer are refused by the loader, naming both fingerprints
+        batches = eval_batches(args.data, args.split, length, batch_size, expected_fingerprint=expected_fingerprint)
         result = evaluate_window_batches(model, batches, length, decode=decode, max_tokens=args.ppl_tokens,
                                          device=device, show_progress=True)
         out.append(result.to_dict())

@@ -193,6 +193,13 @@ def save_checkpoint(
     return final
 
 
+def trained_tokenizer_fingerprint(checkpoint: str | Path) -> str | None:
+    """The fingerprint of the tokenizer the checkpoint's training data was prepared with (None if unknown)."""
+    read_config(checkpoint)  # raises if incomplete
+    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    return state.get("tokenizer_fingerprint")
+
+
 def load_train_state(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(optimizer state keyed by parameter name, trainer state) of a checkpoint."""
     checkpoint = Path(checkpoint)

@@ -15,10 +15,11 @@ def fake_modules(monkeypatch, model, tokenizer, windows, trained_seq_len=None):
     checkpoint = types.ModuleType("sasformer.train.checkpoint")
     checkpoint.load_model = lambda path: model
     checkpoint.trained_seq_len = lambda path: trained_seq_len
+    checkpoint.trained_tokenizer_fingerprint = lambda path: None
     tok_module = types.ModuleType("sasformer.data.tokenizer")
     tok_module.load_tokenizer = lambda path: tokenizer
     loader = types.ModuleType("sasformer.data.loader")
-    loader.eval_batches = lambda data_dir, split, seq_len, batch_size: iter([torch.stack(windows(seq_len))])
+    loader.eval_batches = lambda data_dir, split, seq_len, batch_size, **_: iter([torch.stack(windows(seq_len))])
     train, data = types.ModuleType("sasformer.train"), types.ModuleType("sasformer.data")
     train.checkpoint, data.tokenizer, data.loader = checkpoint, tok_module, loader
     for name, module in {"sasformer.train": train, "sasformer.train.checkpoint": checkpoint, "sasformer.data": data,
@@ -137,3 +138,13 @@ def test_a_checkpoint_finds_the_tokenizer_of_the_data_it_was_trained_on(tmp_path
     (ckpt / CONFIG_FILE).write_text(json.dumps({"train": {}}))  # no data_dir: nothing to find
     with pytest.raises(ValueError, match="no tokenizer found"):
         eval_command._load_tokenizer(args)
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path, monkeypatch):
+    checkpoint = types.ModuleType("sasformer.train.checkpoint")
+    checkpoint.trained_tokenizer_fingerprint = lambda path: "a" * 64
+    monkeypatch.setitem(sys.modules, "sasformer.train.checkpoint", checkpoint)
+    args = parse(["--checkpoint", str(tmp_path)])
+    assert eval_command._check_tokenizer(args, types.SimpleNamespace(fingerprint="a" * 64)) == "a" * 64
+    with pytest.raises(ValueError, match="not the one .* was trained with"):
+        eval_command._check_tokenizer(args, types.SimpleNamespace(fingerprint="b" * 64))

@@ -46,6 +46,7 @@ def test_trains_logs_evaluates_and_checkpoints(make_config):
     model = ckpt.load_model(f"{out}/checkpoints/step_000012")
     assert model.config.d_model == 32
     assert ckpt.trained_seq_len(f"{out}/checkpoints/step_000012") == 16 < model.config.max_seq_len
+    assert ckpt.trained_tokenizer_fingerprint(f"{out}/checkpoints/step_000012") == "fake-tok-1"
 
 
 def test_console_lines_without_the_bar(make_config, capsys):
