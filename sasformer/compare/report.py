@@ -159,6 +159,12 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         markdown_table(results["aggregates"]),
     ]
+    failed = list(results.get("failed_runs", []))
+    not_in = [*(f"{r} (failed; its log says why)" for r in failed),
+              *(f"{r} (not run yet)" for r in results.get("missing_runs", []) if r not in failed)]
+    if not_in:
+        parts += ["", "**Not in the table** (the means above are over the runs that finished): " + ", ".join(not_in)
+                  + "."]
     zs = zero_shot_table(results["runs"])
     if zs is not None:
         parts += ["", "Zero-shot accuracy per task (in brackets: its standard error over the items):", "", zs]

@@ -117,9 +117,12 @@ def test_time_limit_leaves_runs_that_would_overrun_for_the_next_call(tmp_path, p
     assert [r["id"] for r in results["runs"]] == ["mha-s0"] and results["missing_runs"] == ["mha-s1"]
     assert any("mha-s1 not started" in line for line in logged)
     assert not (tmp_path / "grid" / "runs" / "mha-s1").exists()
+    assert "**Not in the table**" in (tmp_path / "grid" / "results.md").read_text()
+    assert "mha-s1 (not run yet)" in (tmp_path / "grid" / "results.md").read_text()
     # the next call without a limit finishes the grid and keeps the first run
     results = run_grid(spec, tmp_path / "grid", log=lambda _: None)
     assert [r["id"] for r in results["runs"]] == ["mha-s0", "mha-s1"] and results["missing_runs"] == []
+    assert "Not in the table" not in (tmp_path / "grid" / "results.md").read_text()
     with pytest.raises(ValueError, match="must be > 0"):
         run_grid(spec, tmp_path / "grid", log=lambda _: None, time_limit_s=0)
 
