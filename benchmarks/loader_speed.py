@@ -28,7 +28,7 @@ import torch
 from sasformer.data.loader import TokenLoader, eval_batches
 from sasformer.data.shards import write_shard
 
-CONFIGS = [(1024, 8), (1024, 64), (2048, 32), (4096, 16), (128, 256)]
+CONFIGS = [(1024, 8), (1024, 64), (2048, 32), (4096, 16), (128, 256), (64, 256), (32, 512)]
 TARGET = 5e6  # tokens/s the training loader must reach on one core
 
 

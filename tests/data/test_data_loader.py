@@ -50,6 +50,21 @@ def test_windows_cross_shard_boundaries_and_cover_stream(data_dir):
     assert (starts < 1000).any() and (starts > 1064).any() and ((starts > 1000 - 63) & (starts < 1000)).any()
 
 
+@pytest.mark.parametrize("width", [1, 2, 64, 1001])
+def test_read_windows_equals_reading_row_by_row(data_dir, width):
+    # the gathered rows inside a shard and the rows crossing one (or several: shards of 63 and 1 tokens) agree
+    from sasformer.data.loader import TokenStream
+
+    stream = TokenStream(data_dir, "train")
+    last = stream.num_tokens - width
+    starts = np.array([0, 1, 999, 1000 - width // 2, 1000, 1062, 1063, 1064, last, last // 3, 5, 5])
+    starts = np.clip(starts, 0, last)
+    got = stream.read_windows(starts, width)
+    assert got.dtype == np.int64 and got.shape == (len(starts), width)
+    np.testing.assert_array_equal(got, np.stack([stream.read(int(s), int(s) + width) for s in starts]))
+    np.testing.assert_array_equal(got, starts[:, None] + np.arange(width))  # token value = stream position
+
+
 def test_deterministic_in_seed_and_step(data_dir):
     a = TokenLoader(data_dir, seq_len=7, batch_size=4, seed=1)
     b = TokenLoader(data_dir, seq_len=7, batch_size=4, seed=1)
