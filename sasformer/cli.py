@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from sasformer.errors import RunStoppedError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("sasformer.commands.params", "parameters and FLOPs/token of every variant at every preset"),
     "prepare": ("sasformer.commands.prepare", "tokenize documents into train/val token shards"),
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SASFORMER_TRACEBACK"):
             raise
         parser.exit(2, f"sasformer {args.command}: error: {err}\n")
+    except RunStoppedError as err:  # a run's own check stopped it (its checkpoints are kept): the message is the news
+        if os.environ.get("SASFORMER_TRACEBACK"):
+            raise
+        parser.exit(1, f"sasformer {args.command}: stopped: {err}\n")
 
 
 if __name__ == "__main__":

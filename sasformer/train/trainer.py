@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sasformer.errors import RunStoppedError
 from sasformer.models.decoder import DecoderLM
 from sasformer.models.flops import train_flops_per_token
 from sasformer.train import checkpoint as ckpt
@@ -34,7 +35,7 @@ from sasformer.train.optim import CosineSchedule, apply_hyperparameters, build_o
 from sasformer.utils.graph_breaks import watch_graph_breaks
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStoppedError):
     """Training produced a NaN or infinite loss; the message names the step and the last good checkpoint."""
 
 
