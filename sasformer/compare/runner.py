@@ -134,6 +134,7 @@ def load_finished(plan: RunPlan) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
+    _check_validation_rule(path, result, plan)
     saved = json.loads(json.dumps(comparable_train_config(result["train_config"]), default=str))
     wanted = json.loads(json.dumps(comparable_train_config(plan.train), default=str))
     if saved != wanted:
@@ -143,6 +144,26 @@ def load_finished(plan: RunPlan) -> dict[str, Any] | None:
             "another --out, or delete that run's folder to redo it"
         )
     return result
+
+
+# the validation set of a run: the first eval_batches x batch_size windows of the val split (since the trainer
+# scores global batches a micro-batch at a time; before, eval_batches x micro-batch windows)
+VALIDATION_RULE = "eval_batches x batch_size windows"
+
+
+def _check_validation_rule(path: Path, result: dict[str, Any], plan: RunPlan) -> None:
+    """A run validated under the old rule on other windows than the new runs would be: refuse to mix them."""
+    from sasformer.train.config import TrainConfig
+
+    if result.get("validation_rule") == VALIDATION_RULE:
+        return
+    config = TrainConfig.from_dict(plan.train)
+    if config.micro_batch(1) != config.batch_size:  # the old rule's windows differ only with micro-batches
+        raise ValueError(
+            f"{path} was validated on eval_batches x micro_batch_size windows, which later runs replace by "
+            "eval_batches x batch_size (the same windows however a run is split); its validation loss would not "
+            "compare with theirs. Use another --out, or delete that run's folder to redo it"
+        )
 
 
 def _interpolate(step: int, steps: list[int], values: list[float]) -> float | None:
@@ -315,6 +336,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     result["environment"] = environment(device)  # each run's own: a resumed grid may span machines
     result["model_config"] = model_config.to_dict()
     result["train_config"] = plan.train
+    result["validation_rule"] = VALIDATION_RULE
     _write_json_atomic(plan.run_dir / RESULT_FILE, result)
     return result
 
@@ -332,8 +354,8 @@ def validation_tokens(plan: RunPlan) -> int:
     from sasformer.train.data import PreparedData
 
     config = TrainConfig.from_dict(plan.train)
-    # the trainer's validation batches: micro-batch rows, single process (compare runs one process per run)
-    batches = PreparedData(config.data_dir).eval_batches(config.seq_len, config.micro_batch(1), config.eval_batches,
+    # the trainer's validation batches: global batches of batch_size windows (Trainer.evaluate)
+    batches = PreparedData(config.data_dir).eval_batches(config.seq_len, config.batch_size, config.eval_batches,
                                                          0, 1, None)
     return sum(int(targets.numel()) for _, targets in batches)
 

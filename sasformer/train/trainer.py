@@ -329,16 +329,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``eval_batches`` batches of the validation split (all processes)."""
+        """Mean validation loss over ``eval_batches`` global batches of the validation split (all processes).
+
+        A batch holds ``batch_size`` windows whatever the number of processes and micro-batches, each process
+        scoring its rows a micro-batch at a time, so the loss covers the same windows however a run is split.
+        """
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        batches = self.data.eval_batches(self.config.seq_len, self.micro * self.dist.world_size,
-                                         self.config.eval_batches, self.dist.rank, self.dist.world_size,
-                                         self.loader.tokenizer_fingerprint)
-        for inputs, targets in batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self._autocast():
-                loss = self.loss_module(inputs, targets)
-            total += torch.stack([loss.double() * targets.numel(), torch.tensor(targets.numel(), device=self.device)])
+        batches = self.data.eval_batches(self.config.seq_len, self.config.batch_size, self.config.eval_batches,
+                                         self.dist.rank, self.dist.world_size, self.loader.tokenizer_fingerprint)
+        for inputs_BT, targets_BT in batches:
+            for inputs, targets in zip(inputs_BT.split(self.micro), targets_BT.split(self.micro)):
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                with self._autocast():
+                    loss = self.loss_module(inputs, targets)
+                total += torch.stack([loss.double() * targets.numel(),
+                                      torch.tensor(targets.numel(), device=self.device)])
         D.all_reduce_sum(total)
         if total[1].item() == 0:
             raise ValueError(f"the validation split of {self.config.data_dir} gave no batches of seq_len "

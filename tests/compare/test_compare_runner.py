@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 
@@ -232,3 +233,14 @@ def test_a_grid_folder_in_use_is_refused(tmp_path, prepared_data):
     # the process is gone: its stale lock is taken over, and released at the end
     _run(tmp_path, prepared_data, variants=["mha"])
     assert not (grid / "compare.lock").exists()
+
+
+def test_a_run_validated_under_the_old_rule_is_not_mixed_with_new_ones(tmp_path):
+    from sasformer.compare.runner import VALIDATION_RULE, _check_validation_rule
+
+    with_micro = types.SimpleNamespace(train={"batch_size": 8, "micro_batch_size": 2})
+    without = types.SimpleNamespace(train={"batch_size": 8, "micro_batch_size": None})
+    _check_validation_rule(tmp_path, {"validation_rule": VALIDATION_RULE}, with_micro)
+    _check_validation_rule(tmp_path, {}, without)  # no micro-batches: the old rule scored the same windows
+    with pytest.raises(ValueError, match="validated on eval_batches x micro_batch_size windows"):
+        _check_validation_rule(tmp_path, {}, with_micro)

@@ -77,6 +77,13 @@ def test_grad_accumulation_matches_one_big_batch(make_config):
         assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-5)
 
 
+def test_validation_covers_the_same_windows_whatever_the_micro_batch(make_config):
+    # before any step the weights are the seed's: one batch of 4 or two micro-batches of 2 score the same windows
+    whole = Trainer(make_config("whole", batch_size=4), FakeData()).evaluate()
+    split = Trainer(make_config("split", batch_size=4, micro_batch_size=2), FakeData()).evaluate()
+    assert split == pytest.approx(whole, rel=1e-6)
+
+
 def test_resume_is_exact(make_config):
     full = make_config("full")
     Trainer(full, FakeData()).fit()
