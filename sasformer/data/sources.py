@@ -146,10 +146,12 @@ class FileSource:
 
     def _jsonl(self, stream: IO[bytes], raw: IO[bytes]) -> Iterator[Document]:
         field = self.text_field
-        lines = io.TextIOWrapper(stream, encoding="utf-8")
         lineno = 0
         try:
-            for lineno, line in enumerate(lines, 1):
+            # bytes per line, decoded here: a text decoder reads ahead and would name a later line in its errors,
+            # and would split lines at a bare carriage return, which JSON allows inside a line
+            for lineno, raw_line in enumerate(stream, 1):
+                line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if not line.strip():
                     continue
                 try:
@@ -163,13 +165,18 @@ class FileSource:
                 text = record[field]
                 if not isinstance(text, str):
                     raise ValueError(f"{self.path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:  # a lone surrogate escaped in the JSON: no UTF-8 text at all
+                    raise ValueError(f"{self.path}:{lineno}: field {field!r} holds an unpaired surrogate "
+                                     f"({err.reason} at character {err.start}); fix or remove the line") from err
                 if lineno % 256 == 0:
                     self.bytes_read = raw.tell()
                 if text.strip():
                     doc_id = record.get("id")
                     yield Document(text, None if doc_id is None else str(doc_id))
         except UnicodeDecodeError as err:
-            raise ValueError(f"{self.path}: line {lineno + 1} is not UTF-8 ({err})") from err
+            raise ValueError(f"{self.path}:{lineno}: not UTF-8 ({err})") from err
         except (OSError, EOFError, lzma.LZMAError) as err:
             raise ValueError(f"cannot decompress {self.path} near line {lineno + 1}: {err}") from err
 

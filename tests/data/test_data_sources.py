@@ -140,6 +140,28 @@ def test_several_zstd_frames_are_one_file(tmp_path):
     assert [d.text for d in iter_documents(str(path))] == [f"document {i}" for i in range(3000)]
 
 
+def test_jsonl_errors_name_the_line_they_are_on(tmp_path):
+    # a text decoder reads ahead: a bad byte far down the file must still be reported at its own line
+    path = tmp_path / "late.jsonl"
+    good = b'{"text": "a line of ordinary text"}\n'
+    path.write_bytes(good * 900 + b'{"text": "caf\xe9"}\n' + good * 10)
+    with pytest.raises(ValueError, match=r"late.jsonl:901: not UTF-8"):
+        list(iter_documents(str(path)))
+
+
+def test_jsonl_with_a_bom_and_bare_carriage_returns(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{\r"text": "second"}\n')
+    assert [d.text for d in iter_documents(str(path))] == ["first", "second"]
+
+
+def test_jsonl_with_an_unpaired_surrogate_names_the_line(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "broken \\ud83d here"}\n')
+    with pytest.raises(ValueError, match=r"surrogate.jsonl:2: field 'text' holds an unpaired surrogate"):
+        list(iter_documents(str(path)))
+
+
 def test_not_utf8_text(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("café".encode("latin-1"))
