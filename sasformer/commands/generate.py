@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompt must not be empty")
     longest = max(len(ids) for ids in encoded)
     if longest + args.max_new_tokens > model.config.max_seq_len:
-        print(f"note: {longest + args.max_new_tokens} tokens exceed the trained context {model.config.max_seq_len}")
+        print(f"note: {longest + args.max_new_tokens} tokens exceed the model's context "
+              f"{model.config.max_seq_len} (max_seq_len)")
     pad = tokenizer.eot_id if tokenizer.eot_id is not None else 0
     ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)

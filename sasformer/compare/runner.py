@@ -151,14 +151,24 @@ def load_finished(plan: RunPlan) -> dict[str, Any] | None:
 VALIDATION_RULE = "eval_batches x batch_size windows"
 
 
-def _check_validation_rule(path: Path, result: dict[str, Any], plan: RunPlan) -> None:
-    """A run validated under the old rule on other windows than the new runs would be: refuse to mix them."""
+def validation_rule_of(result: dict[str, Any]) -> str:
+    """The validation rule a finished run's loss was measured under (runs from before the rule was recorded
+    scored eval_batches micro-batches, the same windows as now where there were no micro-batches)."""
     from sasformer.train.config import TrainConfig
 
-    if result.get("validation_rule") == VALIDATION_RULE:
-        return
-    config = TrainConfig.from_dict(plan.train)
-    if config.micro_batch(1) != config.batch_size:  # the old rule's windows differ only with micro-batches
+    if "validation_rule" in result:
+        return str(result["validation_rule"])
+    try:
+        config = TrainConfig.from_dict(result["train_config"])
+        same = config.micro_batch(1) == config.batch_size
+    except (KeyError, TypeError, ValueError):
+        return "unrecorded"
+    return VALIDATION_RULE if same else "eval_batches x micro_batch_size windows"
+
+
+def _check_validation_rule(path: Path, result: dict[str, Any], plan: RunPlan) -> None:
+    """A run validated under the old rule on other windows than the new runs would be: refuse to mix them."""
+    if validation_rule_of({"train_config": plan.train, **result}) != VALIDATION_RULE:
         raise ValueError(
             f"{path} was validated on eval_batches x micro_batch_size windows, which later runs replace by "
             "eval_batches x batch_size (the same windows however a run is split); its validation loss would not "

@@ -13,6 +13,7 @@ The output is built in ``OUT.partial`` and renamed into place when complete; ``m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -292,8 +293,10 @@ def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokeniz
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             try:
-                for is_val, tokens in _encode_in_workers(jobs(), options.workers, ctx, tokenizer_dir):
-                    writers["val" if is_val else "train"].add(tokens)
+                # closed at once if a write fails (disk full): the pool's processes end then, not at collection
+                with contextlib.closing(_encode_in_workers(jobs(), options.workers, ctx, tokenizer_dir)) as encoded:
+                    for is_val, tokens in encoded:
+                        writers["val" if is_val else "train"].add(tokens)
             finally:
                 if saved is None:
                     del os.environ["TOKENIZERS_PARALLELISM"]

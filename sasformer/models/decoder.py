@@ -218,8 +218,8 @@ def run_blocks(
         position_ids = key_positions[:, past:]
     elif past == 0:
         key_positions = position_ids  # the keys are these tokens, at the positions given
-    else:
-        key_positions = None  # the cached keys' positions were given to earlier calls, not kept
+    elif position_ids.shape != key_positions[:, past:].shape or not torch.equal(position_ids, key_positions[:, past:]):
+        key_positions = None  # other positions than the mask's: the cached keys' were given to earlier calls, not kept
     ctx = AttentionContext(rotary.tables(position_ids, S, first_position), mask, None, key_positions)
     x = embed(input_ids)
     if residual_dtype is not None:

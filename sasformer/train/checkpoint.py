@@ -196,7 +196,8 @@ def save_checkpoint(
 def trained_tokenizer_fingerprint(checkpoint: str | Path) -> str | None:
     """The fingerprint of the tokenizer the checkpoint's training data was prepared with (None if unknown)."""
     read_config(checkpoint)  # raises if incomplete
-    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    # plain containers, numbers and strings: read without running any pickled code (eval takes others' checkpoints)
+    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
     return state.get("tokenizer_fingerprint")
 
 
@@ -205,6 +206,6 @@ def load_train_state(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, 
     checkpoint = Path(checkpoint)
     read_config(checkpoint)  # raises if incomplete
     optimizer_state = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    # our own file: RNG and loader states hold plain Python objects beyond tensors
-    train_state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    # RNG, loader and schedule states are plain containers, numbers, strings and tensors: nothing to execute
+    train_state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     return optimizer_state, train_state

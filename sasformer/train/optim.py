@@ -45,6 +45,13 @@ def apply_hyperparameters(optimizer: torch.optim.AdamW, cfg: OptimSection, devic
     for group in optimizer.param_groups:
         group["betas"], group["eps"] = tuple(cfg.betas), cfg.eps
         group.update(flags)
+        if group.get("fused") or group.get("capturable"):
+            # where load_state_dict puts it for such a group: the fused kernel reads the step on the parameter's
+            # device, and a checkpoint written without fusing left it on the CPU
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
     optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (see param_groups)
 
 

@@ -451,6 +451,10 @@ class Trainer:
                 bar.write(line)  # above the bar, which redraws below it
             else:
                 print(line, flush=True)
+        if cfg.eval_interval:  # its size follows batch_size: said once, as validation time grows with it
+            windows = cfg.eval_batches * cfg.batch_size
+            say(f"validation: up to {cfg.eval_batches} batches x {cfg.batch_size} windows of {cfg.seq_len} tokens "
+                f"({windows * cfg.seq_len:,} tokens) every {cfg.eval_interval} steps")
         last: dict[str, Any] = {"step": self.step}
         window_start, window_steps = time.perf_counter(), 0
         clock = window_start
@@ -489,6 +493,7 @@ class Trainer:
                     paused = time.perf_counter()
                     if eval_now:
                         self.check_finite()
+                        self._check_parameters_finite()  # no NaN validation record of weights that will not be saved
                         val = self.evaluate()
                         last["val_loss"] = val
                         say(f"step {self.step}: val loss {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")

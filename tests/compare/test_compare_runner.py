@@ -244,3 +244,6 @@ def test_a_run_validated_under_the_old_rule_is_not_mixed_with_new_ones(tmp_path)
     _check_validation_rule(tmp_path, {}, without)  # no micro-batches: the old rule scored the same windows
     with pytest.raises(ValueError, match="validated on eval_batches x micro_batch_size windows"):
         _check_validation_rule(tmp_path, {}, with_micro)
+    # the frontier keeps such runs apart from new ones (a different validation set is a different point)
+    assert runner.validation_rule_of({"train_config": with_micro.train}) != VALIDATION_RULE
+    assert runner.validation_rule_of({"train_config": without.train}) == VALIDATION_RULE

@@ -115,13 +115,18 @@ def test_a_worker_that_cannot_start_fails_the_run_instead_of_hanging(tmp_path, r
     def broken_worker(tokenizer_dir):
         raise OSError("cannot load the tokenizer here")
 
+    def hung(signum, frame):
+        raise TimeoutError("prepare hung after its worker failed")
+
     monkeypatch.setattr(prepare_module, "_init_worker", broken_worker)
-    signal.alarm(120)  # a hang fails the test instead of the whole suite
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)  # a hang fails this test, not the whole suite
     try:
         with pytest.raises(RuntimeError, match="tokenizer worker process died"):
             prepare(_options(tmp_path, [_corpus(tmp_path, "a", 40)], tokenizer=str(ranks_file), workers=2))
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert not (tmp_path / "out").exists()
 
 

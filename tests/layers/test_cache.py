@@ -100,6 +100,11 @@ def test_explicit_positions_cached_equal_the_full_forward_or_are_refused(name: s
     else:
         rest = model(ids[:, 5:], position_ids=positions[:, 5:], cache=cache)
         torch.testing.assert_close(rest, full[:, 5:], atol=ATOL, rtol=0)
+    # the positions the cache would use anyway (0..S-1, as Hugging Face callers pass them): accepted everywhere
+    cache, default = model.new_cache(), torch.arange(8).unsqueeze(0)
+    model(ids[:, :5], position_ids=default[:, :5], cache=cache)
+    rest = model(ids[:, 5:], position_ids=default[:, 5:], cache=cache)
+    torch.testing.assert_close(rest, model(ids)[:, 5:], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

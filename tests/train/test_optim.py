@@ -66,7 +66,15 @@ def test_resume_runs_adamw_the_way_of_this_device():
     # a checkpoint's param groups carry the flags of the machine that wrote it (foreach on a CPU)
     model = DecoderLM(preset("tiny", "mha", d_model=32, n_layers=1, vocab_size=50, attention_args={"n_heads": 2}))
     written_on_cpu = build_optimizer(model, OptimSection(), torch.device("cpu"))
+    model(torch.randint(0, 50, (1, 5)), targets=torch.randint(0, 50, (1, 5))).backward()
+    written_on_cpu.step()  # a state with step tensors
     loaded = build_optimizer(model, OptimSection(), torch.device("cpu"))
     loaded.load_state_dict(written_on_cpu.state_dict())
+    for state in loaded.state.values():  # as the checkpoint loader leaves them: not where fusing wants them
+        state["step"] = state["step"].to(torch.float64)
     apply_hyperparameters(loaded, OptimSection(), torch.device("cuda"))
     assert all(g["fused"] is True and g["foreach"] is None for g in loaded.param_groups)
+    for group in loaded.param_groups:
+        for param in group["params"]:
+            step = loaded.state[param]["step"]
+            assert step.device == param.device and step.dtype == torch.float32

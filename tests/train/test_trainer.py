@@ -144,7 +144,7 @@ def test_an_infinite_gradient_with_a_finite_loss_stops_before_the_checkpoint(mak
 
 def test_weights_that_overflow_are_not_saved(make_config):
     # a finite loss and gradient norm, then weights that are not finite: the save refuses them
-    cfg = make_config(max_steps=4, checkpoint_interval=4)
+    cfg = make_config(max_steps=4, checkpoint_interval=4, eval_interval=4)
 
     def overflow(trainer, step):
         if step == 4:
@@ -154,6 +154,7 @@ def test_weights_that_overflow_are_not_saved(make_config):
     with pytest.raises(NonFiniteLossError, match="weights hold NaN/inf after step 4.*no checkpoint was written"):
         Trainer(cfg, FakeData(), step_hooks=[overflow]).fit()
     assert ckpt.list_checkpoints(f"{cfg.out_dir}/checkpoints") == []
+    assert read_metrics(f"{cfg.out_dir}/metrics.jsonl", kind="val") == []  # nor a validation of those weights
 
 
 def test_a_new_run_beside_a_later_runs_checkpoints_is_refused(make_config):
