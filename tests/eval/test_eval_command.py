@@ -59,19 +59,24 @@ def test_eval_command_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     assert out.with_suffix(".md").exists()
 
 
+def _perplexity_only(tmp_path, multipliers: str) -> dict:
+    """``sasformer eval`` of a stand-in checkpoint: perplexity only; the results it writes."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    out = tmp_path / "results.json"
+    args = parse(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--tasks", "none",
+                  "--ppl-multipliers", multipliers, "--out", str(out)])
+    assert eval_command.run(args) == 0
+    return json.loads(out.read_text())
+
+
 def test_lengths_are_those_the_checkpoint_trained_at(tmp_path, monkeypatch):
     # a preset's max_seq_len (16) can exceed the run's seq_len (8): "1x" must be the length training saw
     tok = CharTokenizer()
     model = unigram({tok.encode("g")[0]: 0.5}, tok.vocab_size)
     model.config = types.SimpleNamespace(max_seq_len=16)
     fake_modules(monkeypatch, model, tok, lambda L: [torch.ones(L + 1, dtype=torch.long)] * 2, trained_seq_len=8)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
-    out = tmp_path / "results.json"
-    args = parse(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--tasks", "none",
-                  "--ppl-multipliers", "1,2", "--out", str(out)])
-    assert eval_command.run(args) == 0
-    results = json.loads(out.read_text())
+    results = _perplexity_only(tmp_path, "1,2")
     assert [r["seq_len"] for r in results["perplexity"]] == [8, 16]
     assert results["meta"]["max_len"] == 8
 
@@ -82,13 +87,7 @@ def test_bits_per_byte_leaves_the_document_separators_out(tmp_path, monkeypatch)
     model = unigram({1: 0.5}, tok.vocab_size)
     model.config = types.SimpleNamespace(max_seq_len=9)
     fake_modules(monkeypatch, model, tok, lambda L: [torch.tensor([0, 1, 1] * L)[: L + 1]] * 2)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
-    out = tmp_path / "results.json"
-    args = parse(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--tasks", "none",
-                  "--ppl-multipliers", "1", "--out", str(out)])
-    assert eval_command.run(args) == 0
-    (result,) = json.loads(out.read_text())["perplexity"]
+    (result,) = _perplexity_only(tmp_path, "1")["perplexity"]
     assert result["n_tokens"] == 2 * 9 and result["n_bytes"] == 2 * 6  # 3 of each window's 9 targets are "|"
 
 
