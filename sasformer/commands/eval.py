@@ -322,7 +322,7 @@ def _perplexity(args, model, tokenizer, max_len, device, expected_fingerprint: s
     if decode is not None and eot is not None:
         # the document separators are no text: "<|endoftext|>" would add 13 bytes a document (other
         # tokenizers' separators other counts), and bits per byte would stop being comparable across them
-        decode = _without_token(tokenizer.decode, int(eot))
+        decode = _without_token(decode, int(eot))
     out = []
     for m in (int(x) for x in args.ppl_multipliers.split(",")):
         length = max_len * m

@@ -149,6 +149,7 @@ def load_finished(plan: RunPlan) -> dict[str, Any] | None:
 # the validation set of a run: the first eval_batches x batch_size windows of the val split (since the trainer
 # scores global batches a micro-batch at a time; before, eval_batches x micro-batch windows)
 VALIDATION_RULE = "eval_batches x batch_size windows"
+OLD_VALIDATION_RULE = "eval_batches x micro_batch_size windows"
 
 
 def validation_rule_of(result: dict[str, Any]) -> str:
@@ -163,15 +164,15 @@ def validation_rule_of(result: dict[str, Any]) -> str:
         same = config.micro_batch(1) == config.batch_size
     except (KeyError, TypeError, ValueError):
         return "unrecorded"
-    return VALIDATION_RULE if same else "eval_batches x micro_batch_size windows"
+    return VALIDATION_RULE if same else OLD_VALIDATION_RULE
 
 
 def _check_validation_rule(path: Path, result: dict[str, Any], plan: RunPlan) -> None:
     """A run validated under the old rule on other windows than the new runs would be: refuse to mix them."""
     if validation_rule_of({"train_config": plan.train, **result}) != VALIDATION_RULE:
         raise ValueError(
-            f"{path} was validated on eval_batches x micro_batch_size windows, which later runs replace by "
-            "eval_batches x batch_size (the same windows however a run is split); its validation loss would not "
+            f"{path} was validated on {OLD_VALIDATION_RULE}, which later runs replace by {VALIDATION_RULE} (the same "
+            "windows however a run is split); its validation loss would not "
             "compare with theirs. Use another --out, or delete that run's folder to redo it"
         )
 

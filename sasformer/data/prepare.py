@@ -34,6 +34,7 @@ import numpy as np
 from sasformer.data.shards import FORMAT_VERSION, Shard, ShardWriter, token_dtype
 from sasformer.data.sources import DefaultCorpusSource, Document, FileSource, Source, resolve_inputs
 from sasformer.data.tokenizer import DEFAULT_EOT, Tokenizer, load_tokenizer, train_bpe
+from sasformer.data.tokenizer import META_FILE as TOKENIZER_FILE
 
 META_FILE = "meta.json"
 META_FORMAT = "sasformer-token-data"
@@ -116,8 +117,6 @@ def _our_meta(out: Path) -> dict | None:
 
 
 def _complete(out: Path, meta: dict) -> bool:
-    from sasformer.data.tokenizer import META_FILE as TOKENIZER_FILE
-
     if not (out / meta.get("tokenizer", {}).get("dir", "tokenizer") / TOKENIZER_FILE).is_file():
         return False  # the shards alone cannot be read: the loader needs the tokenizer saved beside them
     try:

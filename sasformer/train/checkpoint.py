@@ -195,17 +195,20 @@ def save_checkpoint(
 
 def trained_tokenizer_fingerprint(checkpoint: str | Path) -> str | None:
     """The fingerprint of the tokenizer the checkpoint's training data was prepared with (None if unknown)."""
-    read_config(checkpoint)  # raises if incomplete
-    # plain containers, numbers and strings: read without running any pickled code (eval takes others' checkpoints)
-    state = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state.get("tokenizer_fingerprint")
+    return _read_train_state(Path(checkpoint)).get("tokenizer_fingerprint")
 
 
 def load_train_state(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(optimizer state keyed by parameter name, trainer state) of a checkpoint."""
     checkpoint = Path(checkpoint)
-    read_config(checkpoint)  # raises if incomplete
+    train_state = _read_train_state(checkpoint)
     optimizer_state = torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    # RNG, loader and schedule states are plain containers, numbers, strings and tensors: nothing to execute
-    train_state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     return optimizer_state, train_state
+
+
+def _read_train_state(checkpoint: Path) -> dict[str, Any]:
+    """``state.pt`` of a complete checkpoint (ValueError otherwise)."""
+    read_config(checkpoint)  # raises if incomplete
+    # RNG, loader and schedule states are plain containers, numbers, strings and tensors: nothing to execute,
+    # so others' checkpoints (eval reads them) are read without running pickled code
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)

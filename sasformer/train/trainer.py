@@ -167,7 +167,7 @@ class Trainer:
             newest.resolve() == Path(resume_from).resolve()
         if newest is not None and ckpt.checkpoint_step(newest) >= self.step and not resumed_newest:
             raise ValueError(
-                f"{self.ckpt_dir} already holds checkpoints up to {found[-1].name} from an earlier run, which this "
+                f"{self.ckpt_dir} already holds checkpoints up to {newest.name} from an earlier run, which this "
                 f"run (starting at step {self.step}) would mix with its own; use another out_dir, move them away, "
                 "or resume: auto to continue that run (nothing was changed)"
             )
@@ -306,13 +306,16 @@ class Trainer:
         first_bad = D.all_reduce_min(torch.where(self._bad_step >= 0, self._bad_step, never))
         if first_bad.item() != never:
             bad_step = int(first_bad.item())
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-                "no checkpoint was written"
             raise NonFiniteLossError(
                 f"loss or gradient norm became NaN/inf at step {bad_step}; training stopped and nothing after it was "
-                "saved "
-                f"({where}). Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then resume."
+                f"saved ({self._last_good()}). Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then "
+                "resume."
             )
+
+    def _last_good(self) -> str:
+        """Where a stopped run can resume from, for the messages that stop it."""
+        return f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+            "no checkpoint was written"
 
     @torch.no_grad()
     def _check_parameters_finite(self) -> None:
@@ -320,11 +323,10 @@ class Trainer:
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
         finite = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all().long()
         if D.all_reduce_min(finite).item() == 0:
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-                "no checkpoint was written"
             raise NonFiniteLossError(
                 f"the weights hold NaN/inf after step {self.step} (the loss and gradient norm were finite: the "
-                f"update overflowed); training stopped and nothing was saved ({where}). Lower optim.lr, then resume."
+                f"update overflowed); training stopped and nothing was saved ({self._last_good()}). Lower optim.lr, "
+                "then resume."
             )
 
     @torch.no_grad()
