@@ -7,13 +7,21 @@ rank) and a feature factor B(x) (D per rank), divided by the rank:
 
 RoPE is applied to the feature factors of queries and keys (a rotation commutes with the head mix).
 The cache holds the factors of keys and values: R_k (H + D) + R_v (H + D) numbers per token.
+
+Initialisation: q is a product of two maps of x, so if both were drawn like MHA's projections its
+variance would be the square of MHA's, divided by R. The feature factors B are ordinary projections
+(``nn.Linear``, re-drawn by the model's normal(0, init_std) like MHA's q/k/v maps); the head factors
+A are :class:`HeadFactor` maps that keep their own initialisation, drawn so that each A(x)[h, r] has
+variance R on unit-variance input. Then Var(q) = Var(A) Var(B) / R = Var(B): MHA's at any init_std.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sasformer.layers.base import (
@@ -48,6 +56,34 @@ class TPAArgs(AttentionArgs):
             require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
 
 
+class HeadFactor(nn.Module):
+    """The head factors of one of q, k, v: a bias-free linear map d_model -> H * R, weight (H * R, d_model).
+
+    Not an ``nn.Linear`` on purpose, so that the model's initialisation of projections leaves it alone
+    (see the module docstring); the state-dict key (``weight``) is the one an ``nn.Linear`` would have.
+    """
+
+    def __init__(self, in_features: int, n_heads: int, rank: int) -> None:
+        super().__init__()
+        self.in_features, self.n_heads, self.rank = in_features, n_heads, rank
+        self.weight = nn.Parameter(torch.empty(n_heads * rank, in_features))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Var(A) = in_features * std^2 = R: the 1/R mean of R products then keeps B's variance
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std())
+
+    def init_std(self) -> float:
+        return math.sqrt(self.rank / self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, n_heads={self.n_heads}, rank={self.rank}"
+
+
 class TensorProductAttention(Attention):
     Args = TPAArgs
     args: TPAArgs
@@ -57,7 +93,7 @@ class TensorProductAttention(Attention):
         H, D = args.n_heads, args.head_dim
         self.n_heads, self.head_dim = H, D
         self.ranks = {"q": args.q_rank, "k": args.k_rank, "v": args.v_rank}
-        self.head_factors = nn.ModuleDict({n: nn.Linear(d_model, H * r, bias=False) for n, r in self.ranks.items()})
+        self.head_factors = nn.ModuleDict({n: HeadFactor(d_model, H, r) for n, r in self.ranks.items()})
         self.feature_factors = nn.ModuleDict({n: nn.Linear(d_model, r * D, bias=False) for n, r in self.ranks.items()})
         self.o_proj = nn.Linear(H * D, d_model, bias=False)
         self.rope_dims = (D,)

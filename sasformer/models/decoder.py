@@ -98,7 +98,7 @@ class DecoderLM(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for embeddings and linear maps, residual outputs scaled by 1/sqrt(2L).
 
-        Simulation blocks (SAS) are not ``nn.Linear`` and keep their own initialisation.
+        Simulation blocks (SAS) and TPA's head factors are not ``nn.Linear`` and keep their own initialisation.
         """
         std = self.config.init_std
         for name, module in self.named_modules():

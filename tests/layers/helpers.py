@@ -39,4 +39,39 @@ def context(B: int, T: int, key_padding=None, theta: float = 10000.0) -> Attenti
     return AttentionContext(RotaryTables(positions, theta), padded_causal_mask(key_padding, T), None, positions)
 
 
-__all__ = ["D_MODEL", "VARIANTS", "LayerCache", "context"]
+def rope_written_out(x_TD: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE from its definition, for equation tests: row t of ``x`` (T, D) is at position t, and the
+    pair (i, i + D/2) turns by the angle t * theta^(-2i/D) ("rotate-half" layout)."""
+    T, D = x_TD.shape
+    half = D // 2
+    freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / D)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]
+    cos, sin = angle.cos().to(x_TD.dtype), angle.sin().to(x_TD.dtype)
+    x1, x2 = x_TD[:, :half], x_TD[:, half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_attention_written_out(q_TD: torch.Tensor, k_TD: torch.Tensor, v_TE: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """One head of causal softmax attention, query by query: o_t = sum_{s <= t} softmax_s(scale q_t.k_s) v_s."""
+    rows = []
+    for t in range(q_TD.shape[0]):
+        scores = (k_TD[: t + 1] @ q_TD[t]) * scale
+        weights = torch.exp(scores - scores.max())
+        rows.append((weights / weights.sum()) @ v_TE[: t + 1])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def randomise_parameters(layer: torch.nn.Module) -> None:
+    """Every weight drawn afresh at a 1/sqrt(fan-in) scale, norm gains around 1, so that no parameter of an
+    equation test sits at a value (ones, zeros) that would hide a mistake."""
+    for p in layer.parameters():
+        if p.dim() == 1:
+            p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        else:
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+
+
+__all__ = ["D_MODEL", "VARIANTS", "LayerCache", "causal_attention_written_out", "context", "randomise_parameters",
+           "rope_written_out"]

@@ -13,6 +13,7 @@ BAD_ATTENTION_ARGS = [
     ("gqa", {"n_heads": 12, "n_kv_heads": 5}, "n_kv_heads=5"),
     ("mqa", {"n_heads": 12, "n_kv_heads": 2}, "n_kv_heads=1"),
     ("mha", {"n_heads": 4, "head_dim": 7}, "head_dim=7"),
+    ("mha", {"n_heads": 12, "n_kv_heads": 4}, "n_kv_heads unset or equal to n_heads=12, got n_kv_heads=4"),  # GQA
     ("mla", {"kv_lora_rank": 0}, "kv_lora_rank=0"),
     ("mla", {"q_lora_rank": -1}, "q_lora_rank=-1"),
     ("mla", {"qk_rope_head_dim": 5}, "qk_rope_head_dim=5"),
@@ -69,6 +70,25 @@ def test_unknown_preset():
 def test_build_attention_unknown_and_missing():
     with pytest.raises(ValueError, match="not a known variant"):
         build_attention("linear", 64, {})
+
+
+@pytest.mark.parametrize("args", [{"n_heads": 8, "n_kv_heads": 8, "head_dim": 64}, {"n_kv_heads": None}, {}])
+def test_saved_mha_configs_keep_loading(args):
+    """Results and checkpoints may spell out ``n_kv_heads`` (resolved: = n_heads) or leave it at its default."""
+    config = ModelConfig.from_dict({"attention": "mha", "attention_args": args})
+    resolved = config.resolved_attention_args()
+    assert resolved.n_kv_heads == resolved.n_heads
+    again = ModelConfig.from_dict({**config.to_dict(), "attention_args": resolved.to_dict()})
+    assert again.resolved_attention_args() == resolved
+
+
+def test_saved_mha_hf_config_keeps_loading():
+    pytest.importorskip("transformers")
+    from sasformer.models.hf.configuration_sasformer import SASFormerConfig
+
+    saved = SASFormerConfig(d_model=64, n_layers=2, attention="mha", attention_args={"n_heads": 4, "n_kv_heads": 4})
+    loaded = SASFormerConfig.from_dict(saved.to_dict())
+    assert loaded.to_model_config().resolved_attention_args().n_kv_heads == 4
 
 
 def test_round_trip_dict():

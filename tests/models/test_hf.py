@@ -299,6 +299,34 @@ def test_from_config_initialises_like_decoder_lm() -> None:
 
 
 @torch.no_grad()
+def test_from_config_gives_tpa_head_factors_their_own_scale() -> None:
+    """TPA's head factors are drawn at std sqrt(R / d), not the projections' init_std (see layers/tpa.py)."""
+    config = SASFormerConfig(vocab_size=61, d_model=256, n_layers=1, attention="tpa", init_std=0.02,
+                             attention_args={"n_heads": 4, "head_dim": 16, "q_rank": 6, "k_rank": 2, "v_rank": 2})
+    torch.manual_seed(0)
+    attn = AutoModelForCausalLM.from_config(config).model.blocks[0].attn
+    for name, rank in (("q", 6), ("k", 2)):
+        std = attn.head_factors[name].weight.std().item()
+        assert abs(std - (rank / 256) ** 0.5) < 0.1 * (rank / 256) ** 0.5, (name, std)
+    assert abs(attn.feature_factors["q"].weight.std().item() - 0.02) < 2e-3
+
+
+@torch.no_grad()
+def test_loading_initialises_missing_tpa_head_factors(tmp_path) -> None:
+    """A checkpoint without TPA's head factors loads them at their own scale (not left uninitialised)."""
+    from safetensors.torch import load_file, save_file
+
+    config = SASFormerConfig(vocab_size=61, d_model=256, n_layers=1, attention="tpa",
+                             attention_args={"n_heads": 4, "head_dim": 16, "q_rank": 6, "k_rank": 2, "v_rank": 2})
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    kept = {k: v for k, v in load_file(weights).items() if "head_factors.q" not in k}
+    save_file(kept, weights, metadata={"format": "pt"})
+    std = AutoModelForCausalLM.from_pretrained(tmp_path).model.blocks[0].attn.head_factors["q"].weight.std().item()
+    assert abs(std - (6 / 256) ** 0.5) < 0.1 * (6 / 256) ** 0.5, std
+
+
+@torch.no_grad()
 def test_loading_never_reinitialises_trained_identity_simulation(tmp_path) -> None:
     config = SASFormerConfig(vocab_size=61, d_model=32, n_layers=2, attention="sas",
                              attention_args={"n_heads": 4, "sim_init": "identity"})

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from sasformer.layers.sas import SimulatedAttention
 from sasformer.layers.simulation import FeatureSimulation, HeadSimulation
+from sasformer.layers.tpa import HeadFactor
 from sasformer.models.decoder import DecoderBlock, DecoderLM, KVCache, lm_loss, rotary_cache, run_blocks
 from sasformer.models.hf.configuration_sasformer import SASFormerConfig
 from sasformer.ops.rope import RotaryCache
@@ -86,7 +87,7 @@ class SASFormerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The initialisation of ``DecoderLM.reset_parameters`` and of the simulation blocks."""
+        """The initialisation of ``DecoderLM.reset_parameters``, of the simulation blocks and of TPA's head factors."""
         std = self.config.init_std
         if isinstance(module, (nn.Linear, nn.Embedding)):
             # residual outputs are scaled by 1/sqrt(2L), as in DecoderLM
@@ -96,6 +97,9 @@ class SASFormerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.RMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, HeadFactor):
+            # TPA's head factors keep their own scale (q, k, v then start at MHA's variance; see tpa.py)
+            init.normal_(module.weight, mean=0.0, std=module.init_std())
         elif isinstance(module, RotaryCache):
             # non-persistent tables are never in a checkpoint: recompute them where they live
             module.reset_tables()
