@@ -8,7 +8,9 @@ Output folder::
     OUT/train/*.bin      token shards (see :mod:`sasformer.data.shards`)
     OUT/val/*.bin
 
-The output is built in ``OUT.partial`` and renamed into place when complete; ``meta.json`` is written last.
+The output is built in ``OUT.partial`` and renamed into place when complete; ``meta.json`` is written last. A run
+holds an exclusive lock on ``OUT.lock`` (beside OUT) throughout, and deletes an ``OUT.partial`` or ``OUT.old`` only
+when it carries the marker file that ``prepare`` writes into the folders it makes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ from sasformer.data.sources import DefaultCorpusSource, Document, FileSource, So
 from sasformer.data.tokenizer import DEFAULT_EOT, Tokenizer, load_tokenizer, train_bpe
 from sasformer.data.tokenizer import META_FILE as TOKENIZER_FILE
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs go unlocked (see _exclusive_lock)
+    fcntl = None  # type: ignore[assignment]
+
 META_FILE = "meta.json"
+# written into OUT.partial and OUT.old when prepare makes them: only folders carrying it are ever deleted
+TEMP_MARKER = ".sasformer-prepare-temp"
 META_FORMAT = "sasformer-token-data"
 SPLIT_RULE = (
     "a document goes to val when the first 8 bytes of sha256(id, or text when it has no id), read as a big-endian "
@@ -45,6 +54,8 @@ SPLIT_RULE = (
 )
 # documents per unit of work handed to a tokenizer worker
 _CHUNK_DOCS = 256
+# distinct split keys remembered to explain a split that cannot be made; bounded so memory stays flat
+_KEYS_REMEMBERED = 1024
 
 
 @dataclass
@@ -82,6 +93,65 @@ def split_score(doc: Document) -> float:
     key = doc.id if doc.id is not None else doc.text
     (value,) = struct.unpack(">Q", hashlib.sha256(key.encode("utf-8")).digest()[:8])
     return value / 2.0**64
+
+
+def _split_key(doc: Document) -> str:
+    return doc.id if doc.id is not None else doc.text
+
+
+def _describe_key(doc: Document) -> str:
+    if doc.id is not None:
+        return f"the id {doc.id!r}"
+    text = doc.text if len(doc.text) <= 40 else doc.text[:40] + "..."
+    return f"the text {text!r}"
+
+
+class _KeyTally:
+    """Distinct split keys among the documents, counted up to :data:`_KEYS_REMEMBERED`: documents sharing a key
+    always share a split, so a corpus of copies cannot be split however many documents it has."""
+
+    def __init__(self) -> None:
+        self.scores: set[float] = set()
+        self.overflow = False
+        self.repeated: Document | None = None  # a document whose key an earlier one had
+
+    def add(self, doc: Document, score: float) -> None:
+        if score in self.scores:
+            if self.repeated is None:
+                self.repeated = doc
+        elif len(self.scores) < _KEYS_REMEMBERED:
+            self.scores.add(score)
+        else:
+            self.overflow = True
+
+    @property
+    def distinct(self) -> int | None:
+        """The number of distinct keys; None when more than :data:`_KEYS_REMEMBERED`."""
+        return None if self.overflow else len(self.scores)
+
+
+# why documents sharing a key are never split apart, and what to do about it
+_SHARED_KEY_RULE = "documents with the same id (or, without an id, the same text) always go to the same split"
+_SHARED_KEY_FIX = ("give documents that differ distinct ids (a text file's id is its name, or its path below the "
+                   "input folder), and remove copies of the same text")
+
+
+def _one_key_error(documents: int, keys: _KeyTally) -> ValueError:
+    assert keys.repeated is not None
+    return ValueError(
+        f"all {documents} documents have one split key, {_describe_key(keys.repeated)}, and {_SHARED_KEY_RULE}: "
+        f"no train/val split is possible (lowering --val-fraction cannot help); {_SHARED_KEY_FIX}"
+    )
+
+
+def _all_in_val_error(documents: int, keys: _KeyTally) -> ValueError:
+    if keys.distinct is not None and keys.distinct < documents and keys.repeated is not None:
+        return ValueError(
+            f"every document landed in val: the {documents} documents have only {keys.distinct} distinct split "
+            f"keys ({_describe_key(keys.repeated)} is repeated), and {_SHARED_KEY_RULE}; lower --val-fraction, "
+            f"or {_SHARED_KEY_FIX}"
+        )
+    return ValueError("every document landed in val; lower --val-fraction or add documents")
 
 
 def _source_record(source: Source) -> dict:
@@ -175,8 +245,7 @@ def _iter_labelled(sources: list[Source], val_fraction: float, forced_val: str |
         count = 0
         for doc in source.documents():
             score = split_score(doc)
-            key = doc.id if doc.id is not None else doc.text
-            is_val = score < val_fraction if forced_val is None else key == forced_val or score < val_fraction
+            is_val = score < val_fraction or (forced_val is not None and _split_key(doc) == forced_val)
             count += 1
             if progress is not None and count % 64 == 0:
                 progress.update(source, 64)
@@ -259,15 +328,17 @@ def _encode_in_workers(jobs: Iterator[tuple[bool, list[str], str]], workers: int
 
 
 def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokenizer, tokenizer_dir: Path,
-              build_dir: Path, forced_val: str | None) -> tuple[dict, str | None]:
-    """Write the train/val shards; returns the per-split summary and the key of the lowest-scoring document."""
+              build_dir: Path, forced_val: str | None) -> tuple[dict, tuple[str, str] | None, _KeyTally]:
+    """Write the train/val shards; returns the per-split summary, the key of the lowest-scoring document (with its
+    description) and the tally of distinct keys."""
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {
         split: ShardWriter(build_dir / split, split, tokenizer.vocab_size, tokenizer.fingerprint, options.shard_tokens)
         for split in ("train", "val")
     }
     docs = {"train": 0, "val": 0}
-    best: tuple[float, str | None] = (2.0, None)
+    best: tuple[float, tuple[str, str] | None] = (2.0, None)
+    keys = _KeyTally()
     progress = _Progress(sources, "tokenizing", options.progress)
 
     def jobs() -> Iterator[tuple[bool, list[str], str]]:
@@ -275,7 +346,8 @@ def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokeniz
         pending: dict[bool, list[str]] = {False: [], True: []}
         for doc, is_val, score in _iter_labelled(sources, options.val_fraction, forced_val, progress):
             if score < best[0]:
-                best = (score, doc.id if doc.id is not None else doc.text)
+                best = (score, (_split_key(doc), _describe_key(doc)))
+            keys.add(doc, score)
             docs["val" if is_val else "train"] += 1
             pending[is_val].append(doc.text)
             if len(pending[is_val]) >= _CHUNK_DOCS:
@@ -310,7 +382,64 @@ def _tokenize(options: PrepareOptions, sources: list[Source], tokenizer: Tokeniz
     for split, writer in writers.items():
         shards = writer.close()
         summary[split] = {"tokens": writer.num_tokens, "documents": docs[split], "shards": shards}
-    return summary, best[1]
+    return summary, best[1], keys
+
+
+def _sibling(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name + suffix)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT.lock`` for the whole run, so two runs on one OUT cannot delete each other's ``OUT.partial`` or
+    swap half-built folders. The lock file stays: removing it would let a run that opened it before the removal
+    lock a file that later runs no longer see."""
+    lock = _sibling(out, ".lock")
+    if fcntl is None:
+        print(f"note: no fcntl on this platform, so {out} is not locked; do not run two `sasformer prepare` on it "
+              "at once", file=sys.stderr)
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ValueError(f"cannot open the lock file {lock} ({err}); it must be a file prepare can create or "
+                         "open beside --out") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `sasformer prepare` is writing {out} (it holds the lock {lock}); wait for it "
+                             "to finish or choose another --out (nothing was changed)") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _mark(folder: Path) -> None:
+    (folder / TEMP_MARKER).write_text("made by `sasformer prepare`, which deletes this folder\n")
+
+
+def _remove_leftover(folder: Path) -> None:
+    """Delete ``folder`` (an ``OUT.partial`` or ``OUT.old``) if it carries :data:`TEMP_MARKER`; refuse if it does
+    not, since then it is someone else's. The marker goes last, so a removal cut short can be finished later."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir() or not (folder / TEMP_MARKER).is_file():
+        raise ValueError(
+            f"{folder} exists but was not made by `sasformer prepare` (it has no {TEMP_MARKER} file), and prepare "
+            "needs that name for its temporary folder; move it away or choose another --out (it was left untouched)"
+        )
+    for child in folder.iterdir():
+        if child.name == TEMP_MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (folder / TEMP_MARKER).unlink()
+    folder.rmdir()
 
 
 def prepare(options: PrepareOptions) -> dict:
@@ -320,7 +449,12 @@ def prepare(options: PrepareOptions) -> dict:
     sources = resolve_inputs(options.inputs, options.text_field)
     given = load_tokenizer(options.tokenizer, options.eot_token) if options.tokenizer is not None else None
     key = build_key(options, sources, given)
+    with _exclusive_lock(out.resolve()):
+        return _build(options, out, sources, given, key)
 
+
+def _build(options: PrepareOptions, out: Path, sources: list[Source], given: Tokenizer | None, key: str) -> dict:
+    """:func:`prepare` once it holds the lock on ``out``."""
     existing = _our_meta(out)
     if out.exists() and existing is None and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
@@ -336,12 +470,14 @@ def prepare(options: PrepareOptions) -> dict:
             print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
             return existing
 
-    build_dir = out.resolve().with_name(out.resolve().name + ".partial")
-    if build_dir.exists():
-        shutil.rmtree(build_dir)
+    build_dir = _sibling(out.resolve(), ".partial")
+    # both checked before any work, so a folder that is not ours stops the run at once, not after a long build
+    _remove_leftover(build_dir)
+    _remove_leftover(_sibling(out.resolve(), ".old"))
     build_dir.mkdir(parents=True)
     start = time.time()
     try:
+        _mark(build_dir)
         if given is not None:
             tokenizer = given
         else:
@@ -350,17 +486,25 @@ def prepare(options: PrepareOptions) -> dict:
         print(f"tokenizer: {tokenizer.kind}, vocab {tokenizer.vocab_size}, eot id {tokenizer.eot_id}, "
               f"fingerprint {tokenizer.fingerprint[:16]}", file=sys.stderr)
 
-        summary, lowest = _tokenize(options, sources, tokenizer, tokenizer_dir, build_dir, None)
-        if summary["train"]["documents"] + summary["val"]["documents"] < 2:
+        summary, lowest, keys = _tokenize(options, sources, tokenizer, tokenizer_dir, build_dir, None)
+        documents = summary["train"]["documents"] + summary["val"]["documents"]
+        if documents < 2:
             raise ValueError(f"inputs {options.inputs} hold fewer than 2 non-empty documents; a train and a val "
                              "split need at least one each")
+        if keys.distinct == 1:
+            # one key for every document: no --val-fraction can split them, and forcing val would empty train
+            raise _one_key_error(documents, keys)
         if summary["val"]["documents"] == 0:
             # too few documents for val_fraction: redo with the lowest-scoring document forced into val
+            assert lowest is not None
             for split in ("train", "val"):
                 shutil.rmtree(build_dir / split)
-            summary, _ = _tokenize(options, sources, tokenizer, tokenizer_dir, build_dir, lowest)
+            summary, _, _ = _tokenize(options, sources, tokenizer, tokenizer_dir, build_dir, lowest[0])
+            if summary["val"]["documents"] > 1:
+                print(f"val holds the {summary['val']['documents']} documents with {lowest[1]} (no document fell "
+                      "below --val-fraction, and documents with the same id or text share a split)", file=sys.stderr)
         if summary["train"]["documents"] == 0:
-            raise ValueError("every document landed in val; lower --val-fraction or add documents")
+            raise _all_in_val_error(documents, keys)
 
         for split in ("train", "val"):
             for shard in summary[split]["shards"]:
@@ -393,11 +537,12 @@ def prepare(options: PrepareOptions) -> dict:
 
 def _swap_into_place(build_dir: Path, out: Path) -> None:
     """Replace ``out`` with the finished ``build_dir``; the old output is removed only after the rename."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    old = _sibling(out, ".old")
+    _remove_leftover(old)  # refuses a folder that appeared there during the build
+    # the output carries no marker, so a copy of it a user makes (say as OUT.old) is never taken for ours
+    (build_dir / TEMP_MARKER).unlink()
     if out.exists():
         os.replace(out, old)
+        _mark(old)  # ours to delete now, also by a later run if this one dies first
     os.replace(build_dir, out)
-    if old.exists():
-        shutil.rmtree(old)
+    _remove_leftover(old)

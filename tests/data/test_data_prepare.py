@@ -214,3 +214,105 @@ def test_command(tmp_path, ranks_file, capsys):
     assert sum(1 for _ in eval_batches(tmp_path / "cli", seq_len=7, batch_size=2)) > 0
     with pytest.raises(SystemExit):
         parser.parse_args([str(a), "--out", "x", "--tokenizer", "t", "--vocab-size", "300"])
+
+
+# documents that share a split key (an id, or the text when there is no id) always share a split
+
+
+def _jsonl_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("val_fraction", [0.005, 0.5])  # the key's value (0.18) above / below the fraction
+@pytest.mark.parametrize("records, named", [
+    ([{"id": "x", "text": f"document {i}"} for i in range(50)], "the id 'x'"),
+    ([{"text": "one text, copied"} for _ in range(50)], "the text 'one text, copied'"),
+])
+def test_documents_with_one_shared_key_are_a_clear_error(tmp_path, ranks_file, records, named, val_fraction):
+    assert split_score(Document("", "x")) == split_score(Document("x")) == pytest.approx(0.1775, abs=1e-4)
+    a = _jsonl_records(tmp_path / "a.jsonl", records)
+    with pytest.raises(ValueError) as err:
+        prepare(_options(tmp_path, [a], tokenizer=str(ranks_file), val_fraction=val_fraction))
+    message = str(err.value)
+    assert f"all 50 documents have one split key, {named}" in message
+    assert "lowering --val-fraction cannot help" in message and "distinct ids" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_few_repeated_keys_all_in_val_are_named(tmp_path, ranks_file):
+    scores = [split_score(Document("", str(i))) for i in range(2)]
+    assert max(scores) < 0.5  # both ids land in val at --val-fraction 0.5
+    a = _jsonl_records(tmp_path / "a.jsonl", [{"id": str(i % 2), "text": f"doc {i}"} for i in range(40)])
+    with pytest.raises(ValueError, match=r"the 40 documents have only 2 distinct split keys \(the id '0' is repeated"):
+        prepare(_options(tmp_path, [a], tokenizer=str(ranks_file), val_fraction=0.5))
+
+
+def test_forced_val_document_with_copies_says_so(tmp_path, ranks_file, capsys):
+    ids = sorted(["p", "q", "r"], key=lambda i: split_score(Document("", i)))
+    lowest = ids[0]
+    records = [{"id": lowest, "text": f"part {i}"} for i in range(5)] + [{"id": i, "text": i} for i in ids[1:]]
+    meta = prepare(_options(tmp_path, [_jsonl_records(tmp_path / "a.jsonl", records)], tokenizer=str(ranks_file),
+                            val_fraction=1e-9))
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (2, 5)
+    assert f"val holds the 5 documents with the id {lowest!r}" in capsys.readouterr().err
+    assert sorted(_split_docs(tmp_path / "out", "val")) == [f"part {i}" for i in range(5)]
+
+
+# OUT.partial / OUT.old are deleted only when prepare made them, and one run at a time writes OUT
+
+
+@pytest.mark.parametrize("suffix", [".partial", ".old"])
+def test_sibling_folders_not_made_by_prepare_are_kept(tmp_path, ranks_file, suffix):
+    theirs = tmp_path / f"out{suffix}"
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "sub" / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=rf"out\{suffix} exists but was not made by `sasformer prepare`"):
+        prepare(_options(tmp_path, [_corpus(tmp_path, "a", 10)], tokenizer=str(ranks_file)))
+    assert (theirs / "sub" / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "out").exists()
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(tmp_path, ranks_file):
+    from sasformer.data.prepare import TEMP_MARKER
+
+    for suffix in (".partial", ".old"):  # as a killed run leaves them: marked, holding anything
+        leftover = tmp_path / f"out{suffix}"
+        (leftover / "train").mkdir(parents=True)
+        (leftover / "train" / "train_000000.bin").write_bytes(b"half")
+        (leftover / TEMP_MARKER).write_text("")
+    opts = _options(tmp_path, [_corpus(tmp_path, "a", 10)], tokenizer=str(ranks_file))
+    prepare(opts)
+    opts.force = True
+    prepare(opts)  # a rebuild moves the previous output to OUT.old (marked) and removes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out", "out.lock", "tiny.tiktoken"]
+    assert not (tmp_path / "out" / TEMP_MARKER).exists()
+    assert read_meta(tmp_path / "out") is not None
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_builds(tmp_path, ranks_file, monkeypatch):
+    pytest.importorskip("fcntl")
+    import importlib
+
+    prepare_module = importlib.import_module("sasformer.data.prepare")
+    tokenize = prepare_module._tokenize
+    opts = _options(tmp_path, [_corpus(tmp_path, "a", 20)], tokenizer=str(ranks_file))
+    refusals = []
+
+    def tokenize_while_another_run_starts(*args, **kwargs):
+        if refusals:  # the second run's own tokenizing, were it let in
+            return tokenize(*args, **kwargs)
+        refusals.append("")
+        # a second run starting now would, unlocked, delete this run's OUT.partial under it
+        with pytest.raises(ValueError, match="another `sasformer prepare` is writing") as err:
+            prepare(_options(tmp_path, [_corpus(tmp_path, "b", 20)], tokenizer=str(ranks_file)))
+        refusals.append(str(err.value))
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_tokenize", tokenize_while_another_run_starts)
+    meta = prepare(opts)
+    assert len(refusals) == 2 and "out.lock" in refusals[1]
+    assert read_meta(tmp_path / "out") == meta
+    monkeypatch.setattr(prepare_module, "_tokenize", tokenize)
+    opts.force = True
+    assert prepare(opts)["splits"] == meta["splits"]  # the lock is released when a run ends
