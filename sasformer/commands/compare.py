@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from sasformer.compare.report import markdown_table
+    from sasformer.compare.report import diverged_lines, markdown_table
     from sasformer.compare.runner import ensure_data, plan_runs, run_grid
     from sasformer.compare.spec import load_grid
     from sasformer.compare.workers import parse_gpus
@@ -100,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
                        redo_mqar=args.redo_mqar, gpus=gpus)
     if results["missing_runs"]:
         print(f"not run yet (left out of the tables): {', '.join(results['missing_runs'])}")
+    if results["old_validation_rule_runs"]:
+        print("measured under the old validation rule, set apart (listed in results.md, not compared with the "
+              f"table): {', '.join(r['id'] for r in results['old_validation_rule_runs'])}")
     print(markdown_table(results["aggregates"]))
+    for line in diverged_lines(results["aggregates"]):
+        print(line)
     print(f"\nresults: {grid_dir / 'results.md'}, {grid_dir / 'results.json'}")
     if results["plots"]:
         print("plots: " + ", ".join(str(grid_dir / p) for p in results["plots"]))

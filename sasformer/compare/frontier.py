@@ -6,6 +6,13 @@ seeds. Each entry is then compared with a baseline entry at equal compute: the b
 entry's FLOPs, interpolated linearly in log(FLOPs) between the two baseline points around it, and the
 FLOPs the baseline needs to reach the entry's loss. Neither is extrapolated: outside the baseline's
 points the answer is "not bracketed".
+
+Spread and uncertainty: a point's ``loss_std`` is the sample std of its seeds' losses (the spread of one
+run). The baseline's std at an interpolated FLOPs is the sample std of each seed's own interpolated loss
+(over the seeds both bracketing points hold), so it keeps whatever correlation a seed has across budgets
+instead of assuming none. ``difference_se`` is the standard error of the difference of the two means,
+sqrt(s_entry^2 / n_entry + s_baseline^2 / n_baseline), the entry's runs and the baseline's taken as
+independent.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sasformer.compare.report import mean_std
 from sasformer.compare.runner import RESULT_FILE, comparable_train_config, validation_rule_of
@@ -66,6 +73,16 @@ class FrontierPoint:
     loss: float
     loss_std: float | None
     epochs: float | None
+    # each seed's final loss, in the order of ``seeds`` (pairs a seed's runs across budgets)
+    losses: list[float] = field(default_factory=list)
+
+
+class AtFlops(NamedTuple):
+    """A loss read off a curve at some FLOPs: its mean, its sample std over seeds, and how many seeds."""
+
+    loss: float
+    std: float | None
+    n: int
 
 
 @dataclass
@@ -74,7 +91,9 @@ class Comparison:
 
     ``difference`` is entry loss minus the baseline's loss at the same FLOPs (negative: the entry is
     lower). ``multiplier`` is the FLOPs the baseline needs to reach the entry's loss over the entry's
-    FLOPs (above 1: the baseline needs more compute for that loss).
+    FLOPs (above 1: the baseline needs more compute for that loss). ``loss_std`` and ``baseline_loss_std``
+    are spreads over seeds (over ``baseline_n`` seeds for the baseline); ``difference_se`` is the standard
+    error of ``difference``.
     """
 
     entry: str
@@ -84,8 +103,9 @@ class Comparison:
     loss_std: float | None
     baseline_loss: float | None
     baseline_loss_std: float | None
+    baseline_n: int
     difference: float | None
-    difference_std: float | None
+    difference_se: float | None
     at_flops: str
     baseline_flops: float | None
     multiplier: float | None
@@ -254,35 +274,46 @@ def seed_points(runs: Sequence[FrontierRun], entries: Sequence[str]) -> list[Fro
         groups.setdefault((run.entry, run.budget_key), []).append(run)
     points = []
     for (entry, _), group in groups.items():
+        group = sorted(group, key=lambda r: r.seed)
         loss, loss_std = mean_std([r.final_val_loss for r in group])
         epochs = None if any(r.epochs is None for r in group) else sum(r.epochs for r in group) / len(group)
         points.append(FrontierPoint(
-            entry=entry, attention=group[0].attention, n=len(group), seeds=sorted(r.seed for r in group),
+            entry=entry, attention=group[0].attention, n=len(group), seeds=[r.seed for r in group],
             folders=list(dict.fromkeys(r.folder for r in group)), run_dirs=[r.run_dir for r in group],
             tokens=sum(r.tokens for r in group) / len(group),
-            flops=sum(r.flops for r in group) / len(group), loss=loss, loss_std=loss_std, epochs=epochs))
+            flops=sum(r.flops for r in group) / len(group), loss=loss, loss_std=loss_std, epochs=epochs,
+            losses=[r.final_val_loss for r in group]))
     order = {e: i for i, e in enumerate(entries)}
     return sorted(points, key=lambda p: (order[p.entry], p.flops))
 
 
-def loss_at_flops(points: Sequence[FrontierPoint], flops: float) -> tuple[float, float | None] | None:
-    """The loss (and its std) of ``points`` at ``flops``, linear in log(FLOPs) between the two points around it.
+def _paired_std(a: FrontierPoint, b: FrontierPoint, w: float) -> tuple[float | None, int]:
+    """Sample std over seeds of each seed's own interpolated loss, (1-w) a_seed + w b_seed, over the seeds
+    both points hold, and how many; (None, 0) below two such seeds or when a point holds a seed twice."""
+    at_a, at_b = dict(zip(a.seeds, a.losses)), dict(zip(b.seeds, b.losses))
+    if len(at_a) != len(a.losses) or len(at_b) != len(b.losses):
+        return None, 0
+    common = sorted(at_a.keys() & at_b.keys())
+    _, std = mean_std([(1 - w) * at_a[s] + w * at_b[s] for s in common])
+    return (std, len(common)) if std is not None else (None, 0)
 
-    None when no two points bracket ``flops`` (never extrapolated). The std treats the points' seed means
-    as independent: (1-w)^2 s0^2 + w^2 s1^2; None when either std is unknown.
+
+def loss_at_flops(points: Sequence[FrontierPoint], flops: float) -> AtFlops | None:
+    """The loss of ``points`` at ``flops``, linear in log(FLOPs) between the two points around it.
+
+    None when no two points bracket ``flops`` (never extrapolated). The loss interpolates the two points'
+    means; its std is the sample std of the per-seed interpolated losses (a seed's runs at two budgets
+    share its initialisation and data order, so they need not be independent), None with fewer than two
+    seeds common to both points.
     """
     ordered = sorted(points, key=lambda p: p.flops)
     for p in ordered:
         if p.flops == flops:
-            return p.loss, p.loss_std
+            return AtFlops(p.loss, p.loss_std, p.n if p.loss_std is not None else 0)
     for a, b in itertools.pairwise(ordered):
         if a.flops < flops < b.flops:
             w = (math.log(flops) - math.log(a.flops)) / (math.log(b.flops) - math.log(a.flops))
-            loss = (1 - w) * a.loss + w * b.loss
-            std = None
-            if a.loss_std is not None and b.loss_std is not None:
-                std = math.sqrt(((1 - w) * a.loss_std) ** 2 + (w * b.loss_std) ** 2)
-            return loss, std
+            return AtFlops((1 - w) * a.loss + w * b.loss, *_paired_std(a, b, w))
     return None
 
 
@@ -322,16 +353,18 @@ def compare_points(points: Sequence[FrontierPoint], baseline: str) -> list[Compa
         if p.entry == baseline:
             continue
         at = loss_at_flops(base, p.flops)
-        base_loss, base_std, diff, diff_std = None, None, None, None
+        base_loss, base_std, base_n, diff, diff_se = None, None, 0, None, None
         if at is not None:
-            base_loss, base_std = at
+            base_loss, base_std, base_n = at
             diff = p.loss - base_loss
+            # the standard error of a difference of two independent means
             if p.loss_std is not None and base_std is not None:
-                diff_std = math.sqrt(p.loss_std ** 2 + base_std ** 2)
+                diff_se = math.sqrt(p.loss_std ** 2 / p.n + base_std ** 2 / base_n)
         reach = flops_for_loss(base, p.loss)
         out.append(Comparison(
             entry=p.entry, baseline=baseline, flops=p.flops, loss=p.loss, loss_std=p.loss_std,
-            baseline_loss=base_loss, baseline_loss_std=base_std, difference=diff, difference_std=diff_std,
+            baseline_loss=base_loss, baseline_loss_std=base_std, baseline_n=base_n, difference=diff,
+            difference_se=diff_se,
             at_flops="interpolated" if at is not None else f"not bracketed: {_span(base, 'flops')}",
             baseline_flops=reach, multiplier=None if reach is None else reach / p.flops,
             at_loss="interpolated" if reach is not None else f"not bracketed: {_span(base, 'loss')}"))

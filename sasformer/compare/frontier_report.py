@@ -10,10 +10,10 @@ from typing import Any
 from sasformer.compare.report import _pm, _si
 
 
-def _signed(mean: float | None, std: float | None) -> str:
+def _signed(mean: float | None, se: float | None) -> str:
     if mean is None:
         return "n/a"
-    return f"{mean:+.4f}" if std is None else f"{mean:+.4f} ± {std:.4f}"
+    return f"{mean:+.4f}" if se is None else f"{mean:+.4f} ± {se:.4f}"
 
 
 def _epochs(value: float | None) -> str:
@@ -31,7 +31,7 @@ def points_table(points: list[dict[str, Any]]) -> str:
 
 
 def comparisons_table(comparisons: list[dict[str, Any]], baseline: str) -> str:
-    header = (f"| entry | training FLOPs | val loss | {baseline} at these FLOPs | difference | "
+    header = (f"| entry | training FLOPs | val loss ± std | {baseline} at these FLOPs ± std | difference ± s.e. | "
               f"{baseline} FLOPs for this loss | compute multiplier |")
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for c in comparisons:
@@ -40,7 +40,7 @@ def comparisons_table(comparisons: list[dict[str, Any]], baseline: str) -> str:
         reach = f"{c['baseline_flops']:.3e}" if c["baseline_flops"] is not None else "not bracketed"
         multiplier = f"{c['multiplier']:.3f}x" if c["multiplier"] is not None else "n/a"
         lines.append(f"| {c['entry']} | {c['flops']:.3e} | {_pm(c['loss'], c['loss_std'], '.4f')} | {at} | "
-                     f"{_signed(c['difference'], c['difference_std'])} | {reach} | {multiplier} |")
+                     f"{_signed(c['difference'], c['difference_se'])} | {reach} | {multiplier} |")
     return "\n".join(lines)
 
 
@@ -61,8 +61,11 @@ def markdown_frontier(frontier: dict[str, Any]) -> str:
         f"## Against {baseline} at equal compute",
         "",
         (f"`{baseline} at these FLOPs`: {baseline}'s final loss at the entry's FLOPs, linear in log(FLOPs) between "
-         f"the two {baseline} points around it; `difference` = entry − {baseline} (negative: the entry reaches a "
-         f"lower loss for the same compute). `{baseline} FLOPs for this loss`: where {baseline}'s points, "
+         f"the two {baseline} points around it; its ± is the sample std over seeds of each seed's own "
+         f"interpolated loss (the seeds both points hold; n/a with fewer than two). `difference` = entry − "
+         f"{baseline} (negative: the entry reaches a lower loss for the same compute), ± its standard error, "
+         f"sqrt(std_entry²/n_entry + std_{baseline}²/n_{baseline}): the uncertainty of the gap between the two means, "
+         f"not the spread of one run. `{baseline} FLOPs for this loss`: where {baseline}'s points, "
          f"log(FLOPs) linear in loss, reach the entry's loss; `compute multiplier` = that over the entry's FLOPs "
          f"(above 1: {baseline} needs more compute for the same loss). Nothing is extrapolated: outside "
          f"{baseline}'s points a value is `not bracketed`."),
@@ -94,8 +97,9 @@ def markdown_frontier(frontier: dict[str, Any]) -> str:
     parts += ["", f"Command: `{frontier.get('command', '')}`  ",
               f"Git revision: {frontier.get('git_revision') or 'unknown'}."]
     if frontier.get("plot"):
-        parts += ["", (f"Plot: `{frontier['plot']}` (thin faint lines: each run's validation loss at its "
-                       "checkpoints, mid-schedule, so not finished runs at those budgets).")]
+        parts += ["", (f"Plot: `{frontier['plot']}` (error bars: ± the sample std over seeds of each point, the "
+                       "spread of one run; thin faint lines: each run's validation loss at its checkpoints, "
+                       "mid-schedule, so not finished runs at those budgets).")]
     return "\n".join(parts) + "\n"
 
 

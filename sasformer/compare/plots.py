@@ -126,7 +126,7 @@ def plot_frontier(frontier: dict[str, Any], path: str | Path) -> Path:
         points = sorted((p for p in frontier["points"] if p["entry"] == entry), key=lambda p: p["flops"])
         ax.errorbar([p["flops"] for p in points], [p["loss"] for p in points],
                     yerr=[p["loss_std"] or 0.0 for p in points], **styles[entry], linewidth=1.6,
-                    capsize=3, label=f"{entry}: final loss per budget")
+                    capsize=3, label=f"{entry}: final loss per budget (± std over seeds)")
     # the curves start near ln(vocab); keep the axis on the region the budget points occupy
     finals = [p["loss"] for p in frontier["points"]]
     spread = max(finals) - min(finals)

@@ -2,6 +2,10 @@
 
 Spread is the sample standard deviation over seeds (ddof=1); with one seed it is unknown (None,
 shown as "n/a"), never zero.
+
+An entry with a diverged seed has no mean over its seeds for what measures the model (loss, perplexity,
+zero-shot, MQAR): the diverged run has no value, and a mean over the others would favour the entry that
+diverges more often. Those cells are n/a; the other seeds' values are kept apart (``survivors``).
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+
+# what measures the trained model: a diverged run has no value, so these have no mean over every seed
+QUALITY_KEYS = ("final_val_loss", "final_val_ppl", "zero_shot_avg", "mqar_accuracy")
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -45,9 +52,15 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "params": first["params"],
             "train_flops_per_token": first["train_flops_per_token"],
         }
-        for key in ("tokens_seen", "train_flops", "final_val_loss", "final_val_ppl", "zero_shot_avg",
-                    "mqar_accuracy", "tokens_per_s", "mfu", "train_seconds"):
+        for key in ("tokens_seen", "train_flops", *QUALITY_KEYS, "tokens_per_s", "mfu", "train_seconds"):
             row[key], row[key + "_std"] = mean_std([r.get(key) for r in group])
+        row["survivors"] = None
+        if row["diverged"]:
+            finished = [r for r in group if not r.get("diverged")]
+            row["survivors"] = {"seeds": [r["seed"] for r in finished]}
+            for key in QUALITY_KEYS:
+                row["survivors"][key], row["survivors"][key + "_std"] = row[key], row[key + "_std"]
+                row[key], row[key + "_std"] = None, None
         row["peak_mem_gib"] = max((r["peak_mem_gib"] for r in group if r.get("peak_mem_gib") is not None),
                                   default=None)
         rows.append(row)
@@ -79,7 +92,8 @@ def _diverged(row: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The per-entry table: mean ± std over seeds where seeds vary."""
+    """The per-entry table: mean ± std over seeds where seeds vary (n/a for the model's scores of an entry
+    with a diverged seed)."""
     lines = [
         ("| variant | seeds | params | train FLOPs/token | tokens seen | val loss | val ppl | zero-shot avg "
          "| MQAR acc | tokens/s | MFU | peak mem GiB |"),
@@ -99,9 +113,31 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _seeds(seeds: Sequence[int]) -> str:
+    return ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+
+
+def diverged_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """For each entry with a diverged seed: which seeds diverged and what the others reached, kept apart from
+    the table (a mean over the seeds that finished is not a mean over the entry's seeds)."""
+    lines = []
+    for r in rows:
+        if not r.get("diverged"):
+            continue
+        kept = r.get("survivors") or {}
+        others = kept.get("seeds") or []
+        what = (f"{_seeds(others)} reach{'' if len(others) > 1 else 'es'} val loss "
+                f"{_pm(kept.get('final_val_loss'), kept.get('final_val_loss_std'), '.4f')}") if others \
+            else "no seed finished"
+        lines.append(f"- {r['entry']}: {len(r['diverged'])} of {len(r['seeds'])} seeds diverged "
+                     f"({_seeds(r['diverged'])}); {what}")
+    return lines
+
+
 def zero_shot_table(runs: Sequence[dict[str, Any]]) -> str | None:
     """Per-task zero-shot accuracy (mean over seeds, ± their std) with its standard error over the items in
-    brackets (mean over seeds) per entry, or None when no run was evaluated."""
+    brackets (mean over seeds) per entry (n/a for an entry with a diverged seed), or None when no run was
+    evaluated."""
     tasks = sorted({t for r in runs for t in (r.get("zero_shot") or {})})
     if not tasks:
         return None
@@ -111,6 +147,9 @@ def zero_shot_table(runs: Sequence[dict[str, Any]]) -> str | None:
         entries.setdefault(r["entry"], []).append(r)
     for entry, group in entries.items():
         cells = []
+        if any(r.get("diverged") for r in group):  # no mean over every seed, as in the main table
+            lines.append(f"| {entry} | " + " | ".join("n/a" for _ in tasks) + " |")
+            continue
         for task in tasks:
             scores = [(r.get("zero_shot") or {}).get(task, {}) for r in group]
             mean, std = mean_std([score.get("acc") for score in scores])
@@ -149,22 +188,39 @@ def markdown_report(results: dict[str, Any]) -> str:
                        f"{budget['tokens']:,} tokens)")
     else:
         budget_text = f"iso-tokens: {budget['tokens']:,} tokens per run"
+    # a report written without the data folder may not know the count
+    val = "windows" if results.get("val_tokens") is None else f"{results['val_tokens']:,} tokens"
     parts = [
         f"# Comparison `{spec['name']}`",
         "",
-        (f"Budget: {budget_text}. Seeds: {spec['seeds']}. Validation: the same {results['val_tokens']:,} tokens "
-         "for every run. Values are mean ± sample std over seeds (n/a: one seed, or not measured). "
+        (f"Budget: {budget_text}. Seeds: {spec['seeds']}. Validation: the same {val} "
+         "for every run. Values are mean ± sample std over seeds (n/a: one seed, not measured, or a seed "
+         "diverged). "
          f"A model that guesses uniformly scores ln({results['data']['vocab_size']}) = "
          f"{math.log(results['data']['vocab_size']):.3f}."),
         "",
         markdown_table(results["aggregates"]),
     ]
+    diverged = diverged_lines(results["aggregates"])
+    if diverged:
+        parts += ["", ("**Diverged seeds.** An entry with a diverged seed has n/a for its loss, perplexity, "
+                       "zero-shot and MQAR: the diverged run has no value, and a mean over the seeds that finished "
+                       "would favour the entry that diverges more often. What those seeds reached, not comparable "
+                       "with the means over every seed:"), "", *diverged]
     failed = list(results.get("failed_runs", []))
     not_in = [*(f"{r} (failed; its log says why)" for r in failed),
               *(f"{r} (not run yet)" for r in results.get("missing_runs", []) if r not in failed)]
     if not_in:
         parts += ["", "**Not in the table** (the means above are over the runs that finished): " + ", ".join(not_in)
                   + "."]
+    old_rule = results.get("old_validation_rule_runs") or []
+    if old_rule:
+        from sasformer.compare.runner import OLD_VALIDATION_RULE, VALIDATION_RULE
+
+        listed = ", ".join(f"{r['id']} (val loss {_num(r.get('final_val_loss'), '.4f')})" for r in old_rule)
+        parts += ["", (f"**Measured under the old validation rule** ({OLD_VALIDATION_RULE} instead of "
+                       f"{VALIDATION_RULE}: other validation windows, so neither in the table nor compared with "
+                       f"it; delete a run's folder and re-run the grid to redo it): {listed}.")]
     zs = zero_shot_table(results["runs"])
     if zs is not None:
         parts += ["", "Zero-shot accuracy per task (in brackets: its standard error over the items):", "", zs]

@@ -128,13 +128,15 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_finished(plan: RunPlan) -> dict[str, Any] | None:
-    """The run's saved result, or None if it has not finished; an error if it finished with another config."""
+def load_finished(plan: RunPlan, allow_old_rule: bool = False) -> dict[str, Any] | None:
+    """The run's saved result, or None if it has not finished; an error if it finished with another config
+    or, unless ``allow_old_rule`` (a report, which sets such runs apart), under the old validation rule."""
     path = plan.run_dir / RESULT_FILE
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    _check_validation_rule(path, result, plan)
+    if not allow_old_rule:
+        _check_validation_rule(path, result, plan)
     saved = json.loads(json.dumps(comparable_train_config(result["train_config"]), default=str))
     wanted = json.loads(json.dumps(comparable_train_config(plan.train), default=str))
     if saved != wanted:
@@ -167,9 +169,14 @@ def validation_rule_of(result: dict[str, Any]) -> str:
     return VALIDATION_RULE if same else OLD_VALIDATION_RULE
 
 
+def _old_rule(result: dict[str, Any], plan: RunPlan) -> bool:
+    """Whether a finished run was validated on other windows than new runs of its plan would be."""
+    return validation_rule_of({"train_config": plan.train, **result}) != VALIDATION_RULE
+
+
 def _check_validation_rule(path: Path, result: dict[str, Any], plan: RunPlan) -> None:
     """A run validated under the old rule on other windows than the new runs would be: refuse to mix them."""
-    if validation_rule_of({"train_config": plan.train, **result}) != VALIDATION_RULE:
+    if _old_rule(result, plan):
         raise ValueError(
             f"{path} was validated on {OLD_VALIDATION_RULE}, which later runs replace by {VALIDATION_RULE} (the same "
             "windows however a run is split); its validation loss would not "
@@ -438,14 +445,59 @@ def _redo_mqar(spec: GridSpec, plan: RunPlan, result: dict[str, Any], log: Log) 
     return result
 
 
+def _data_summary(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What ``results.json`` records of the prepared data."""
+    return {"dir": str(data_dir), "vocab_size": meta["vocab_size"],
+            "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
+            "train_tokens": meta["splits"]["train"]["tokens"],
+            "val_split_tokens": meta["splits"]["val"]["tokens"]}
+
+
+def _report_data(spec: GridSpec, grid_dir: Path) -> tuple[dict[str, Any], int | None, bool]:
+    """The data summary and validation tokens for a report, found without preparing or tokenising anything
+    (the inputs or the data folder may be gone): from the data folder's metadata when it is complete, else
+    from the grid's last ``results.json``, else only the vocabulary the finished runs were built with. The
+    flag says whether the data folder is there (to count the validation tokens in)."""
+    from sasformer.data.prepare import read_meta
+
+    data_dir = Path(spec.data.dir)
+    meta = read_meta(data_dir)
+    if meta is not None:
+        return _data_summary(data_dir, meta), None, True
+    try:
+        previous = json.loads((grid_dir / "results.json").read_text())
+        if previous["data"]["dir"] == str(data_dir) and previous["data"].get("vocab_size"):
+            return previous["data"], previous.get("val_tokens"), False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    for entry, _, _ in spec.entries():
+        for seed in spec.seeds:
+            try:
+                result = json.loads((grid_dir / "runs" / run_id(entry, seed) / RESULT_FILE).read_text())
+                vocab_size = int(result["model_config"]["vocab_size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            return {"dir": str(data_dir), "vocab_size": vocab_size, "tokenizer_fingerprint": None,
+                    "train_tokens": None, "val_split_tokens": None}, None, False
+    raise ValueError(f"--report: {grid_dir} has no finished run to report and {data_dir} is not a prepared data "
+                     "folder; train the grid first")
+
+
 def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_only: bool,
               time_limit_s: float | None, redo_mqar: bool, called: float, gpus: list[str] | None) -> dict[str, Any]:
     from sasformer.compare.env import environment
     from sasformer.compare.plots import matplotlib_available, plot_curves
     from sasformer.compare.report import aggregate, markdown_report
 
-    data_dir, meta = ensure_data(spec.data, spec.progress)
-    plans = plan_runs(spec, data_dir, int(meta["vocab_size"]), grid_dir)
+    if report_only:  # a report reads the finished runs only: it needs neither the inputs nor the data
+        data, val_tokens, data_there = _report_data(spec, grid_dir)
+        data_dir = Path(spec.data.dir)
+    else:
+        data_dir, meta = ensure_data(spec.data, spec.progress)
+        data, val_tokens, data_there = _data_summary(data_dir, meta), None, True
+    plans = plan_runs(spec, data_dir, int(data["vocab_size"]), grid_dir)
+    if data_there:
+        val_tokens = validation_tokens(plans[0])  # reads the validation split, tokenises nothing
     if not report_only:
         _write_json_atomic(grid_dir / "grid.json", {"spec": spec.to_dict(), "command": command,
                                                 "runs": [{"id": p.id, "max_tokens": p.budget.max_tokens,
@@ -462,7 +514,10 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
     if redo_mqar and not spec.eval.mqar.enabled:
         log("--redo-mqar: the grid's MQAR probe is disabled (eval.mqar.enabled), so there is nothing to redo")
     runs: list[dict[str, Any]] = []
-    finished = [load_finished(p) for p in plans]
+    finished = [load_finished(p, allow_old_rule=report_only) for p in plans]
+    # a report lists runs validated under the old rule apart: their losses are on other windows
+    set_apart = {p.id for p, r in zip(plans, finished) if r is not None and _old_rule(r, p)}
+    old_rule = [r for p, r in zip(plans, finished) if p.id in set_apart]
     todo = sum(r is None for r in finished)
     log(f"grid {spec.name}: {len(plans)} runs ({len(plans) - todo} already finished), results in {grid_dir}")
     spent: list[float] = []
@@ -476,6 +531,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         # the workers' results in grid order; what they left counts as missing below
         finished = [r if r is not None else done.get(p.id) for p, r in zip(plans, finished)]
     for index, (plan, result) in enumerate(zip(plans, finished), start=1):
+        if plan.id in set_apart:
+            continue
         if result is not None:
             if redo_mqar and spec.eval.mqar.enabled:
                 result = _redo_mqar(spec, plan, result, log)
@@ -509,14 +566,12 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         "environment": (runs[0]["environment"] if not train_here and runs and runs[0].get("environment")
                         else environment(device)),
         "spec": spec.to_dict(),
-        "data": {"dir": str(data_dir), "vocab_size": meta["vocab_size"],
-                 "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
-                 "train_tokens": meta["splits"]["train"]["tokens"],
-                 "val_split_tokens": meta["splits"]["val"]["tokens"]},
-        "val_tokens": validation_tokens(plans[0]),
+        "data": data,
+        "val_tokens": val_tokens,
         "runs": runs,
         "missing_runs": missing,
         "failed_runs": failed,
+        "old_validation_rule_runs": old_rule,
         "aggregates": aggregate(runs),
         "plots": [],
     }

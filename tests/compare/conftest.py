@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -59,3 +60,36 @@ def grid_dict(data_dir: Path, out_dir: Path, variants=None, seeds=(0,), **sectio
     for key, value in sections.items():
         grid[key] = value
     return grid
+
+
+def write_finished_runs(spec, grid_dir: Path, vocab_size: int, losses: dict[str, float | None] | None = None,
+                        **extra) -> list[dict]:
+    """A ``result.json`` for every run of ``spec`` as `compare` leaves it, without training: the loss in
+    ``losses`` by run id (None: the run diverged), else 3.0; ``extra`` goes into every result."""
+    import json
+
+    from sasformer.compare.runner import RESULT_FILE, VALIDATION_RULE, plan_runs
+
+    results = []
+    for plan in plan_runs(spec, Path(spec.data.dir), vocab_size, Path(grid_dir)):
+        loss = (losses or {}).get(plan.id, 3.0)
+        tokens = None if loss is None else plan.budget.max_tokens
+        result = {
+            "id": plan.id, "entry": plan.entry, "attention": plan.variant.attention, "size": plan.size,
+            "seed": plan.seed, "params": plan.params, "train_flops_per_token": plan.train_flops_per_token,
+            "budget": {"max_tokens": plan.budget.max_tokens, "max_time_s": plan.budget.max_time_s},
+            "diverged": "loss is nan at step 2" if loss is None else None,
+            "zero_shot": None, "zero_shot_avg": None, "mqar_accuracy": None, "steps": None if loss is None else 6,
+            "tokens_seen": tokens, "train_flops": None if loss is None else tokens * plan.train_flops_per_token,
+            "train_seconds": None if loss is None else 1.0, "tokens_per_s": None if loss is None else 100.0,
+            "tflops_per_s": None, "mfu": None, "peak_mem_gib": None, "final_train_loss": loss,
+            "initial_val_loss": None, "final_val_loss": loss,
+            "final_val_ppl": None if loss is None else math.exp(loss), "val_curve": [],
+            "environment": {"git_revision": "abc", "device": "cpu", "torch": "2", "python": "3"},
+            "model_config": {"vocab_size": vocab_size}, "train_config": plan.train,
+            "validation_rule": VALIDATION_RULE, **extra,
+        }
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        (plan.run_dir / RESULT_FILE).write_text(json.dumps(result))
+        results.append(result)
+    return results

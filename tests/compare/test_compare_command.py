@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import yaml
 
 from sasformer.commands import compare
-from tests.compare.conftest import grid_dict
+from sasformer.compare.spec import GridSpec
+from tests.compare.conftest import grid_dict, write_finished_runs
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -72,3 +74,67 @@ def test_only_rejects_unknown_entry_names(tmp_path, prepared_data):
     config.write_text(yaml.safe_dump(grid_dict(prepared_data, tmp_path / "grid")))
     with pytest.raises(ValueError, match=r"unknown entry name\(s\) \['gqa'\]"):
         compare.run(_parse(["--config", str(config), "--only", "mha,gqa"]))
+
+
+def _no_preparing(monkeypatch) -> None:
+    import importlib
+
+    def refuse(options):
+        raise AssertionError(f"--report prepared {options.out}")
+
+    # the module, not the function that sasformer.data re-exports under the same name
+    monkeypatch.setattr(importlib.import_module("sasformer.data.prepare"), "prepare", refuse)
+
+
+def test_report_reads_the_finished_runs_without_the_data(tmp_path, monkeypatch, capsys):
+    grid = grid_dict(tmp_path / "gone", tmp_path / "grid", seeds=(0, 1))
+    # neither the inputs nor the prepared folder exist any more
+    grid["data"] = {"dir": str(tmp_path / "gone"), "inputs": [str(tmp_path / "corpus.txt")], "vocab_size": 300}
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    write_finished_runs(GridSpec.from_dict(grid), tmp_path / "grid", 300, {"sas-s0": 2.8, "sas-s1": 3.0})
+    _no_preparing(monkeypatch)
+    assert compare.run(_parse(["--config", str(config), "--report"])) == 0
+    assert "| sas | 2 |" in capsys.readouterr().out
+    results = yaml.safe_load((tmp_path / "grid" / "results.json").read_text())
+    assert results["data"]["vocab_size"] == 300 and results["val_tokens"] is None
+    assert len(results["runs"]) == 4 and results["missing_runs"] == []
+    report = (tmp_path / "grid" / "results.md").read_text()
+    assert "Validation: the same windows for every run" in report and "2.9000 ± 0.1414" in report
+
+
+def test_report_reads_a_prepared_folder_without_preparing_it(tmp_path, prepared_data, monkeypatch):
+    grid = grid_dict(prepared_data, tmp_path / "grid")
+    grid["data"] = {"dir": str(prepared_data), "inputs": [str(tmp_path / "corpus.txt")], "vocab_size": 300}
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    write_finished_runs(GridSpec.from_dict(grid), tmp_path / "grid", 300)
+    _no_preparing(monkeypatch)
+    assert compare.run(_parse(["--config", str(config), "--report"])) == 0
+    results = yaml.safe_load((tmp_path / "grid" / "results.json").read_text())
+    assert results["val_tokens"] == 2 * 4 * 16 and results["data"]["tokenizer_fingerprint"]
+
+
+def test_report_sets_apart_runs_of_the_old_validation_rule(tmp_path, prepared_data, capsys):
+    grid = grid_dict(prepared_data, tmp_path / "grid", seeds=(0, 1))
+    grid["train"]["micro_batch_size"] = 2  # validation windows that the old rule chose differently
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    write_finished_runs(GridSpec.from_dict(grid), tmp_path / "grid", 300, {"mha-s1": 3.5})
+    old = tmp_path / "grid" / "runs" / "mha-s1" / "result.json"
+    result = json.loads(old.read_text())
+    del result["validation_rule"]  # made before the rule was recorded, with micro-batches: the old rule
+    old.write_text(json.dumps(result))
+
+    assert compare.run(_parse(["--config", str(config), "--report"])) == 0
+    printed = capsys.readouterr().out
+    assert "measured under the old validation rule, set apart" in printed and printed.count("mha-s1") == 1
+    assert "| mha | 1 |" in printed
+    results = yaml.safe_load((tmp_path / "grid" / "results.json").read_text())
+    assert [r["id"] for r in results["runs"]] == ["mha-s0", "sas-s0", "sas-s1"]
+    assert [r["id"] for r in results["old_validation_rule_runs"]] == ["mha-s1"] and results["missing_runs"] == []
+    report = (tmp_path / "grid" / "results.md").read_text()
+    assert "**Measured under the old validation rule**" in report and "mha-s1 (val loss 3.5000)" in report
+    # training next to them is still refused: a run of the grid would be compared with them
+    with pytest.raises(ValueError, match="validated on eval_batches x micro_batch_size windows"):
+        compare.run(_parse(["--config", str(config)]))

@@ -10,6 +10,8 @@ import pytest
 
 from sasformer.commands import frontier as frontier_command
 from sasformer.compare.frontier import FrontierPoint, build_frontier, flops_for_loss, loss_at_flops
+from sasformer.compare.frontier_report import markdown_frontier
+from sasformer.compare.report import mean_std
 
 
 def write_run(grid: Path, entry: str, seed: int, flops_per_token: float, tokens: int, loss: float | None,
@@ -78,9 +80,9 @@ def test_interpolation_in_log_flops_matches_a_hand_computation(tmp_path):
     assert inside["flops"] == pytest.approx(2e5)
     assert inside["baseline_loss"] == pytest.approx(3.0 - w)
     assert inside["difference"] == pytest.approx(2.8 - (3.0 - w))
-    # both mha points have std sqrt(0.02): sqrt((1-w)^2 + w^2) * sqrt(0.02); sas has one seed, so no std
-    assert inside["baseline_loss_std"] == pytest.approx(math.sqrt(((1 - w) ** 2 + w ** 2) * 0.02))
-    assert inside["difference_std"] is None
+    # per seed, mha at 2e5 is 2.9 - w and 3.1 - w: their std is that of each point, sqrt(0.02), over 2 seeds
+    assert inside["baseline_loss_std"] == pytest.approx(math.sqrt(0.02)) and inside["baseline_n"] == 2
+    assert inside["difference_se"] is None  # sas has one seed, so no std
     # mha reaches 2.8 a fifth of the way (in loss) from 3.0 to 2.0: 10^(5 + 0.2) FLOPs
     assert inside["baseline_flops"] == pytest.approx(10 ** 5.2)
     assert inside["multiplier"] == pytest.approx(10 ** 5.2 / 2e5)
@@ -93,20 +95,57 @@ def test_interpolation_in_log_flops_matches_a_hand_computation(tmp_path):
 
 
 def _point(flops: float, loss: float, std: float | None = None) -> FrontierPoint:
-    return FrontierPoint("a", "a", 1, [0], [], [], 0.0, flops, loss, std, None)
+    return FrontierPoint("a", "a", 1, [0], [], [], 0.0, flops, loss, std, None, [loss])
+
+
+def _seeds_point(flops: float, losses: dict[int, float]) -> FrontierPoint:
+    """A point of several seeds, each with its own loss."""
+    seeds = sorted(losses)
+    mean, std = mean_std([losses[s] for s in seeds])
+    return FrontierPoint("a", "a", len(seeds), seeds, [], [], 0.0, flops, mean, std, None,
+                         [losses[s] for s in seeds])
 
 
 def test_interpolation_helpers_never_extrapolate():
     points = [_point(1e6, 2.0), _point(1e4, 4.0)]
-    assert loss_at_flops(points, 1e5) == (pytest.approx(3.0), None)
-    assert loss_at_flops(points, 1e4) == (4.0, None)
+    assert loss_at_flops(points, 1e5) == (pytest.approx(3.0), None, 0)
+    assert loss_at_flops(points, 1e4) == (4.0, None, 0)
     assert loss_at_flops(points, 9e3) is None and loss_at_flops(points, 1.1e6) is None
-    assert loss_at_flops(points[:1], 1e6) == (2.0, None) and loss_at_flops(points[:1], 2e6) is None
+    assert loss_at_flops(points[:1], 1e6) == (2.0, None, 0) and loss_at_flops(points[:1], 2e6) is None
     assert flops_for_loss(points, 3.0) == pytest.approx(1e5)
     assert flops_for_loss(points, 4.5) is None and flops_for_loss(points, 1.5) is None
     # losses that rise again: the lowest-FLOPs crossing counts
     wiggly = [_point(1e4, 4.0), _point(1e5, 2.0), _point(1e6, 3.0)]
     assert flops_for_loss(wiggly, 3.0) == pytest.approx(10 ** 4.5)
+
+
+def test_the_std_at_interpolated_flops_is_the_std_of_each_seeds_interpolated_loss():
+    # halfway in log(FLOPs) between 1e4 and 1e6; each point has std sqrt(0.02) over seeds 0 and 1
+    low = _seeds_point(1e4, {0: 3.9, 1: 4.1})
+    # seed 0 is lower at both budgets: halfway, each seed sits 0.1 off the mean, as at either budget
+    same = loss_at_flops([low, _seeds_point(1e6, {0: 1.9, 1: 2.1})], 1e5)
+    assert same == (pytest.approx(3.0), pytest.approx(math.sqrt(0.02)), 2)
+    # seed 0 is lower at one budget and higher at the other: halfway, both seeds are at 3.0
+    crossed = loss_at_flops([low, _seeds_point(1e6, {0: 2.1, 1: 1.9})], 1e5)
+    assert crossed == (pytest.approx(3.0), pytest.approx(0.0, abs=1e-12), 2)
+    # (an interpolated std, sqrt(0.25 + 0.25) * sqrt(0.02) = 0.1, would be wrong both times)
+    # only the seeds both points hold pair up; with fewer than two there is no std
+    partly = loss_at_flops([_seeds_point(1e4, {0: 3.9, 1: 4.1, 2: 4.3}), _seeds_point(1e6, {0: 1.9, 1: 2.1})], 1e5)
+    assert partly.std == pytest.approx(math.sqrt(0.02)) and partly.n == 2
+    apart = loss_at_flops([_seeds_point(1e4, {0: 3.9, 1: 4.1}), _seeds_point(1e6, {2: 1.9, 3: 2.1})], 1e5)
+    assert apart.loss == pytest.approx(3.0) and apart.std is None and apart.n == 0
+
+
+def test_a_difference_carries_the_standard_error_of_both_means(tmp_path):
+    small, large = two_grids(tmp_path)
+    write_run(small, "sas", 1, 200.0, 1000, 3.0)  # sas at 2e5 FLOPs: 2.8 and 3.0
+    inside = build_frontier([small, large], baseline="mha")["comparisons"][0]
+    w = math.log10(2.0)
+    assert inside["loss"] == pytest.approx(2.9) and inside["difference"] == pytest.approx(2.9 - (3.0 - w))
+    # both have std sqrt(0.02) over 2 seeds: sqrt(0.02 / 2 + 0.02 / 2)
+    assert inside["difference_se"] == pytest.approx(math.sqrt(0.02))
+    report = markdown_frontier({**build_frontier([small, large]), "command": "", "git_revision": None})
+    assert "| difference ± s.e. |" in report and "standard error" in report
 
 
 def test_the_same_run_copied_counts_once_and_another_budget_does_not(tmp_path):
@@ -220,7 +259,7 @@ def test_command_writes_the_report(tmp_path, capsys):
     out = tmp_path / "out"
     assert frontier_command.run(_parse([str(small), str(large), "--out", str(out), "--only", "sas,mha"])) == 0
     printed = capsys.readouterr().out
-    assert "| sas | 2.000e+05 | 2.8000 | 2.6990 ± 0.1076 | +0.1010 | 1.585e+05 | 0.792x |" in printed
+    assert "| sas | 2.000e+05 | 2.8000 | 2.6990 ± 0.1414 | +0.1010 | 1.585e+05 | 0.792x |" in printed
     assert "| sas | 2.000e+06 | 1.5000 | not bracketed | n/a | not bracketed | n/a |" in printed
     assert "skipped" in printed and "mha-s9" in printed
     report = (out / "frontier.md").read_text()
