@@ -8,7 +8,8 @@ Layout of ``OUT/checkpoints/step_000123/``::
     state.pt            step, tokens seen, schedule, RNG states, data-loader state, tokenizer fingerprint
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed into
-place; a crash mid-write leaves only the temporary directory, which readers ignore.
+place; a crash mid-write leaves only the temporary directory, which readers ignore and the next save
+(or the trainer's start) removes, see :func:`recover_interrupted_saves`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.pt"
 REQUIRED = (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# save_checkpoint's own working names: .tmp- (being written), .old- (a step's previous copy while it is
+# replaced), .del- (being pruned); each followed by the final name and the writer's pid
+_WORK_DIR = re.compile(r"^\.(tmp|old|del)-(step_\d+)-(\d+)$")
 _TIED = "lm_head.weight"
 
 
@@ -158,9 +162,16 @@ def save_checkpoint(
     extra_config: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write ``root/step_NNNNNN`` atomically, then delete all but the newest ``keep_last``."""
+    """Write ``root/step_NNNNNN`` atomically, then delete all but the newest ``keep_last``.
+
+    The sequence: write and fsync ``.tmp-step_NNNNNN-PID``; if ``step_NNNNNN`` exists, rename it to
+    ``.old-step_NNNNNN-PID``; rename the temporary directory to ``step_NNNNNN``; delete the old copy; prune.
+    What a crash leaves between these is finished or undone by :func:`recover_interrupted_saves`, which runs
+    first.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_saves(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -188,9 +199,68 @@ def save_checkpoint(
         if old is not None and old.exists() and not final.exists():
             old.rename(final)
         raise
-    for stale in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
+    _prune(root, final, keep_last)
     return final
+
+
+def _prune(root: Path, final: Path, keep_last: int) -> None:
+    """Delete the oldest checkpoints before ``final`` so that ``keep_last`` remain, ``final`` always among them.
+
+    Checkpoints of later steps (another run's, or restored by recovery) are not this save's to delete, and
+    never push out the one just written. Each goes out of the listing in one rename before it is deleted, so
+    a crash mid-delete leaves a ``.del-`` directory for the next save to finish, not a half-deleted checkpoint.
+    """
+    step = checkpoint_step(final)
+    older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
+    for stale in older[: max(0, len(older) - (keep_last - 1))]:
+        trash = root / f".del-{stale.name}-{os.getpid()}"
+        try:
+            stale.rename(trash)
+        except OSError:
+            continue  # still a complete checkpoint; the next save tries again
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_interrupted_saves(root: str | Path) -> None:
+    """Finish or undo what a process killed inside :func:`save_checkpoint` left in ``root``.
+
+    Only directories named as ``save_checkpoint`` names its own (``.tmp-``, ``.old-``, ``.del-`` followed by
+    ``step_NNNNNN-PID``) directly in ``root`` are touched. Where ``step_NNNNNN`` itself is missing:
+
+    - a complete ``.tmp-`` with an ``.old-`` of the same name and pid is put in place: the old copy is
+      renamed away only after the new one is fsynced, so the new one is whole;
+    - otherwise a complete ``.old-`` (a checkpoint that was in place) is put back.
+
+    Every other working directory is deleted: a ``.tmp-`` without its ``.old-`` never reached its rename, and
+    all its files being present does not prove them whole (the process may have died inside a write), so
+    trusting it could put a truncated checkpoint in place and let pruning delete the good ones; the run
+    repeats those steps exactly instead. Where ``step_NNNNNN`` exists but is incomplete, its working
+    directories are left alone: nothing says which copy is good.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return
+    found: dict[str, list[tuple[str, str, Path]]] = {}  # final name -> [(kind, pid, path)]
+    for path in root.iterdir():
+        match = _WORK_DIR.match(path.name)
+        if match and path.is_dir() and not path.is_symlink():
+            kind, name, pid = match.groups()
+            found.setdefault(name, []).append((kind, pid, path))
+    for name, entries in sorted(found.items()):
+        final = root / name
+        if final.exists() and not is_complete(final):
+            entries = [e for e in entries if e[0] == "del"]
+        elif not final.exists():
+            old_pids = {pid for kind, pid, _ in entries if kind == "old"}
+            ranked = [path for kind, pid, path in entries if kind == "tmp" and pid in old_pids] + \
+                     [path for kind, _, path in entries if kind == "old"]
+            source = next((p for p in ranked if all((p / f).is_file() for f in REQUIRED)), None)
+            if source is not None:
+                source.rename(final)
+                _fsync(root)
+                entries = [e for e in entries if e[2] != source]
+        for _, _, path in entries:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def trained_tokenizer_fingerprint(checkpoint: str | Path) -> str | None:

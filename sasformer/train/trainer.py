@@ -146,7 +146,6 @@ class Trainer:
             self.train_seconds = float(saved_state.get("train_seconds", 0.0))
         # the log window open at the checkpoint (its steps' loss sum), so a resumed run logs the same means
         window = saved_state.get("log_window", {}) if resume_from is not None else {}
-        self._refuse_newer_checkpoints(resume_from)
         self.resumed_from = resume_from
         self.last_checkpoint: Path | None = resume_from
         self.peak = peak_tflops(self.device, config.mfu_peak_tflops)
@@ -157,18 +156,23 @@ class Trainer:
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._dev_step = torch.full((), self.step, dtype=torch.long, device=self.device)
         self._last_grad_norm = torch.zeros((), device=self.device)
+        # the step whose losses and gradient norms, and whose weights, were last found finite: a step that
+        # logs, validates and saves checks each once (nothing changes them until the next step)
+        self._losses_checked_at = -1
+        self._weights_checked_at = -1
 
     def _refuse_newer_checkpoints(self, resume_from: Path | None) -> None:
         """A fresh start, or a resume from an older step, next to checkpoints of a later step would mix two
         runs: keep_last would delete this run's checkpoints and ``resume: auto`` would continue the other's."""
         found = ckpt.list_checkpoints(self.ckpt_dir)
         newest = found[-1] if found else None
+        start = int(ckpt.read_config(resume_from)["step"]) if resume_from is not None else 0
         resumed_newest = resume_from is not None and newest is not None and \
             newest.resolve() == Path(resume_from).resolve()
-        if newest is not None and ckpt.checkpoint_step(newest) >= self.step and not resumed_newest:
+        if newest is not None and ckpt.checkpoint_step(newest) >= start and not resumed_newest:
             raise ValueError(
                 f"{self.ckpt_dir} already holds checkpoints up to {newest.name} from an earlier run, which this "
-                f"run (starting at step {self.step}) would mix with its own; use another out_dir, move them away, "
+                f"run (starting at step {start}) would mix with its own; use another out_dir, move them away, "
                 "or resume: auto to continue that run (nothing was changed)"
             )
 
@@ -179,13 +183,47 @@ class Trainer:
         return torch.bfloat16 if dtype == "bfloat16" else None
 
     def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from (None: a fresh start), chosen by rank 0 and the same on every rank.
+
+        Ranks listing ``out_dir`` each for themselves could pick different checkpoints (one written between
+        the listings, or nodes that see different filesystems). Rank 0's outcome, a refusal included, reaches
+        every rank, so all stop together; a rank that cannot see the chosen checkpoint stops them all too.
+        """
+        chosen: Path | None = None
+        failure: Exception | None = None
+        if self.dist.is_main:
+            try:
+                chosen = self._choose_resume()
+            except Exception as error:  # re-raised below, once the other ranks have heard of it
+                failure = error
+        name, message = D.broadcast_object((None if chosen is None else str(chosen),
+                                            None if failure is None else f"{type(failure).__name__}: {failure}"))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RuntimeError(f"rank 0 could not choose a checkpoint to resume from: {message}")
+        path = None if name is None else Path(name)
+        blind = [rank for rank, sees in enumerate(D.all_gather_object(path is None or ckpt.is_complete(path)))
+                 if not sees]
+        if blind:
+            raise ValueError(
+                f"rank 0 resumes from {path}, which rank(s) {blind} cannot find complete; every process must see "
+                "the same out_dir (on several nodes, a filesystem they share) or resume: none"
+            )
+        return path
+
+    def _choose_resume(self) -> Path | None:
+        """Rank 0's choice: after finishing or undoing saves a crash interrupted, ``resume``'s checkpoint."""
+        ckpt.recover_interrupted_saves(self.ckpt_dir)
         resume = self.config.resume
         if resume == "none":
-            return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_dir)
-        path = Path(resume)
-        ckpt.read_config(path)  # a clear error if it is not a complete checkpoint
+            path = None
+        elif resume == "auto":
+            path = ckpt.latest_checkpoint(self.ckpt_dir)
+        else:
+            path = Path(resume)
+            ckpt.read_config(path)  # a clear error if it is not a complete checkpoint
+        self._refuse_newer_checkpoints(path)
         return path
 
     def _parallelize(self) -> tuple[nn.Module, nn.Module | None]:
@@ -302,6 +340,8 @@ class Trainer:
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLossError` if any step since the start had a non-finite loss or gradient norm
         (syncs)."""
+        if self._losses_checked_at == self.step:
+            return
         never = torch.iinfo(torch.long).max
         first_bad = D.all_reduce_min(torch.where(self._bad_step >= 0, self._bad_step, never))
         if first_bad.item() != never:
@@ -311,6 +351,7 @@ class Trainer:
                 f"saved ({self._last_good()}). Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, then "
                 "resume."
             )
+        self._losses_checked_at = self.step
 
     def _last_good(self) -> str:
         """Where a stopped run can resume from, for the messages that stop it."""
@@ -320,6 +361,8 @@ class Trainer:
     @torch.no_grad()
     def _check_parameters_finite(self) -> None:
         """Refuse to save non-finite weights (an update can overflow with a finite loss and gradient)."""
+        if self._weights_checked_at == self.step:
+            return
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
         finite = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all().long()
         if D.all_reduce_min(finite).item() == 0:
@@ -328,6 +371,7 @@ class Trainer:
                 f"update overflowed); training stopped and nothing was saved ({self._last_good()}). Lower optim.lr, "
                 "then resume."
             )
+        self._weights_checked_at = self.step
 
     @torch.no_grad()
     def evaluate(self) -> float:

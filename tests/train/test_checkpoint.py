@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +84,101 @@ def test_failed_resave_of_same_step_keeps_it(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="rename failed"):
         _save(tmp_path, 4, model)
     assert ckpt.latest_checkpoint(tmp_path) == good and ckpt.is_complete(good)
+
+
+class _Killed(BaseException):
+    """The process died here: nothing after it runs, save_checkpoint's own clean-up included."""
+
+
+def _kill(monkeypatch, rename: int | None = None, rmtree_of: str | None = None) -> None:
+    """Die at the ``rename``-th os.rename (before it happens), or in the first rmtree of a directory whose name
+    contains ``rmtree_of`` (after it has deleted one file); from then on no rename or rmtree changes the disk."""
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+    state = {"renames": 0, "dead": False}
+
+    def fake_rename(src, dst, *args, **kwargs):
+        state["renames"] += 1
+        if state["dead"] or state["renames"] == rename:
+            state["dead"] = True
+            raise _Killed
+        return real_rename(src, dst, *args, **kwargs)
+
+    def fake_rmtree(path, *args, **kwargs):
+        if rmtree_of is not None and rmtree_of in Path(path).name and Path(path).is_dir():
+            (Path(path) / ckpt.MODEL_FILE).unlink()
+            state["dead"] = True
+        if state["dead"]:
+            raise _Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", fake_rename)
+    monkeypatch.setattr(shutil, "rmtree", fake_rmtree)
+
+
+def _embed(path: Path) -> torch.Tensor:
+    return ckpt.read_model_state(path)["embed.weight"]
+
+
+# (step saved over a complete step 4, where the save dies, the checkpoint that must be found with its weights)
+KILLS = {
+    "new step, before its rename": (8, {"rename": 1}, "step_000004", "first"),
+    "new step, pruning the previous one": (8, {"rmtree_of": "step_000004"}, "step_000008", "second"),
+    "same step, before the old copy is renamed away": (4, {"rename": 1}, "step_000004", "first"),
+    "same step, between the two renames": (4, {"rename": 2}, "step_000004", "second"),
+    "same step, deleting the old copy": (4, {"rmtree_of": ".old-"}, "step_000004", "second"),
+}
+
+
+@pytest.mark.parametrize("then", ["recover", "next save"])
+@pytest.mark.parametrize("kill", KILLS, ids=list(KILLS))
+def test_a_killed_save_leaves_one_good_checkpoint_and_no_leftovers(tmp_path, monkeypatch, kill, then):
+    step, where, survivor, weights = KILLS[kill]
+    first, second = _model(), _model()
+    with torch.no_grad():
+        second.embed.weight.add_(1.0)
+    _save(tmp_path, 4, first, keep_last=1)  # keep_last 1: the only checkpoint is at stake
+    _kill(monkeypatch, **where)
+    with pytest.raises(_Killed):
+        _save(tmp_path, step, second, keep_last=1)
+    monkeypatch.undo()  # the next process
+    if then == "recover":  # what the trainer does before it picks the checkpoint to resume from
+        ckpt.recover_interrupted_saves(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [survivor]
+    else:
+        _save(tmp_path, 12, first, keep_last=2)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [survivor, "step_000012"]
+    assert ckpt.is_complete(tmp_path / survivor)
+    assert torch.equal(_embed(tmp_path / survivor), (first if weights == "first" else second).embed.weight)
+
+
+def test_recovery_touches_only_the_savers_own_directories(tmp_path):
+    outside = tmp_path / "elsewhere"
+    _save(outside, 4, _model())
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    names = [".tmp-notes", ".old-step_000004", ".tmp-step_000004-1x", ".cache-step_000004-1"]
+    for name in names:
+        (root / name).mkdir()
+    (root / ".tmp-step_000006-1").write_text("a file, not a directory")
+    (root / ".old-step_000008-1").symlink_to(outside / "step_000004")  # a link: never followed into
+    ckpt.recover_interrupted_saves(root)
+    assert sorted(p.name for p in root.iterdir()) == sorted([*names, ".tmp-step_000006-1", ".old-step_000008-1"])
+    assert ckpt.is_complete(outside / "step_000004")
+
+
+def test_a_leftover_old_copy_does_not_block_saving_that_step_again(tmp_path):
+    model = _model()
+    good = _save(tmp_path, 4, model)
+    shutil.copytree(good, tmp_path / f".old-{good.name}-{os.getpid()}")  # a killed replacement of this pid's
+    assert _save(tmp_path, 4, model) == good and sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    model = _model()
+    _save(tmp_path, 12, model)  # a later step's checkpoint (e.g. another run's)
+    written = _save(tmp_path, 8, model, keep_last=1)
+    assert ckpt.is_complete(written)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000008", "step_000012"]
 
 
 def test_incomplete_checkpoint_is_a_clear_error(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -279,3 +280,50 @@ def _local_step_worker(rank: int, world_size: int, port: int) -> None:
 
 def test_local_shard_clipping_equals_dtensor_dispatch_and_one_process():
     _run_two(_local_step_worker)
+
+
+def _resume_choice_worker(rank: int, world_size: int, port: int, views: dict[str, list[str]], results: str) -> None:
+    """Builds a resuming trainer on each of two processes, each working in its own copy of ``run`` (as nodes
+    with their own filesystems); writes each scenario's outcome on this rank to ``results``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from sasformer.train import distributed
+
+    outcomes = {}
+    try:
+        for scenario, directories in views.items():
+            os.chdir(directories[rank])
+            try:
+                trainer = Trainer(tiny_config(Path("run"), max_steps=16), FakeData())
+                outcomes[scenario] = {"step": trainer.step, "resumed_from": str(trainer.resumed_from)}
+            except ValueError as error:
+                outcomes[scenario] = {"error": str(error)}
+        (Path(results) / f"{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        distributed.shutdown()
+
+
+def test_rank_0_chooses_the_checkpoint_every_rank_resumes_from(tmp_path):
+    source = tmp_path / "source"
+    Trainer(tiny_config(source, max_steps=12, keep_last=3), FakeData()).fit()  # steps 4, 8 and 12
+
+    def view(name: str, steps: list[int]) -> str:
+        for step in steps:
+            shutil.copytree(source / "checkpoints" / f"step_{step:06d}", tmp_path / name / "run" / "checkpoints" /
+                            f"step_{step:06d}")
+        return str(tmp_path / name)
+
+    views = {
+        # rank 1 lists a checkpoint rank 0 did not see (written between their listings): rank 0's choice holds
+        "later": [view("later0", [4, 8]), view("later1", [4, 8, 12])],
+        # rank 1 does not see rank 0's choice (another filesystem): every rank stops, naming it
+        "blind": [view("blind0", [4, 8]), view("blind1", [4])],
+    }
+    results = tmp_path / "results"
+    results.mkdir()
+    _run_two(_resume_choice_worker, views, str(results))
+    outcomes = [json.loads((results / f"{rank}.json").read_text()) for rank in (0, 1)]
+    want = {"step": 8, "resumed_from": str(Path("run") / "checkpoints" / "step_000008")}
+    assert [o["later"] for o in outcomes] == [want, want]
+    for o in outcomes:
+        assert "rank(s) [1] cannot find complete" in o["blind"].get("error", ""), o["blind"]

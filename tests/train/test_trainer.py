@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,44 @@ def test_resume_is_exact(make_config):
     assert resumed.step == 4 and resumed.resumed_from.name == "step_000004"
     resumed.fit()
     assert _losses(part.out_dir) == _losses(full.out_dir)
+
+
+def test_resume_auto_recovers_the_only_checkpoint_a_killed_save_left_renamed_away(make_config):
+    full = make_config("full", keep_last=1)
+    Trainer(full, FakeData()).fit()
+    part = make_config("part", keep_last=1)
+    with pytest.raises(Interrupt):
+        Trainer(part, FakeData(), step_hooks=[_stop_at(10)]).fit()
+    root = Path(part.out_dir) / "checkpoints"
+    # step 8 saved over itself and killed between the renames: the old copy renamed away, the new one written;
+    # and a write of step 12 killed half-way
+    (root / "step_000008").rename(root / ".old-step_000008-4242")
+    shutil.copytree(root / ".old-step_000008-4242", root / ".tmp-step_000008-4242")
+    (root / ".tmp-step_000012-4243").mkdir()
+    shutil.copy(root / ".tmp-step_000008-4242" / ckpt.CONFIG_FILE, root / ".tmp-step_000012-4243")
+    resumed = Trainer(part, FakeData())
+    assert resumed.step == 8 and resumed.resumed_from.name == "step_000008"
+    assert [p.name for p in root.iterdir()] == ["step_000008"]
+    resumed.fit()
+    assert _losses(part.out_dir) == _losses(full.out_dir)
+
+
+def test_a_step_that_logs_validates_and_saves_checks_finiteness_once(make_config, monkeypatch):
+    from sasformer.train import distributed
+
+    trainer = Trainer(make_config(max_steps=4, eval_interval=4, checkpoint_interval=4), FakeData())
+    real_all_reduce_min, steps = distributed.all_reduce_min, []
+
+    def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+        steps.append(trainer.step)
+        return real_all_reduce_min(tensor)
+
+    monkeypatch.setattr(distributed, "all_reduce_min", all_reduce_min)
+    trainer.fit()
+    # one all-reduce for the losses and gradient norms, one (after a pass over the weights) for the weights
+    assert steps.count(4) == 2
+    assert [p.name for p in ckpt.list_checkpoints(f"{trainer.out_dir}/checkpoints")] == ["step_000004"]
+    assert [r["step"] for r in read_metrics(f"{trainer.out_dir}/metrics.jsonl", kind="val")] == [4]
 
 
 def test_resume_logs_the_same_window_means_when_checkpoints_fall_inside_a_window(make_config):
