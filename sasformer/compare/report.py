@@ -177,6 +177,14 @@ def provenance(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _uniform_guess(data: dict[str, Any]) -> str:
+    """The loss of a uniform guess over the tokenizer's vocabulary, when the report knows that vocabulary."""
+    if data.get("vocab_size"):
+        return f"A model that guesses uniformly scores ln({data['vocab_size']}) = {math.log(data['vocab_size']):.3f}."
+    return ("The tokenizer's vocabulary is not known to this report (written without the data folder); the models' "
+            f"embeddings have {data.get('padded_vocab_size', 'n/a')} rows, padded.")
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """``results.md``: the table, the budget, and the provenance of the numbers."""
     spec = results["spec"]
@@ -196,8 +204,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         (f"Budget: {budget_text}. Seeds: {spec['seeds']}. Validation: the same {val} "
          "for every run. Values are mean ± sample std over seeds (n/a: one seed, not measured, or a seed "
          "diverged). "
-         f"A model that guesses uniformly scores ln({results['data']['vocab_size']}) = "
-         f"{math.log(results['data']['vocab_size']):.3f}."),
+         + _uniform_guess(results["data"])),
         "",
         markdown_table(results["aggregates"]),
     ]
@@ -214,8 +221,17 @@ def markdown_report(results: dict[str, Any]) -> str:
         parts += ["", "**Not in the table** (the means above are over the runs that finished): " + ", ".join(not_in)
                   + "."]
     old_rule = results.get("old_validation_rule_runs") or []
+    from sasformer.compare.runner import OLD_VALIDATION_RULE, VALIDATION_RULE
+
+    if results.get("earlier_init_runs"):
+        parts += ["", ("**Trained with an earlier initialisation of their attention layer** (in the table; a run "
+                       "of the grid made now would start from the layer's present initialisation, see "
+                       "docs/attention.md): " + ", ".join(results["earlier_init_runs"]) + ".")]
+    if results.get("validation_rule") == OLD_VALIDATION_RULE:
+        parts += ["", (f"**Every run in the table was validated under the old rule** ({OLD_VALIDATION_RULE} "
+                       f"instead of {VALIDATION_RULE}): they compare with each other, not with runs of the present "
+                       "rule.")]
     if old_rule:
-        from sasformer.compare.runner import OLD_VALIDATION_RULE, VALIDATION_RULE
 
         listed = ", ".join(f"{r['id']} (val loss {_num(r.get('final_val_loss'), '.4f')})" for r in old_rule)
         parts += ["", (f"**Measured under the old validation rule** ({OLD_VALIDATION_RULE} instead of "

@@ -137,6 +137,12 @@ def load_finished(plan: RunPlan, allow_old_rule: bool = False) -> dict[str, Any]
     result = json.loads(path.read_text())
     if not allow_old_rule:
         _check_validation_rule(path, result, plan)
+        if earlier_init(result, plan):
+            raise ValueError(
+                f"{path} was trained with an earlier initialisation of {plan.variant.attention} "
+                f"({init_of(result)!r}; now {_current_init(plan)!r}), so it is not the run the grid would make now; "
+                "delete that run's folder to redo it, or use another --out"
+            )
     saved = json.loads(json.dumps(comparable_train_config(result["train_config"]), default=str))
     wanted = json.loads(json.dumps(comparable_train_config(plan.train), default=str))
     if saved != wanted:
@@ -172,6 +178,23 @@ def validation_rule_of(result: dict[str, Any]) -> str:
 def _old_rule(result: dict[str, Any], plan: RunPlan) -> bool:
     """Whether a finished run was validated on other windows than new runs of its plan would be."""
     return validation_rule_of({"train_config": plan.train, **result}) != VALIDATION_RULE
+
+
+def init_of(result: dict[str, Any]) -> str:
+    """The attention layer's initialisation a finished run trained from (unrecorded: the standard one, which
+    every variant used until a variant's changed)."""
+    return str(result.get("attention_init", "standard"))
+
+
+def _current_init(plan: RunPlan) -> str:
+    from sasformer.layers.registry import attention_class
+
+    return attention_class(plan.variant.attention).init_rule
+
+
+def earlier_init(result: dict[str, Any], plan: RunPlan) -> bool:
+    """Whether a finished run trained from another initialisation than a new run of its plan would."""
+    return init_of(result) != _current_init(plan)
 
 
 def _check_validation_rule(path: Path, result: dict[str, Any], plan: RunPlan) -> None:
@@ -355,6 +378,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     result["model_config"] = model_config.to_dict()
     result["train_config"] = plan.train
     result["validation_rule"] = VALIDATION_RULE
+    result["attention_init"] = _current_init(plan)
     _write_json_atomic(plan.run_dir / RESULT_FILE, result)
     return result
 
@@ -477,8 +501,9 @@ def _report_data(spec: GridSpec, grid_dir: Path) -> tuple[dict[str, Any], int | 
                 vocab_size = int(result["model_config"]["vocab_size"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            return {"dir": str(data_dir), "vocab_size": vocab_size, "tokenizer_fingerprint": None,
-                    "train_tokens": None, "val_split_tokens": None}, None, False
+            # the models' vocabulary is the tokenizer's padded (pad_vocab_to): not the tokenizer's own size
+            return {"dir": str(data_dir), "vocab_size": None, "padded_vocab_size": vocab_size,
+                    "tokenizer_fingerprint": None, "train_tokens": None, "val_split_tokens": None}, None, False
     raise ValueError(f"--report: {grid_dir} has no finished run to report and {data_dir} is not a prepared data "
                      "folder; train the grid first")
 
@@ -495,7 +520,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
     else:
         data_dir, meta = ensure_data(spec.data, spec.progress)
         data, val_tokens, data_there = _data_summary(data_dir, meta), None, True
-    plans = plan_runs(spec, data_dir, int(data["vocab_size"]), grid_dir)
+    # padding a padded vocabulary changes nothing, so a report without the tokenizer's size plans the same runs
+    plans = plan_runs(spec, data_dir, int(data["vocab_size"] or data["padded_vocab_size"]), grid_dir)
     if data_there:
         val_tokens = validation_tokens(plans[0])  # reads the validation split, tokenises nothing
     if not report_only:
@@ -515,9 +541,15 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         log("--redo-mqar: the grid's MQAR probe is disabled (eval.mqar.enabled), so there is nothing to redo")
     runs: list[dict[str, Any]] = []
     finished = [load_finished(p, allow_old_rule=report_only) for p in plans]
-    # a report lists runs validated under the old rule apart: their losses are on other windows
+    # a report lists runs validated under the old rule apart when the grid mixes the two rules (their losses are
+    # on other windows); runs that all share the old rule compare with each other and stay in the table
     set_apart = {p.id for p, r in zip(plans, finished) if r is not None and _old_rule(r, p)}
+    all_old_rule = bool(set_apart) and set_apart == {p.id for p, r in zip(plans, finished) if r is not None}
+    if all_old_rule:
+        set_apart = set()
     old_rule = [r for p, r in zip(plans, finished) if p.id in set_apart]
+    # only a report gets here with such runs (training refuses them): listed, kept in the table
+    other_init = [p.id for p, r in zip(plans, finished) if r is not None and earlier_init(r, p)]
     todo = sum(r is None for r in finished)
     log(f"grid {spec.name}: {len(plans)} runs ({len(plans) - todo} already finished), results in {grid_dir}")
     spent: list[float] = []
@@ -572,6 +604,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
         "missing_runs": missing,
         "failed_runs": failed,
         "old_validation_rule_runs": old_rule,
+        "validation_rule": OLD_VALIDATION_RULE if all_old_rule else VALIDATION_RULE,
+        "earlier_init_runs": other_init,
         "aggregates": aggregate(runs),
         "plots": [],
     }

@@ -52,6 +52,8 @@ SPLIT_RULE = (
     "integer and divided by 2**64, are below val_fraction; if no document lands in val, the one with the smallest "
     "such value does"
 )
+# the lock file's descriptor while this process holds it (forked tokenizer workers close their copy)
+_held_lock_fd: int | None = None
 # documents per unit of work handed to a tokenizer worker
 _CHUNK_DOCS = 256
 # distinct split keys remembered to explain a split that cannot be made; bounded so memory stays flat
@@ -278,6 +280,10 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_dir: str) -> None:
     global _worker_tokenizer
+    if _held_lock_fd is not None:
+        # a forked worker shares the run's lock; closing its copy lets the lock end with the run, even when
+        # the run is killed and this worker lives on for a while
+        os.close(_held_lock_fd)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
     if hasattr(_worker_tokenizer, "num_threads"):
@@ -400,6 +406,7 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
               "at once", file=sys.stderr)
         yield
         return
+    global _held_lock_fd
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -410,10 +417,15 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another `sasformer prepare` is writing {out} (it holds the lock {lock}); wait for it "
-                             "to finish or choose another --out (nothing was changed)") from None
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"another `sasformer prepare` (process {holder}) is writing {out}: it holds the lock "
+                             f"{lock}; wait for it to finish or choose another --out (nothing was changed)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # named by a run that finds the lock held
+        _held_lock_fd = fd
         yield
     finally:
+        _held_lock_fd = None
         os.close(fd)  # releases the lock
 
 
@@ -428,8 +440,10 @@ def _remove_leftover(folder: Path) -> None:
         return
     if folder.is_symlink() or not folder.is_dir() or not (folder / TEMP_MARKER).is_file():
         raise ValueError(
-            f"{folder} exists but was not made by `sasformer prepare` (it has no {TEMP_MARKER} file), and prepare "
-            "needs that name for its temporary folder; move it away or choose another --out (it was left untouched)"
+            f"{folder} exists without the {TEMP_MARKER} file `sasformer prepare` puts in the folders it makes: it "
+            "is someone else's, or left by an interrupted prepare of a version before that file; prepare needs "
+            "the name, so delete it if it is such a left-over, else move it away or choose another --out (it was "
+            "left untouched)"
         )
     for child in folder.iterdir():
         if child.name == TEMP_MARKER:
@@ -449,27 +463,41 @@ def prepare(options: PrepareOptions) -> dict:
     sources = resolve_inputs(options.inputs, options.text_field)
     given = load_tokenizer(options.tokenizer, options.eot_token) if options.tokenizer is not None else None
     key = build_key(options, sources, given)
+    # an up-to-date folder needs no lock (so a read-only data mount still answers); a build does
+    current = _up_to_date(options, out, key)
+    if current is not None:
+        return current
     with _exclusive_lock(out.resolve()):
+        current = _up_to_date(options, out, key, quiet=True)  # another run may have built it meanwhile
+        if current is not None:
+            return current
         return _build(options, out, sources, given, key)
 
 
-def _build(options: PrepareOptions, out: Path, sources: list[Source], given: Tokenizer | None, key: str) -> dict:
-    """:func:`prepare` once it holds the lock on ``out``."""
+def _up_to_date(options: PrepareOptions, out: Path, key: str, quiet: bool = False) -> dict | None:
+    """``out``'s metadata when it is complete and built from these inputs and options; None when it needs
+    building. Refuses a folder prepare did not make, before anything is written."""
     existing = _our_meta(out)
     if out.exists() and existing is None and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
             f"{out} exists but is not a sasformer data folder (no meta.json written by `sasformer prepare`); "
             "remove it or choose another --out (nothing was changed)"
         )
-    if existing is not None:
-        if not _complete(out, existing):
+    if existing is None:
+        return None
+    if not _complete(out, existing):
+        if not quiet:
             print(f"{out} is incomplete or damaged (a shard or the tokenizer is missing, or a shard has the wrong "
-                  "size); rebuilding",
-                  file=sys.stderr)
-        elif existing.get("build_key") == key and not options.force:
-            print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
-            return existing
+                  "size); rebuilding", file=sys.stderr)
+        return None
+    if existing.get("build_key") == key and not options.force:
+        print(f"{out} is up to date (same inputs and options); nothing to do", file=sys.stderr)
+        return existing
+    return None
 
+
+def _build(options: PrepareOptions, out: Path, sources: list[Source], given: Tokenizer | None, key: str) -> dict:
+    """:func:`prepare` once it holds the lock on ``out`` and found it in need of building."""
     build_dir = _sibling(out.resolve(), ".partial")
     # both checked before any work, so a folder that is not ours stops the run at once, not after a long build
     _remove_leftover(build_dir)
@@ -539,10 +567,12 @@ def _swap_into_place(build_dir: Path, out: Path) -> None:
     """Replace ``out`` with the finished ``build_dir``; the old output is removed only after the rename."""
     old = _sibling(out, ".old")
     _remove_leftover(old)  # refuses a folder that appeared there during the build
-    # the output carries no marker, so a copy of it a user makes (say as OUT.old) is never taken for ours
-    (build_dir / TEMP_MARKER).unlink()
+    # every folder is marked before it takes a temporary name and loses the marker only after it is OUT, so a
+    # run killed between the renames never leaves an unmarked OUT.old that would block the next run
     if out.exists():
+        _mark(out)
         os.replace(out, old)
-        _mark(old)  # ours to delete now, also by a later run if this one dies first
     os.replace(build_dir, out)
+    # the output carries no marker, so a copy of it a user makes (say as OUT.old) is never taken for ours
+    (out / TEMP_MARKER).unlink()
     _remove_leftover(old)

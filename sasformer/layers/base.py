@@ -146,6 +146,9 @@ class Attention(nn.Module, ABC):
     Args: ClassVar[type[AttentionArgs]]
     # feature sizes this layer rotates with RoPE; the model precomputes tables for them
     rope_dims: tuple[int, ...] = ()
+    # names the layer's initialisation; a variant changes it when its init changes, so finished comparison
+    # runs record which one they trained from and are not mixed with runs of another
+    init_rule: ClassVar[str] = "standard"
 
     def __init__(self, d_model: int, args: AttentionArgs) -> None:
         super().__init__()

@@ -87,6 +87,7 @@ class HeadFactor(nn.Module):
 class TensorProductAttention(Attention):
     Args = TPAArgs
     args: TPAArgs
+    init_rule = "head factors at MHA's q/k/v variance"  # "standard" before: q, k, v started far smaller
 
     def __init__(self, d_model: int, args: TPAArgs) -> None:
         super().__init__(d_model, args)

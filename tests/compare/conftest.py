@@ -69,6 +69,8 @@ def write_finished_runs(spec, grid_dir: Path, vocab_size: int, losses: dict[str,
     import json
 
     from sasformer.compare.runner import RESULT_FILE, VALIDATION_RULE, plan_runs
+    from sasformer.layers.registry import attention_class
+    from sasformer.train.config import TrainConfig
 
     results = []
     for plan in plan_runs(spec, Path(spec.data.dir), vocab_size, Path(grid_dir)):
@@ -86,8 +88,11 @@ def write_finished_runs(spec, grid_dir: Path, vocab_size: int, losses: dict[str,
             "initial_val_loss": None, "final_val_loss": loss,
             "final_val_ppl": None if loss is None else math.exp(loss), "val_curve": [],
             "environment": {"git_revision": "abc", "device": "cpu", "torch": "2", "python": "3"},
-            "model_config": {"vocab_size": vocab_size}, "train_config": plan.train,
-            "validation_rule": VALIDATION_RULE, **extra,
+            # as a run records it: the embedding's rows, the tokenizer's vocabulary padded (pad_vocab_to)
+            "model_config": {"vocab_size": TrainConfig.from_dict(plan.train).model.build(vocab_size, 8).vocab_size},
+            "train_config": plan.train,
+            "validation_rule": VALIDATION_RULE, "attention_init": attention_class(plan.variant.attention).init_rule,
+            **extra,
         }
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         (plan.run_dir / RESULT_FILE).write_text(json.dumps(result))

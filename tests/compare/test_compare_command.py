@@ -97,10 +97,14 @@ def test_report_reads_the_finished_runs_without_the_data(tmp_path, monkeypatch, 
     assert compare.run(_parse(["--config", str(config), "--report"])) == 0
     assert "| sas | 2 |" in capsys.readouterr().out
     results = yaml.safe_load((tmp_path / "grid" / "results.json").read_text())
-    assert results["data"]["vocab_size"] == 300 and results["val_tokens"] is None
+    # a model's vocabulary is the tokenizer's padded: the report does not take it for the tokenizer's
+    assert results["runs"][0]["model_config"]["vocab_size"] == 320
+    assert results["data"]["vocab_size"] is None and results["data"]["padded_vocab_size"] == 320
+    assert results["val_tokens"] is None
     assert len(results["runs"]) == 4 and results["missing_runs"] == []
     report = (tmp_path / "grid" / "results.md").read_text()
     assert "Validation: the same windows for every run" in report and "2.9000 ± 0.1414" in report
+    assert "ln(" not in report and "embeddings have 320 rows, padded" in report
 
 
 def test_report_reads_a_prepared_folder_without_preparing_it(tmp_path, prepared_data, monkeypatch):
@@ -113,6 +117,45 @@ def test_report_reads_a_prepared_folder_without_preparing_it(tmp_path, prepared_
     assert compare.run(_parse(["--config", str(config), "--report"])) == 0
     results = yaml.safe_load((tmp_path / "grid" / "results.json").read_text())
     assert results["val_tokens"] == 2 * 4 * 16 and results["data"]["tokenizer_fingerprint"]
+
+
+def test_runs_of_an_earlier_attention_init_are_listed_in_a_report_and_refused_for_training(tmp_path, prepared_data,
+                                                                                          capsys):
+    grid = grid_dict(prepared_data, tmp_path / "grid", seeds=(0,))
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    write_finished_runs(GridSpec.from_dict(grid), tmp_path / "grid", 300)
+    earlier = tmp_path / "grid" / "runs" / "sas-s0" / "result.json"
+    result = json.loads(earlier.read_text())
+    result["attention_init"] = "an earlier one"
+    earlier.write_text(json.dumps(result))
+
+    assert compare.run(_parse(["--config", str(config), "--report"])) == 0
+    assert "trained with an earlier initialisation of their attention layer" in capsys.readouterr().out
+    results = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert results["earlier_init_runs"] == ["sas-s0"] and len(results["runs"]) == 2
+    assert "**Trained with an earlier initialisation" in (tmp_path / "grid" / "results.md").read_text()
+    with pytest.raises(ValueError, match="trained with an earlier initialisation of sas"):
+        compare.run(_parse(["--config", str(config)]))
+
+
+def test_report_keeps_a_grid_whose_runs_all_share_the_old_rule(tmp_path, prepared_data, capsys):
+    """Runs that all share the old rule compare with each other: the report tabulates them (not an empty table)."""
+    grid = grid_dict(prepared_data, tmp_path / "grid", seeds=(0,))
+    grid["train"]["micro_batch_size"] = 2
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    for result in write_finished_runs(GridSpec.from_dict(grid), tmp_path / "grid", 300, {"mha-s0": 3.25}):
+        del result["validation_rule"]  # all made before the rule was recorded, with micro-batches
+        (tmp_path / "grid" / "runs" / result["id"] / "result.json").write_text(json.dumps(result))
+
+    assert compare.run(_parse(["--config", str(config), "--report"])) == 0
+    assert "every finished run was validated under the old rule" in capsys.readouterr().out
+    results = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert [r["id"] for r in results["runs"]] == ["mha-s0", "sas-s0"] and results["old_validation_rule_runs"] == []
+    assert [a["entry"] for a in results["aggregates"]] == ["mha", "sas"]
+    report = (tmp_path / "grid" / "results.md").read_text()
+    assert "**Every run in the table was validated under the old rule**" in report and "3.2500" in report
 
 
 def test_report_sets_apart_runs_of_the_old_validation_rule(tmp_path, prepared_data, capsys):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -267,10 +268,29 @@ def test_sibling_folders_not_made_by_prepare_are_kept(tmp_path, ranks_file, suff
     theirs = tmp_path / f"out{suffix}"
     (theirs / "sub").mkdir(parents=True)
     (theirs / "sub" / "precious.txt").write_text("keep me")
-    with pytest.raises(ValueError, match=rf"out\{suffix} exists but was not made by `sasformer prepare`"):
+    with pytest.raises(ValueError, match=rf"out\{suffix} exists without the .* file `sasformer prepare` puts in"):
         prepare(_options(tmp_path, [_corpus(tmp_path, "a", 10)], tokenizer=str(ranks_file)))
     assert (theirs / "sub" / "precious.txt").read_text() == "keep me"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_up_to_date_folder_is_answered_without_the_lock(tmp_path, ranks_file, monkeypatch, capsys):
+    """A read-only data mount (no lock file can be made beside OUT) still answers "up to date"."""
+    import importlib
+
+    prepare_module = importlib.import_module("sasformer.data.prepare")
+    opts = _options(tmp_path, [_corpus(tmp_path, "a", 10)], tokenizer=str(ranks_file))
+    meta = prepare(opts)
+
+    def no_lock(out):
+        raise ValueError(f"cannot open the lock file beside {out}")
+
+    monkeypatch.setattr(prepare_module, "_exclusive_lock", no_lock)
+    assert prepare(opts) == meta
+    assert "up to date" in capsys.readouterr().err
+    opts.force = True
+    with pytest.raises(ValueError, match="cannot open the lock file"):  # a build does need it
+        prepare(opts)
 
 
 def test_leftovers_of_an_interrupted_run_are_removed(tmp_path, ranks_file):
@@ -304,7 +324,8 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_builds(tmp_path
             return tokenize(*args, **kwargs)
         refusals.append("")
         # a second run starting now would, unlocked, delete this run's OUT.partial under it
-        with pytest.raises(ValueError, match="another `sasformer prepare` is writing") as err:
+        held = rf"another `sasformer prepare` \(process {os.getpid()}\) is writing"
+        with pytest.raises(ValueError, match=held) as err:
             prepare(_options(tmp_path, [_corpus(tmp_path, "b", 20)], tokenizer=str(ranks_file)))
         refusals.append(str(err.value))
         return tokenize(*args, **kwargs)
@@ -316,3 +337,23 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_builds(tmp_path
     monkeypatch.setattr(prepare_module, "_tokenize", tokenize)
     opts.force = True
     assert prepare(opts)["splits"] == meta["splits"]  # the lock is released when a run ends
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads the workers' open files from /proc")
+def test_tokenizer_workers_do_not_hold_the_lock(tmp_path, ranks_file, monkeypatch):
+    """Forked workers close their copy of the lock: one that outlives a killed run must not block the next."""
+    pytest.importorskip("fcntl")
+    import importlib
+
+    prepare_module = importlib.import_module("sasformer.data.prepare")
+    encode = prepare_module._encode_docs
+
+    def encode_checking_open_files(*args, **kwargs):  # runs in the worker
+        held = [os.readlink(f) for f in Path("/proc/self/fd").iterdir() if os.path.islink(f)]
+        if any(target.endswith("out.lock") for target in held):
+            raise RuntimeError("a tokenizer worker holds the lock file open")
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_encode_docs", encode_checking_open_files)
+    meta = prepare(_options(tmp_path, [_corpus(tmp_path, "a", 40)], tokenizer=str(ranks_file), workers=2))
+    assert meta["splits"]["train"]["documents"] > 0
