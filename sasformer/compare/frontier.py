@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sasformer.compare.report import mean_std
-from sasformer.compare.runner import RESULT_FILE, comparable_train_config, validation_rule_of
+from sasformer.compare.runner import RESULT_FILE, comparable_train_config, init_of, validation_rule_of
 
 METRICS_FILE = "metrics.jsonl"
 # what a run's result.json must hold to become a point
@@ -200,6 +200,8 @@ def load_run(run_dir: Path, folder: Path, grid: dict[str, Any] | None) -> Fronti
                     if k != "seed"}
         # runs validated on other windows (the rule before VALIDATION_RULE, with micro-batches) are not one point
         settings["validation_rule"] = validation_rule_of(result)
+        # nor are runs of two initialisations of one attention layer (TPA's before and after its change)
+        settings["attention_init"] = init_of(result)
     # runs of one entry are seeds of one point when everything but the seed matches; without a training
     # config, when their recorded budget (else the tokens they saw) matches
     budget_key = json.dumps(settings if settings is not None else result.get("budget") or {"tokens_seen": tokens},

@@ -313,6 +313,7 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     import torch
 
     from sasformer.compare.env import environment
+    from sasformer.data.prepare import read_meta
     from sasformer.train.checkpoint import latest_checkpoint
     from sasformer.train.config import TrainConfig
     from sasformer.train.metrics import MetricsLogger
@@ -379,6 +380,8 @@ def execute_run(spec: GridSpec, plan: RunPlan, data_dir: Path, tasks: dict[str, 
     result["train_config"] = plan.train
     result["validation_rule"] = VALIDATION_RULE
     result["attention_init"] = _current_init(plan)
+    meta = read_meta(data_dir)
+    result["data_vocab_size"] = None if meta is None else meta["vocab_size"]  # the tokenizer's, unpadded
     _write_json_atomic(plan.run_dir / RESULT_FILE, result)
     return result
 
@@ -501,6 +504,9 @@ def _report_data(spec: GridSpec, grid_dir: Path) -> tuple[dict[str, Any], int | 
                 vocab_size = int(result["model_config"]["vocab_size"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
+            if result.get("data_vocab_size"):  # recorded by runs since it was: the tokenizer's own size
+                return {"dir": str(data_dir), "vocab_size": int(result["data_vocab_size"]),
+                        "tokenizer_fingerprint": None, "train_tokens": None, "val_split_tokens": None}, None, False
             # the models' vocabulary is the tokenizer's padded (pad_vocab_to): not the tokenizer's own size
             return {"dir": str(data_dir), "vocab_size": None, "padded_vocab_size": vocab_size,
                     "tokenizer_fingerprint": None, "train_tokens": None, "val_split_tokens": None}, None, False
@@ -520,7 +526,8 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
     else:
         data_dir, meta = ensure_data(spec.data, spec.progress)
         data, val_tokens, data_there = _data_summary(data_dir, meta), None, True
-    # padding a padded vocabulary changes nothing, so a report without the tokenizer's size plans the same runs
+    # without the tokenizer's size (runs from before it was recorded, no data folder) the runs are planned with
+    # their padded vocabulary: the same plans when every entry pads to one multiple (the usual case)
     plans = plan_runs(spec, data_dir, int(data["vocab_size"] or data["padded_vocab_size"]), grid_dir)
     if data_there:
         val_tokens = validation_tokens(plans[0])  # reads the validation split, tokenises nothing
@@ -547,6 +554,7 @@ def _run_grid(spec: GridSpec, grid_dir: Path, command: str, log: Log, report_onl
     all_old_rule = bool(set_apart) and set_apart == {p.id for p, r in zip(plans, finished) if r is not None}
     if all_old_rule:
         set_apart = set()
+        val_tokens = None  # counted under the present rule, which these runs were not scored on
     old_rule = [r for p, r in zip(plans, finished) if p.id in set_apart]
     # only a report gets here with such runs (training refuses them): listed, kept in the table
     other_init = [p.id for p, r in zip(plans, finished) if r is not None and earlier_init(r, p)]

@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import struct
 import sys
 import time
@@ -418,14 +419,16 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"another `sasformer prepare` (process {holder}) is writing {out}: it holds the lock "
+            raise ValueError(f"another `sasformer prepare` (host:process {holder}) is writing {out}: it holds the lock "
                              f"{lock}; wait for it to finish or choose another --out (nothing was changed)") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # named by a run that finds the lock held
+        # named by a run that finds the lock held (with the host: OUT may be on a shared filesystem)
+        os.pwrite(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode(), 0)
         _held_lock_fd = fd
         yield
     finally:
-        _held_lock_fd = None
+        if _held_lock_fd == fd:  # a refused attempt must not forget the holder's descriptor
+            _held_lock_fd = None
         os.close(fd)  # releases the lock
 
 
@@ -465,11 +468,14 @@ def prepare(options: PrepareOptions) -> dict:
     key = build_key(options, sources, given)
     # an up-to-date folder needs no lock (so a read-only data mount still answers); a build does
     current = _up_to_date(options, out, key)
-    if current is not None:
+    if current is not None and not (out / TEMP_MARKER).exists():
         return current
     with _exclusive_lock(out.resolve()):
         current = _up_to_date(options, out, key, quiet=True)  # another run may have built it meanwhile
         if current is not None:
+            # a run killed between its last renames can leave the marker in a complete OUT: not ours to delete
+            # should OUT be renamed later, so it goes
+            (out / TEMP_MARKER).unlink(missing_ok=True)
             return current
         return _build(options, out, sources, given, key)
 

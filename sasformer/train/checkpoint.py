@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +214,28 @@ def _prune(root: Path, final: Path, keep_last: int) -> None:
     step = checkpoint_step(final)
     older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
     for stale in older[: max(0, len(older) - (keep_last - 1))]:
+        if stale.is_symlink():  # a checkpoint linked in from elsewhere: drop the link, keep its target
+            stale.unlink()
+            continue
         trash = root / f".del-{stale.name}-{os.getpid()}"
         try:
             stale.rename(trash)
         except OSError:
             continue  # still a complete checkpoint; the next save tries again
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _another_live_process(pid: int) -> bool:
+    """Whether ``pid`` is a running process other than this one (on this machine)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or cannot tell): leave its directories alone
+    return True
 
 
 def recover_interrupted_saves(root: str | Path) -> None:
@@ -235,7 +252,8 @@ def recover_interrupted_saves(root: str | Path) -> None:
     all its files being present does not prove them whole (the process may have died inside a write), so
     trusting it could put a truncated checkpoint in place and let pruning delete the good ones; the run
     repeats those steps exactly instead. Where ``step_NNNNNN`` exists but is incomplete, its working
-    directories are left alone: nothing says which copy is good.
+    directories are left alone: nothing says which copy is good. Directories whose pid is another running
+    process on this machine are saves in progress and are left alone too.
     """
     root = Path(root)
     if not root.is_dir():
@@ -245,6 +263,12 @@ def recover_interrupted_saves(root: str | Path) -> None:
         match = _WORK_DIR.match(path.name)
         if match and path.is_dir() and not path.is_symlink():
             kind, name, pid = match.groups()
+            if _another_live_process(int(pid)):
+                # a save in progress (another run writing to this directory), or a crashed run's pid reused
+                warnings.warn(f"{path} belongs to running process {pid} and is left as it is; if no other run "
+                              "writes to this directory, that process only reuses a crashed run's pid: move the "
+                              "folder to step_NNNNNN by hand if it is the newest complete checkpoint", stacklevel=2)
+                continue
             found.setdefault(name, []).append((kind, pid, path))
     for name, entries in sorted(found.items()):
         final = root / name

@@ -173,7 +173,7 @@ class Trainer:
             raise ValueError(
                 f"{self.ckpt_dir} already holds checkpoints up to {newest.name} from an earlier run, which this "
                 f"run (starting at step {start}) would mix with its own; use another out_dir, move them away, "
-                "or resume: auto to continue that run (nothing was changed)"
+                "or resume: auto to continue that run (its checkpoints were left in place)"
             )
 
     def _autocast_dtype(self) -> torch.dtype | None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import yaml
@@ -107,6 +108,18 @@ def test_report_reads_the_finished_runs_without_the_data(tmp_path, monkeypatch, 
     assert "ln(" not in report and "embeddings have 320 rows, padded" in report
 
 
+def test_report_without_the_data_takes_the_vocabulary_the_runs_recorded(tmp_path, monkeypatch):
+    grid = grid_dict(tmp_path / "gone", tmp_path / "grid")
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    write_finished_runs(GridSpec.from_dict(grid), tmp_path / "grid", 300, data_vocab_size=300)
+    _no_preparing(monkeypatch)
+    assert compare.run(_parse(["--config", str(config), "--report"])) == 0
+    results = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert results["data"]["vocab_size"] == 300
+    assert f"ln(300) = {math.log(300):.3f}" in (tmp_path / "grid" / "results.md").read_text()
+
+
 def test_report_reads_a_prepared_folder_without_preparing_it(tmp_path, prepared_data, monkeypatch):
     grid = grid_dict(prepared_data, tmp_path / "grid")
     grid["data"] = {"dir": str(prepared_data), "inputs": [str(tmp_path / "corpus.txt")], "vocab_size": 300}
@@ -156,6 +169,8 @@ def test_report_keeps_a_grid_whose_runs_all_share_the_old_rule(tmp_path, prepare
     assert [a["entry"] for a in results["aggregates"]] == ["mha", "sas"]
     report = (tmp_path / "grid" / "results.md").read_text()
     assert "**Every run in the table was validated under the old rule**" in report and "3.2500" in report
+    # the present rule's token count is not theirs
+    assert results["val_tokens"] is None and "Validation: the same windows for every run" in report
 
 
 def test_report_sets_apart_runs_of_the_old_validation_rule(tmp_path, prepared_data, capsys):

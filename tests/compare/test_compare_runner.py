@@ -37,6 +37,7 @@ def test_two_run_grid_end_to_end(tmp_path, prepared_data):
         assert run["tokens_per_s"] > 0 and run["train_seconds"] > 0 and run["params"] > 0
         assert run["mfu"] is None and run["peak_mem_gib"] is None  # CPU: no peak to compare against
         assert run["zero_shot"] is None and run["mqar_accuracy"] is None
+        assert run["data_vocab_size"] == 300 and run["attention_init"] == "standard"  # what a report reads later
         split = run["wall_seconds_split"]
         assert split["zero_shot"] is None and split["mqar"] is None
         assert 0 < split["training"] <= run["wall_seconds_last_attempt"]

@@ -72,6 +72,14 @@ def test_seeds_of_one_budget_in_two_folders_form_one_point(tmp_path):
     assert [Path(f).name for f in mha[0]["folders"]] == ["grid-small", "grid-small-more"]
 
 
+def test_seeds_of_two_attention_inits_are_not_one_point(tmp_path):
+    small, large = two_grids(tmp_path)
+    more = tmp_path / "grid-small-more"
+    write_run(more, "mha", 2, 100.0, 1000, 3.3, attention_init="an earlier one")
+    mha = [p for p in build_frontier([small, large, more])["points"] if p["entry"] == "mha"]
+    assert [p["n"] for p in mha] == [2, 1, 2]
+
+
 def test_interpolation_in_log_flops_matches_a_hand_computation(tmp_path):
     result = build_frontier(two_grids(tmp_path), baseline="mha")
     inside, outside = result["comparisons"]

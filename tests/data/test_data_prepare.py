@@ -3,6 +3,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -324,7 +326,8 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_builds(tmp_path
             return tokenize(*args, **kwargs)
         refusals.append("")
         # a second run starting now would, unlocked, delete this run's OUT.partial under it
-        held = rf"another `sasformer prepare` \(process {os.getpid()}\) is writing"
+        holder = f"{re.escape(socket.gethostname())}:{os.getpid()}"
+        held = rf"another `sasformer prepare` \(host:process {holder}\) is writing"
         with pytest.raises(ValueError, match=held) as err:
             prepare(_options(tmp_path, [_corpus(tmp_path, "b", 20)], tokenizer=str(ranks_file)))
         refusals.append(str(err.value))
@@ -357,3 +360,14 @@ def test_tokenizer_workers_do_not_hold_the_lock(tmp_path, ranks_file, monkeypatc
     monkeypatch.setattr(prepare_module, "_encode_docs", encode_checking_open_files)
     meta = prepare(_options(tmp_path, [_corpus(tmp_path, "a", 40)], tokenizer=str(ranks_file), workers=2))
     assert meta["splits"]["train"]["documents"] > 0
+
+
+def test_a_marker_left_in_a_complete_output_is_removed(tmp_path, ranks_file):
+    """A run killed after its output took its name but before the marker went: the marker must not stay, or a
+    user's later `mv out out.old` would hand that folder to prepare to delete."""
+    from sasformer.data.prepare import TEMP_MARKER
+
+    opts = _options(tmp_path, [_corpus(tmp_path, "a", 10)], tokenizer=str(ranks_file))
+    meta = prepare(opts)
+    (tmp_path / "out" / TEMP_MARKER).write_text("")
+    assert prepare(opts) == meta and not (tmp_path / "out" / TEMP_MARKER).exists()

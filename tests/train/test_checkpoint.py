@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +195,29 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state)
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_recovery_leaves_the_saves_of_a_running_process_alone(tmp_path):
+    """Another run writing to the same directory is mid-save, not crashed: its working folders stay."""
+    good = _save(tmp_path, 4, _model())
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        in_progress = tmp_path / f".tmp-step_000008-{alive.pid}"
+        shutil.copytree(good, in_progress)
+        with pytest.warns(UserWarning, match=f"running process {alive.pid}"):
+            ckpt.recover_interrupted_saves(tmp_path)
+        assert in_progress.is_dir()
+    finally:
+        alive.kill()
+        alive.wait()
+    ckpt.recover_interrupted_saves(tmp_path)  # its process is gone: now a left-over
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+
+
+def test_pruning_a_linked_checkpoint_drops_the_link_only(tmp_path):
+    outside = _save(tmp_path / "elsewhere", 2, _model())
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "step_000002").symlink_to(outside)
+    _save(root, 4, _model(), keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000004"] and ckpt.is_complete(outside)
