@@ -75,3 +75,21 @@ def randomise_parameters(layer: torch.nn.Module) -> None:
 
 __all__ = ["D_MODEL", "VARIANTS", "LayerCache", "causal_attention_written_out", "context", "randomise_parameters",
            "rope_written_out"]
+
+
+def assert_layer_matches_equations(name: str, d_model: int, args: dict, written_out) -> None:
+    """Variant ``name``'s output and input gradient against ``written_out(layer, x)``, the variant's equations
+    written out from the layer's own (randomised) parameters, in fp64 over 2 x 9 tokens."""
+    from sasformer.layers.registry import build_attention
+
+    layer = build_attention(name, d_model, dict(args)).double()
+    randomise_parameters(layer)
+    B, T = 2, 9
+    x = torch.randn(B, T, d_model, dtype=torch.float64, requires_grad=True)
+    got, expected = layer(x, context(B, T)), written_out(layer, x)
+    # the layer's RoPE tables are fp32 (cast to fp64), hence not fp64-tight tolerances
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    cotangent = torch.randn_like(got)
+    (grad_got,) = torch.autograd.grad(got, x, cotangent)
+    (grad_expected,) = torch.autograd.grad(expected, x, cotangent)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)

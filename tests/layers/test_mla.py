@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from sasformer.layers.mla import MultiHeadLatentAttention
-from sasformer.layers.registry import build_attention
-from tests.layers.helpers import causal_attention_written_out, context, randomise_parameters, rope_written_out
+from tests.layers.helpers import (
+    assert_layer_matches_equations,
+    causal_attention_written_out,
+    rope_written_out,
+)
 
 
 def rms_norm_written_out(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,14 +59,4 @@ def mla_written_out(layer: MultiHeadLatentAttention, x_BTd: torch.Tensor) -> tor
           "v_head_dim": 7}),
 ])
 def test_forward_and_input_gradient_match_the_equations(d_model, args):
-    layer = build_attention("mla", d_model, dict(args)).double()
-    randomise_parameters(layer)
-    B, T = 2, 9
-    x = torch.randn(B, T, d_model, dtype=torch.float64, requires_grad=True)
-    got, expected = layer(x, context(B, T)), mla_written_out(layer, x)
-    # the layer's RoPE tables are fp32 (cast to fp64), hence not fp64-tight tolerances
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    cotangent = torch.randn_like(got)
-    (grad_got,) = torch.autograd.grad(got, x, cotangent)
-    (grad_expected,) = torch.autograd.grad(expected, x, cotangent)
-    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+    assert_layer_matches_equations("mla", d_model, args, mla_written_out)

@@ -11,7 +11,11 @@ from sasformer.layers.registry import build_attention
 from sasformer.layers.tpa import TensorProductAttention
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
-from tests.layers.helpers import causal_attention_written_out, context, randomise_parameters, rope_written_out
+from tests.layers.helpers import (
+    assert_layer_matches_equations,
+    causal_attention_written_out,
+    rope_written_out,
+)
 
 
 def tpa_written_out(layer: TensorProductAttention, x_BTd: torch.Tensor) -> torch.Tensor:
@@ -47,17 +51,7 @@ def tpa_written_out(layer: TensorProductAttention, x_BTd: torch.Tensor) -> torch
     (17, {"n_heads": 5, "head_dim": 4, "q_rank": 1, "k_rank": 3, "v_rank": 2}),
 ])
 def test_forward_and_input_gradient_match_the_equations(d_model, args):
-    layer = build_attention("tpa", d_model, dict(args)).double()
-    randomise_parameters(layer)
-    B, T = 2, 9
-    x = torch.randn(B, T, d_model, dtype=torch.float64, requires_grad=True)
-    got, expected = layer(x, context(B, T)), tpa_written_out(layer, x)
-    # the layer's RoPE tables are fp32 (cast to fp64), hence not fp64-tight tolerances
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    cotangent = torch.randn_like(got)
-    (grad_got,) = torch.autograd.grad(got, x, cotangent)
-    (grad_expected,) = torch.autograd.grad(expected, x, cotangent)
-    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+    assert_layer_matches_equations("tpa", d_model, args, tpa_written_out)
 
 
 # ---- scale at initialisation: TPA's q, k, v must have MHA's variance, so that comparisons start even ----
