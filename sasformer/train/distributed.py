@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -199,28 +199,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-_T = TypeVar("_T")
-
-
-def on_every_rank(action: Callable[[], _T]) -> _T:
-    """``action()`` on every process, which then learn whether it failed anywhere: a failure on one rank raises
-    on all of them (its own error where it happened, a ``RuntimeError`` naming that rank elsewhere), so no
-    process waits in a later collective for one that stopped (a file unreadable on one node, say). Without a
-    process group it is ``action()``. Every process must call it at the same point."""
-    try:
-        value, failure = action(), None
-    except Exception as error:  # shared below, then re-raised here
-        value, failure = None, error
-    reports = all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    stopped = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-    if stopped:
-        rank, report = stopped[0]
-        raise RuntimeError(f"rank {rank} stopped ({report}); every process stops with it")
-    return value  # type: ignore[return-value]
 
 
 def barrier() -> None:

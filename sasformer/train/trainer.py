@@ -96,23 +96,21 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (fp32 runs)
             torch.backends.cudnn.allow_tf32 = True
-        # what each process reads for itself (data, checkpoint files) may fail on one node only: every read is
-        # shared (D.on_every_rank), so all processes stop together instead of waiting in a collective
-        data = data if data is not None else D.on_every_rank(lambda: PreparedData(config.data_dir))
+        data = data if data is not None else PreparedData(config.data_dir)
         self.data = data
 
         resume_from = self._resume_path()
         saved_state: dict[str, Any] | None = None
         saved_optim: dict[str, Any] | None = None
         if resume_from is not None:
-            saved_optim, saved_state = D.on_every_rank(lambda: ckpt.load_train_state(resume_from))
+            saved_optim, saved_state = ckpt.load_train_state(resume_from)
 
         # one loader call per step yields this process's rows of the global batch, whatever the world
         # size and micro-batch, so a run's data does not depend on how it is parallelised
-        self.loader = D.on_every_rank(lambda: data.train_loader(
+        self.loader = data.train_loader(
             config.seq_len, config.batch_size, config.seed, self.dist.rank, self.dist.world_size,
             saved_state["tokenizer_fingerprint"] if saved_state else None,
-        ))
+        )
         if saved_state and self.loader.tokenizer_fingerprint != saved_state["tokenizer_fingerprint"]:
             raise ValueError(
                 f"data in {config.data_dir} was tokenized with tokenizer {self.loader.tokenizer_fingerprint}, but "
@@ -121,7 +119,7 @@ class Trainer:
             )
         self.model_config = config.model.build(self.loader.vocab_size, config.seq_len)
         if resume_from is not None:
-            saved_model = D.on_every_rank(lambda: ckpt.read_model_config(resume_from))
+            saved_model = ckpt.read_model_config(resume_from)
             if saved_model != self.model_config:
                 diff = {k: (v, getattr(self.model_config, k)) for k, v in saved_model.to_dict().items()
                         if getattr(self.model_config, k) != v}
@@ -139,8 +137,8 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # training time so far, over all resumes (for max_time_s)
         if resume_from is not None:
-            model_state = D.on_every_rank(lambda: ckpt.read_model_state(resume_from, self.model_config))
-            D.load_full_state(self.model, self.optimizer, model_state, saved_optim)
+            D.load_full_state(self.model, self.optimizer, ckpt.read_model_state(resume_from, self.model_config),
+                              saved_optim)
             apply_hyperparameters(self.optimizer, config.optim, self.device)  # the config wins over the checkpoint
             self.loader.load_state_dict(saved_state["loader"])
             ckpt.set_rng_state(saved_state["rng"])
@@ -205,8 +203,7 @@ class Trainer:
         if message is not None:
             raise RuntimeError(f"rank 0 could not choose a checkpoint to resume from: {message}")
         path = None if name is None else Path(name)
-        sees_it = D.on_every_rank(lambda: path is None or ckpt.is_complete(path))  # may raise on one node only
-        blind = [rank for rank, sees in enumerate(D.all_gather_object(sees_it))
+        blind = [rank for rank, sees in enumerate(D.all_gather_object(path is None or ckpt.is_complete(path)))
                  if not sees]
         if blind:
             raise ValueError(
@@ -406,10 +403,8 @@ class Trainer:
         model_state, optim_state = D.full_state(self.model, self.optimizer)
         # the open log window's loss sum, averaged over processes as the log line will be (every rank joins)
         window_loss = float(D.all_reduce_sum(self._loss_sum.clone()) / self.dist.world_size)
-
-        def write() -> Path | None:
-            if not self.dist.is_main:
-                return None
+        path = None
+        if self.dist.is_main:
             train_state = {
                 "tokens_seen": self.step * self.config.batch_size * self.config.seq_len,
                 "schedule": self.schedule.state_dict(),
@@ -420,10 +415,9 @@ class Trainer:
                 "train_seconds": self.train_seconds,
                 "log_window": {"loss_sum": window_loss, "steps": self._steps_in_window},
             }
-            return ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, self.model_config, optim_state,
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state, self.model_config, optim_state,
                                         train_state, {"train": self.config.to_dict()}, self.config.keep_last)
-
-        path = D.on_every_rank(write)  # a failed write stops every process, none left at a barrier
+        D.barrier()
         self.last_checkpoint = self.ckpt_dir / ckpt.step_dir_name(self.step)
         return path
 

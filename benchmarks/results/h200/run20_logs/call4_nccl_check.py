@@ -1,4 +1,5 @@
-# run 20, call 4 (2 H200s): the object collectives the trainer uses at resume and at a checkpoint, over NCCL
+# run 20, call 4 (2 H200s, git 3f35de6, where distributed.on_every_rank existed; withdrawn since): object
+# collectives over NCCL
 #   PYTHONPATH=$PWD timeout -k 5 45 torchrun --standalone --nproc-per-node 2 call4_nccl_check.py
 from sasformer.train import distributed as D
 
