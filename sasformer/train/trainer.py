@@ -15,7 +15,7 @@ import random
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,8 @@ class Trainer:
                 f"checkpoint {resume_from} was trained with {saved_state['tokenizer_fingerprint']}; prepare the "
                 "data with the same tokenizer or start a new run (resume: none, another out_dir)"
             )
+        if config.eval_interval:
+            self._require_a_validation_batch()
         self.model_config = config.model.build(self.loader.vocab_size, config.seq_len)
         if resume_from is not None:
             saved_model = ckpt.read_model_config(resume_from)
@@ -381,9 +383,7 @@ class Trainer:
         scoring its rows a micro-batch at a time, so the loss covers the same windows however a run is split.
         """
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        batches = self.data.eval_batches(self.config.seq_len, self.config.batch_size, self.config.eval_batches,
-                                         self.dist.rank, self.dist.world_size, self.loader.tokenizer_fingerprint)
-        for inputs_BT, targets_BT in batches:
+        for inputs_BT, targets_BT in self._validation_batches(self.config.eval_batches):
             for inputs, targets in zip(inputs_BT.split(self.micro), targets_BT.split(self.micro)):
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
                 with self._autocast():
@@ -392,9 +392,26 @@ class Trainer:
                                       torch.tensor(targets.numel(), device=self.device)])
         D.all_reduce_sum(total)
         if total[1].item() == 0:
-            raise ValueError(f"the validation split of {self.config.data_dir} gave no batches of seq_len "
-                             f"{self.config.seq_len}; prepare more validation text or set eval_interval: 0")
+            raise ValueError(self._no_validation_message())
         return (total[0] / total[1]).item()
+
+    def _validation_batches(self, max_batches: int) -> Iterable[tuple[Tensor, Tensor]]:
+        return self.data.eval_batches(self.config.seq_len, self.config.batch_size, max_batches, self.dist.rank,
+                                      self.dist.world_size, self.loader.tokenizer_fingerprint)
+
+    def _require_a_validation_batch(self) -> None:
+        """Refuse to start a run whose first validation would fail, instead of losing its steps to it then.
+
+        Every process draws the same windows, so all of them raise or none does.
+        """
+        if next(iter(self._validation_batches(1)), None) is None:
+            raise ValueError(self._no_validation_message())
+
+    def _no_validation_message(self) -> str:
+        # eval_batches cuts a batch to a multiple of the processes: one window is no batch for two
+        return (f"the validation split of {self.config.data_dir} gives no batch of seq_len {self.config.seq_len} "
+                f"windows for {self.dist.world_size} process(es); prepare more validation text (--val-fraction) "
+                "or set eval_interval: 0")
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank joins the gather)."""

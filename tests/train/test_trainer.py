@@ -85,6 +85,21 @@ def test_validation_covers_the_same_windows_whatever_the_micro_batch(make_config
     assert split == pytest.approx(whole, rel=1e-6)
 
 
+class NoValidationData(FakeData):
+    """A validation split too short for one window (or one per process)."""
+
+    def eval_batches(self, *args, **kwargs):
+        return iter(())
+
+
+def test_a_validation_split_without_a_batch_is_refused_before_the_first_step(make_config):
+    cfg = make_config(max_steps=4, eval_interval=2)
+    with pytest.raises(ValueError, match="validation split .* no batch .* for 1 process.*eval_interval: 0"):
+        Trainer(cfg, NoValidationData())
+    assert not Path(cfg.out_dir).exists()  # refused before anything was trained or written
+    assert Trainer(make_config("no_eval", max_steps=4, eval_interval=0), NoValidationData()).fit()["step"] == 4
+
+
 def test_resume_is_exact(make_config):
     full = make_config("full")
     Trainer(full, FakeData()).fit()
