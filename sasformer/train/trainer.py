@@ -514,6 +514,8 @@ class Trainer:
                 bar.write(line)  # above the bar, which redraws below it
             else:
                 print(line, flush=True)
+        if self.resumed_from is not None:
+            say(f"resumed from {self.resumed_from} (step {self.step} of {self.total_steps})")
         if cfg.eval_interval:  # its size follows batch_size: said once, as validation time grows with it
             windows = cfg.eval_batches * cfg.batch_size
             say(f"validation: up to {cfg.eval_batches} batches x {cfg.batch_size} windows of {cfg.seq_len} tokens "

@@ -235,11 +235,15 @@ def test_resume_with_other_model_is_refused(make_config):
         Trainer(make_config(max_steps=8, model__n_layers=3), FakeData())
 
 
-def test_resume_explicit_path_and_none(make_config, tmp_path):
+def test_resume_explicit_path_and_none(make_config, tmp_path, capsys):
     cfg = make_config(max_steps=8)
     Trainer(cfg, FakeData()).fit()
-    t = Trainer(make_config("other", max_steps=8, resume=f"{cfg.out_dir}/checkpoints/step_000004"), FakeData())
+    t = Trainer(make_config("other", max_steps=8, resume=f"{cfg.out_dir}/checkpoints/step_000004",
+                            console=True), FakeData())
     assert t.step == 4
+    capsys.readouterr()
+    t.fit()
+    assert f"resumed from {cfg.out_dir}/checkpoints/step_000004 (step 4 of 8)" in capsys.readouterr().out
     assert Trainer(make_config("fresh", max_steps=8, resume="none"), FakeData()).step == 0
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         Trainer(make_config(resume=str(tmp_path / "missing")), FakeData())
