@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from sasformer.compare.report import diverged_lines, markdown_table
-    from sasformer.compare.runner import OLD_VALIDATION_RULE, ensure_data, plan_runs, run_grid
+    from sasformer.compare.report import diverged_lines, grid_notes, markdown_table
+    from sasformer.compare.runner import ensure_data, plan_runs, run_grid
     from sasformer.compare.spec import load_grid
     from sasformer.compare.workers import parse_gpus
 
@@ -100,15 +100,8 @@ def run(args: argparse.Namespace) -> int:
                        redo_mqar=args.redo_mqar, gpus=gpus)
     if results["missing_runs"]:
         print(f"not run yet (left out of the tables): {', '.join(results['missing_runs'])}")
-    if results.get("earlier_init_runs"):
-        print("trained with an earlier initialisation of their attention layer (kept in the table; results.md "
-              f"says so): {', '.join(results['earlier_init_runs'])}")
-    if results.get("validation_rule") == OLD_VALIDATION_RULE:
-        print(f"every finished run was validated under the old rule ({OLD_VALIDATION_RULE}): they compare with each "
-              "other, not with runs of the present rule")
-    if results["old_validation_rule_runs"]:
-        print("measured under the old validation rule, set apart (listed in results.md, not compared with the "
-              f"table): {', '.join(r['id'] for r in results['old_validation_rule_runs'])}")
+    for headline, why, listed in grid_notes(results):
+        print(f"{headline} ({why})" + (f": {listed}" if listed else ""))
     print(markdown_table(results["aggregates"]))
     for line in diverged_lines(results["aggregates"]):
         print(line)

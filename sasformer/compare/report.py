@@ -185,6 +185,28 @@ def _uniform_guess(data: dict[str, Any]) -> str:
             f"embeddings have {data.get('padded_vocab_size', 'n/a')} rows, padded.")
 
 
+def grid_notes(results: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """What a reader of the table must know about the runs behind it, as (headline, why, runs listed or None):
+    results.md prints them under the table, ``sasformer compare`` on the console."""
+    from sasformer.compare.runner import OLD_VALIDATION_RULE, VALIDATION_RULE
+
+    notes: list[tuple[str, str, str | None]] = []
+    if results.get("earlier_init_runs"):
+        notes.append(("Trained with an earlier initialisation of their attention layer",
+                      "in the table; a run of the grid made now would start from the layer's present "
+                      "initialisation, see docs/attention.md", ", ".join(results["earlier_init_runs"])))
+    if results.get("validation_rule") == OLD_VALIDATION_RULE:
+        notes.append(("Every run in the table was validated under the old rule",
+                      f"{OLD_VALIDATION_RULE} instead of {VALIDATION_RULE}: they compare with each other, not with "
+                      "runs of the present rule", None))
+    if old_rule := results.get("old_validation_rule_runs") or []:
+        notes.append(("Measured under the old validation rule",
+                      f"{OLD_VALIDATION_RULE} instead of {VALIDATION_RULE}: other validation windows, so neither in "
+                      "the table nor compared with it; delete a run's folder and re-run the grid to redo it",
+                      ", ".join(f"{r['id']} (val loss {_num(r.get('final_val_loss'), '.4f')})" for r in old_rule)))
+    return notes
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     """``results.md``: the table, the budget, and the provenance of the numbers."""
     spec = results["spec"]
@@ -220,23 +242,8 @@ def markdown_report(results: dict[str, Any]) -> str:
     if not_in:
         parts += ["", "**Not in the table** (the means above are over the runs that finished): " + ", ".join(not_in)
                   + "."]
-    old_rule = results.get("old_validation_rule_runs") or []
-    from sasformer.compare.runner import OLD_VALIDATION_RULE, VALIDATION_RULE
-
-    if results.get("earlier_init_runs"):
-        parts += ["", ("**Trained with an earlier initialisation of their attention layer** (in the table; a run "
-                       "of the grid made now would start from the layer's present initialisation, see "
-                       "docs/attention.md): " + ", ".join(results["earlier_init_runs"]) + ".")]
-    if results.get("validation_rule") == OLD_VALIDATION_RULE:
-        parts += ["", (f"**Every run in the table was validated under the old rule** ({OLD_VALIDATION_RULE} "
-                       f"instead of {VALIDATION_RULE}): they compare with each other, not with runs of the present "
-                       "rule.")]
-    if old_rule:
-
-        listed = ", ".join(f"{r['id']} (val loss {_num(r.get('final_val_loss'), '.4f')})" for r in old_rule)
-        parts += ["", (f"**Measured under the old validation rule** ({OLD_VALIDATION_RULE} instead of "
-                       f"{VALIDATION_RULE}: other validation windows, so neither in the table nor compared with "
-                       f"it; delete a run's folder and re-run the grid to redo it): {listed}.")]
+    for headline, why, listed in grid_notes(results):
+        parts += ["", f"**{headline}** ({why})" + (f": {listed}." if listed else ".")]
     zs = zero_shot_table(results["runs"])
     if zs is not None:
         parts += ["", "Zero-shot accuracy per task (in brackets: its standard error over the items):", "", zs]

@@ -163,12 +163,11 @@ class Trainer:
         self._losses_checked_at = -1
         self._weights_checked_at = -1
 
-    def _refuse_newer_checkpoints(self, resume_from: Path | None) -> None:
-        """A fresh start, or a resume from an older step, next to checkpoints of a later step would mix two
-        runs: keep_last would delete this run's checkpoints and ``resume: auto`` would continue the other's."""
+    def _refuse_newer_checkpoints(self, resume_from: Path | None, start: int) -> None:
+        """A fresh start, or a resume from an older step (``start``), next to checkpoints of a later step would
+        mix two runs: keep_last would delete this run's checkpoints and ``resume: auto`` would continue the other's."""
         found = ckpt.list_checkpoints(self.ckpt_dir)
         newest = found[-1] if found else None
-        start = int(ckpt.read_config(resume_from)["step"]) if resume_from is not None else 0
         resumed_newest = resume_from is not None and newest is not None and \
             newest.resolve() == Path(resume_from).resolve()
         if newest is not None and ckpt.checkpoint_step(newest) >= start and not resumed_newest:
@@ -224,8 +223,9 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.ckpt_dir)
         else:
             path = Path(resume)
-            ckpt.read_config(path)  # a clear error if it is not a complete checkpoint
-        self._refuse_newer_checkpoints(path)
+        # read once; for a named path also the clear error when it is not a complete checkpoint
+        start = int(ckpt.read_config(path)["step"]) if path is not None else 0
+        self._refuse_newer_checkpoints(path, start)
         return path
 
     def _parallelize(self) -> tuple[nn.Module, nn.Module | None]:

@@ -144,7 +144,7 @@ def test_runs_of_an_earlier_attention_init_are_listed_in_a_report_and_refused_fo
     earlier.write_text(json.dumps(result))
 
     assert compare.run(_parse(["--config", str(config), "--report"])) == 0
-    assert "trained with an earlier initialisation of their attention layer" in capsys.readouterr().out
+    assert "Trained with an earlier initialisation of their attention layer (in the table" in capsys.readouterr().out
     results = json.loads((tmp_path / "grid" / "results.json").read_text())
     assert results["earlier_init_runs"] == ["sas-s0"] and len(results["runs"]) == 2
     assert "**Trained with an earlier initialisation" in (tmp_path / "grid" / "results.md").read_text()
@@ -163,7 +163,7 @@ def test_report_keeps_a_grid_whose_runs_all_share_the_old_rule(tmp_path, prepare
         (tmp_path / "grid" / "runs" / result["id"] / "result.json").write_text(json.dumps(result))
 
     assert compare.run(_parse(["--config", str(config), "--report"])) == 0
-    assert "every finished run was validated under the old rule" in capsys.readouterr().out
+    assert "Every run in the table was validated under the old rule (" in capsys.readouterr().out
     results = json.loads((tmp_path / "grid" / "results.json").read_text())
     assert [r["id"] for r in results["runs"]] == ["mha-s0", "sas-s0"] and results["old_validation_rule_runs"] == []
     assert [a["entry"] for a in results["aggregates"]] == ["mha", "sas"]
@@ -186,7 +186,7 @@ def test_report_sets_apart_runs_of_the_old_validation_rule(tmp_path, prepared_da
 
     assert compare.run(_parse(["--config", str(config), "--report"])) == 0
     printed = capsys.readouterr().out
-    assert "measured under the old validation rule, set apart" in printed and printed.count("mha-s1") == 1
+    assert "Measured under the old validation rule (" in printed and printed.count("mha-s1") == 1
     assert "| mha | 1 |" in printed
     results = yaml.safe_load((tmp_path / "grid" / "results.json").read_text())
     assert [r["id"] for r in results["runs"]] == ["mha-s0", "sas-s0", "sas-s1"]
