@@ -238,11 +238,14 @@ class Trainer:
             D.apply_fsdp(model, model.blocks, param_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks_per_unit)
             return self._loss_model(), None
         module: nn.Module = self._loss_model()
+        if cfg.compile and self.compile_scope == "model":
+            # compiled inside DDP rather than around it: Dynamo then never traces DDP's own forward (which it
+            # would run eagerly after three graph breaks), and the compiled module, called from that forward,
+            # is still split at DDP's gradient buckets (DDPOptimizer) so communication overlaps the backward
+            module = torch.compile(module, **self._compile_kwargs())
         ddp = None
         if self.dist.enabled:
             module = ddp = D.apply_ddp(module, self.device)
-        if cfg.compile and self.compile_scope == "model":
-            module = torch.compile(module, **self._compile_kwargs())
         return module, ddp
 
     def _loss_model(self) -> LossModel:

@@ -123,6 +123,18 @@ def test_blocks_compiled_one_by_one_match_one_process(tmp_path, reference, chang
     _assert_close(_losses(out_dir, "grad_norm"), _losses(reference, "grad_norm"))
 
 
+def test_ddp_compiles_the_model_whole_without_graph_breaks(tmp_path, reference):
+    # the model is compiled inside DDP: Dynamo never traces DDP's forward (compiled around DDP, it broke the
+    # graph three times there and ran it eagerly); DDP's bucket splits are not graph breaks
+    out_dir = tmp_path / "ddp_compiled"
+    _spawn(out_dir, compile=True, parallel="ddp")
+    compiled = json.loads((out_dir / "compiled.json").read_text())
+    assert compiled["graph_breaks"] == 0 and compiled["graphs"] >= 1
+    record = read_metrics(out_dir / "metrics.jsonl", kind="compile")
+    assert record == [] or (record[0]["graph_breaks"]["count"] == 0 and not record[0]["graph_breaks"]["eager_frames"])
+    _assert_close(_losses(out_dir), _losses(reference))
+
+
 def test_fsdp_without_resharding_matches_one_process(tmp_path, reference):
     out_dir = tmp_path / "fsdp_zero2"
     _spawn(out_dir, parallel="fsdp", fsdp_reshard_after_forward=False)
