@@ -407,7 +407,12 @@ class Trainer:
 
         Every process draws the same windows, so all of them raise or none does.
         """
-        if next(iter(self._validation_batches(1)), None) is None:
+        batches = self._validation_batches(1)
+        try:
+            first = next(iter(batches), None)
+        finally:
+            getattr(batches, "close", lambda: None)()  # a generator's open shard files go now, not at collection
+        if first is None:
             raise ValueError(self._no_validation_message())
 
     def _no_validation_message(self) -> str:
