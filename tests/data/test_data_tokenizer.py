@@ -149,3 +149,16 @@ def test_hf_name_offline_fails_clearly(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="needs network access"):
         load_tokenizer("hf:no-such-org/no-such-tokenizer")
+
+
+def test_vocab_size_is_the_highest_id_plus_one_when_ids_skip(tmp_path):
+    # a hand-made vocabulary whose ids leave gaps: its count (4) would pick uint16 shards too narrow for id 70000
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    raw = Tokenizer(WordLevel({"a": 0, "b": 1, "<|endoftext|>": 2, "c": 70000}, unk_token="a"))
+    raw.pre_tokenizer = Whitespace()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert tok.vocab_size == 70001 and tok.encode("c b") == [70000, 1]

@@ -104,6 +104,21 @@ def test_eval_command_rejects_bad_requests_before_loading_a_model(tmp_path):
         eval_command.run(parse(["--checkpoint", ckpt]))
     with pytest.raises(ValueError, match="give --checkpoint or --model"):
         eval_command.run(parse(["--data", str(tmp_path)]))
+    with pytest.raises(ValueError, match="holds no task files"):  # "all" of an empty folder scored nothing
+        eval_command.run(parse(["--checkpoint", ckpt, "--eval-dir", str(tmp_path)]))
+    with pytest.raises(ValueError, match="--ppl-multipliers '1,x' must be whole numbers"):
+        eval_command.run(parse(["--checkpoint", ckpt, "--data", str(tmp_path), "--tasks", "none",
+                                "--ppl-multipliers", "1,x"]))
+
+
+def test_a_model_with_learned_positions_is_not_run_past_them(tmp_path):
+    # GPT-2's position table has n_positions rows: 2x windows would fail mid-run (a device assert on a GPU)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_positions=16, n_embd=8, n_layer=1, n_head=2, vocab_size=50)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="has 16 positions; --ppl-multipliers 1,2 asks for windows of up to 32"):
+        eval_command.run(parse(["--model", str(tmp_path / "gpt2"), "--data", str(tmp_path), "--tasks", "none",
+                                "--ppl-multipliers", "1,2", "--device", "cpu"]))
 
 
 def test_eval_command_mqar_only(tmp_path):

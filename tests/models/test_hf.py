@@ -171,6 +171,17 @@ def test_labels_give_the_shifted_loss_and_cache_is_ours() -> None:
         model(ids, **{CACHE_FIELD: DynamicCache()})
 
 
+def test_requests_the_model_cannot_answer_are_errors() -> None:
+    model = hf_model("mha")
+    ids = random_ids(2, 6)
+    for flag in ("output_hidden_states", "output_attentions"):  # None in their place would look like an answer
+        with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+            model(ids, **{flag: True})
+    assert model(ids, output_hidden_states=False).logits.shape == (2, 6, model.config.vocab_size)
+    with pytest.raises(ValueError, match="logits_to_keep=2 keeps only the last"):
+        model(ids, labels=ids, logits_to_keep=2)
+
+
 @pytest.mark.parametrize("nested", [True, False])
 @torch.no_grad()
 def test_export_checkpoint_then_load_everywhere(nested: bool, tmp_path) -> None:

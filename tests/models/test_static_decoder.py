@@ -165,3 +165,18 @@ def test_a_dropped_decoder_frees_its_cache_without_a_gc_pass() -> None:
         assert cache() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(("attention", "args"), [("mha", {"n_heads": 3}), ("sas", SAS_ARGS)])
+@torch.no_grad()
+def test_a_decoder_serves_one_generation_after_another(attention: str, args: dict) -> None:
+    model = tiny(attention, args, n_layers=2)
+    decoder = StaticDecoder(model, 2, 11, cuda_graph=False)
+    first, second = ids(2, 9), token_ids(2, 6, vocab=VOCAB, seed=5)
+    run_static(decoder, first, 4)
+    again = run_static(decoder, second, 2)  # the first generation's cache must not leak into the second
+    torch.testing.assert_close(again, run_static(StaticDecoder(model, 2, 11, cuda_graph=False), second, 2))
+    torch.testing.assert_close(again, model(second)[:, 1:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prompt batch 1 != the decoder's batch 2"):
+        decoder.prefill(second[:1])
+

@@ -162,6 +162,9 @@ class SASFormerModel(SASFormerPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("SASFormerModel needs input_ids; inputs_embeds is not supported")
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):  # silently returning None in their place would look like an answer
+                raise ValueError(f"{flag}=True is not supported by SASFormerModel")
         cache = _pick_cache(cache, past_key_values)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -224,9 +227,13 @@ class SASFormerForCausalLM(SASFormerPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (B, T, vocab); with ``labels`` (B, T) also the mean next-token loss (labels are shifted here,
         -100 is ignored). ``logits_to_keep`` > 0 computes logits for the last that many positions only."""
+        if labels is not None and logits_to_keep > 0:
+            raise ValueError(f"labels score every position; logits_to_keep={logits_to_keep} keeps only the last "
+                             "ones (pass logits_to_keep=0 with labels)")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True,
+            **kwargs,
         )
         hidden = out.last_hidden_state
         if logits_to_keep > 0:
