@@ -262,17 +262,21 @@ def _train_tokenizer(options: PrepareOptions, sources: list[Source]) -> Tokenize
     budget = int(options.bpe_sample_mb * 2**20)
 
     def sample() -> Iterator[str]:
+        # each input gets an even share of what is left (UTF-8 bytes), so a first folder of code does not
+        # take the whole budget of a corpus of code and prose; a short input leaves its rest to the next
         used = 0
-        for doc, is_val, _ in _iter_labelled(sources, options.val_fraction, None):
-            if is_val:
-                continue
-            yield doc.text
-            used += len(doc.text)
-            if used >= budget:
-                return
+        for i, source in enumerate(sources):
+            share, taken = (budget - used) / (len(sources) - i), 0
+            for doc, is_val, _ in _iter_labelled([source], options.val_fraction, None):
+                if taken >= share:
+                    break
+                if not is_val:
+                    yield doc.text
+                    taken += len(doc.text.encode("utf-8"))
+            used += taken
 
     print(f"training a byte-level BPE with {options.vocab_size} ids on up to {options.bpe_sample_mb:g} MB of "
-          "train-split text", file=sys.stderr)
+          "train-split text, an even share from each input", file=sys.stderr)
     return train_bpe(sample(), options.vocab_size, options.eot_token or DEFAULT_EOT, show_progress=options.progress)
 
 
@@ -524,7 +528,8 @@ def _build(options: PrepareOptions, out: Path, sources: list[Source], given: Tok
         documents = summary["train"]["documents"] + summary["val"]["documents"]
         if documents < 2:
             raise ValueError(f"inputs {options.inputs} hold fewer than 2 non-empty documents; a train and a val "
-                             "split need at least one each")
+                             "split need at least one each (a plain text file is one document: split a single "
+                             "text into several files, or give JSONL with one document a line)")
         if keys.distinct == 1:
             # one key for every document: no --val-fraction can split them, and forcing val would empty train
             raise _one_key_error(documents, keys)

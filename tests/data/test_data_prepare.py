@@ -371,3 +371,27 @@ def test_a_marker_left_in_a_complete_output_is_removed(tmp_path, ranks_file):
     meta = prepare(opts)
     (tmp_path / "out" / TEMP_MARKER).write_text("")
     assert prepare(opts) == meta and not (tmp_path / "out" / TEMP_MARKER).exists()
+
+
+def test_the_bpe_sample_takes_a_share_of_every_input(tmp_path, monkeypatch):
+    # with a budget the first input alone would fill, the second must still be in the tokenizer's sample
+    import importlib
+
+    prepare_module = importlib.import_module("sasformer.data.prepare")  # the package re-exports the function
+    seen: list[str] = []
+    real = prepare_module.train_bpe
+
+    def recording(texts, *args, **kwargs):
+        texts = list(texts)
+        seen.extend(texts)
+        return real(texts, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "train_bpe", recording)
+    code = _write_jsonl(tmp_path / "code.jsonl", [(f"c{i}", f"def f{i}(x): return x * {i}\n" * 40) for i in range(60)])
+    prose = _write_jsonl(tmp_path / "prose.jsonl", [(f"p{i}", f"The cat sat on mat {i}. " * 40) for i in range(60)])
+    budget_mb = 40_000 / 2**20  # about 40 KB: a third of the code alone
+    prepare(_options(tmp_path, [code, prose], vocab_size=300, bpe_sample_mb=budget_mb))
+    from_code = sum(len(t.encode()) for t in seen if t.startswith("def "))
+    from_prose = sum(len(t.encode()) for t in seen if t.startswith("The cat"))
+    assert from_prose > 0 and 0.5 < from_code / from_prose < 2.0
+    assert from_code + from_prose < 40_000 + 2 * 1200  # each share ends within one document of its size
