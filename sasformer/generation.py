@@ -122,7 +122,7 @@ def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None =
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0 (0 or None = every token)")
-    if temperature == 0 or top_k == 1:
+    if temperature < torch.finfo(torch.float32).tiny or top_k == 1:  # 0, or so small it rounds to 0 in fp32
         return logits_BV.argmax(dim=-1)
     logits = logits_BV.float()
     # the largest logit at 0 first: a tiny temperature then sends the rest to -inf, never inf - inf = NaN
@@ -229,7 +229,7 @@ class _JsonTokenizer:
         ids = [self._tok.token_to_id(n) for n in names if n is not None]
         found = [(n, i) for n, i in zip(names, ids) if i is not None]
         self.eot_token, self.eot_id = found[0] if found else (None, None)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1  # ids may skip
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

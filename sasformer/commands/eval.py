@@ -128,14 +128,15 @@ def _multipliers(text: str) -> list[int]:
 
 
 def _check_lengths(args: argparse.Namespace, model, max_len: int, multipliers: list[int]) -> None:
-    """Refuse, before anything is scored, perplexity windows longer than a --model's positions: a model with
-    learned positions (GPT-2's) fails on them with an index error, on a GPU a device assert, after the
-    sections before it ran. sasformer's own models (RoPE) are evaluated beyond their training length."""
+    """Refuse, before anything is scored, rows longer than a --model's learned position table: GPT-2's fails on
+    them with an index error, on a GPU a device assert, after the sections before it ran. Models with rotary
+    positions (sasformer's own, Llama's) have no such limit (``position_limit`` None)."""
     limit = getattr(model, "position_limit", None)
     longest = max_len * max(multipliers, default=1)
     if limit is not None and longest > limit:
-        raise ValueError(f"--model {args.model} has {limit} positions; --ppl-multipliers {args.ppl_multipliers} "
-                         f"asks for windows of up to {longest} tokens (pass --ppl-multipliers 1, or --max-len)")
+        asked = f"--max-len {max_len}" + (f" x --ppl-multipliers {args.ppl_multipliers}" if multipliers else "")
+        raise ValueError(f"--model {args.model} has {limit} learned positions; {asked} asks for rows of up to "
+                         f"{longest} tokens (pass --ppl-multipliers 1, or a smaller --max-len)")
 
 
 def _finite(value: Any) -> Any:
@@ -213,8 +214,9 @@ def _load_model(args: argparse.Namespace, device):
         raise ValueError(f"{args.model}/config.json names no context length; pass --max-len")
 
     class Logits(torch.nn.Module):
-        # positions a window may use: sasformer's own models (RoPE) are evaluated beyond their training length
-        position_limit = None if getattr(config, "model_type", None) == "sasformer" else int(max_len)
+        # a table of learned positions (GPT-2's wpe, OPT's embed_positions) has no row past its length; rotary or
+        # ALiBi models (sasformer's, Llama's) are evaluated beyond their training length
+        position_limit = int(max_len) if _learned_positions(hf) else None
 
         def __init__(self) -> None:
             super().__init__()
@@ -224,6 +226,17 @@ def _load_model(args: argparse.Namespace, device):
             return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
 
     return Logits(), int(max_len)
+
+
+LEARNED_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings", "position_embedding")
+
+
+def _learned_positions(model) -> bool:
+    """Whether ``model`` looks positions up in a learned table (by the names transformers' models give it)."""
+    import torch
+
+    return any(isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in LEARNED_POSITION_TABLES
+               for name, module in model.named_modules())
 
 
 def _without_token(decode, token: int):

@@ -59,12 +59,13 @@ class TokenStream:
                 meta = json.loads(meta_path.read_text())
                 recorded = meta.get("tokenizer_fingerprint")
                 listed = meta.get("splits", {}).get(split, {}).get("shards")
-            except (ValueError, AttributeError) as err:
+                listed = None if listed is None else [shard["file"] for shard in listed]
+            except (ValueError, AttributeError, KeyError, TypeError) as err:
                 raise ShardError(f"{meta_path} is corrupt ({err}); re-run `sasformer prepare`") from err
             if recorded not in (None, first.fingerprint):
                 raise ShardError(f"shards in {self.directory} do not match the tokenizer recorded in {meta_path}")
             if listed is not None:  # prepare's record: a lost shard would shrink the stream, a stray one join it
-                _check_listed_shards(self.directory, files, [shard.get("file") for shard in listed], meta_path)
+                _check_listed_shards(self.directory, files, listed, meta_path)
         self.vocab_size = first.vocab_size
         self.fingerprint = first.fingerprint
         self.paths = files
@@ -189,7 +190,7 @@ class TokenLoader:
         fp = state.get("tokenizer_fingerprint")
         if fp is not None and fp != self.tokenizer_fingerprint:
             raise ValueError("loader state comes from data prepared with another tokenizer")
-        if state.get("num_tokens", self.num_tokens) != self.num_tokens:  # prepared again, with more or other text
+        if state.get("num_tokens", self.num_tokens) != self.num_tokens and self.rank == 0:  # prepared again
             warnings.warn(f"the {self.split} split has {self.num_tokens:,} tokens, the run's checkpoint was taken on "
                           f"{state['num_tokens']:,}: it continues on the new stream, not as it would have on the old "
                           "one", stacklevel=2)

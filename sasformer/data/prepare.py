@@ -261,13 +261,18 @@ def _iter_labelled(sources: list[Source], val_fraction: float, forced_val: str |
 def _train_tokenizer(options: PrepareOptions, sources: list[Source]) -> Tokenizer:
     budget = int(options.bpe_sample_mb * 2**20)
 
+    # each named input (file, folder, glob, dataset) gets an even share of what is left (UTF-8 bytes), so a
+    # first folder of code does not take the whole budget of a corpus of code and prose; a short input leaves
+    # its rest to the next
+    inputs: dict[object, list[Source]] = {}
+    for source in sources:
+        inputs.setdefault(source.input_spec or id(source), []).append(source)
+
     def sample() -> Iterator[str]:
-        # each input gets an even share of what is left (UTF-8 bytes), so a first folder of code does not
-        # take the whole budget of a corpus of code and prose; a short input leaves its rest to the next
         used = 0
-        for i, source in enumerate(sources):
-            share, taken = (budget - used) / (len(sources) - i), 0
-            for doc, is_val, _ in _iter_labelled([source], options.val_fraction, None):
+        for i, group in enumerate(inputs.values()):
+            share, taken = (budget - used) / (len(inputs) - i), 0
+            for doc, is_val, _ in _iter_labelled(group, options.val_fraction, None):
                 if taken >= share:
                     break
                 if not is_val:

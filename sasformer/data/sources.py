@@ -112,6 +112,8 @@ class _ZstdReader(io.RawIOBase):
 class FileSource:
     """Documents of one file. ``bytes_read`` follows the position in the file on disk (for progress bars)."""
 
+    input_spec: str | None = None  # the input (file, folder, glob) that named it, set by resolve_inputs
+
     def __init__(self, path: str | os.PathLike, text_id: str | None = None, text_field: str = "text") -> None:
         self.path = Path(path)
         self.format, self.compression = _split_suffix(self.path.name)
@@ -213,6 +215,7 @@ class HFDatasetSource:
     """A Hugging Face dataset, streamed: ``hf:NAME[:CONFIG][@SPLIT]`` (split defaults to ``train``)."""
 
     size = None
+    input_spec: str | None = None
 
     def __init__(self, spec: str, text_field: str = "text") -> None:
         body = spec[len("hf:"):]
@@ -253,6 +256,7 @@ class DefaultCorpusSource:
 
     size = None
     bytes_read = 0
+    input_spec: str | None = None
 
     def __repr__(self) -> str:
         return "DefaultCorpusSource()"
@@ -276,47 +280,63 @@ def resolve_inputs(specs: list[str], text_field: str = "text") -> list[Source]:
         raise ValueError("no inputs given: pass files, folders, globs, hf:NAME or `default`")
     sources: list[Source] = []
     for spec in specs:
-        if spec == "default":
-            sources.append(DefaultCorpusSource())
-        elif spec.startswith("hf:"):
-            sources.append(HFDatasetSource(spec, text_field))
-        elif os.path.isfile(spec):
-            sources.append(FileSource(spec, text_field=text_field))
-        elif os.path.isdir(spec):
-            root = Path(spec)
-            files = sorted(
-                p for p in root.rglob("*")
-                if p.is_file() and _is_known(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            )
-            if not files:
-                raise ValueError(f"folder {spec} holds no input files (suffixes {list(_KNOWN)}, optionally compressed)")
-            sources += [FileSource(p, p.relative_to(root).as_posix(), text_field) for p in files]
-        elif glob.has_magic(spec):
-            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise ValueError(f"glob {spec!r} matches no files")
-            base = Path(spec.split("*")[0].split("?")[0].split("[")[0])
-            base = base if base.is_dir() else base.parent
-            sources += [FileSource(p, _relative(p, base), text_field) for p in matches]
-        else:
-            raise ValueError(f"input {spec!r} is not a file, folder, glob, hf:NAME or `default`")
+        first = len(sources)
+        _add_sources(sources, spec, text_field)
+        for source in sources[first:]:
+            source.input_spec = spec  # which named input it came from (the BPE sample shares by input)
     return _without_repeats(sources)
 
 
+def _add_sources(sources: list[Source], spec: str, text_field: str) -> None:
+    if spec == "default":
+        sources.append(DefaultCorpusSource())
+    elif spec.startswith("hf:"):
+        sources.append(HFDatasetSource(spec, text_field))
+    elif os.path.isfile(spec):
+        sources.append(FileSource(spec, text_field=text_field))
+    elif os.path.isdir(spec):
+        root = Path(spec)
+        files = sorted(
+            p for p in root.rglob("*")
+            if p.is_file() and _is_known(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        if not files:
+            raise ValueError(f"folder {spec} holds no input files (suffixes {list(_KNOWN)}, optionally compressed)")
+        sources += [FileSource(p, p.relative_to(root).as_posix(), text_field) for p in files]
+    elif glob.has_magic(spec):
+        matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise ValueError(f"glob {spec!r} matches no files")
+        base = Path(spec.split("*")[0].split("?")[0].split("[")[0])
+        base = base if base.is_dir() else base.parent
+        sources += [FileSource(p, _relative(p, base), text_field) for p in matches]
+    else:
+        raise ValueError(f"input {spec!r} is not a file, folder, glob, hf:NAME or `default`")
+
+
 def _without_repeats(sources: list[Source]) -> list[Source]:
-    """Each input once, as first named: inputs that overlap (a folder and a file in it, ``default`` twice) would
-    otherwise repeat documents, and a file's under two ids (``sub/x.txt``, ``x.txt``) could fall on both sides of
-    the split."""
+    """Each input once, as first reached: inputs that overlap (a folder and a file in it, a link to a file beside
+    it, ``default`` twice) would otherwise repeat documents, and a file's under two ids (``sub/x.txt``, ``x.txt``)
+    could fall on both sides of the split. One warning names the repeats."""
     seen: dict[object, Source] = {}
     kept: list[Source] = []
+    repeats: list[str] = []
     for source in sources:
         key = _identity(source)
         if key in seen:
-            warnings.warn(f"{source!r} is already an input (as {seen[key]!r}); read once", stacklevel=3)
+            first, again = _label(seen[key]), _label(source)
+            repeats.append(again if again == first else f"{again} (= {first})")
             continue
         seen[key] = source
         kept.append(source)
+    if repeats:
+        listed = ", ".join(repeats[:5]) + (f" and {len(repeats) - 5} more" if len(repeats) > 5 else "")
+        warnings.warn(f"{len(repeats)} input(s) reached more than once are read once: {listed}", stacklevel=3)
     return kept
+
+
+def _label(source: Source) -> str:
+    return str(source.path) if isinstance(source, FileSource) else repr(source)
 
 
 def _identity(source: Source) -> object:

@@ -127,7 +127,7 @@ def parse_item(obj: dict, where: str, default_id: str) -> Item:
 
 
 def read_task_file(path: str | Path, limit: int | None = None) -> list[Item]:
-    """Items of one ``TASK.jsonl[.xz]`` file, the first ``limit`` if given."""
+    """Items of one ``TASK.jsonl[.xz|.gz]`` file, the first ``limit`` if given."""
     path = Path(path)
     items: list[Item] = []
     for line_no, obj in _json_lines(path):

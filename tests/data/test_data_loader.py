@@ -195,3 +195,6 @@ def test_shards_must_be_the_ones_prepare_listed(data_dir):
     write_shard(data_dir / "train" / "other_000000.bin", np.arange(5), VOCAB, FP)  # a stray one would join it
     with pytest.raises(ShardError, match=r"holds shard\(s\) \['other_000000.bin'\] that .* does not list"):
         TokenLoader(data_dir, seq_len=7)
+    (data_dir / "meta.json").write_text(json.dumps({"splits": {"train": {"shards": [{"name": "x"}]}}}))
+    with pytest.raises(ShardError, match="meta.json is corrupt"):
+        TokenLoader(data_dir, seq_len=7)

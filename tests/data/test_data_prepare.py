@@ -387,10 +387,13 @@ def test_the_bpe_sample_takes_a_share_of_every_input(tmp_path, monkeypatch):
         return real(texts, *args, **kwargs)
 
     monkeypatch.setattr(prepare_module, "train_bpe", recording)
-    code = _write_jsonl(tmp_path / "code.jsonl", [(f"c{i}", f"def f{i}(x): return x * {i}\n" * 40) for i in range(60)])
+    (tmp_path / "code").mkdir()  # a folder of several files is one input: its share is not one per file
+    for part in range(3):
+        _write_jsonl(tmp_path / "code" / f"part{part}.jsonl",
+                     [(f"c{part}-{i}", f"def f{i}(x): return x * {i}\n" * 40) for i in range(20)])
     prose = _write_jsonl(tmp_path / "prose.jsonl", [(f"p{i}", f"The cat sat on mat {i}. " * 40) for i in range(60)])
     budget_mb = 40_000 / 2**20  # about 40 KB: a third of the code alone
-    prepare(_options(tmp_path, [code, prose], vocab_size=300, bpe_sample_mb=budget_mb))
+    prepare(_options(tmp_path, [tmp_path / "code", prose], vocab_size=300, bpe_sample_mb=budget_mb))
     from_code = sum(len(t.encode()) for t in seen if t.startswith("def "))
     from_prose = sum(len(t.encode()) for t in seen if t.startswith("The cat"))
     assert from_prose > 0 and 0.5 < from_code / from_prose < 2.0

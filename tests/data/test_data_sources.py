@@ -274,10 +274,10 @@ def test_overlapping_inputs_read_each_file_once(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.txt").write_text("the same text")
     (tmp_path / "y.txt").write_text("another text")
-    with pytest.warns(UserWarning, match="already an input"):
+    with pytest.warns(UserWarning, match=r"2 input\(s\) reached more than once are read once: .*sub/x.txt, .*y.txt"):
         sources = resolve_inputs([str(tmp_path), str(tmp_path / "sub" / "x.txt"), str(tmp_path / "y.txt")])
     assert [s.text_id for s in sources] == ["sub/x.txt", "y.txt"]
-    with pytest.warns(UserWarning, match="already an input"):
+    with pytest.warns(UserWarning, match="1 input"):
         assert len(resolve_inputs(["default", "default"])) == 1
 
 

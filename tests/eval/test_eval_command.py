@@ -116,9 +116,14 @@ def test_a_model_with_learned_positions_is_not_run_past_them(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_positions=16, n_embd=8, n_layer=1, n_head=2, vocab_size=50)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="has 16 positions; --ppl-multipliers 1,2 asks for windows of up to 32"):
+    with pytest.raises(ValueError, match=r"has 16 learned positions; --max-len 16 x --ppl-multipliers 1,2 asks for "
+                                          "rows of up to 32"):
         eval_command.run(parse(["--model", str(tmp_path / "gpt2"), "--data", str(tmp_path), "--tasks", "none",
                                 "--ppl-multipliers", "1,2", "--device", "cpu"]))
+    assert eval_command._learned_positions(transformers.GPT2LMHeadModel(config))
+    llama = transformers.LlamaConfig(max_position_embeddings=16, hidden_size=8, intermediate_size=16,
+                                     num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    assert not eval_command._learned_positions(transformers.LlamaForCausalLM(llama))  # rotary: runs past 16
 
 
 def test_eval_command_mqar_only(tmp_path):

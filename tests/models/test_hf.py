@@ -178,6 +178,10 @@ def test_requests_the_model_cannot_answer_are_errors() -> None:
         with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
             model(ids, **{flag: True})
     assert model(ids, output_hidden_states=False).logits.shape == (2, 6, model.config.vocab_size)
+    model.config.output_hidden_states = True  # asked through the config, as transformers allows
+    with pytest.raises(ValueError, match="output_hidden_states=True is not supported"):
+        model(ids)
+    model.config.output_hidden_states = False
     with pytest.raises(ValueError, match="logits_to_keep=2 keeps only the last"):
         model(ids, labels=ids, logits_to_keep=2)
 

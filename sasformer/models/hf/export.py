@@ -63,9 +63,10 @@ def export_checkpoint(
         hf_tok = hf_tokenizer_from_saved(tok_path)
         if hf_tok.eos_token_id is not None:
             token_ids = {"eos_token_id": hf_tok.eos_token_id, "bos_token_id": hf_tok.eos_token_id}
-        if len(hf_tok) > decoder.config.vocab_size:
+        ids_needed = max(len(hf_tok), max(hf_tok.get_vocab().values(), default=-1) + 1)  # ids may skip
+        if ids_needed > decoder.config.vocab_size:
             raise ValueError(
-                f"tokenizer {tok_path} has {len(hf_tok)} tokens but the model's vocab_size is "
+                f"tokenizer {tok_path} has ids up to {ids_needed - 1} but the model's vocab_size is "
                 f"{decoder.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
             )
     model = SASFormerForCausalLM.from_decoder_lm(decoder, **token_ids)

@@ -163,7 +163,8 @@ class SASFormerModel(SASFormerPreTrainedModel):
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("SASFormerModel needs input_ids; inputs_embeds is not supported")
         for flag in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(flag):  # silently returning None in their place would look like an answer
+            asked = kwargs.get(flag)
+            if asked if asked is not None else getattr(self.config, flag, False):  # None would look like an answer
                 raise ValueError(f"{flag}=True is not supported by SASFormerModel")
         cache = _pick_cache(cache, past_key_values)
         if use_cache is None:
