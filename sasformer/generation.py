@@ -23,6 +23,7 @@ from sasformer.layers.sas_decode import prepare_decode, sas_layers
 from sasformer.models.config import ModelConfig
 from sasformer.models.decoder import DecoderLM
 from sasformer.ops.linear import drop_concats, fused_groups, keep_concats
+from sasformer.utils.vocab import vocab_extent
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -229,7 +230,7 @@ class _JsonTokenizer:
         ids = [self._tok.token_to_id(n) for n in names if n is not None]
         found = [(n, i) for n, i in zip(names, ids) if i is not None]
         self.eot_token, self.eot_id = found[0] if found else (None, None)
-        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1  # ids may skip
+        self.vocab_size = vocab_extent(self._tok.get_vocab(with_added_tokens=True).values())
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             results["zeroshot"] = evaluate_tasks(model, tokenizer, items, max_len, args.batch_size, device,
                                                  show_progress=True, log=_log)
         if args.data is not None:
-            results["perplexity"] = _perplexity(args, model, tokenizer, max_len, device, expected)
+            results["perplexity"] = _perplexity(args, model, tokenizer, max_len, multipliers, device, expected)
     if args.mqar:
         results["mqar"] = _mqar(args, device)
 
@@ -351,7 +351,7 @@ def _check_tokenizer(args: argparse.Namespace, tokenizer) -> str | None:
     return expected
 
 
-def _perplexity(args, model, tokenizer, max_len, device, expected_fingerprint: str | None = None
+def _perplexity(args, model, tokenizer, max_len, multipliers: list[int], device, expected_fingerprint: str | None = None
                 ) -> list[dict[str, Any]]:
     from sasformer.data.loader import eval_batches
     from sasformer.eval.perplexity import evaluate_window_batches
@@ -363,7 +363,7 @@ def _perplexity(args, model, tokenizer, max_len, device, expected_fingerprint: s
         # tokenizers' separators other counts), and bits per byte would stop being comparable across them
         decode = _without_token(decode, int(eot))
     out = []
-    for m in _multipliers(args.ppl_multipliers):
+    for m in multipliers:
         length = max_len * m
         batch_size = max(1, args.batch_size // m)
         print(f"perplexity at {length} tokens", file=sys.stderr, flush=True)

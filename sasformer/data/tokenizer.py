@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from sasformer.utils.vocab import vocab_extent
+
 DEFAULT_EOT = "<|endoftext|>"
 META_FILE = "sasformer_tokenizer.json"
 # the GPT-2 / r50k_base pre-tokenisation pattern
@@ -91,9 +93,7 @@ class HFTokenizersTokenizer(Tokenizer):
         if eot_id is None:
             raise ValueError(f"tokenizer {source} has no token {self.eot_token!r}; pass the end-of-text token it uses")
         self.eot_id = int(eot_id)
-        # the highest id + 1, not the count: a vocabulary with gaps in its ids (a hand-made WordLevel, say)
-        # would otherwise get shards too narrow for its ids
-        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        self.vocab_size = vocab_extent(tok.get_vocab(with_added_tokens=True).values())
         self._fingerprint = _sha256_json({"tokenizers": json.loads(tok.to_str()), "eot": self.eot_token})
 
     @classmethod
@@ -241,7 +241,7 @@ class HFAutoTokenizer(Tokenizer):
         if eot_id is None or eot_id == self._tok.unk_token_id and self.eot_token != self._tok.unk_token:
             raise ValueError(f"tokenizer {name_or_path!r} has no token {self.eot_token!r}")
         self.eot_id = int(eot_id)
-        self.vocab_size = max(len(self._tok), max(self._tok.get_vocab().values(), default=-1) + 1)  # ids may skip
+        self.vocab_size = vocab_extent(self._tok.get_vocab().values(), len(self._tok))
         backend = getattr(self._tok, "backend_tokenizer", None)
         if backend is not None:
             content: object = json.loads(backend.to_str())

@@ -10,6 +10,7 @@ import torch
 
 from sasformer.generation import TOKENIZER_DIR, TOKENIZER_META, find_tokenizer, load_decoder, load_text_tokenizer
 from sasformer.models.hf import register
+from sasformer.utils.vocab import vocab_extent
 
 
 def hf_tokenizer_from_saved(tokenizer_path: Path):
@@ -63,7 +64,7 @@ def export_checkpoint(
         hf_tok = hf_tokenizer_from_saved(tok_path)
         if hf_tok.eos_token_id is not None:
             token_ids = {"eos_token_id": hf_tok.eos_token_id, "bos_token_id": hf_tok.eos_token_id}
-        ids_needed = max(len(hf_tok), max(hf_tok.get_vocab().values(), default=-1) + 1)  # ids may skip
+        ids_needed = vocab_extent(hf_tok.get_vocab().values(), len(hf_tok))
         if ids_needed > decoder.config.vocab_size:
             raise ValueError(
                 f"tokenizer {tok_path} has ids up to {ids_needed - 1} but the model's vocab_size is "
